@@ -1,0 +1,1 @@
+"""Billing: plans, subscriptions, seat ledger, Stripe, usage metering."""

@@ -1,0 +1,1 @@
+"""The teams' web dashboard."""

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install everything Berth needs on a Debian machine, as root. Idempotent.
+#   infra/setup.sh            control plane + agent + test tooling
+# Sets up .venv in the project with the Python dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "infra/setup.sh must run as root (the node agent drives runc, cgroups and netns)" >&2
+  exit 1
+fi
+
+APT_PACKAGES=(
+  python3 python3-venv python3-dev gcc git curl ca-certificates
+  runc conmon busybox-static nftables iproute2 iptables e2fsprogs uidmap kmod
+  skopeo docker-registry docker.io
+  redis-server postgresql postgresql-client
+)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  python3 -m venv .venv
+fi
+stamp=.venv/.berth-deps
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  log "pip install -e .[dev]"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+# Debian's docker-registry unit and redis unit may start on install; Berth runs its own.
+mkdir -p var
+log "setup done"

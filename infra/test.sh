@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up and run Berth's whole test suite, as root, on a Debian machine. Idempotent.
+# Uses Postgres on 127.0.0.1:5432 and Redis on 127.0.0.1:6379, starting local ones if needed.
+# Extra arguments go to pytest (e.g. infra/test.sh tests/agent -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash infra/setup.sh
+# shellcheck source=infra/services.sh
+source infra/services.sh
+berth_start_redis
+berth_start_postgres
+berth_start_dockerd
+
+export DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/berth}"
+export REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/15}"
+export SECRET_KEY="test-secret-key-not-for-production"
+export PATH="$PWD/.venv/bin:$PATH"
+
+.venv/bin/ruff check .
+set +e
+.venv/bin/python -m pytest "$@"
+status=$?
+set -e
+# pytest exits 5 when it collected nothing: that is a failure of the suite, not a pass.
+exit $status

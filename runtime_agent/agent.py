@@ -1,0 +1,39 @@
+"""The agent's Python API: one object wiring the subsystems together.
+
+The CLI, the Celery worker and tests all go through ``Agent``; each subsystem is built
+lazily so a command that only lists images never touches cgroups or the network.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from runtime_agent.config import AgentConfig
+
+if TYPE_CHECKING:
+    from runtime_agent.content.store import ContentStore
+    from runtime_agent.images.store import ImageStore
+    from runtime_agent.snapshots.snapshotter import Snapshotter
+
+
+class Agent:
+    def __init__(self, config: AgentConfig | None = None) -> None:
+        self.config = config or AgentConfig()
+
+    @cached_property
+    def content(self) -> ContentStore:
+        from runtime_agent.content.store import ContentStore
+
+        return ContentStore(self.config.content_dir)
+
+    @cached_property
+    def images(self) -> ImageStore:
+        from runtime_agent.images.store import ImageStore
+
+        return ImageStore(self.config, self.content)
+
+    @cached_property
+    def snapshots(self) -> Snapshotter:
+        from runtime_agent.snapshots.snapshotter import Snapshotter
+
+        return Snapshotter(self.config, self.content)

@@ -1,0 +1,1 @@
+"""berth-agent: the docker-like local CLI."""

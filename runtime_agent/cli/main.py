@@ -1,0 +1,91 @@
+"""berth-agent: a docker-like command line for the node agent.
+
+Each group of subcommands lives in its own module in this package and exposes
+``register(subparsers)``; every subcommand gets ``--tenant`` and a handler
+``func(args, agent_config) -> int`` returning the process exit code.
+
+Exit codes follow docker's: 125 for errors of the CLI or the agent itself, 126 when the
+container command cannot be invoked, 127 when it cannot be found, otherwise the
+container's own exit status (137 after SIGKILL, e.g. an OOM kill).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from runtime_agent.config import AgentConfig
+from runtime_agent.errors import AgentError, CommandNotFound, CommandNotRunnable
+
+# Modules that register subcommands; each is optional so the CLI grows with the agent.
+COMMAND_MODULES = (
+    "runtime_agent.cli.images",
+    "runtime_agent.cli.containers",
+    "runtime_agent.cli.volumes",
+    "runtime_agent.cli.networks",
+    "runtime_agent.cli.build",
+    "runtime_agent.cli.registry",
+    "runtime_agent.cli.node",
+)
+
+EXIT_AGENT_ERROR = 125
+EXIT_NOT_RUNNABLE = 126
+EXIT_NOT_FOUND = 127
+
+
+class TenantParser(argparse.ArgumentParser):
+    """Exits with 125 on usage errors, as docker does, instead of argparse's 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"berth-agent: {message}\n")
+        raise SystemExit(EXIT_AGENT_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = TenantParser(
+        prog="berth-agent",
+        description="Berth node agent: run and manage tenants' containers on this node.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=TenantParser)
+    subparsers.required = True
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def add_tenant_argument(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand acts within one tenant's namespace."""
+    parser.add_argument(
+        "--tenant", default="default", help="tenant whose objects to act on (default: default)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = AgentConfig()
+    try:
+        return int(args.func(args, config))
+    except CommandNotFound as exc:
+        sys.stderr.write(f"berth-agent: {exc}\n")
+        return EXIT_NOT_FOUND
+    except CommandNotRunnable as exc:
+        sys.stderr.write(f"berth-agent: {exc}\n")
+        return EXIT_NOT_RUNNABLE
+    except AgentError as exc:
+        sys.stderr.write(f"berth-agent: {exc}\n")
+        return EXIT_AGENT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Payloads exchanged between the control plane and node agents, as plain dataclasses.
+
+The control plane builds these (from its models) and sends them as Celery task arguments
+via ``to_dict``; the agent rebuilds them with ``from_dict``. The CLI builds the same specs
+from docker-like flags. Nothing here imports Django.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one container, in kernel units. None means unlimited."""
+
+    cpus: float | None = None  # CFS quota as a fraction of CPUs (0.5 = half a CPU)
+    cpu_shares: int | None = None  # relative weight, docker's 1024 = default
+    memory_bytes: int | None = None  # hard limit; swap is never allowed beyond it
+    pids: int | None = None
+    device_read_bps: int | None = None  # on the device behind the container's storage
+    device_write_bps: int | None = None
+    device_read_iops: int | None = None
+    device_write_iops: int | None = None
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """A mount into the container.
+
+    kind "volume": source is a tenant volume name; "tmpfs": source unused, size_bytes caps
+    it; "bind": source is a host path (privileged callers only, never tenants).
+    """
+
+    kind: Literal["volume", "tmpfs", "bind"]
+    target: str
+    source: str = ""
+    read_only: bool = False
+    size_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """Publish container_port on the node: host_ip:host_port -> container_port/protocol.
+
+    host_port 0 means "pick an ephemeral port"; host_ip "" means all addresses.
+    """
+
+    container_port: int
+    host_port: int = 0
+    host_ip: str = ""
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+@dataclass(frozen=True)
+class NetworkAttachment:
+    """Attach the container to one of its tenant's networks."""
+
+    network: str
+    aliases: tuple[str, ...] = ()
+    ipv4_address: str | None = None
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """docker's restart policies: no, on-failure[:max_retries], always, unless-stopped."""
+
+    name: Literal["no", "on-failure", "always", "unless-stopped"] = "no"
+    max_retries: int = 0
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to create a container on a node.
+
+    network_mode: "bridge" attaches to ``networks`` (the tenant's default network when
+    empty); "none" gives only loopback; "host" shares the node's network (privileged only).
+    """
+
+    tenant: str
+    image: str
+    name: str | None = None
+    command: tuple[str, ...] | None = None  # None = the image's Cmd
+    entrypoint: tuple[str, ...] | None = None  # None = the image's Entrypoint
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    user: str | None = None
+    hostname: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    mounts: tuple[MountSpec, ...] = ()
+    read_only_rootfs: bool = False
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    network_mode: Literal["bridge", "none", "host"] = "bridge"
+    networks: tuple[NetworkAttachment, ...] = ()
+    ports: tuple[PortMapping, ...] = ()
+    devices: tuple[str, ...] = ()  # CDI names, e.g. "nvidia.com/gpu=0"
+    privileged_caller: bool = False  # set only by operators/the agent itself, never tenants
+    auto_remove: bool = False
+    stop_timeout: int = 10
+    stop_signal: str | None = None  # None = the image's StopSignal or SIGTERM
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """JSON-safe dict of a payload dataclass (tuples become lists)."""
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a payload dataclass, nested dataclasses and tuples included.
+
+    Unknown keys are an error: a newer control plane must not be silently half-understood.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ValueError(f"unknown fields for {cls.__name__}: {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    resolved = _resolved_types(cls)
+    for name, value in data.items():
+        kwargs[name] = _coerce(resolved[name], value)
+    return cls(**kwargs)
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    import typing
+
+    origin = typing.get_origin(tp)
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_dict(tp, value)  # type: ignore[arg-type]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v) for v in value)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return from_dict(arg, value)
+            if typing.get_origin(arg) is tuple and isinstance(value, list):
+                return _coerce(arg, value)
+        return value
+    return value

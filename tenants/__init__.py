@@ -1,0 +1,1 @@
+"""Tenants: organisations, members, invitations, API tokens, quotas, audit log."""

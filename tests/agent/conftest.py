@@ -1,0 +1,44 @@
+"""Agent fixtures: every test gets its own state roots and kernel-object prefix.
+
+``agent_config.name`` prefixes cgroups, bridges and nftables tables, so tests never touch
+a real agent's objects (or each other's), and a failed test's leftovers are findable.
+"""
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime_agent.agent import Agent
+from runtime_agent.config import AgentConfig
+
+TEST_STATE = Path("/var/lib/berth-test")
+
+
+@pytest.fixture
+def agent_config() -> Iterator[AgentConfig]:
+    token = secrets.token_hex(3)
+    root = TEST_STATE / token
+    config = AgentConfig(root=root / "state", run_root=root / "run", name=f"bt{token}")
+    yield config
+    # Anything still mounted under the test's roots is a clean-up bug in the code under
+    # test; unmount it so one failure doesn't cascade, and keep the tree for inspection
+    # only when asked.
+    if root.exists():
+        mounts = [
+            line.split()[1]
+            for line in Path("/proc/self/mounts").read_text().splitlines()
+            if line.split()[1].startswith(str(root))
+        ]
+        for mountpoint in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mountpoint], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def agent(agent_config: AgentConfig) -> Agent:
+    return Agent(agent_config)

@@ -1,0 +1,1 @@
+"""Workloads: nodes, images, builds, services, containers, jobs, volumes, networks."""
