@@ -1,4 +1,5 @@
 """Berth control plane configuration: settings, URLs, Celery app."""
+
 from __future__ import annotations
 
 from config.celery import app as celery_app

@@ -1,4 +1,5 @@
 """ASGI entry point (used for streamed responses such as log follow)."""
+
 from __future__ import annotations
 
 import os

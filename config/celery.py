@@ -1,4 +1,5 @@
 """The Celery app, configured from Django settings (keys prefixed CELERY_)."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 A bad value stops the process at start with a message naming the variable, instead of
 surfacing later as a confusing runtime error.
 """
+
 from __future__ import annotations
 
 import os

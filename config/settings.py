@@ -10,6 +10,7 @@ Environment variables:
   ALLOWED_HOSTS  comma-separated (default 127.0.0.1,localhost).
   BERTH_PUBLIC_URL  the URL users reach the control plane at (default http://127.0.0.1:8000).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -3,6 +3,7 @@
 The CLI, the Celery worker and tests all go through ``Agent``; each subsystem is built
 lazily so a command that only lists images never touches cgroups or the network.
 """
+
 from __future__ import annotations
 
 from functools import cached_property

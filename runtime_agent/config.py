@@ -19,6 +19,7 @@ Under run_root: runc state (runc --root), conmon pid files and sockets, netns bi
 ``name`` distinguishes agents sharing a machine: it prefixes cgroup parents, bridges and
 nftables tables so two agents never touch each other's kernel objects.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Each carries a message a user can act on. The CLI maps them to docker-like exit 
 (125 for the CLI's and the agent's own errors, 126/127 when a command can't run); the
 Celery worker maps them to error codes in task results.
 """
+
 from __future__ import annotations
 
 

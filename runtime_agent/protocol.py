@@ -4,6 +4,7 @@ The control plane builds these (from its models) and sends them as Celery task a
 via ``to_dict``; the agent rebuilds them with ``from_dict``. The CLI builds the same specs
 from docker-like flags. Nothing here imports Django.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ Control-plane tests run on the Postgres named by DATABASE_URL (infra/test.sh poi
 127.0.0.1:5432); agent tests are plain Python and need root for anything marked
 ``privileged``.
 """
+
 from __future__ import annotations
 
 import os

@@ -8,6 +8,7 @@ Exit codes follow docker's: 125 for errors of the CLI or the agent itself, 126 w
 container command cannot be invoked, 127 when it cannot be found, otherwise the
 container's own exit status (137 after SIGKILL, e.g. an OOM kill).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 ``agent_config.name`` prefixes cgroups, bridges and nftables tables, so tests never touch
 a real agent's objects (or each other's), and a failed test's leftovers are findable.
 """
+
 from __future__ import annotations
 
 import secrets
