@@ -60,7 +60,7 @@ def env_list(name: str, default: list[str]) -> list[str]:
 
 
 def parse_database_url(url: str, *, base_dir: Path) -> dict[str, Any]:
-    """Turn ``postgres://user:pw@host:port/name`` or ``sqlite:///path`` into DATABASES['default']."""
+    """Turn ``postgres://u:pw@host:port/db`` or ``sqlite:///path`` into a DATABASES entry."""
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         # sqlite:///relative.db is relative to the project; sqlite:////abs/path is absolute.
