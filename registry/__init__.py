@@ -1,0 +1,1 @@
+"""Per-tenant private image registry: token server, notification receiver, records, GC."""
