@@ -89,6 +89,7 @@ DATABASES = {
     )
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_USER_MODEL = "tenants.User"
 
 REDIS_URL = require_url(
     "REDIS_URL", env_str("REDIS_URL", "redis://127.0.0.1:6379/0"), {"redis", "rediss"}
