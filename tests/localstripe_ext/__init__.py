@@ -1,0 +1,1 @@
+"""localstripe extended with what Berth's billing needs (see server.py)."""
