@@ -145,3 +145,14 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }
+
+# Billing (docs/billing.md). STRIPE_API_BASE is empty for the real Stripe; tests point it at
+# localstripe. Money is in integer cents.
+STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY", "sk_test_berth_local")
+STRIPE_API_BASE = env_str("STRIPE_API_BASE", "")
+STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET", "whsec_berth_local")
+BILLING_CURRENCY = env_str("BILLING_CURRENCY", "usd")
+BILLING_GRACE_PERIOD_HOURS = env_int("BILLING_GRACE_PERIOD_HOURS", 7 * 24, minimum=0)
+BILLING_STOP_SERVICES_AFTER_HOURS = env_int("BILLING_STOP_SERVICES_AFTER_HOURS", 72, minimum=0)
+BILLING_SPEND_CAP_WARN_PERCENT = env_int("BILLING_SPEND_CAP_WARN_PERCENT", 80, minimum=1)
+BILLING_MAX_SEATS = env_int("BILLING_MAX_SEATS", 10000, minimum=1)
