@@ -1,0 +1,427 @@
+"""Security defaults for untrusted tenants' containers, applied to an OCI spec dict.
+
+The runtime builds config.json and calls ``apply_security_defaults`` once; everything a
+tenant's container is denied lives here:
+
+* Docker's 14 default capabilities (bounding = permitted = effective; nothing inheritable
+  or ambient), so root in the container cannot mount, load modules, change the clock, ...
+* no-new-privileges: setuid binaries and file capabilities cannot raise privileges.
+* Docker's default seccomp profile (``seccomp.default_profile``) for those capabilities.
+* Docker's masked paths (bind-mounted over with /dev/null or an empty read-only tmpfs by
+  runc) and read-only /proc paths, so /proc/kcore, /proc/keys, /sys/firmware, ... leak
+  nothing and /proc/sys cannot be written.
+* Only the default device nodes: runc creates null, zero, full, random, urandom, tty,
+  console and ptmx itself; the device cgroup denies everything and re-allows just those
+  (plus /dev/pts), explicitly denying /dev/fuse (10:229) as Docker does.
+* A read-only rootfs on request (``--read-only``).
+* Host bind mounts only for privileged callers (operators and the agent itself); a tenant
+  asking for one gets ``HostBindNotAllowed``.
+* Optionally a user namespace (``UserNamespace``): container root is an unprivileged
+  host uid/gid range that belongs to the tenant alone (``IdRangeAllocator``,
+  ``apply_user_namespace``, ``shift_ownership``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime_agent.errors import AgentError, InvalidArgument, ResourceExhausted
+from runtime_agent.runtime import seccomp
+
+DEFAULT_CAPABILITIES: tuple[str, ...] = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)
+
+# Bit numbers from linux/capability.h, to read CapEff masks back in tests and inspect.
+CAPABILITY_BITS: dict[str, int] = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_KILL": 5,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_SETPCAP": 8,
+    "CAP_LINUX_IMMUTABLE": 9,
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_NET_BROADCAST": 11,
+    "CAP_NET_ADMIN": 12,
+    "CAP_NET_RAW": 13,
+    "CAP_IPC_LOCK": 14,
+    "CAP_IPC_OWNER": 15,
+    "CAP_SYS_MODULE": 16,
+    "CAP_SYS_RAWIO": 17,
+    "CAP_SYS_CHROOT": 18,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_SYS_PACCT": 20,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_BOOT": 22,
+    "CAP_SYS_NICE": 23,
+    "CAP_SYS_RESOURCE": 24,
+    "CAP_SYS_TIME": 25,
+    "CAP_SYS_TTY_CONFIG": 26,
+    "CAP_MKNOD": 27,
+    "CAP_LEASE": 28,
+    "CAP_AUDIT_WRITE": 29,
+    "CAP_AUDIT_CONTROL": 30,
+    "CAP_SETFCAP": 31,
+    "CAP_MAC_OVERRIDE": 32,
+    "CAP_MAC_ADMIN": 33,
+    "CAP_SYSLOG": 34,
+    "CAP_WAKE_ALARM": 35,
+    "CAP_BLOCK_SUSPEND": 36,
+    "CAP_AUDIT_READ": 37,
+    "CAP_PERFMON": 38,
+    "CAP_BPF": 39,
+    "CAP_CHECKPOINT_RESTORE": 40,
+}
+
+# Paths runc hides: files get /dev/null bind-mounted over them, directories an empty
+# read-only tmpfs. Docker's list, plus the per-CPU thermal_throttle dirs found on the host.
+BASE_MASKED_PATHS: tuple[str, ...] = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/devices/virtual/powercap",
+    "/sys/firmware",
+)
+
+READONLY_PATHS: tuple[str, ...] = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
+
+
+def masked_paths() -> list[str]:
+    """Docker's masked paths plus /sys/devices/system/cpu/cpuN/thermal_throttle where present
+    (they leak host power state, GHSA-6fw5-f8r9-fgfm)."""
+    paths = list(BASE_MASKED_PATHS)
+    cpu_root = Path("/sys/devices/system/cpu")
+    for cpu in sorted(cpu_root.glob("cpu[0-9]*"), key=lambda p: int(p.name[3:])):
+        throttle = cpu / "thermal_throttle"
+        if throttle.exists():
+            paths.append(str(throttle))
+    return paths
+
+
+def _dev_rule(allow: bool, kind: str | None, major: int | None, minor: int | None) -> dict:
+    rule: dict[str, Any] = {"allow": allow, "access": "rwm"}
+    if kind is not None:
+        rule["type"] = kind
+    if major is not None:
+        rule["major"] = major
+    if minor is not None:
+        rule["minor"] = minor
+    return rule
+
+
+# Device cgroup: deny all, then allow the default nodes. Order matters (last match wins in
+# runc's emulator), so the deny-all comes first and /dev/fuse is denied explicitly last.
+DEFAULT_DEVICE_CGROUP_RULES: tuple[dict[str, Any], ...] = (
+    _dev_rule(False, None, None, None),
+    _dev_rule(True, "c", 1, 5),  # /dev/zero
+    _dev_rule(True, "c", 1, 3),  # /dev/null
+    _dev_rule(True, "c", 1, 9),  # /dev/urandom
+    _dev_rule(True, "c", 1, 8),  # /dev/random
+    _dev_rule(True, "c", 5, 0),  # /dev/tty
+    _dev_rule(True, "c", 5, 1),  # /dev/console
+    _dev_rule(True, "c", 1, 7),  # /dev/full
+    _dev_rule(True, "c", 5, 2),  # /dev/ptmx
+    _dev_rule(True, "c", 136, None),  # /dev/pts/*
+    _dev_rule(False, "c", 10, 229),  # /dev/fuse
+)
+
+# Nodes runc creates in every container's /dev without being asked (runtime-spec
+# "default devices"); nothing else appears unless a CDI device is requested.
+DEFAULT_DEVICE_NODES: tuple[str, ...] = (
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/tty",
+    "/dev/console",
+    "/dev/ptmx",
+)
+
+
+class HostBindNotAllowed(AgentError):
+    """A tenant asked for a host bind mount; only operators and the agent may do that."""
+
+    code = "permission_denied"
+
+
+def check_host_bind(source: str, target: str, *, privileged_caller: bool) -> None:
+    """Refuse a host bind mount unless the caller is privileged.
+
+    Tenants get named volumes and tmpfs; a bind of a host path would let them read or
+    write anything on the node.
+    """
+    if not privileged_caller:
+        raise HostBindNotAllowed(
+            f"host bind mount {source}:{target} refused: host paths can be mounted only by "
+            "privileged callers (operators), never by tenants; use a named volume instead",
+            source=source,
+            target=target,
+        )
+    if not os.path.isabs(source):
+        raise InvalidArgument(f"bind mount source must be an absolute host path: {source!r}")
+
+
+@dataclass(frozen=True)
+class IdRange:
+    """A contiguous host id range: container id 0..size-1 maps to host start..start+size-1."""
+
+    start: int
+    size: int = 65536
+
+    def oci_mapping(self) -> list[dict[str, int]]:
+        return [{"containerID": 0, "hostID": self.start, "size": self.size}]
+
+
+def apply_security_defaults(
+    spec: dict[str, Any],
+    *,
+    read_only_rootfs: bool = False,
+    capabilities: Iterable[str] = DEFAULT_CAPABILITIES,
+    user_namespace: IdRange | None = None,
+) -> dict[str, Any]:
+    """Harden an OCI runtime spec in place (and return it) for an untrusted tenant.
+
+    Sets capabilities, no-new-privileges, the seccomp profile, masked and read-only paths,
+    the device allow-list, the read-only rootfs flag and, with ``user_namespace``, a user
+    namespace mapping container root to the tenant's host id range.
+    """
+    caps = list(dict.fromkeys(capabilities))
+    unknown = [cap for cap in caps if cap not in CAPABILITY_BITS]
+    if unknown:
+        raise InvalidArgument(f"unknown capabilities: {', '.join(unknown)}")
+    process = spec.setdefault("process", {})
+    process["capabilities"] = {
+        "bounding": list(caps),
+        "effective": list(caps),
+        "permitted": list(caps),
+        "inheritable": [],
+        "ambient": [],
+    }
+    process["noNewPrivileges"] = True
+
+    spec.setdefault("root", {})["readonly"] = bool(read_only_rootfs)
+
+    linux = spec.setdefault("linux", {})
+    linux["maskedPaths"] = masked_paths()
+    linux["readonlyPaths"] = list(READONLY_PATHS)
+    linux["devices"] = [
+        d for d in linux.get("devices", []) if d.get("path") not in DEFAULT_DEVICE_NODES
+    ]
+    resources = linux.setdefault("resources", {})
+    extra_rules = [r for r in resources.get("devices", []) if r.get("allow")]
+    resources["devices"] = [dict(rule) for rule in DEFAULT_DEVICE_CGROUP_RULES] + extra_rules
+    linux["seccomp"] = seccomp.default_profile(caps)
+
+    if user_namespace is not None:
+        apply_user_namespace(spec, user_namespace)
+    return spec
+
+
+def apply_user_namespace(spec: dict[str, Any], ids: IdRange) -> dict[str, Any]:
+    """Run the container in a new user namespace: container uid/gid 0 is host ``ids.start``.
+
+    Capabilities then only count inside the namespace, and a process that escapes is an
+    unprivileged host user. The rootfs and volumes must be owned by the mapped ids (see
+    ``shift_ownership``). sysfs can only be mounted by a user namespace that also owns a
+    new network namespace, which the runtime always creates.
+    """
+    linux = spec.setdefault("linux", {})
+    namespaces = linux.setdefault("namespaces", [])
+    if not any(ns.get("type") == "user" for ns in namespaces):
+        namespaces.append({"type": "user"})
+    linux["uidMappings"] = ids.oci_mapping()
+    linux["gidMappings"] = ids.oci_mapping()
+    return spec
+
+
+# --- per-tenant id ranges ------------------------------------------------------------------
+
+FIRST_HOST_ID = 1_000_000  # above any distro's regular and /etc/subuid ranges by default
+RANGE_SIZE = 65536
+MAX_HOST_ID = 2**32 - 2  # 4294967295 is the invalid id (-1)
+
+_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class IdRangeAllocator:
+    """Hands out one 65536-id host range per tenant, persisted, never overlapping.
+
+    State is a /etc/subuid-style file (``tenant:start:count`` per line) under the agent's
+    root, updated under an flock and replaced atomically, so concurrent agents processes
+    agree and a crash never leaves a half-written table. Ranges that overlap the host's
+    own /etc/subuid and /etc/subgid entries are skipped.
+    """
+
+    def __init__(
+        self,
+        state_file: Path,
+        *,
+        first_id: int = FIRST_HOST_ID,
+        host_tables: Iterable[Path] = (Path("/etc/subuid"), Path("/etc/subgid")),
+    ) -> None:
+        self.state_file = state_file
+        self.first_id = first_id
+        self.host_tables = tuple(host_tables)
+
+    def get(self, tenant: str) -> IdRange | None:
+        return self._read().get(tenant)
+
+    def allocate(self, tenant: str) -> IdRange:
+        """The tenant's range, allocating the lowest free one on first use."""
+        if not _TENANT_RE.match(tenant):
+            raise InvalidArgument(f"invalid tenant name {tenant!r}")
+        with self._locked():
+            table = self._read()
+            if tenant in table:
+                return table[tenant]
+            taken = sorted(
+                [(r.start, r.start + r.size) for r in table.values()] + self._host_ranges()
+            )
+            start = self.first_id
+            for lo, hi in taken:
+                if start + RANGE_SIZE <= lo:
+                    break
+                start = max(start, hi)
+            if start + RANGE_SIZE > MAX_HOST_ID:
+                raise ResourceExhausted("no free host id range left for a user namespace")
+            table[tenant] = IdRange(start, RANGE_SIZE)
+            self._write(table)
+            return table[tenant]
+
+    def release(self, tenant: str) -> None:
+        with self._locked():
+            table = self._read()
+            if table.pop(tenant, None) is not None:
+                self._write(table)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.state_file.with_suffix(".lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, IdRange]:
+        try:
+            text = self.state_file.read_text()
+        except FileNotFoundError:
+            return {}
+        return {name: IdRange(start, size) for name, start, size in _parse_subid(text)}
+
+    def _write(self, table: dict[str, IdRange]) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        lines = [f"{name}:{r.start}:{r.size}\n" for name, r in sorted(table.items())]
+        with open(tmp, "w") as fh:
+            fh.writelines(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.state_file)
+
+    def _host_ranges(self) -> list[tuple[int, int]]:
+        ranges = []
+        for table in self.host_tables:
+            try:
+                text = table.read_text()
+            except OSError:
+                continue
+            ranges += [(start, start + size) for _, start, size in _parse_subid(text)]
+        return ranges
+
+
+def _parse_subid(text: str) -> list[tuple[str, int, int]]:
+    entries = []
+    for line in text.splitlines():
+        parts = line.strip().split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            continue
+        entries.append((parts[0], int(parts[1]), int(parts[2])))
+    return entries
+
+
+def ensure_traversable(path: Path) -> None:
+    """Give every ancestor of ``path`` the search (x) bit for others.
+
+    Inside a user namespace container root is an unprivileged host user, and runc's init
+    (already inside the namespace) must walk down to the rootfs; a 0700 directory on the
+    way (e.g. a state root) makes that fail with "permission denied". Search without read
+    lets it pass through without listing anything.
+    """
+    for directory in [path, *path.parents]:
+        mode = directory.stat().st_mode
+        if not mode & 0o001:
+            directory.chmod((mode & 0o7777) | 0o001)
+
+
+def shift_ownership(root: Path, ids: IdRange) -> None:
+    """Re-own a tree for a user namespace: host id n becomes ids.start + n.
+
+    Used on a container's own writable copy (never on shared layers). Ids outside the
+    range (n >= ids.size) are mapped to the range's overflow id so nothing stays owned by
+    a real host user. Symlinks are re-owned themselves, not followed.
+    """
+    top = ids.size - 1
+
+    def shifted(n: int) -> int:
+        if ids.start <= n < ids.start + ids.size:
+            return n  # already shifted (idempotent after a crash)
+        return ids.start + min(n, top)
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames, None]:
+            path = dirpath if name is None else os.path.join(dirpath, name)
+            st = os.lstat(path)
+            mode = st.st_mode
+            os.lchown(path, shifted(st.st_uid), shifted(st.st_gid))
+            # chown clears setuid/setgid bits on regular files; put them back.
+            if not os.path.islink(path) and mode & 0o6000:
+                os.chmod(path, mode & 0o7777)
+
+
+def capability_mask(caps: Iterable[str]) -> int:
+    """The CapEff-style bit mask of a capability set (e.g. 0xa80425fb for Docker's 14)."""
+    mask = 0
+    for cap in caps:
+        mask |= 1 << CAPABILITY_BITS[cap]
+    return mask
