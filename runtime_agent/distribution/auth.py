@@ -1,0 +1,72 @@
+"""Registry credentials: what ``berth-agent login`` stores and what pulls present.
+
+Credentials are a username and a secret (a tenant's API token, or the node credential
+``node:<node-id>`` / per-node secret the control plane issues). They are only ever sent
+to the registry's token realm (Basic auth), never to the registry itself.
+
+``CredentialStore`` keeps logins per registry host in ``<root>/registry-auth.json``
+(mode 0600), like docker's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Credentials(username={self.username!r}, password=***)"
+
+
+class CredentialStore:
+    """Per-registry logins on this node, written atomically with owner-only permissions."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, dict[str, str]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _save(self, data: dict[str, dict[str, str]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry-auth.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, registry: str) -> Credentials | None:
+        entry = self._load().get(registry)
+        if not entry:
+            return None
+        return Credentials(entry["username"], entry["password"])
+
+    def set(self, registry: str, credentials: Credentials) -> None:
+        data = self._load()
+        data[registry] = {"username": credentials.username, "password": credentials.password}
+        self._save(data)
+
+    def remove(self, registry: str) -> bool:
+        data = self._load()
+        if data.pop(registry, None) is None:
+            return False
+        self._save(data)
+        return True

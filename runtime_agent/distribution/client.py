@@ -1,0 +1,160 @@
+"""HTTP client for one registry, doing the bearer-token dance as docker does.
+
+A request goes out with the token cached for its scope (or none); on 401 the
+``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` challenge is answered by
+fetching a token from the realm (GET, Basic auth when credentials are known), and the
+request is retried once. Tokens are cached per scope until shortly before they expire.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import requests
+
+from runtime_agent.distribution.auth import Credentials
+from runtime_agent.distribution.errors import (
+    RegistryError,
+    RegistryUnauthorized,
+    error_from_response,
+)
+
+USER_AGENT = "berth-agent/0.1"
+_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
+def registry_base_url(registry: str) -> str:
+    """http for loopback hosts and hosts in BERTH_INSECURE_REGISTRIES (as docker), else https."""
+    host = registry.rsplit(":", 1)[0].strip("[]") if registry.count(":") <= 1 else registry
+    insecure = {h for h in os.environ.get("BERTH_INSECURE_REGISTRIES", "").split(",") if h}
+    if host == "localhost" or registry in insecure or host in insecure:
+        return f"http://{registry}"
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return f"http://{registry}"
+    except ValueError:
+        pass
+    return f"https://{registry}"
+
+
+def parse_challenge(header: str) -> dict[str, str] | None:
+    """Parse ``Bearer realm="...",service="...",scope="..."``; None for other schemes."""
+    scheme, _, params = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return dict(_CHALLENGE_PARAM.findall(params))
+
+
+class RegistryClient:
+    """Requests against ``/v2/`` of one registry with per-scope bearer tokens.
+
+    Thread-safe: each thread gets its own ``requests.Session`` (connection pool), the
+    token cache is shared under a lock so parallel layer transfers reuse one token.
+    """
+
+    def __init__(self, registry: str, credentials: Credentials | None = None) -> None:
+        self.registry = registry
+        self.base = registry_base_url(registry)
+        self.credentials = credentials
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._tokens: dict[str, tuple[str, float]] = {}
+
+    @property
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.headers["User-Agent"] = USER_AGENT
+            self._local.session = session
+        return session
+
+    def url(self, path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else f"{self.base}{path}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        scope: str,
+        headers: Mapping[str, str] | None = None,
+        expected: tuple[int, ...] = (200,),
+        what: str = "",
+        **kwargs: Any,
+    ) -> requests.Response:
+        """Send a request, answering one auth challenge; raise typed errors on failure.
+
+        ``data`` must be re-readable for the retry: bytes, or a file object (it is
+        rewound to where it started).
+        """
+        data = kwargs.get("data")
+        start = data.tell() if data is not None and hasattr(data, "tell") else None
+        for attempt in range(2):
+            hdrs = dict(headers or {})
+            token = self._cached_token(scope)
+            if token:
+                hdrs["Authorization"] = f"Bearer {token}"
+            try:
+                response = self.session.request(method, self.url(path), headers=hdrs, **kwargs)
+            except requests.RequestException as exc:
+                raise RegistryError(f"{what or path}: cannot reach {self.registry}: {exc}") from exc
+            if response.status_code == 401 and attempt == 0:
+                challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+                response.close()
+                if challenge is None or "realm" not in challenge:
+                    raise RegistryUnauthorized(
+                        f"{what or path}: {self.registry} requires authentication it does not "
+                        "describe",
+                        status=401,
+                    )
+                self._fetch_token(challenge, scope)
+                if start is not None:
+                    data.seek(start)  # type: ignore[union-attr]
+                continue
+            if response.status_code not in expected:
+                body = response.content if not kwargs.get("stream") else response.raw.read(65536)
+                response.close()
+                raise error_from_response(response.status_code, body, what or f"{method} {path}")
+            return response
+        raise AssertionError("unreachable")
+
+    def _cached_token(self, scope: str) -> str | None:
+        with self._lock:
+            entry = self._tokens.get(scope)
+        if entry and entry[1] > time.monotonic():
+            return entry[0]
+        return None
+
+    def _fetch_token(self, challenge: dict[str, str], scope: str) -> str:
+        params = {"service": challenge.get("service", "")}
+        wanted = challenge.get("scope") or scope
+        if wanted:
+            params["scope"] = wanted
+        if self.credentials:
+            params["account"] = self.credentials.username
+        auth = (self.credentials.username, self.credentials.password) if self.credentials else None
+        try:
+            response = self.session.get(challenge["realm"], params=params, auth=auth, timeout=30)
+        except requests.RequestException as exc:
+            realm = challenge["realm"]
+            raise RegistryError(f"cannot reach the token server {realm}: {exc}") from exc
+        if response.status_code != 200:
+            raise error_from_response(
+                response.status_code, response.content, f"token for {wanted or 'registry'}"
+            )
+        body = response.json()
+        token = body.get("token") or body.get("access_token")
+        if not token:
+            raise RegistryError(f"token server {challenge['realm']} returned no token")
+        lifetime = int(body.get("expires_in") or 60)
+        with self._lock:
+            # Refresh a little early so a token never expires mid-request.
+            self._tokens[scope] = (token, time.monotonic() + max(lifetime - 10, 1))
+        return str(token)
