@@ -68,3 +68,9 @@ class DigestMismatch(AgentError):
     """Content did not hash to the digest it was announced under."""
 
     code = "digest_mismatch"
+
+
+class InvalidArchive(InvalidArgument):
+    """An image archive or layer tarball is corrupt, unsupported or hostile."""
+
+    code = "invalid_archive"

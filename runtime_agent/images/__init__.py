@@ -1,0 +1,1 @@
+"""OCI images per tenant: references, manifests, configs, archives, the busybox base."""

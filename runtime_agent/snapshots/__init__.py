@@ -1,0 +1,1 @@
+"""Unpacked layers shared read-only, and per-container overlayfs snapshots."""

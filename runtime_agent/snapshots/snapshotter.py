@@ -1,0 +1,275 @@
+"""Snapshots: layers unpacked once (by chain id) and per-key overlayfs mounts.
+
+Layout under ``config.snapshots_dir``::
+
+  layers/<chain-hex>/fs         one unpacked layer, shared read-only by every image and
+  layers/<chain-hex>/meta.json  snapshot whose stack contains it
+  active/<key>/upper, work      the writable layer of one snapshot (a container's rootfs)
+  active/<key>/merged           where the overlay is mounted; what ``prepare`` returns
+  active/<key>/meta.json        image, chain ids (so GC keeps their layers)
+  empty/                        the lower dir of an image without layers
+
+A layer is unpacked into a temporary directory and renamed into place only after its
+diff id matched the image config, so a crash or a corrupt blob never leaves a half layer
+under a chain id; concurrent unpacks of the same layer race harmlessly on the rename.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runtime_agent.config import AgentConfig
+from runtime_agent.content.store import ContentStore, parse_digest
+from runtime_agent.errors import AlreadyExists, DigestMismatch, InvalidArgument, NotFound
+from runtime_agent.images.media import open_uncompressed
+from runtime_agent.snapshots import mount
+from runtime_agent.snapshots.unpack import unpack_layer
+
+if TYPE_CHECKING:
+    from runtime_agent.images.store import Image
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    key: str
+    path: Path  # the merged (mounted) root filesystem
+    upper: Path
+    image: str | None  # manifest digest
+    chain_ids: tuple[str, ...]
+    mounted: bool
+    created: str
+
+
+class Snapshotter:
+    def __init__(self, config: AgentConfig, content: ContentStore) -> None:
+        self.config = config
+        self.content = content
+        self.root = Path(config.snapshots_dir)
+        self.layers_dir = self.root / "layers"
+        self.active_dir = self.root / "active"
+        self.empty_dir = self.root / "empty"
+
+    # ----------------------------------------------------------------- layers
+    def layer_path(self, chain_id: str) -> Path:
+        return self.layers_dir / parse_digest(chain_id) / "fs"
+
+    def has_layer(self, chain_id: str) -> bool:
+        return (self.layers_dir / parse_digest(chain_id) / "meta.json").is_file()
+
+    def ensure_layers(self, image: Image) -> list[Path]:
+        """Unpack every layer of ``image`` not unpacked yet; return their dirs, bottom first."""
+        paths = []
+        parent: str | None = None
+        for desc, diff_id, chain_id in zip(
+            image.layers, image.diff_ids, image.chain_ids, strict=True
+        ):
+            if not self.has_layer(chain_id):
+                self._unpack(desc, diff_id, chain_id, parent)
+            paths.append(self.layer_path(chain_id))
+            parent = chain_id
+        return paths
+
+    def _unpack(
+        self, desc: dict[str, Any], diff_id: str, chain_id: str, parent: str | None
+    ) -> None:
+        self.layers_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.layers_dir / f".tmp-{secrets.token_hex(8)}"
+        (tmp / "fs").mkdir(parents=True)
+        try:
+            with self.content.open(desc["digest"]) as raw, open_uncompressed(raw) as stream:
+                result = unpack_layer(stream, tmp / "fs")
+            if result.diff_id != diff_id:
+                raise DigestMismatch(
+                    f"layer {desc['digest']} unpacks to {result.diff_id}, but the image "
+                    f"config says {diff_id}",
+                    expected=diff_id,
+                    actual=result.diff_id,
+                )
+            meta = {
+                "chain_id": chain_id,
+                "diff_id": diff_id,
+                "parent": parent,
+                "blob": desc["digest"],
+                "size": result.size,
+                "skipped_devices": result.skipped_devices,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            try:
+                os.rename(tmp, self.layers_dir / parse_digest(chain_id))
+            except OSError:
+                if not self.has_layer(chain_id):
+                    raise
+                # Another prepare unpacked the same layer first; ours is redundant.
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ----------------------------------------------------------------- snapshots
+    def _dir(self, key: str) -> Path:
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            raise InvalidArgument(f"invalid snapshot key {key!r}")
+        return self.active_dir / key
+
+    def prepare(self, key: str, image: Image, *, read_only: bool = False) -> Path:
+        """Mount a writable (or read-only) root filesystem of ``image`` for ``key``.
+
+        Idempotent for the same image: preparing an existing key re-mounts it if needed
+        (after a reboot) and returns the same path; for another image it is an error.
+        """
+        sdir = self._dir(key)
+        meta_path = sdir / "meta.json"
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("image") != image.manifest_digest:
+                raise AlreadyExists(f"snapshot {key} already exists for another image", key=key)
+            return self._mount(sdir, meta)
+        lowers = [*reversed(self.ensure_layers(image))]
+        self.active_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            sdir.mkdir()
+        except FileExistsError:
+            raise AlreadyExists(f"snapshot {key} is being prepared", key=key) from None
+        meta = {
+            "key": key,
+            "image": image.manifest_digest,
+            "chain_ids": image.chain_ids,
+            "read_only": read_only,
+            "created": datetime.now(UTC).isoformat(),
+        }
+        try:
+            for name in ("upper", "work", "merged"):
+                (sdir / name).mkdir()
+            tmp = sdir / "meta.json.tmp"
+            tmp.write_text(json.dumps(meta))
+            os.rename(tmp, meta_path)
+            return self._mount(sdir, meta, lowers)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.remove(key)
+            raise
+
+    def _mount(self, sdir: Path, meta: dict[str, Any], lowers: list[Path] | None = None) -> Path:
+        merged = sdir / "merged"
+        if mount.is_mounted(merged):
+            return merged
+        if lowers is None:
+            lowers = [self.layer_path(c) for c in reversed(meta["chain_ids"])]
+            missing = [p for p in lowers if not p.is_dir()]
+            if missing:
+                raise NotFound(f"snapshot {meta['key']}: layer {missing[0].parent.name} is gone")
+        if not lowers:
+            self.empty_dir.mkdir(parents=True, exist_ok=True)
+            lowers = [self.empty_dir]
+        if meta.get("read_only"):
+            if len(lowers) == 1:
+                lowers = [*lowers, self._empty_lower()]
+            mount.mount_overlay(lowers, None, None, merged)
+        else:
+            mount.mount_overlay(lowers, sdir / "upper", sdir / "work", merged)
+        return merged
+
+    def _empty_lower(self) -> Path:
+        self.empty_dir.mkdir(parents=True, exist_ok=True)
+        return self.empty_dir
+
+    def remove(self, key: str) -> None:
+        """Unmount and delete a snapshot. Idempotent: a missing key is not an error."""
+        sdir = self._dir(key)
+        if not sdir.exists():
+            return
+        for mount_point in sorted(mount.mounts_under(sdir), key=len, reverse=True):
+            mount.unmount(Path(mount_point))
+        shutil.rmtree(sdir)
+
+    def get(self, key: str) -> SnapshotInfo:
+        sdir = self._dir(key)
+        try:
+            meta = json.loads((sdir / "meta.json").read_text())
+        except FileNotFoundError:
+            raise NotFound(f"snapshot {key} not found", key=key) from None
+        return SnapshotInfo(
+            key=key,
+            path=sdir / "merged",
+            upper=sdir / "upper",
+            image=meta.get("image"),
+            chain_ids=tuple(meta.get("chain_ids") or ()),
+            mounted=mount.is_mounted(sdir / "merged"),
+            created=meta.get("created", ""),
+        )
+
+    def list(self) -> list[SnapshotInfo]:
+        if not self.active_dir.is_dir():
+            return []
+        result = []
+        for entry in sorted(self.active_dir.iterdir()):
+            if _KEY_RE.match(entry.name):
+                with contextlib.suppress(NotFound):
+                    result.append(self.get(entry.name))
+        return result
+
+    def usage(self, key: str) -> int:
+        """Bytes written to the snapshot's writable layer (docker's container SizeRw)."""
+        return tree_size(self.get(key).upper)
+
+    def layers_usage(self) -> int:
+        return tree_size(self.layers_dir) if self.layers_dir.is_dir() else 0
+
+    # ----------------------------------------------------------------- GC
+    def gc(
+        self, referenced_chain_ids: Iterable[str], keys_in_use: Iterable[str] | None = None
+    ) -> dict[str, builtins.list[str]]:
+        """Remove unreferenced layers and (if ``keys_in_use`` is given) orphan snapshots.
+
+        Layers are kept when an image references their chain id or a remaining snapshot
+        stacks on them. Returns what was removed.
+        """
+        removed: dict[str, list[str]] = {"snapshots": [], "layers": []}
+        if keys_in_use is not None:
+            keep = set(keys_in_use)
+            for info in self.list():
+                if info.key not in keep:
+                    self.remove(info.key)
+                    removed["snapshots"].append(info.key)
+        keep_chains = set(referenced_chain_ids)
+        for info in self.list():
+            keep_chains.update(info.chain_ids)
+        keep_hex = {parse_digest(c) for c in keep_chains}
+        if self.layers_dir.is_dir():
+            for entry in self.layers_dir.iterdir():
+                if entry.name.startswith(".tmp-") or entry.name not in keep_hex:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    if not entry.name.startswith(".tmp-"):
+                        removed["layers"].append("sha256:" + entry.name)
+        return removed
+
+
+def tree_size(path: Path) -> int:
+    """Apparent size of regular files under ``path``, hard links counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            if os.path.isfile(os.path.join(dirpath, name)) and not os.path.islink(
+                os.path.join(dirpath, name)
+            ):
+                total += st.st_size
+    return total
