@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 from runtime_agent.config import AgentConfig
 
 if TYPE_CHECKING:
+    from runtime_agent.build.builder import Builder
     from runtime_agent.content.store import ContentStore
     from runtime_agent.images.store import ImageStore
     from runtime_agent.snapshots.snapshotter import Snapshotter
+    from runtime_agent.volumes.manager import VolumeManager
 
 
 class Agent:
@@ -38,3 +40,15 @@ class Agent:
         from runtime_agent.snapshots.snapshotter import Snapshotter
 
         return Snapshotter(self.config, self.content)
+
+    @cached_property
+    def volumes(self) -> VolumeManager:
+        from runtime_agent.volumes.manager import VolumeManager
+
+        return VolumeManager(self.config)
+
+    @cached_property
+    def builder(self) -> Builder:
+        from runtime_agent.build.builder import Builder
+
+        return Builder(self)
