@@ -156,3 +156,49 @@ def _coerce(tp: Any, value: Any) -> Any:
                 return _coerce(arg, value)
         return value
     return value
+
+
+# --------------------------------------------------------------------------- dispatch
+
+#: Celery task names. The control plane sends ``agent.*`` tasks to queue ``node.<id>``;
+#: agents send ``control.*`` tasks to the control plane's queue ``control``.
+AGENT_APPLY_CONTAINER = "berth.agent.apply_container"
+AGENT_STOP_CONTAINER = "berth.agent.stop_container"
+AGENT_REMOVE_CONTAINER = "berth.agent.remove_container"
+AGENT_EXEC = "berth.agent.exec"
+AGENT_LOGS = "berth.agent.logs"
+AGENT_STATS = "berth.agent.stats"
+AGENT_REPORT = "berth.agent.report"
+CONTROL_NODE_REPORT = "berth.control.node_report"
+CONTROL_QUEUE = "control"
+#: Label carrying the control plane's container id on every container it asks for.
+CONTAINER_UID_LABEL = "berth.container"
+
+
+@dataclass(frozen=True)
+class ContainerReport:
+    """What a node says about one of the control plane's containers."""
+
+    uid: str
+    tenant: str
+    name: str
+    state: str  # created, running, paused, stopped (exited), or missing
+    exit_code: int | None = None
+    oom_killed: bool = False
+    started_at: str | None = None  # ISO 8601
+    finished_at: str | None = None
+    cpu_seconds: float | None = None
+    memory_bytes: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """A heartbeat. ``full`` reports list every container with the uid label on the node."""
+
+    node_id: str
+    credential: str
+    sent_at: str
+    full: bool = True
+    capacity: dict[str, Any] = field(default_factory=dict)
+    containers: tuple[ContainerReport, ...] = ()
