@@ -128,15 +128,43 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "berth@localhost")
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 1024 * 1024, minimum=1024)
 
+# The API foundation lives in tenants/api/ (docs/control-plane.md).
 REST_FRAMEWORK = {
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "tenants.api.schema.BerthAutoSchema",
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "tenants.api.authentication.BearerTokenAuthentication",
+        "tenants.api.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["tenants.api.parsers.LimitedJSONParser"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "tenants.api.pagination.IdCursorPagination",
+    "DEFAULT_THROTTLE_CLASSES": ["tenants.api.throttling.TokenRateThrottle"],
+    "EXCEPTION_HANDLER": "tenants.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+# Requests per minute per API token (or session user, or anonymous IP); 0 disables.
+BERTH_API_RATE_LIMIT = env_int("BERTH_API_RATE_LIMIT", 600, minimum=0)
+# How long an emailed invitation key stays valid.
+BERTH_INVITATION_TTL_HOURS = env_int("BERTH_INVITATION_TTL_HOURS", 7 * 24, minimum=1)
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "Berth API",
-    "DESCRIPTION": "Multi-tenant container hosting: tenants, quotas, workloads, billing.",
+    "DESCRIPTION": (
+        "Multi-tenant container hosting: tenants, quotas, workloads, billing.\n\n"
+        "Authenticate with `Authorization: Bearer brt_…` (an API token, bound to one tenant) "
+        "or a session. Tenant resources live under `/api/v1/tenants/{tenant_slug}/`; another "
+        "tenant's objects answer 404. Lists use cursor pagination (`next`/`previous` links). "
+        'Every error has the body `{"error": {"code": "...", "message": "...", '
+        '"details": {...}}}`; a quota refusal (409 `quota_exceeded`) has details `quota`, '
+        "`limit`, `used` and `requested`."
+    ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 LOGGING = {
