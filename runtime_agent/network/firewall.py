@@ -1,0 +1,219 @@
+"""nftables rules for Berth's networks, in one table per agent, rebuilt as a whole.
+
+The table (``ip <config.name>``) is generated from the state and replaced in a single
+``nft -f`` transaction, so applying it twice gives the same ruleset and a half-applied
+ruleset never exists. It does four things:
+
+* egress: container traffic leaving through a non-Berth interface is masqueraded;
+* isolation: nothing is forwarded between two different Berth bridges (so never between
+  tenants, and not between two networks of one tenant either, as with docker networks),
+  nothing enters a bridge from outside unless it was DNATed to a published port, and
+  link-local destinations (169.254.0.0/16, cloud metadata) are dropped;
+* host protection: from a Berth bridge, the node itself only answers DNS on that
+  network's own gateway address; every other host address and port (agent, Redis,
+  Postgres, SSH, dockerd, ...) is dropped;
+* publishing: DNAT from host addresses to containers (loopback is served by the helper
+  daemon's userspace proxy instead; route_localnet stays off, CVE-2020-8558).
+
+Docker coexistence: Docker's ``ip filter FORWARD`` chain has policy drop, and an accept
+in our table cannot override a drop in another table's base chain. Our chains run first
+(priority filter - 10) and drop what must be dropped; two ACCEPT rules in DOCKER-USER
+(matching our bridge-name prefix, tagged with a comment naming this agent) then let the
+rest through Docker's chain.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from runtime_agent.errors import AgentError
+
+
+class FirewallError(AgentError):
+    """nft or iptables refused a change."""
+
+    code = "firewall"
+
+
+@dataclass(frozen=True)
+class BridgeRule:
+    bridge: str
+    subnet: str
+    gateway: str
+    internal: bool = False
+
+
+@dataclass(frozen=True)
+class DnatRule:
+    host_ip: str  # "" = every local address
+    host_port: int
+    protocol: str
+    target: str
+    container_port: int
+
+
+def render(table: str, bridges: Iterable[BridgeRule], dnats: Iterable[DnatRule]) -> str:
+    """The nft script that replaces ``table`` with the rules for these bridges and ports."""
+    bridges = sorted(bridges, key=lambda b: b.bridge)
+    dnats = sorted(dnats, key=lambda d: (d.protocol, d.host_port, d.host_ip))
+    names = ", ".join(f'"{b.bridge}"' for b in bridges)
+    same = ", ".join(f'"{b.bridge}" . "{b.bridge}"' for b in bridges)
+    dns = ", ".join(f'"{b.bridge}" . {b.gateway}' for b in bridges)
+    subnets = ", ".join(b.subnet for b in bridges)
+    internal = ", ".join(f'"{b.bridge}"' for b in bridges if b.internal)
+
+    def elements(text: str) -> str:
+        return f"elements = {{ {text} }}" if text else ""
+
+    publish: list[str] = []
+    for d in dnats:
+        match = f"ip daddr {d.host_ip} " if d.host_ip else ""
+        publish.append(
+            f"        {match}{d.protocol} dport {d.host_port} dnat to {d.target}:{d.container_port}"
+        )
+    publish_body = "\n".join(publish)
+    return f"""table ip {table}
+delete table ip {table}
+table ip {table} {{
+    set bridges {{ type ifname; {elements(names)} }}
+    set internal {{ type ifname; {elements(internal)} }}
+    set same_bridge {{ type ifname . ifname; {elements(same)} }}
+    set dns_ok {{ type ifname . ipv4_addr; {elements(dns)} }}
+    set subnets {{ type ipv4_addr; flags interval; {elements(subnets)} }}
+
+    chain publish {{
+{publish_body}
+    }}
+    chain prerouting {{
+        type nat hook prerouting priority dstnat - 1; policy accept;
+        fib daddr type local jump publish
+    }}
+    chain output {{
+        type nat hook output priority -101; policy accept;
+        ip daddr != 127.0.0.0/8 fib daddr type local jump publish
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat - 1; policy accept;
+        ip saddr @subnets oifname != @bridges masquerade
+        ct status dnat oifname @bridges ip saddr @subnets masquerade
+    }}
+    chain forward {{
+        type filter hook forward priority filter - 10; policy accept;
+        iifname @bridges ip daddr 169.254.0.0/16 drop
+        oifname @bridges ct state established,related accept
+        iifname @bridges ct state established,related accept
+        iifname . oifname @same_bridge accept
+        oifname @bridges ct status dnat accept
+        iifname @internal drop
+        iifname @bridges oifname != @bridges accept
+        iifname @bridges drop
+        oifname @bridges drop
+    }}
+    chain input {{
+        type filter hook input priority filter - 10; policy accept;
+        iifname != @bridges accept
+        ct state established,related accept
+        meta l4proto {{ tcp, udp }} th dport 53 iifname . ip daddr @dns_ok accept
+        drop
+    }}
+}}
+"""
+
+
+def apply(table: str, bridges: Iterable[BridgeRule], dnats: Iterable[DnatRule]) -> None:
+    """Replace the table atomically (one nft transaction)."""
+    script = render(table, bridges, dnats)
+    proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FirewallError(f"nft refused Berth's ruleset: {proc.stderr.strip()}")
+
+
+def delete_table(table: str) -> None:
+    """Remove the table if present (idempotent)."""
+    subprocess.run(
+        ["nft", "-f", "-"],
+        input=f"table ip {table}\ndelete table ip {table}\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def table_exists(table: str) -> bool:
+    proc = subprocess.run(["nft", "list", "table", "ip", table], capture_output=True, check=False)
+    return proc.returncode == 0
+
+
+# ---- Docker coexistence ---------------------------------------------------------------
+
+
+def _iptables() -> str | None:
+    return shutil.which("iptables")
+
+
+def docker_user_present() -> bool:
+    exe = _iptables()
+    if exe is None:
+        return False
+    proc = subprocess.run(
+        [exe, "-w", "-t", "filter", "-S", "DOCKER-USER"], capture_output=True, check=False
+    )
+    return proc.returncode == 0
+
+
+def _docker_rules(prefix: str, tag: str) -> list[list[str]]:
+    comment = ["-m", "comment", "--comment", tag]
+    return [
+        ["-i", f"{prefix}+", *comment, "-j", "ACCEPT"],
+        ["-o", f"{prefix}+", *comment, "-j", "ACCEPT"],
+    ]
+
+
+def ensure_docker_user(prefix: str, tag: str) -> bool:
+    """Let Berth's bridges through Docker's FORWARD drop policy; True if Docker is there.
+
+    Idempotent: each rule is inserted only when ``iptables -C`` doesn't find it.
+    """
+    exe = _iptables()
+    if exe is None or not docker_user_present():
+        return False
+    for rule in _docker_rules(prefix, tag):
+        check = subprocess.run(
+            [exe, "-w", "-t", "filter", "-C", "DOCKER-USER", *rule], capture_output=True
+        )
+        if check.returncode == 0:
+            continue
+        proc = subprocess.run(
+            [exe, "-w", "-t", "filter", "-I", "DOCKER-USER", "1", *rule],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise FirewallError(f"could not add a DOCKER-USER rule: {proc.stderr.strip()}")
+    return True
+
+
+def remove_docker_user(prefix: str, tag: str) -> None:
+    """Delete our DOCKER-USER rules (every copy of them); idempotent."""
+    exe = _iptables()
+    if exe is None or not docker_user_present():
+        return
+    for rule in _docker_rules(prefix, tag):
+        for _ in range(10):
+            proc = subprocess.run(
+                [exe, "-w", "-t", "filter", "-D", "DOCKER-USER", *rule], capture_output=True
+            )
+            if proc.returncode != 0:
+                break
+
+
+def is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,1165 @@
+"""Tenant networks on one node: bridges, IPAM, container attachment, ports, clean-up.
+
+``NetworkManager`` (``agent.networks``) is the only code that changes the node's network
+configuration. Every operation takes the state lock, records its allocations first
+(write-ahead, see ``state.py``), then makes kernel objects with pyroute2; a failure rolls
+back whatever that operation created, kernel and state alike.
+
+Kernel objects are named from a short prefix derived from ``config.name`` so several
+agents (and tests) share a machine without touching each other's objects, and
+``recover()`` can find leftovers:
+
+  bridge     <prefix>b<n>        (one per network)
+  host veth  <prefix>v<hash6>    (one per container interface; inside: eth0, eth1, ...)
+  netns      <run_root>/netns/<container id>
+  nft table  ip <config.name>
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import hashlib
+import ipaddress
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from runtime_agent.config import AgentConfig
+from runtime_agent.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from runtime_agent.network import daemon, firewall
+from runtime_agent.network.netns import (
+    create_netns,
+    delete_netns,
+    ensure_netns_dir,
+    is_netns,
+    open_netns,
+    release_netns_dir,
+)
+from runtime_agent.network.state import (
+    EndpointRecord,
+    InterfaceRecord,
+    NetworkRecord,
+    PortRecord,
+    State,
+    StateStore,
+)
+from runtime_agent.protocol import NetworkAttachment, PortMapping
+
+DEFAULT_NETWORK = "default"
+RESERVED_NAMES = {"host", "none", "bridge"}
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NETWORK_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+ALIAS_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,253}[a-zA-Z0-9])?$")
+CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{12,64}$")
+SUBNET_LOCK = Path("/run/lock/berth-network-subnets.lock")
+LOCAL_RESOLV = "options ndots:0\n"
+
+
+def kernel_prefix(name: str) -> str:
+    """A prefix of at most 8 characters for interface names, derived from the agent name.
+
+    Short, interface-safe names are used as they are ("berth", "bt1a2b3c"); others are
+    cut to four characters plus four of their hash so distinct agents stay distinct.
+    """
+    if re.fullmatch(r"[a-z0-9]{1,8}", name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    head = re.sub(r"[^a-z0-9]", "", name.lower())[:4]
+    return head + digest[: 8 - len(head)]
+
+
+@dataclass(frozen=True)
+class NetworkContainer:
+    container_id: str
+    name: str
+    address: str  # "10.200.0.2/24"
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Network:
+    """A tenant network as users see it (``network ls`` / ``network inspect``)."""
+
+    id: str
+    tenant: str
+    name: str
+    subnet: str
+    gateway: str
+    bridge: str
+    mtu: int
+    internal: bool
+    created: str
+    labels: dict[str, str]
+    containers: tuple[NetworkContainer, ...] = ()
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    host_ip: str
+    host_port: int
+    container_port: int
+    protocol: str
+
+    def __str__(self) -> str:
+        host = self.host_ip or "0.0.0.0"  # noqa: S104 - display only
+        return f"{host}:{self.host_port}->{self.container_port}/{self.protocol}"
+
+
+@dataclass(frozen=True)
+class NetworkSetup:
+    """What the runtime needs to start a container on its networks.
+
+    ``netns_path`` goes into the OCI config (``linux.namespaces`` network path; None for
+    host networking), ``resolv_conf`` and ``hosts`` are the contents to bind-mount at
+    /etc/resolv.conf and /etc/hosts. ``addresses`` maps network name to "ip/prefix".
+    """
+
+    netns_path: str | None
+    addresses: dict[str, str]
+    resolv_conf: str
+    hosts: str
+    ports: tuple[PublishedPort, ...] = ()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A container's networking as ``inspect`` shows it."""
+
+    container_id: str
+    tenant: str
+    name: str
+    mode: str
+    netns_path: str
+    addresses: dict[str, str]
+    aliases: dict[str, tuple[str, ...]]
+    ports: tuple[PublishedPort, ...]
+    gateway: str | None
+
+
+@dataclass
+class _Undo:
+    """Kernel objects made so far by one operation, removed again if it fails."""
+
+    veths: list[str] = field(default_factory=list)
+    netns: Path | None = None
+    bridges: list[str] = field(default_factory=list)
+
+
+class NetworkManager:
+    """Per-tenant networks for one agent; see the module docstring."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        pool: str | None = None,
+        subnet_prefix: int | None = None,
+        dns_upstreams: Sequence[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.prefix = kernel_prefix(config.name)
+        self.table = re.sub(r"[^A-Za-z0-9_-]", "_", config.name)
+        self.store = StateStore(config.networks_dir)
+        self.run_dir = config.run_root / "network"
+        pool_text = pool or os.environ.get("BERTH_NETWORK_POOL", "10.200.0.0/16")
+        try:
+            self.pool = ipaddress.IPv4Network(pool_text)
+        except ValueError as exc:
+            raise InvalidArgument(f"bad network pool {pool_text!r}: {exc}") from exc
+        self.subnet_prefix = subnet_prefix or int(
+            os.environ.get("BERTH_NETWORK_SUBNET_PREFIX", "24")
+        )
+        if not self.pool.prefixlen <= self.subnet_prefix <= 29:
+            raise InvalidArgument(
+                f"subnet size /{self.subnet_prefix} does not fit the pool {self.pool}"
+            )
+        if dns_upstreams is None and "BERTH_DNS_UPSTREAMS" in os.environ:
+            dns_upstreams = [u for u in os.environ["BERTH_DNS_UPSTREAMS"].split(",") if u]
+        self.dns_upstreams = list(dns_upstreams) if dns_upstreams is not None else None
+
+    # ---- names ---------------------------------------------------------------------
+
+    def _bridge_name(self, number: int) -> str:
+        name = f"{self.prefix}b{number:x}"
+        if len(name) > 15:
+            raise ResourceExhausted("no bridge names left for this agent")
+        return name
+
+    def _veth_names(self, container_id: str, network_id: str) -> tuple[str, str]:
+        digest = hashlib.sha256(f"{container_id}/{network_id}".encode()).hexdigest()[:6]
+        return f"{self.prefix}v{digest}", f"{self.prefix}c{digest}"
+
+    def netns_path(self, container_id: str) -> Path:
+        return self.config.netns_dir / container_id
+
+    @property
+    def _docker_tag(self) -> str:
+        return f"berth:{self.config.name}"
+
+    # ---- networks ------------------------------------------------------------------
+
+    def create(
+        self,
+        tenant: str,
+        name: str,
+        subnet: str | None = None,
+        *,
+        mtu: int | None = None,
+        internal: bool = False,
+        labels: dict[str, str] | None = None,
+    ) -> Network:
+        """Create a bridge network for ``tenant``; ``subnet`` None = next free in the pool."""
+        _check_tenant(tenant)
+        _check_network_name(name)
+        if mtu is not None and not 576 <= mtu <= 9000:
+            raise InvalidArgument(f"MTU {mtu} is out of range (576-9000)")
+        with self.store.locked() as state:
+            record = self._create_locked(state, tenant, name, subnet, mtu, internal, labels)
+        self._apply_firewall(self.store.load())
+        self._sync_daemon()
+        return self._network_view(self.store.load(), record)
+
+    def ensure_default(self, tenant: str) -> Network:
+        """The tenant's default network, created on first use."""
+        _check_tenant(tenant)
+        with self.store.locked() as state:
+            record = state.network(tenant, DEFAULT_NETWORK)
+            created = record is None
+            if record is None:
+                record = self._create_locked(state, tenant, DEFAULT_NETWORK, None, None, False, {})
+        if created:
+            self._apply_firewall(self.store.load())
+            self._sync_daemon()
+        return self._network_view(self.store.load(), record)
+
+    def _create_locked(
+        self,
+        state: State,
+        tenant: str,
+        name: str,
+        subnet: str | None,
+        mtu: int | None,
+        internal: bool,
+        labels: dict[str, str] | None,
+    ) -> NetworkRecord:
+        if state.network(tenant, name) is not None:
+            raise AlreadyExists(f"network {name!r} already exists for tenant {tenant!r}")
+        requested = _parse_subnet(subnet) if subnet is not None else None
+        bridge = self._bridge_name(state.next_bridge)
+        state.next_bridge += 1
+        mtu = mtu or _uplink_mtu()
+        with _host_lock(), IPRoute() as ipr:
+            taken = _host_subnets(ipr)
+            for other in state.networks.values():
+                taken.append(ipaddress.IPv4Network(other.subnet))
+            if requested is not None:
+                for other in state.networks.values():
+                    if requested.overlaps(ipaddress.IPv4Network(other.subnet)):
+                        raise AlreadyExists(
+                            f"subnet {requested} overlaps network {other.name!r} ({other.subnet})"
+                        )
+                for net in taken:
+                    if requested.overlaps(net):
+                        raise FailedPrecondition(
+                            f"subnet {requested} overlaps {net}, already routed on this node"
+                        )
+                chosen = requested
+            else:
+                chosen = self._next_free_subnet(taken)
+            gateway = str(next(chosen.hosts()))
+            record = NetworkRecord(
+                id=secrets.token_hex(32),
+                tenant=tenant,
+                name=name,
+                subnet=str(chosen),
+                gateway=gateway,
+                bridge=bridge,
+                mtu=mtu,
+                created=datetime.now(UTC).isoformat(),
+                internal=internal,
+                labels=dict(labels or {}),
+            )
+            state.networks[record.id] = record
+            self.store.save(state)  # write-ahead: the subnet is ours before the bridge exists
+            try:
+                _ensure_bridge(ipr, bridge, gateway, chosen.prefixlen, mtu)
+            except BaseException:
+                with contextlib.suppress(NetlinkError):
+                    _delete_link(ipr, bridge)
+                del state.networks[record.id]
+                self.store.save(state)
+                raise
+        _enable_forwarding()
+        return record
+
+    def _next_free_subnet(self, taken: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+        for candidate in self.pool.subnets(new_prefix=self.subnet_prefix):
+            if not any(candidate.overlaps(t) for t in taken):
+                return candidate
+        raise ResourceExhausted(f"no free /{self.subnet_prefix} left in the pool {self.pool}")
+
+    def list(self, tenant: str) -> list[Network]:
+        _check_tenant(tenant)
+        state = self.store.load()
+        records = [r for r in state.networks.values() if r.tenant == tenant]
+        return [self._network_view(state, r) for r in sorted(records, key=lambda r: r.name)]
+
+    def inspect(self, tenant: str, name: str) -> Network:
+        state = self.store.load()
+        return self._network_view(state, self._get(state, tenant, name))
+
+    def remove(self, tenant: str, name: str) -> None:
+        """Remove a network; refused while containers are attached to it."""
+        with self.store.locked() as state:
+            record = self._get(state, tenant, name)
+            users = [
+                e.name or e.container_id[:12]
+                for e in state.endpoints.values()
+                if any(i.network == record.id for i in e.interfaces)
+            ]
+            if users:
+                raise FailedPrecondition(
+                    f"network {name!r} has containers attached: {', '.join(sorted(users))}; "
+                    "remove or disconnect them first"
+                )
+            with IPRoute() as ipr:
+                _delete_link(ipr, record.bridge)
+            del state.networks[record.id]
+        state = self.store.load()
+        self._apply_firewall(state)
+        self._sync_daemon()
+
+    def _get(self, state: State, tenant: str, name: str) -> NetworkRecord:
+        _check_tenant(tenant)
+        record = state.network(tenant, name)
+        if record is None:
+            raise NotFound(f"network {name!r} not found for tenant {tenant!r}")
+        return record
+
+    def _network_view(self, state: State, record: NetworkRecord) -> Network:
+        containers = []
+        prefixlen = ipaddress.IPv4Network(record.subnet).prefixlen
+        for endpoint in state.endpoints.values():
+            for iface in endpoint.interfaces:
+                if iface.network == record.id:
+                    containers.append(
+                        NetworkContainer(
+                            container_id=endpoint.container_id,
+                            name=endpoint.name,
+                            address=f"{iface.address}/{prefixlen}",
+                            aliases=tuple(iface.aliases),
+                        )
+                    )
+        return Network(
+            id=record.id,
+            tenant=record.tenant,
+            name=record.name,
+            subnet=record.subnet,
+            gateway=record.gateway,
+            bridge=record.bridge,
+            mtu=record.mtu,
+            internal=record.internal,
+            created=record.created,
+            labels=dict(record.labels),
+            containers=tuple(sorted(containers, key=lambda c: c.name)),
+        )
+
+    # ---- containers ----------------------------------------------------------------
+
+    def attach(
+        self,
+        tenant: str,
+        container_id: str,
+        hostname: str,
+        attachments: Sequence[NetworkAttachment],
+        ports: Sequence[PortMapping] = (),
+        *,
+        name: str = "",
+        mode: str = "bridge",
+        privileged_caller: bool = False,
+        ingress_bps: int | None = None,
+        egress_bps: int | None = None,
+    ) -> NetworkSetup:
+        """Give a container its network namespace, interfaces, published ports and DNS.
+
+        mode "bridge": one interface per attachment (the tenant's default network when
+        ``attachments`` is empty); "none": a namespace with loopback only; "host": no
+        namespace at all, only for privileged callers. Everything made here is undone
+        if any step fails.
+        """
+        _check_tenant(tenant)
+        if not CONTAINER_ID_RE.match(container_id):
+            raise InvalidArgument(f"bad container id {container_id!r}")
+        if mode == "host":
+            if not privileged_caller:
+                raise InvalidArgument("host networking is only available to privileged callers")
+            if attachments or ports:
+                raise InvalidArgument("host networking takes no networks and no published ports")
+            return NetworkSetup(
+                netns_path=None,
+                addresses={},
+                resolv_conf=_host_file("/etc/resolv.conf"),
+                hosts=_host_file("/etc/hosts"),
+            )
+        if mode not in ("bridge", "none"):
+            raise InvalidArgument(f"unknown network mode {mode!r} (bridge, none or host)")
+        if mode == "none" and (attachments or ports):
+            raise InvalidArgument("--network none takes no other networks and no published ports")
+        for rate in (ingress_bps, egress_bps):
+            if rate is not None and rate < 8000:
+                raise InvalidArgument("bandwidth limits start at 8000 bit/s")
+        ports = [_check_port(p) for p in ports]
+        if mode == "bridge" and not attachments:
+            self.ensure_default(tenant)
+            attachments = [NetworkAttachment(network=DEFAULT_NETWORK)]
+        names = [a.network for a in attachments]
+        if len(set(names)) != len(names):
+            raise InvalidArgument("a container can be attached to each network only once")
+        for attachment in attachments:
+            for alias in attachment.aliases:
+                _check_alias(alias)
+
+        undo = _Undo()
+        with self.store.locked() as state:
+            if container_id in state.endpoints:
+                raise AlreadyExists(f"container {container_id[:12]} already has networking")
+            networks = [self._get(state, tenant, a.network) for a in attachments]
+            endpoint = EndpointRecord(
+                container_id=container_id,
+                tenant=tenant,
+                name=name,
+                hostname=hostname,
+                netns=str(self.netns_path(container_id)),
+                mode=mode,
+                ingress_bps=ingress_bps,
+                egress_bps=egress_bps,
+            )
+            for index, (attachment, network) in enumerate(zip(attachments, networks, strict=True)):
+                endpoint.interfaces.append(
+                    self._allocate_interface(state, network, container_id, attachment, index)
+                )
+            if endpoint.interfaces:
+                first = endpoint.interfaces[0].address
+                endpoint.ports = self._allocate_ports(state, ports, first)
+            state.endpoints[container_id] = endpoint
+            self.store.save(state)  # write-ahead: addresses and ports are taken from here on
+            try:
+                self._build_endpoint(state, endpoint, undo)
+                if endpoint.ports:
+                    self._apply_firewall(state)
+                self._sync_daemon(expect_ports=endpoint.ports)
+            except BaseException:
+                self._rollback_endpoint(state, endpoint, undo)
+                raise
+        return self._setup_view(state, endpoint)
+
+    def _allocate_interface(
+        self,
+        state: State,
+        network: NetworkRecord,
+        container_id: str,
+        attachment: NetworkAttachment,
+        index: int,
+    ) -> InterfaceRecord:
+        subnet = ipaddress.IPv4Network(network.subnet)
+        if attachment.ipv4_address:
+            try:
+                wanted = ipaddress.IPv4Address(attachment.ipv4_address)
+            except ValueError as exc:
+                raise InvalidArgument(f"bad IPv4 address {attachment.ipv4_address!r}") from exc
+            if wanted not in subnet or wanted in (
+                subnet.network_address,
+                subnet.broadcast_address,
+                ipaddress.IPv4Address(network.gateway),
+            ):
+                raise InvalidArgument(
+                    f"{wanted} is not a usable address of network {network.name!r} ({subnet})"
+                )
+            if str(wanted) in network.allocated:
+                raise AlreadyExists(f"address {wanted} is already in use on {network.name!r}")
+            address = str(wanted)
+        else:
+            address = ""
+            for host in subnet.hosts():
+                text = str(host)
+                if text != network.gateway and text not in network.allocated:
+                    address = text
+                    break
+            if not address:
+                raise ResourceExhausted(f"network {network.name!r} ({subnet}) has no free address")
+        network.allocated[address] = container_id
+        host_veth, _peer = self._veth_names(container_id, network.id)
+        return InterfaceRecord(
+            network=network.id,
+            ifname=f"eth{index}",
+            host_veth=host_veth,
+            address=address,
+            prefixlen=subnet.prefixlen,
+            gateway=network.gateway,
+            aliases=list(attachment.aliases),
+        )
+
+    def _allocate_ports(
+        self, state: State, ports: Iterable[PortMapping], target: str
+    ) -> builtins.list[PortRecord]:
+        taken = [
+            (p.protocol, p.host_ip, p.host_port) for e in state.endpoints.values() for p in e.ports
+        ]
+        records: list[PortRecord] = []
+        for port in ports:
+            host_port = port.host_port or _ephemeral_port(port.protocol, port.host_ip)
+            for protocol, host_ip, used in taken:
+                if (
+                    protocol == port.protocol
+                    and used == host_port
+                    and (not host_ip or not port.host_ip or host_ip == port.host_ip)
+                ):
+                    where = host_ip or "0.0.0.0"  # noqa: S104 - message only
+                    raise ResourceExhausted(
+                        f"port {host_port}/{port.protocol} is already published on {where}"
+                    )
+            if port.host_port:
+                _probe_port(port.protocol, port.host_ip, host_port)
+            taken.append((port.protocol, port.host_ip, host_port))
+            records.append(
+                PortRecord(
+                    host_ip=port.host_ip,
+                    host_port=host_port,
+                    container_port=port.container_port,
+                    protocol=port.protocol,
+                    target=target,
+                )
+            )
+        return records
+
+    def _build_endpoint(self, state: State, endpoint: EndpointRecord, undo: _Undo) -> None:
+        path = Path(endpoint.netns)
+        ensure_netns_dir(self.config.netns_dir)
+        if is_netns(path):  # a leftover of a crash between mount and state clean-up
+            delete_netns(path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        inside = create_netns(path)
+        undo.netns = path
+        try:
+            with IPRoute() as ipr:
+                for iface in endpoint.interfaces:
+                    network = state.networks[iface.network]
+                    self._plug(ipr, inside, path, network, iface, undo)
+                    if iface is endpoint.interfaces[0]:
+                        inside.route("add", dst="0.0.0.0/0", gateway=iface.gateway)
+                    _limit_bandwidth(ipr, inside, iface, endpoint)
+        finally:
+            inside.close()
+
+    def _plug(
+        self,
+        ipr: IPRoute,
+        inside: IPRoute,
+        netns: Path,
+        network: NetworkRecord,
+        iface: InterfaceRecord,
+        undo: _Undo,
+    ) -> None:
+        """Make the veth pair for one interface, bridge one end, configure the other."""
+        host_veth, peer = self._veth_names(Path(netns).name, network.id)
+        bridge = _link_index(ipr, network.bridge)
+        if bridge is None:
+            raise FailedPrecondition(
+                f"bridge {network.bridge} of network {network.name!r} is missing; "
+                "run the agent's network recovery"
+            )
+        with contextlib.suppress(NetlinkError):
+            _delete_link(ipr, host_veth)  # leftover of an earlier crash
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ipr.link(
+                "add",
+                ifname=host_veth,
+                kind="veth",
+                mtu=network.mtu,
+                peer={"ifname": peer, "net_ns_fd": fd, "mtu": network.mtu},
+            )
+        finally:
+            os.close(fd)
+        undo.veths.append(host_veth)
+        index = _link_index(ipr, host_veth)
+        ipr.link("set", index=index, master=bridge, state="up")
+        inner = inside.link_lookup(ifname=peer)[0]
+        inside.link("set", index=inner, ifname=iface.ifname, state="up")
+        inside.addr("add", index=inner, address=iface.address, prefixlen=iface.prefixlen)
+        mac = inside.get_links(inner)[0].get("address")
+        iface.mac = str(mac or "")
+
+    def _rollback_endpoint(self, state: State, endpoint: EndpointRecord, undo: _Undo) -> None:
+        with IPRoute() as ipr:
+            for veth in undo.veths:
+                with contextlib.suppress(NetlinkError):
+                    _delete_link(ipr, veth)
+        if undo.netns is not None:
+            delete_netns(undo.netns)
+        self._release(state, endpoint)
+        state.endpoints.pop(endpoint.container_id, None)
+        self.store.save(state)
+        with contextlib.suppress(Exception):
+            if endpoint.ports:
+                self._apply_firewall(state)
+        with contextlib.suppress(Exception):
+            self._sync_daemon()
+
+    @staticmethod
+    def _release(state: State, endpoint: EndpointRecord) -> None:
+        for iface in endpoint.interfaces:
+            network = state.networks.get(iface.network)
+            if network is not None and network.allocated.get(iface.address) == (
+                endpoint.container_id
+            ):
+                del network.allocated[iface.address]
+
+    def detach(self, tenant: str, container_id: str) -> None:
+        """Remove a container's interfaces, ports, DNS names and netns; idempotent."""
+        with self.store.locked() as state:
+            endpoint = state.endpoints.get(container_id)
+            if endpoint is not None and endpoint.tenant != tenant:
+                raise NotFound(f"container {container_id[:12]} not found for tenant {tenant!r}")
+            had_ports = bool(endpoint and endpoint.ports)
+            self._teardown_endpoint(state, container_id, endpoint)
+        if endpoint is None:
+            return
+        if had_ports:
+            self._apply_firewall(self.store.load())
+        self._sync_daemon()
+
+    def _teardown_endpoint(
+        self, state: State, container_id: str, endpoint: EndpointRecord | None
+    ) -> None:
+        """Delete host veths explicitly (a dying netns can linger), then the netns."""
+        if endpoint is not None:
+            with IPRoute() as ipr:
+                for iface in endpoint.interfaces:
+                    with contextlib.suppress(NetlinkError):
+                        _delete_link(ipr, iface.host_veth)
+            self._release(state, endpoint)
+            state.endpoints.pop(container_id, None)
+        path = self.netns_path(container_id)
+        delete_netns(path)
+
+    def connect(
+        self,
+        tenant: str,
+        network: str,
+        container_id: str,
+        aliases: Sequence[str] = (),
+        ipv4_address: str | None = None,
+    ) -> Endpoint:
+        """Attach a running container to one more network of its tenant."""
+        for alias in aliases:
+            _check_alias(alias)
+        undo = _Undo()
+        with self.store.locked() as state:
+            endpoint = self._endpoint_record(state, tenant, container_id)
+            if endpoint.mode != "bridge":
+                raise FailedPrecondition(
+                    f"container {container_id[:12]} uses --network {endpoint.mode}"
+                )
+            record = self._get(state, tenant, network)
+            if any(i.network == record.id for i in endpoint.interfaces):
+                raise AlreadyExists(
+                    f"container {container_id[:12]} is already connected to {network!r}"
+                )
+            used = {i.ifname for i in endpoint.interfaces}
+            index = next(n for n in range(len(used) + 1) if f"eth{n}" not in used)
+            iface = self._allocate_interface(
+                state,
+                record,
+                container_id,
+                NetworkAttachment(
+                    network=network, aliases=tuple(aliases), ipv4_address=ipv4_address
+                ),
+                index,
+            )
+            endpoint.interfaces.append(iface)
+            self.store.save(state)
+            try:
+                path = Path(endpoint.netns)
+                inside = open_netns(path)
+                try:
+                    with IPRoute() as ipr:
+                        self._plug(ipr, inside, path, record, iface, undo)
+                        if len(endpoint.interfaces) == 1:
+                            inside.route("add", dst="0.0.0.0/0", gateway=iface.gateway)
+                        _limit_bandwidth(ipr, inside, iface, endpoint)
+                finally:
+                    inside.close()
+                self._sync_daemon()
+            except BaseException:
+                with IPRoute() as ipr:
+                    for veth in undo.veths:
+                        with contextlib.suppress(NetlinkError):
+                            _delete_link(ipr, veth)
+                endpoint.interfaces.remove(iface)
+                record.allocated.pop(iface.address, None)
+                self.store.save(state)
+                raise
+        return self._endpoint_view(self.store.load(), endpoint)
+
+    def disconnect(self, tenant: str, network: str, container_id: str) -> None:
+        """Detach a running container from one network (its interface goes away)."""
+        with self.store.locked() as state:
+            endpoint = self._endpoint_record(state, tenant, container_id)
+            record = self._get(state, tenant, network)
+            iface = next((i for i in endpoint.interfaces if i.network == record.id), None)
+            if iface is None:
+                raise NotFound(f"container {container_id[:12]} is not connected to {network!r}")
+            if endpoint.ports and iface is endpoint.interfaces[0] and len(endpoint.interfaces) > 1:
+                raise FailedPrecondition(
+                    "the container's published ports go through this network; "
+                    "it can't be disconnected while they exist"
+                )
+            with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+                _delete_link(ipr, iface.host_veth)
+            endpoint.interfaces.remove(iface)
+            if record.allocated.get(iface.address) == container_id:
+                del record.allocated[iface.address]
+            had_ports = bool(endpoint.ports) and not endpoint.interfaces
+            if not endpoint.interfaces:
+                endpoint.ports = []
+        if had_ports:
+            self._apply_firewall(self.store.load())
+        self._sync_daemon()
+
+    def endpoint(self, tenant: str, container_id: str) -> Endpoint | None:
+        """The container's networking (addresses, ports), or None if it has none."""
+        state = self.store.load()
+        record = state.endpoints.get(container_id)
+        if record is None or record.tenant != tenant:
+            return None
+        return self._endpoint_view(state, record)
+
+    def endpoints(self, tenant: str) -> builtins.list[Endpoint]:
+        state = self.store.load()
+        return [
+            self._endpoint_view(state, e) for e in state.endpoints.values() if e.tenant == tenant
+        ]
+
+    def _endpoint_record(self, state: State, tenant: str, container_id: str) -> EndpointRecord:
+        endpoint = state.endpoints.get(container_id)
+        if endpoint is None or endpoint.tenant != tenant:
+            raise NotFound(f"container {container_id[:12]} has no networking on this node")
+        return endpoint
+
+    def _endpoint_view(self, state: State, endpoint: EndpointRecord) -> Endpoint:
+        addresses: dict[str, str] = {}
+        aliases: dict[str, tuple[str, ...]] = {}
+        for iface in endpoint.interfaces:
+            network = state.networks.get(iface.network)
+            label = network.name if network else iface.network[:12]
+            addresses[label] = f"{iface.address}/{iface.prefixlen}"
+            aliases[label] = tuple(iface.aliases)
+        return Endpoint(
+            container_id=endpoint.container_id,
+            tenant=endpoint.tenant,
+            name=endpoint.name,
+            mode=endpoint.mode,
+            netns_path=endpoint.netns,
+            addresses=addresses,
+            aliases=aliases,
+            ports=tuple(_published(p) for p in endpoint.ports),
+            gateway=endpoint.interfaces[0].gateway if endpoint.interfaces else None,
+        )
+
+    def _setup_view(self, state: State, endpoint: EndpointRecord) -> NetworkSetup:
+        view = self._endpoint_view(state, endpoint)
+        if endpoint.interfaces:
+            resolv = f"nameserver {endpoint.interfaces[0].gateway}\n{LOCAL_RESOLV}"
+        else:
+            resolv = ""
+        hosts = [
+            "127.0.0.1\tlocalhost",
+            "::1\tlocalhost ip6-localhost ip6-loopback",
+        ]
+        names = " ".join(dict.fromkeys(n for n in (endpoint.hostname, endpoint.name) if n))
+        for iface in endpoint.interfaces:
+            if names:
+                hosts.append(f"{iface.address}\t{names}")
+        if not endpoint.interfaces and names:
+            hosts.append(f"127.0.1.1\t{names}")
+        return NetworkSetup(
+            netns_path=endpoint.netns,
+            addresses=view.addresses,
+            resolv_conf=resolv,
+            hosts="\n".join(hosts) + "\n",
+            ports=view.ports,
+        )
+
+    # ---- firewall and daemon -------------------------------------------------------
+
+    def _apply_firewall(self, state: State) -> None:
+        if not state.networks:
+            firewall.delete_table(self.table)
+            firewall.remove_docker_user(self.prefix, self._docker_tag)
+            return
+        bridges = [
+            firewall.BridgeRule(
+                bridge=n.bridge, subnet=n.subnet, gateway=n.gateway, internal=n.internal
+            )
+            for n in state.networks.values()
+        ]
+        dnats = [
+            firewall.DnatRule(
+                host_ip=p.host_ip if p.host_ip not in ("0.0.0.0",) else "",  # noqa: S104
+                host_port=p.host_port,
+                protocol=p.protocol,
+                target=p.target,
+                container_port=p.container_port,
+            )
+            for e in state.endpoints.values()
+            for p in e.ports
+            if p.host_ip != "127.0.0.1"
+        ]
+        firewall.apply(self.table, bridges, dnats)
+        firewall.ensure_docker_user(self.prefix, self._docker_tag)
+
+    def _sync_daemon(self, expect_ports: Sequence[PortRecord] = ()) -> None:
+        """Tell the helper daemon to re-read the state; start it if needed.
+
+        Bind failures for ``expect_ports`` (a port some host process holds) are raised.
+        """
+        sock = self.run_dir / "netd.sock"
+        state = self.store.load()
+        wanted = bool(state.networks)
+        try:
+            reply = daemon.request(sock, {"op": "sync"})
+        except (OSError, daemon.DaemonError):
+            if not wanted:
+                return
+            _wait_for_exit(self.run_dir)
+            daemon.start(self.config.networks_dir, self.run_dir, self.dns_upstreams)
+            reply = daemon.request(sock, {"op": "sync"})
+        if not wanted:
+            _wait_for_exit(self.run_dir)
+        errors: dict[str, str] = reply.get("errors", {})
+        for port in expect_ports:
+            key = f"port:{port.protocol}:{port.host_ip}:{port.host_port}"
+            if key in errors:
+                raise ResourceExhausted(
+                    f"port {port.host_port}/{port.protocol} is already in use on "
+                    f"{port.host_ip or 'this node'}: {errors[key]}"
+                )
+
+    # ---- recovery ------------------------------------------------------------------
+
+    def recover(self, live_container_ids: Iterable[str] | None = None) -> dict[str, Any]:
+        """Reconcile kernel objects with the state after an agent restart or crash.
+
+        Endpoints whose netns is gone (reboot) or whose container isn't live any more
+        (when the runtime passes the live ids) are torn down and their addresses
+        released; bridges are re-made; unknown interfaces and netns files carrying this
+        agent's prefix are deleted; the nft table, DOCKER-USER rules and the helper
+        daemon are restored. Returns what was done, for logs.
+        """
+        live = set(live_container_ids) if live_container_ids is not None else None
+        report: dict[str, list[str]] = {"endpoints": [], "links": [], "netns": []}
+        with self.store.locked() as state:
+            for cid, endpoint in list(state.endpoints.items()):
+                alive = is_netns(Path(endpoint.netns)) and (live is None or cid in live)
+                if not alive:
+                    self._teardown_endpoint(state, cid, endpoint)
+                    report["endpoints"].append(cid)
+            known_links = {n.bridge for n in state.networks.values()}
+            known_links |= {i.host_veth for e in state.endpoints.values() for i in e.interfaces}
+            with IPRoute() as ipr:
+                for network in state.networks.values():
+                    prefixlen = ipaddress.IPv4Network(network.subnet).prefixlen
+                    _ensure_bridge(ipr, network.bridge, network.gateway, prefixlen, network.mtu)
+                for link in ipr.get_links():
+                    ifname = str(link.get("ifname") or "")
+                    if _owned_link(ifname, self.prefix) and ifname not in known_links:
+                        with contextlib.suppress(NetlinkError):
+                            _delete_link(ipr, ifname)
+                        report["links"].append(ifname)
+            known_netns = {Path(e.netns).name for e in state.endpoints.values()}
+            if self.config.netns_dir.exists():
+                for entry in self.config.netns_dir.iterdir():
+                    if entry.name not in known_netns:
+                        delete_netns(entry)
+                        report["netns"].append(entry.name)
+        state = self.store.load()
+        if state.networks:
+            _enable_forwarding()
+        self._apply_firewall(state)
+        self._sync_daemon()
+        return report
+
+    def teardown(self) -> None:
+        """Remove every network object of this agent: endpoints, bridges, rules, daemon.
+
+        For tests and for decommissioning a node; containers lose their networking.
+        """
+        with self.store.locked() as state:
+            for cid, endpoint in list(state.endpoints.items()):
+                self._teardown_endpoint(state, cid, endpoint)
+            with IPRoute() as ipr:
+                for network in list(state.networks.values()):
+                    with contextlib.suppress(NetlinkError):
+                        _delete_link(ipr, network.bridge)
+                    del state.networks[network.id]
+                for link in ipr.get_links():
+                    ifname = str(link.get("ifname") or "")
+                    if _owned_link(ifname, self.prefix):
+                        with contextlib.suppress(NetlinkError):
+                            _delete_link(ipr, ifname)
+            if self.config.netns_dir.exists():
+                for entry in self.config.netns_dir.iterdir():
+                    delete_netns(entry)
+        firewall.delete_table(self.table)
+        firewall.remove_docker_user(self.prefix, self._docker_tag)
+        with contextlib.suppress(OSError, daemon.DaemonError):
+            daemon.request(self.run_dir / "netd.sock", {"op": "stop"})
+        _wait_for_exit(self.run_dir)
+        release_netns_dir(self.config.netns_dir)
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def _check_tenant(tenant: str) -> None:
+    if not TENANT_RE.match(tenant):
+        raise InvalidArgument(f"bad tenant name {tenant!r}")
+
+
+def _check_network_name(name: str) -> None:
+    if not NETWORK_RE.match(name):
+        raise InvalidArgument(
+            f"bad network name {name!r}: use letters, digits, '_', '.', '-' (max 63)"
+        )
+    if name in RESERVED_NAMES:
+        raise InvalidArgument(f"{name!r} is a network mode, not a network name")
+
+
+def _check_alias(alias: str) -> None:
+    if not ALIAS_RE.match(alias):
+        raise InvalidArgument(f"bad network alias {alias!r}")
+
+
+def _parse_subnet(text: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise InvalidArgument(f"bad subnet {text!r}: {exc}") from exc
+    if not 8 <= net.prefixlen <= 29:
+        raise InvalidArgument(f"subnet {text!r} must be between /8 and /29")
+    if not net.is_private or net.overlaps(ipaddress.IPv4Network("169.254.0.0/16")):
+        raise InvalidArgument(f"subnet {text!r} must be a private, non-link-local range")
+    return net
+
+
+def _check_port(port: PortMapping) -> PortMapping:
+    if port.protocol not in ("tcp", "udp"):
+        raise InvalidArgument(f"bad protocol {port.protocol!r} (tcp or udp)")
+    if not 1 <= port.container_port <= 65535:
+        raise InvalidArgument(f"container port {port.container_port} is out of range (1-65535)")
+    if not 0 <= port.host_port <= 65535:
+        raise InvalidArgument(f"host port {port.host_port} is out of range (1-65535)")
+    host_ip = port.host_ip
+    if host_ip == "0.0.0.0":  # noqa: S104
+        host_ip = ""
+    if host_ip:
+        try:
+            ipaddress.IPv4Address(host_ip)
+        except ValueError as exc:
+            raise InvalidArgument(f"bad host address {host_ip!r} for a published port") from exc
+    return PortMapping(
+        container_port=port.container_port,
+        host_port=port.host_port,
+        host_ip=host_ip,
+        protocol=port.protocol,
+    )
+
+
+def _socket_type(protocol: str) -> int:
+    return socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+
+
+def _probe_port(protocol: str, host_ip: str, port: int) -> None:
+    """Refuse a host port some process on the node already holds."""
+    with socket.socket(socket.AF_INET, _socket_type(protocol)) as s:
+        if protocol == "tcp":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host_ip or "0.0.0.0", port))  # noqa: S104
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ResourceExhausted(
+                    f"port {port}/{protocol} is already in use on {host_ip or 'this node'}"
+                ) from exc
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise InvalidArgument(f"{host_ip} is not an address of this node") from exc
+            raise
+
+
+def _ephemeral_port(protocol: str, host_ip: str) -> int:
+    with socket.socket(socket.AF_INET, _socket_type(protocol)) as s:
+        try:
+            s.bind((host_ip or "0.0.0.0", 0))  # noqa: S104
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise InvalidArgument(f"{host_ip} is not an address of this node") from exc
+            raise
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _published(p: PortRecord) -> PublishedPort:
+    return PublishedPort(
+        host_ip=p.host_ip,
+        host_port=p.host_port,
+        container_port=p.container_port,
+        protocol=p.protocol,
+    )
+
+
+def _owned_link(ifname: str, prefix: str) -> bool:
+    rest = ifname[len(prefix) :]
+    return (
+        ifname.startswith(prefix)
+        and len(rest) >= 2
+        and rest[0] in "bvc"
+        and all(c in "0123456789abcdef" for c in rest[1:])
+    )
+
+
+def _link_index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def _delete_link(ipr: IPRoute, ifname: str) -> None:
+    index = _link_index(ipr, ifname)
+    if index is not None:
+        try:
+            ipr.link("del", index=index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+
+
+def _ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: int) -> None:
+    index = _link_index(ipr, name)
+    if index is None:
+        ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
+        index = _link_index(ipr, name)
+    have = {a.get("address") for a in ipr.get_addr(index=index, family=socket.AF_INET)}
+    if gateway not in have:
+        ipr.addr("add", index=index, address=gateway, prefixlen=prefixlen)
+    ipr.link("set", index=index, state="up")
+
+
+def _host_subnets(ipr: IPRoute) -> list[ipaddress.IPv4Network]:
+    """IPv4 prefixes already routed or addressed on the node (default route excluded)."""
+    nets: list[ipaddress.IPv4Network] = []
+    for route in ipr.get_routes(family=socket.AF_INET):
+        if route.get("table") not in (254, None):
+            continue
+        length = route["dst_len"]
+        dst = route.get("dst")
+        if length and dst:
+            nets.append(ipaddress.IPv4Network(f"{dst}/{length}", strict=False))
+    for addr in ipr.get_addr(family=socket.AF_INET):
+        nets.append(
+            ipaddress.IPv4Network(f"{addr.get('address')}/{addr['prefixlen']}", strict=False)
+        )
+    return nets
+
+
+def _uplink_mtu() -> int:
+    """The MTU of the interface behind the default route (1500 if there is none)."""
+    with IPRoute() as ipr:
+        for route in ipr.get_default_routes(family=socket.AF_INET):
+            oif = route.get("oif")
+            if oif:
+                links = ipr.get_links(oif)
+                if links:
+                    return int(links[0].get("mtu") or 1500)
+    return 1500
+
+
+def _enable_forwarding() -> None:
+    path = Path("/proc/sys/net/ipv4/ip_forward")
+    if path.read_text().strip() != "1":
+        path.write_text("1\n")
+
+
+def _limit_bandwidth(
+    ipr: IPRoute, inside: IPRoute, iface: InterfaceRecord, endpoint: EndpointRecord
+) -> None:
+    """Token-bucket limits with tc: egress on the container's end, ingress on the host's."""
+    if endpoint.egress_bps:
+        index = inside.link_lookup(ifname=iface.ifname)[0]
+        _tbf(inside, index, endpoint.egress_bps)
+    if endpoint.ingress_bps:
+        index = _link_index(ipr, iface.host_veth)
+        if index is not None:
+            _tbf(ipr, index, endpoint.ingress_bps)
+
+
+def _tbf(ipr: IPRoute, index: int, bits_per_second: int) -> None:
+    rate = bits_per_second // 8  # bytes per second
+    burst = max(rate // 10, 16 * 1024)
+    ipr.tc("add", "tbf", index, 0x10000, rate=rate, burst=burst, latency="50ms")
+
+
+def _host_file(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        return ""
+
+
+@contextlib.contextmanager
+def _host_lock() -> Iterator[None]:
+    """Serialises subnet choice between all agents on the machine (they share routes)."""
+    SUBNET_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(SUBNET_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _wait_for_exit(run_dir: Path, timeout: float = 5.0) -> None:
+    """Wait until a stopping daemon released its pid lock (so a new one can start)."""
+    pid_path = run_dir / "netd.pid"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fd = os.open(pid_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.01)
+        finally:
+            os.close(fd)
