@@ -218,3 +218,14 @@ def mounts_under(root: Path) -> list[str]:
             if mount_point.startswith(prefix) or mount_point == str(root):
                 found.append(mount_point)
     return found
+
+
+def mount_source_device(target: Path) -> str | None:
+    """``major:minor`` of the device mounted at ``target`` (from mountinfo)."""
+    text = str(target)
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == text:
+                return fields[2]
+    return None

@@ -23,6 +23,8 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,13 +34,16 @@ from typing import TYPE_CHECKING, Any
 from runtime_agent.config import AgentConfig
 from runtime_agent.content.store import ContentStore, parse_digest
 from runtime_agent.errors import AlreadyExists, DigestMismatch, InvalidArgument, NotFound
-from runtime_agent.images.media import open_uncompressed
+from runtime_agent.images.media import OCI_LAYER, open_uncompressed
 from runtime_agent.snapshots import mount
+from runtime_agent.snapshots.device import block_device_of
+from runtime_agent.snapshots.diff import write_layer
 from runtime_agent.snapshots.unpack import unpack_layer
 
 if TYPE_CHECKING:
     from runtime_agent.images.store import Image
 
+MIN_LAYER_SIZE = 8 << 20
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -122,12 +127,30 @@ class Snapshotter:
             raise InvalidArgument(f"invalid snapshot key {key!r}")
         return self.active_dir / key
 
-    def prepare(self, key: str, image: Image, *, read_only: bool = False) -> Path:
+    def prepare(
+        self,
+        key: str,
+        image: Image,
+        *,
+        read_only: bool = False,
+        size_bytes: int | None = None,
+    ) -> Path:
         """Mount a writable (or read-only) root filesystem of ``image`` for ``key``.
+
+        With ``size_bytes`` the writable layer lives on its own loop-mounted ext4 file
+        of that size: writes beyond it fail with ENOSPC, and the loop device is a block
+        device the runtime can throttle (see ``device``).
 
         Idempotent for the same image: preparing an existing key re-mounts it if needed
         (after a reboot) and returns the same path; for another image it is an error.
         """
+        if size_bytes is not None and (
+            not isinstance(size_bytes, int) or size_bytes < MIN_LAYER_SIZE
+        ):
+            raise InvalidArgument(
+                f"writable layer size must be at least {MIN_LAYER_SIZE // (1 << 20)} MiB",
+                size_bytes=size_bytes,
+            )
         sdir = self._dir(key)
         meta_path = sdir / "meta.json"
         if meta_path.is_file():
@@ -146,11 +169,17 @@ class Snapshotter:
             "image": image.manifest_digest,
             "chain_ids": image.chain_ids,
             "read_only": read_only,
+            "size_bytes": size_bytes,
             "created": datetime.now(UTC).isoformat(),
         }
         try:
-            for name in ("upper", "work", "merged"):
-                (sdir / name).mkdir()
+            (sdir / "merged").mkdir()
+            if size_bytes is not None:
+                _make_ext4_image(sdir / "rw.img", size_bytes)
+                (sdir / "rw").mkdir()
+            else:
+                (sdir / "upper").mkdir()
+                (sdir / "work").mkdir()
             tmp = sdir / "meta.json.tmp"
             tmp.write_text(json.dumps(meta))
             os.rename(tmp, meta_path)
@@ -177,8 +206,59 @@ class Snapshotter:
                 lowers = [*lowers, self._empty_lower()]
             mount.mount_overlay(lowers, None, None, merged)
         else:
-            mount.mount_overlay(lowers, sdir / "upper", sdir / "work", merged)
+            upper, work = self._writable_dirs(sdir, meta)
+            mount.mount_overlay(lowers, upper, work, merged)
         return merged
+
+    def _writable_dirs(self, sdir: Path, meta: dict[str, Any]) -> tuple[Path, Path]:
+        """The upper and work dirs; on the snapshot's own loop device when it has one."""
+        if not meta.get("size_bytes"):
+            return sdir / "upper", sdir / "work"
+        rw = sdir / "rw"
+        if not mount.is_mounted(rw):
+            subprocess.run(
+                ["mount", "-t", "ext4", "-o", "loop,nodev,nosuid", str(sdir / "rw.img"), str(rw)],
+                check=True,
+                capture_output=True,
+            )
+        for name in ("upper", "work"):
+            (rw / name).mkdir(exist_ok=True)
+        if (rw / "lost+found").exists():
+            shutil.rmtree(rw / "lost+found", ignore_errors=True)
+        return rw / "upper", rw / "work"
+
+    def upper_dir(self, key: str) -> Path:
+        sdir = self._dir(key)
+        if (sdir / "rw.img").exists():
+            return sdir / "rw" / "upper"
+        return sdir / "upper"
+
+    def device(self, key: str) -> str | None:
+        """``major:minor`` of the block device the snapshot writes to.
+
+        The snapshot's own loop device when it was prepared with ``size_bytes``,
+        otherwise the disk holding the state directory (what --device-write-bps
+        throttles by default). None when no block device is behind it.
+        """
+        sdir = self._dir(key)
+        if not (sdir / "meta.json").is_file():
+            raise NotFound(f"snapshot {key} not found", key=key)
+        if (sdir / "rw.img").exists() and mount.is_mounted(sdir / "rw"):
+            return mount.mount_source_device(sdir / "rw")
+        return block_device_of(sdir)
+
+    def diff(self, key: str) -> dict[str, Any]:
+        """The snapshot's changes as an uncompressed OCI layer stored in the content store.
+
+        Returns the layer descriptor (its digest is also its diff id).
+        """
+        upper = self.upper_dir(key)
+        if not upper.is_dir():
+            raise NotFound(f"snapshot {key} not found (or not mounted)", key=key)
+        with self.content.writer() as writer:
+            write_layer(upper, writer)  # type: ignore[arg-type]
+            digest, size = writer.commit()
+        return {"mediaType": OCI_LAYER, "digest": digest, "size": size}
 
     def _empty_lower(self) -> Path:
         self.empty_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +273,11 @@ class Snapshotter:
             mount.unmount(Path(mount_point))
         shutil.rmtree(sdir)
 
+    def remove_all_mounts(self) -> None:
+        """Unmount every snapshot (agent shutdown in tests); keeps their contents."""
+        for mount_point in sorted(mount.mounts_under(self.root), key=len, reverse=True):
+            mount.unmount(Path(mount_point))
+
     def get(self, key: str) -> SnapshotInfo:
         sdir = self._dir(key)
         try:
@@ -202,7 +287,7 @@ class Snapshotter:
         return SnapshotInfo(
             key=key,
             path=sdir / "merged",
-            upper=sdir / "upper",
+            upper=self.upper_dir(key),
             image=meta.get("image"),
             chain_ids=tuple(meta.get("chain_ids") or ()),
             mounted=mount.is_mounted(sdir / "merged"),
@@ -247,7 +332,10 @@ class Snapshotter:
             keep_chains.update(info.chain_ids)
         keep_hex = {parse_digest(c) for c in keep_chains}
         if self.layers_dir.is_dir():
+            stale = time.time() - 3600
             for entry in self.layers_dir.iterdir():
+                if entry.name.startswith(".tmp-") and entry.stat().st_mtime > stale:
+                    continue  # an unpack in progress
                 if entry.name.startswith(".tmp-") or entry.name not in keep_hex:
                     shutil.rmtree(entry, ignore_errors=True)
                     if not entry.name.startswith(".tmp-"):
@@ -273,3 +361,25 @@ def tree_size(path: Path) -> int:
             ):
                 total += st.st_size
     return total
+
+
+def _make_ext4_image(path: Path, size_bytes: int) -> None:
+    """A sparse file with an ext4 filesystem (no journal: it is a scratch layer)."""
+    with open(path, "wb") as fh:
+        fh.truncate(size_bytes)
+    subprocess.run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,nodiscard",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+    )

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
+import stat
 import subprocess
+import tarfile
+from pathlib import Path
 
 import pytest
 
 from runtime_agent.agent import Agent
 from runtime_agent.errors import AlreadyExists, InvalidArgument
 from runtime_agent.images.bootstrap import bootstrap_busybox
+from runtime_agent.images.media import OCI_LAYER
 from runtime_agent.snapshots.mount import is_mounted, mounts_under
 
 pytestmark = pytest.mark.privileged
@@ -108,3 +115,140 @@ def test_gc_keeps_layers_of_images_and_snapshots(agent: Agent) -> None:
         assert not mounts_under(agent.config.root)
     finally:
         agent.snapshots.remove("live")
+
+
+def _layer_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_deep_image_beyond_mount_option_page(agent: Agent) -> None:
+    """150 layers: their lowerdir list is far beyond the 4 KiB mount(2) option page."""
+    descs = []
+    for i in range(150):
+        data = _layer_bytes({f"layer{i:03d}": str(i).encode(), "top": str(i).encode()})
+        descs.append(
+            {"mediaType": OCI_LAYER, "digest": agent.content.write_bytes(data), "size": len(data)}
+        )
+    image = agent.images.commit("acme", "deep", {}, descs)
+    total = sum(len(str(agent.snapshots.layer_path(c))) + 1 for c in image.chain_ids)
+    assert total > 4096
+    try:
+        rootfs = agent.snapshots.prepare("deep", image)
+        names = os.listdir(rootfs)
+        assert len([n for n in names if n.startswith("layer")]) == 150
+        assert (rootfs / "top").read_text() == "149"  # the top layer wins
+        assert (rootfs / "layer000").read_text() == "0"
+    finally:
+        agent.snapshots.remove("deep")
+    assert not mounts_under(agent.config.root)
+
+
+def test_diff_round_trips_changes_as_a_layer(agent: Agent) -> None:
+    base = bootstrap_busybox(agent)
+    try:
+        rootfs = agent.snapshots.prepare("build", base)
+        script = (
+            "mkdir -p /app/sub && echo hello > /app/sub/f && ln /app/sub/f /app/hard"
+            " && ln -s sub/f /app/soft && chmod 4750 /app/sub/f && chown 1000:1000 /app/sub"
+            " && rm /bin/ls && rm -rf /etc && mkdir /etc && echo only > /etc/only"
+            " && touch -t 200102030405.06 /app/sub/f"
+        )
+        out = _sh(rootfs, script)
+        assert out.returncode == 0, out.stderr
+        layer = agent.snapshots.diff("build")
+    finally:
+        agent.snapshots.remove("build")
+    with tarfile.open(fileobj=agent.content.open(layer["digest"])) as tar:
+        names = tar.getnames()
+        assert "bin/.wh.ls" in names
+        assert "etc/.wh..wh..opq" in names
+        f = tar.getmember("app/sub/f")
+        assert f.mode == 0o4750
+        assert f.mtime == 981173106
+        assert tar.getmember("app/hard").islnk() or tar.getmember("app/sub/f").islnk()
+        assert tar.getmember("app/soft").linkname == "sub/f"
+        assert tar.getmember("app/sub").uid == 1000
+    assert layer["digest"] == agent.images.diff_id(layer)
+    child = agent.images.commit(
+        "acme", "child", {"config": base.container_config}, [*base.layers, layer]
+    )
+    try:
+        rootfs = agent.snapshots.prepare("run", child)
+        assert (rootfs / "app" / "sub" / "f").read_text() == "hello\n"
+        assert (rootfs / "app" / "hard").read_text() == "hello\n"
+        assert not (rootfs / "bin" / "ls").exists()
+        assert (rootfs / "bin" / "sh").exists()
+        assert sorted(os.listdir(rootfs / "etc")) == ["only"]
+        assert os.stat(rootfs / "app" / "sub").st_uid == 1000
+        st = os.stat(rootfs / "app" / "sub" / "f")
+        assert stat.S_IMODE(st.st_mode) == 0o4750
+        assert int(st.st_mtime) == 981173106
+    finally:
+        agent.snapshots.remove("run")
+
+
+def test_diff_of_identical_changes_is_reproducible(agent: Agent) -> None:
+    base = bootstrap_busybox(agent)
+    digests = []
+    for key in ("one", "two"):
+        try:
+            rootfs = agent.snapshots.prepare(key, base)
+            assert (
+                _sh(rootfs, "mkdir /a && echo x > /a/b && touch -t 202001010000 /a/b /a").returncode
+                == 0
+            )
+            digests.append(agent.snapshots.diff(key)["digest"])
+        finally:
+            agent.snapshots.remove(key)
+    assert digests[0] == digests[1]
+
+
+def test_sized_writable_layer_is_a_hard_limit_on_its_own_device(agent: Agent) -> None:
+    image = bootstrap_busybox(agent)
+    try:
+        rootfs = agent.snapshots.prepare("small", image, size_bytes=16 << 20)
+        with pytest.raises(OSError) as excinfo, open(rootfs / "fill", "wb") as fh:
+            for _ in range(32):
+                fh.write(b"x" * (1 << 20))
+                fh.flush()
+        assert excinfo.value.errno == errno.ENOSPC
+        assert agent.snapshots.usage("small") < 16 << 20
+        device = agent.snapshots.device("small")
+        assert device is not None and device.startswith("7:")  # a loop device
+        assert (rootfs / "bin" / "busybox").exists()
+        # Writes of the container go to that device.
+        loop_file = Path(f"/sys/dev/block/{device}/loop/backing_file").read_text().strip()
+        assert loop_file.startswith(str(agent.config.root))
+    finally:
+        agent.snapshots.remove("small")
+    assert not mounts_under(agent.config.root)
+    losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(agent.config.root) not in losetup
+
+
+def test_default_device_is_the_disk_under_the_state_dir(agent: Agent) -> None:
+    image = bootstrap_busybox(agent)
+    try:
+        agent.snapshots.prepare("plain", image)
+        device = agent.snapshots.device("plain")
+        st = os.stat(agent.config.root)
+        if device is not None:
+            assert Path(f"/sys/dev/block/{device}").exists()
+            assert not Path(f"/sys/dev/block/{device}/partition").exists()
+            assert device.split(":")[0] == str(os.major(st.st_dev))
+    finally:
+        agent.snapshots.remove("plain")
+
+
+def test_sized_layer_too_small_is_invalid(agent: Agent) -> None:
+    image = bootstrap_busybox(agent)
+    with pytest.raises(InvalidArgument):
+        agent.snapshots.prepare("tiny", image, size_bytes=1024)
+    assert agent.snapshots.list() == []

@@ -1,0 +1,269 @@
+"""Layer unpacking: hostile tarballs are refused or neutralised; metadata is kept.
+
+These run the unpacker on plain directories (root needed for chown, mknod and trusted
+xattrs), then check what a container would see through a real overlay mount.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from runtime_agent.agent import Agent
+from runtime_agent.errors import InvalidArchive
+from runtime_agent.images.media import OCI_LAYER
+from runtime_agent.snapshots.unpack import unpack_layer
+
+pytestmark = pytest.mark.privileged
+
+
+def entry(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **attrs: object) -> tuple:
+    return (name, kind, data, attrs)
+
+
+def make_tar(*entries: tuple) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, data, attrs in entries:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.mode = int(attrs.get("mode", 0o755 if kind == tarfile.DIRTYPE else 0o644))
+            info.mtime = int(attrs.get("mtime", 1_600_000_000))
+            info.uid = int(attrs.get("uid", 0))
+            info.gid = int(attrs.get("gid", 0))
+            info.linkname = str(attrs.get("linkname", ""))
+            info.devmajor = int(attrs.get("devmajor", 0))
+            info.devminor = int(attrs.get("devminor", 0))
+            info.pax_headers = dict(attrs.get("pax", {}))  # type: ignore[arg-type]
+            if kind == tarfile.REGTYPE:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+def unpack(tmp_path: Path, data: bytes) -> Path:
+    n = len(list(tmp_path.glob("layer*")))
+    dest = tmp_path / f"layer{n}"
+    dest.mkdir()
+    unpack_layer(io.BytesIO(data), dest)
+    return dest
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    victim = tmp_path / "outside"
+    victim.mkdir()
+    (victim / "file").write_text("original")
+    return victim
+
+
+def test_dotdot_escape_is_refused(tmp_path: Path, outside: Path) -> None:
+    data = make_tar(entry("a/../../outside/file", data=b"pwned"))
+    with pytest.raises(InvalidArchive, match="outside the layer"):
+        unpack(tmp_path, data)
+    assert (outside / "file").read_text() == "original"
+
+
+def test_inner_dotdot_is_cleaned(tmp_path: Path) -> None:
+    dest = unpack(tmp_path, make_tar(entry("a/b/../c", data=b"ok")))
+    assert (dest / "a" / "c").read_text() == "ok"
+
+
+def test_absolute_paths_stay_inside(tmp_path: Path) -> None:
+    target = tmp_path / "abs-target"
+    dest = unpack(tmp_path, make_tar(entry(str(target), data=b"inside")))
+    assert not target.exists()
+    assert (dest / str(target).lstrip("/")).read_text() == "inside"
+
+
+def test_write_through_symlink_is_refused(tmp_path: Path, outside: Path) -> None:
+    data = make_tar(
+        entry("evil", tarfile.SYMTYPE, linkname=str(outside)),
+        entry("evil/file", data=b"pwned"),
+    )
+    with pytest.raises(InvalidArchive, match="symlink"):
+        unpack(tmp_path, data)
+    assert (outside / "file").read_text() == "original"
+
+
+def test_relative_symlink_escape_is_refused(tmp_path: Path, outside: Path) -> None:
+    data = make_tar(
+        entry("d", tarfile.DIRTYPE),
+        entry("d/up", tarfile.SYMTYPE, linkname="../../outside"),
+        entry("d/up/file", data=b"pwned"),
+    )
+    with pytest.raises(InvalidArchive):
+        unpack(tmp_path, data)
+    assert (outside / "file").read_text() == "original"
+
+
+def test_symlink_then_overwrite_does_not_follow(tmp_path: Path, outside: Path) -> None:
+    """A file entry replacing a symlink replaces the link, never writes its target."""
+    dest = unpack(
+        tmp_path,
+        make_tar(
+            entry("link", tarfile.SYMTYPE, linkname=str(outside / "file")),
+            entry("link", data=b"replaced"),
+        ),
+    )
+    assert (outside / "file").read_text() == "original"
+    assert not (dest / "link").is_symlink()
+    assert (dest / "link").read_text() == "replaced"
+
+
+def test_symlinks_are_kept_as_links(tmp_path: Path) -> None:
+    dest = unpack(tmp_path, make_tar(entry("etc-link", tarfile.SYMTYPE, linkname="/etc/shadow")))
+    assert os.readlink(dest / "etc-link") == "/etc/shadow"
+
+
+def test_hardlink_escape_is_refused(tmp_path: Path, outside: Path) -> None:
+    data = make_tar(entry("h", tarfile.LNKTYPE, linkname="../outside/file"))
+    with pytest.raises(InvalidArchive):
+        unpack(tmp_path, data)
+    data = make_tar(entry("h", tarfile.LNKTYPE, linkname=str(outside / "file")))
+    with pytest.raises(InvalidArchive):
+        unpack(tmp_path, data)
+    assert os.stat(outside / "file").st_nlink == 1
+
+
+def test_hardlink_through_symlink_is_refused(tmp_path: Path, outside: Path) -> None:
+    data = make_tar(
+        entry("s", tarfile.SYMTYPE, linkname=str(outside)),
+        entry("h", tarfile.LNKTYPE, linkname="s/file"),
+    )
+    with pytest.raises(InvalidArchive):
+        unpack(tmp_path, data)
+    assert os.stat(outside / "file").st_nlink == 1
+
+
+def test_hardlinks_inside_layer_work(tmp_path: Path) -> None:
+    dest = unpack(
+        tmp_path, make_tar(entry("a", data=b"x"), entry("b", tarfile.LNKTYPE, linkname="a"))
+    )
+    assert os.stat(dest / "a").st_ino == os.stat(dest / "b").st_ino
+
+
+def test_device_nodes_are_skipped(tmp_path: Path) -> None:
+    dest = unpack(
+        tmp_path,
+        make_tar(
+            entry("dev", tarfile.DIRTYPE),
+            entry("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0),
+            entry("dev/mem", tarfile.CHRTYPE, devmajor=1, devminor=1),
+            entry("fifo", tarfile.FIFOTYPE),
+        ),
+    )
+    assert not (dest / "dev" / "sda").exists()
+    assert not (dest / "dev" / "mem").exists()
+    assert stat.S_ISFIFO(os.lstat(dest / "fifo").st_mode)
+
+
+def test_modes_owners_times_xattrs_kept(tmp_path: Path) -> None:
+    dest = unpack(
+        tmp_path,
+        make_tar(
+            entry("bin", tarfile.DIRTYPE, mtime=1_500_000_000, mode=0o711),
+            entry("bin/su", data=b"#!", mode=0o4755, uid=0, gid=0),
+            entry("home", tarfile.DIRTYPE),
+            entry("home/u", data=b"mine", mode=0o600, uid=1000, gid=1001, mtime=1_400_000_000),
+            entry("cap", data=b"c", pax={"SCHILY.xattr.user.note": "hello"}),
+            entry("forged", data=b"f", pax={"SCHILY.xattr.trusted.overlay.opaque": "y"}),
+        ),
+    )
+    su = os.stat(dest / "bin" / "su")
+    assert stat.S_IMODE(su.st_mode) == 0o4755  # kept, as docker does
+    u = os.stat(dest / "home" / "u")
+    assert (u.st_uid, u.st_gid, stat.S_IMODE(u.st_mode)) == (1000, 1001, 0o600)
+    assert int(u.st_mtime) == 1_400_000_000
+    b = os.stat(dest / "bin")
+    assert stat.S_IMODE(b.st_mode) == 0o711
+    assert int(b.st_mtime) == 1_500_000_000  # set after its children were written
+    assert os.getxattr(dest / "cap", "user.note") == b"hello"
+    assert "trusted.overlay.opaque" not in os.listxattr(dest / "forged")
+
+
+def test_whiteouts_become_overlay_whiteouts(tmp_path: Path) -> None:
+    dest = unpack(
+        tmp_path,
+        make_tar(
+            entry("etc", tarfile.DIRTYPE),
+            entry("etc/.wh.passwd"),
+            entry("opt", tarfile.DIRTYPE),
+            entry("opt/.wh..wh..opq"),
+            entry("opt/new", data=b"n"),
+        ),
+    )
+    st = os.lstat(dest / "etc" / "passwd")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert not (dest / "etc" / ".wh.passwd").exists()
+    assert os.getxattr(dest / "opt", "trusted.overlay.opaque") == b"y"
+    assert (dest / "opt" / "new").read_text() == "n"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x00" * 100 + b"garbage" * 200, make_tar(entry("big", data=b"x" * 5000))[:1200]],
+    ids=["garbage", "truncated"],
+)
+def test_corrupt_tar_is_invalid_archive(tmp_path: Path, data: bytes) -> None:
+    with pytest.raises(InvalidArchive):
+        unpack(tmp_path, data)
+
+
+def _image(agent: Agent, *layers: bytes, ref: str = "img"):
+    descs = []
+    for data in layers:
+        digest = agent.content.write_bytes(data)
+        descs.append({"mediaType": OCI_LAYER, "digest": digest, "size": len(data)})
+    return agent.images.commit("acme", ref, {}, descs)
+
+
+def test_hostile_layer_leaves_no_snapshot_state(agent: Agent, outside: Path) -> None:
+    image = _image(agent, make_tar(entry("x/../../../outside/file", data=b"pwned")))
+    with pytest.raises(InvalidArchive):
+        agent.snapshots.prepare("c", image)
+    assert (outside / "file").read_text() == "original"
+    assert agent.snapshots.list() == []
+    assert [p.name for p in agent.snapshots.layers_dir.iterdir()] == []
+
+
+def test_whiteouts_hide_lower_files_in_the_mount(agent: Agent) -> None:
+    base = make_tar(
+        entry("etc", tarfile.DIRTYPE),
+        entry("etc/passwd", data=b"root"),
+        entry("etc/hosts", data=b"h"),
+        entry("opt", tarfile.DIRTYPE),
+        entry("opt/old", data=b"o"),
+    )
+    top = make_tar(
+        entry("etc", tarfile.DIRTYPE),
+        entry("etc/.wh.passwd"),
+        entry("opt", tarfile.DIRTYPE),
+        entry("opt/.wh..wh..opq"),
+        entry("opt/new", data=b"n"),
+    )
+    image = _image(agent, base, top)
+    try:
+        root = agent.snapshots.prepare("c", image)
+        assert sorted(os.listdir(root / "etc")) == ["hosts"]
+        assert sorted(os.listdir(root / "opt")) == ["new"]
+    finally:
+        agent.snapshots.remove("c")
+
+
+def test_layer_not_matching_its_diff_id_is_refused(agent: Agent) -> None:
+    image = _image(agent, make_tar(entry("a", data=b"1")))
+    # Tamper with the blob on disk behind the store's back.
+    path = agent.content.path(image.layers[0]["digest"])
+    os.chmod(path, 0o644)
+    path.write_bytes(make_tar(entry("a", data=b"2")))
+    with pytest.raises(Exception, match="unpacks to"):
+        agent.snapshots.prepare("c", image)
+    assert agent.snapshots.list() == []
