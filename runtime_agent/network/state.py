@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,7 @@ class State:
     next_bridge: int = 1
     networks: dict[str, NetworkRecord] = field(default_factory=dict)  # id -> record
     endpoints: dict[str, EndpointRecord] = field(default_factory=dict)  # container id -> record
+    saved_text: str = field(default="", compare=False, repr=False)  # as last read or written
 
     def network(self, tenant: str, name: str) -> NetworkRecord | None:
         for record in self.networks.values():
@@ -96,11 +97,18 @@ class State:
         return None
 
     def to_json(self) -> dict[str, Any]:
+        # Hand-written rather than dataclasses.asdict: this runs on every container start.
+        endpoints = {}
+        for key, e in self.endpoints.items():
+            raw = dict(vars(e))
+            raw["interfaces"] = [dict(vars(i)) for i in e.interfaces]
+            raw["ports"] = [dict(vars(p)) for p in e.ports]
+            endpoints[key] = raw
         return {
             "version": STATE_VERSION,
             "next_bridge": self.next_bridge,
-            "networks": {k: asdict(v) for k, v in self.networks.items()},
-            "endpoints": {k: asdict(v) for k, v in self.endpoints.items()},
+            "networks": {k: dict(vars(v)) for k, v in self.networks.items()},
+            "endpoints": endpoints,
         }
 
     @classmethod
@@ -131,39 +139,59 @@ class StateStore:
     def load(self) -> State:
         """A snapshot of the state (no lock: the file is only ever replaced atomically)."""
         try:
-            data = json.loads(self.path.read_text())
+            text = self.path.read_text()
         except FileNotFoundError:
             return State()
-        return State.from_json(data)
+        state = State.from_json(json.loads(text))
+        state.saved_text = text
+        return state
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[State]:
-        """Hold the lock, yield the current state; save it if the block ends normally."""
+    def locked(self, *, durable: bool = True) -> Iterator[State]:
+        """Hold the lock, yield the current state; save it if the block ends normally.
+
+        Nothing is written when the state is unchanged since it was loaded or last saved.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             state = self.load()
             yield state
-            self.save(state)
+            if _dumps(state) != state.saved_text:
+                self.save(state, durable=durable)
         finally:
             os.close(fd)
 
-    def save(self, state: State) -> None:
+    def save(self, state: State, *, durable: bool = True) -> None:
+        """Replace the state file atomically (temp file, rename).
+
+        ``durable`` adds the fsyncs that make it survive a power loss. Endpoints don't
+        need them: a power loss is a reboot, after which every netns is gone and
+        ``recover()`` releases their addresses anyway; networks (subnets) do.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
+        text = _dumps(state)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".state-", suffix=".json")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(state.to_json(), f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
+                f.write(text)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.rename(tmp, self.path)
+            state.saved_text = text
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        dirfd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        if durable:
+            dirfd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+
+
+def _dumps(state: State) -> str:
+    return json.dumps(state.to_json(), sort_keys=True)
