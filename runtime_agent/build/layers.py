@@ -1,0 +1,321 @@
+"""Layer tars written directly by the builder, and a read-only view of an image's tree.
+
+COPY, ADD and WORKDIR don't need a container: the builder writes their layer as a tar
+straight into the content store (uncompressed, PAX), which needs no mounts and no root.
+To decide where a file lands (is the destination an existing directory?) and to resolve
+``--chown user:group`` names, ``FsIndex`` replays the image's layer tars (whiteouts
+included) into a map of path -> entry metadata, without unpacking anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import posixpath
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from runtime_agent.content.store import ContentStore
+from runtime_agent.errors import InvalidArgument, NotFound
+from runtime_agent.images import media
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+LAYER_MEDIA_TYPE = media.OCI_LAYER
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str  # "dir", "file", "symlink", "other"
+    mode: int
+    uid: int
+    gid: int
+    linkname: str = ""
+    layer: str = ""  # digest of the layer holding a regular file's content
+    member: str = ""  # its member name there
+
+
+def _clean(name: str) -> str:
+    return posixpath.normpath("/" + name.lstrip("/"))
+
+
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.isdir():
+        return "dir"
+    if info.issym():
+        return "symlink"
+    if info.isfile() or info.islnk():
+        return "file"
+    return "other"
+
+
+class FsIndex:
+    """Path -> metadata for an image's merged tree (what a container would see)."""
+
+    def __init__(self, entries: dict[str, Entry] | None = None) -> None:
+        self.entries: dict[str, Entry] = (
+            entries if entries is not None else {"/": Entry("dir", 0o755, 0, 0)}
+        )
+
+    def copy(self) -> FsIndex:
+        return FsIndex(dict(self.entries))
+
+    def apply_layer(self, content: ContentStore, digest: str) -> None:
+        with (
+            content.open(digest) as raw,
+            media.open_uncompressed(raw) as stream,
+            tarfile.open(fileobj=stream, mode="r|") as tar,
+        ):
+            for info in tar:
+                path = _clean(info.name)
+                parent, base = posixpath.split(path)
+                if base == OPAQUE:
+                    prefix = parent.rstrip("/") + "/"
+                    for key in [k for k in self.entries if k.startswith(prefix)]:
+                        del self.entries[key]
+                    continue
+                if base.startswith(WHITEOUT):
+                    gone = posixpath.join(parent, base[len(WHITEOUT) :])
+                    self._remove_tree(gone)
+                    continue
+                if info.islnk():
+                    target = self.entries.get(_clean(info.linkname))
+                    if target is not None:
+                        self.entries[path] = target
+                        continue
+                kind = _kind(info)
+                if kind != "dir" and path in self.entries:
+                    self._remove_tree(path)
+                self.entries[path] = Entry(
+                    kind,
+                    info.mode & 0o7777,
+                    info.uid,
+                    info.gid,
+                    info.linkname if info.issym() else "",
+                    digest if kind == "file" else "",
+                    info.name if kind == "file" else "",
+                )
+
+    def _remove_tree(self, path: str) -> None:
+        self.entries.pop(path, None)
+        prefix = path.rstrip("/") + "/"
+        for key in [k for k in self.entries if k.startswith(prefix)]:
+            del self.entries[key]
+
+    def resolve(self, path: str, *, follow_last: bool = True, depth: int = 0) -> str:
+        """``path`` with symlinks in it resolved inside the image (never escaping /)."""
+        if depth > 40:
+            raise InvalidArgument(f"too many levels of symbolic links resolving {path}")
+        parts = [p for p in _clean(path).split("/") if p]
+        current = "/"
+        for i, part in enumerate(parts):
+            candidate = posixpath.join(current, part)
+            entry = self.entries.get(candidate)
+            last = i == len(parts) - 1
+            if entry is not None and entry.kind == "symlink" and (follow_last or not last):
+                target = entry.linkname
+                joined = target if target.startswith("/") else posixpath.join(current, target)
+                rest = "/".join(parts[i + 1 :])
+                return self.resolve(
+                    posixpath.join(joined, rest) if rest else joined,
+                    follow_last=follow_last,
+                    depth=depth + 1,
+                )
+            current = candidate
+        return _clean(current)
+
+    def get(self, path: str) -> Entry | None:
+        return self.entries.get(self.resolve(path))
+
+    def is_dir(self, path: str) -> bool:
+        entry = self.get(path)
+        return entry is not None and entry.kind == "dir"
+
+    def read_file(self, content: ContentStore, path: str) -> bytes | None:
+        entry = self.get(path)
+        if entry is None or entry.kind != "file":
+            return None
+        with (
+            content.open(entry.layer) as raw,
+            media.open_uncompressed(raw) as stream,
+            tarfile.open(fileobj=stream, mode="r|") as tar,
+        ):
+            for info in tar:
+                if info.name == entry.member:
+                    fh = tar.extractfile(info)
+                    if fh is None:
+                        return None
+                    return fh.read()
+        return None
+
+
+def lookup_ids(
+    index: FsIndex, content: ContentStore, spec: str, *, where: str = "--chown"
+) -> tuple[int, int]:
+    """``user[:group]`` (names or numbers) -> (uid, gid) using the image's passwd/group."""
+    user, _, group = spec.partition(":")
+    if not user:
+        raise InvalidArgument(f"{where}: empty user in {spec!r}")
+
+    def table(path: str) -> dict[str, list[str]]:
+        data = index.read_file(content, path)
+        rows: dict[str, list[str]] = {}
+        for line in (data or b"").decode(errors="replace").splitlines():
+            fields = line.split(":")
+            if len(fields) >= 3 and fields[0]:
+                rows[fields[0]] = fields
+        return rows
+
+    passwd: dict[str, list[str]] | None = None
+    if user.isdigit():
+        uid = int(user)
+        primary_gid = uid
+        if not group:
+            passwd = table("/etc/passwd")
+            for fields in passwd.values():
+                if fields[2] == user and len(fields) > 3 and fields[3].isdigit():
+                    primary_gid = int(fields[3])
+                    break
+    else:
+        passwd = table("/etc/passwd")
+        if user not in passwd:
+            raise NotFound(
+                f"{where}: unable to find user {user}: no matching entries in passwd file"
+            )
+        uid = int(passwd[user][2])
+        primary_gid = int(passwd[user][3]) if len(passwd[user]) > 3 else uid
+    if not group:
+        return uid, primary_gid
+    if group.isdigit():
+        return uid, int(group)
+    groups = table("/etc/group")
+    if group not in groups:
+        raise NotFound(f"{where}: unable to find group {group}: no matching entries in group file")
+    return uid, int(groups[group][2])
+
+
+class LayerWriter:
+    """Builds one layer tar into the content store; parent directories come first."""
+
+    def __init__(self, content: ContentStore, index: FsIndex, mtime: float) -> None:
+        self.content = content
+        self.index = index
+        self.mtime = mtime
+        self._writer = content.writer()
+        self._tar = tarfile.open(fileobj=self._writer, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
+        self._written: set[str] = set()
+        self.count = 0
+
+    def ensure_parents(self, path: str, uid: int = 0, gid: int = 0) -> None:
+        """Write entries for the directories above ``path``: existing ones keep their
+        metadata (as an overlay diff would show them), missing ones are created 0755."""
+        parts = [p for p in _clean(path).split("/") if p][:-1]
+        current = "/"
+        for part in parts:
+            current = self.index.resolve(posixpath.join(current, part))
+            if current in self._written:
+                continue
+            entry = self.index.entries.get(current)
+            if entry is not None and entry.kind != "dir":
+                raise InvalidArgument(f"cannot create {path}: {current} is not a directory")
+            if entry is None:
+                self.add_dir(current, 0o755, uid, gid)
+            else:
+                self.add_dir(current, entry.mode, entry.uid, entry.gid, record=False)
+
+    def _info(self, path: str, kind: bytes, mode: int, uid: int, gid: int) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(_clean(path).lstrip("/") or ".")
+        info.type = kind
+        info.mode = mode
+        info.uid, info.gid = uid, gid
+        info.uname = info.gname = ""
+        info.mtime = self.mtime
+        return info
+
+    def add_dir(
+        self,
+        path: str,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        mtime: float | None = None,
+        record: bool = True,
+    ) -> None:
+        path = _clean(path)
+        if path == "/":
+            return
+        info = self._info(path + "/", tarfile.DIRTYPE, mode, uid, gid)
+        if mtime is not None:
+            info.mtime = mtime
+        self._add(path, info, None, "dir", record)
+
+    def add_file(
+        self,
+        path: str,
+        data: io.BufferedIOBase | io.BytesIO | Any,
+        size: int,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        mtime: float | None = None,
+    ) -> None:
+        info = self._info(path, tarfile.REGTYPE, mode, uid, gid)
+        info.size = size
+        if mtime is not None:
+            info.mtime = mtime
+        self._add(_clean(path), info, data, "file", True)
+
+    def add_symlink(
+        self, path: str, target: str, uid: int, gid: int, *, mtime: float | None = None
+    ) -> None:
+        info = self._info(path, tarfile.SYMTYPE, 0o777, uid, gid)
+        info.linkname = target
+        if mtime is not None:
+            info.mtime = mtime
+        self._add(_clean(path), info, None, "symlink", True)
+
+    def add_whiteout(self, path: str) -> None:
+        parent, base = posixpath.split(_clean(path))
+        info = self._info(posixpath.join(parent, WHITEOUT + base), tarfile.REGTYPE, 0o644, 0, 0)
+        self._tar.addfile(info, io.BytesIO(b""))
+        self.index._remove_tree(_clean(path))
+        self.count += 1
+
+    def _add(self, path: str, info: tarfile.TarInfo, data: Any, kind: str, record: bool) -> None:
+        existing = self.index.entries.get(path)
+        if existing is not None and (kind != "dir" or existing.kind != "dir"):
+            if existing.kind == "dir" and kind != "dir":
+                raise InvalidArgument(f"cannot replace directory {path} with a {kind}")
+            self.index._remove_tree(path)
+        self._tar.addfile(info, data)
+        self._written.add(path)
+        self.count += 1
+        if record or path not in self.index.entries:
+            self.index.entries[path] = Entry(
+                kind, info.mode, info.uid, info.gid, info.linkname, "", ""
+            )
+
+    def commit(self) -> dict[str, Any] | None:
+        """Publish the layer; ``None`` if nothing was written (docker's empty layer)."""
+        self._tar.close()
+        if self.count == 0:
+            self._writer.abort()
+            return None
+        digest, size = self._writer.commit()
+        return {"mediaType": LAYER_MEDIA_TYPE, "digest": digest, "size": size}
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._tar.close()
+        self._writer.abort()
+
+
+def index_for(content: ContentStore, layers: Iterable[dict[str, Any]]) -> FsIndex:
+    index = FsIndex()
+    for layer in layers:
+        index.apply_layer(content, layer["digest"])
+    return index
