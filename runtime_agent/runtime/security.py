@@ -24,16 +24,21 @@ tenant's container is denied lives here:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import re
-from collections.abc import Iterable, Iterator
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime_agent.errors import AgentError, InvalidArgument, ResourceExhausted
 from runtime_agent.runtime import seccomp
+
+if TYPE_CHECKING:
+    from runtime_agent.snapshots.snapshotter import Snapshotter
 
 DEFAULT_CAPABILITIES: tuple[str, ...] = (
     "CAP_CHOWN",
@@ -425,3 +430,212 @@ def capability_mask(caps: Iterable[str]) -> int:
     for cap in caps:
         mask |= 1 << CAPABILITY_BITS[cap]
     return mask
+
+
+# --- idmapped mounts: a user-namespaced container's view of unshifted files ---------------
+#
+# Shared image layers and the upper dir stay owned by host root on disk (so layers are
+# shared between tenants and Snapshotter.diff works unchanged). The container instead sees
+# them through idmapped mounts (Linux 5.12+), where on-disk id n appears as
+# ids.start + n. overlayfs itself cannot be idmapped (EINVAL), but since 5.19 it accepts
+# idmapped layers, so each lower and the upper/work parent are idmapped and a fresh
+# overlay is mounted over those. overlayfs takes private clones of its layers, so the
+# helper mounts are detached right after and nothing extra stays in the mount table.
+#
+# overlayfs creates its work dir and does copy-ups with the mounter's (host root's)
+# credentials, which an idmapping of just 0..65535 cannot represent (EOVERFLOW, the
+# overlay falls back to read-only). So the mount's user namespace also maps host root to
+# on-disk id 65536, an id nothing in the container can own: only overlayfs's internal
+# work/work directory ends up with it.
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
+_OPEN_TREE_CLONE = 0x1
+_OPEN_TREE_CLOEXEC = 0o2000000
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_AT_RECURSIVE = 0x8000
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOUNT_ATTR_IDMAP = 0x00100000
+_MNT_DETACH = 2
+_CLONE_NEWUSER = 0x10000000
+
+
+class IdmapError(AgentError):
+    """An idmapped mount could not be made (kernel or filesystem without support)."""
+
+    code = "idmap_failed"
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _syscall_check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise IdmapError(f"{what} failed: {os.strerror(err)}", errno=err)
+    return result
+
+
+@contextlib.contextmanager
+def _userns_fd(ids: IdRange) -> Iterator[int]:
+    """An fd of a throw-away user namespace mapping on-disk 0..size-1 to the tenant's range
+    (and on-disk ``size`` to host root, for overlayfs's own work files)."""
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: enter a new user namespace and wait to be mapped and opened
+        try:
+            os.close(ready_r)
+            os.close(done_w)
+            ok = _libc.unshare(_CLONE_NEWUSER) == 0
+            os.write(ready_w, b"1" if ok else b"0")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    fd = -1
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise IdmapError("cannot create a user namespace for an idmapped mount")
+        mapping = f"0 {ids.start} {ids.size}\n{ids.size} 0 1\n"
+        Path(f"/proc/{pid}/uid_map").write_text(mapping)
+        Path(f"/proc/{pid}/setgroups").write_text("deny")
+        Path(f"/proc/{pid}/gid_map").write_text(mapping)
+        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.write(done_w, b"x")
+        os.close(done_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def idmapped_bind(source: Path, target: Path, ids: IdRange) -> None:
+    """Bind ``source`` at ``target`` (recursively) with on-disk id n shown as start + n."""
+    with _userns_fd(ids) as ns_fd:
+        tree = _syscall_check(
+            _libc.syscall(
+                _SYS_OPEN_TREE,
+                ctypes.c_int(_AT_FDCWD),
+                str(source).encode(),
+                ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_RECURSIVE),
+            ),
+            f"cloning {source}",
+        )
+        try:
+            attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, ns_fd)
+            _syscall_check(
+                _libc.syscall(
+                    _SYS_MOUNT_SETATTR,
+                    ctypes.c_int(tree),
+                    b"",
+                    ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
+                    ctypes.byref(attr),
+                    ctypes.c_size_t(ctypes.sizeof(attr)),
+                ),
+                f"idmapping {source}",
+            )
+            _syscall_check(
+                _libc.syscall(
+                    _SYS_MOVE_MOUNT,
+                    ctypes.c_int(tree),
+                    b"",
+                    ctypes.c_int(_AT_FDCWD),
+                    str(target).encode(),
+                    ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
+                ),
+                f"attaching the idmapped {source} at {target}",
+            )
+        finally:
+            os.close(tree)
+
+
+def _detach(target: Path) -> None:
+    _libc.umount2(str(target).encode(), _MNT_DETACH)
+
+
+def mount_idmapped_overlay(
+    lowers: Sequence[Path],
+    upper: Path | None,
+    work: Path | None,
+    target: Path,
+    ids: IdRange,
+    scratch_root: Path,
+) -> None:
+    """Mount an overlay at ``target`` whose layers are idmapped for ``ids``.
+
+    ``upper`` and ``work`` must share a parent (one mount is idmapped for both). Helper
+    mounts live briefly under ``scratch_root`` and are detached before returning, on
+    failure too.
+    """
+    from runtime_agent.snapshots.mount import mount_overlay
+
+    if (upper is None) != (work is None) or (upper and work and upper.parent != work.parent):
+        raise InvalidArgument("upper and work dirs must be given together, in one parent")
+    scratch = scratch_root / f"idmap-{secrets.token_hex(6)}"
+    scratch.mkdir(parents=True)
+    attached: list[Path] = []
+    try:
+        mapped_lowers = []
+        for index, lower in enumerate(lowers):
+            point = scratch / f"l{index}"
+            point.mkdir()
+            idmapped_bind(lower, point, ids)
+            attached.append(point)
+            mapped_lowers.append(point)
+        mapped_upper = mapped_work = None
+        if upper is not None and work is not None:
+            point = scratch / "rw"
+            point.mkdir()
+            idmapped_bind(upper.parent, point, ids)
+            attached.append(point)
+            mapped_upper, mapped_work = point / upper.name, point / work.name
+        mount_overlay(mapped_lowers, mapped_upper, mapped_work, target)
+    finally:
+        for point in reversed(attached):
+            _detach(point)
+        for point in attached:
+            with contextlib.suppress(OSError):
+                point.rmdir()
+        with contextlib.suppress(OSError):
+            scratch.rmdir()
+
+
+def idmap_snapshot(snapshotter: Snapshotter, key: str, ids: IdRange, scratch_root: Path) -> Path:
+    """Re-mount a prepared snapshot's rootfs so a user-namespaced container owns it.
+
+    The snapshot's plain overlay is replaced in place by one over idmapped layers; on disk
+    nothing changes, so the layers stay shared and ``diff`` still sees real ids. Call it
+    after every ``prepare`` of a user-namespaced container (prepare re-mounts plainly
+    after a reboot). Returns the rootfs path.
+    """
+    from runtime_agent.snapshots.mount import unmount
+
+    info = snapshotter.get(key)
+    lowers = [snapshotter.layer_path(chain_id) for chain_id in reversed(info.chain_ids)]
+    if not lowers:
+        lowers = [snapshotter.empty_dir]
+    upper: Path | None = info.upper
+    work: Path | None = info.upper.parent / "work"
+    if not info.upper.is_dir():  # a read-only snapshot: lowers only
+        upper = work = None
+        if len(lowers) == 1:
+            lowers = [*lowers, snapshotter.empty_dir]
+    unmount(info.path)
+    mount_idmapped_overlay(lowers, upper, work, info.path, ids, scratch_root)
+    ensure_traversable(info.path)
+    return info.path

@@ -1,0 +1,157 @@
+"""User-namespace mode: per-tenant host id ranges, and a real container whose root is an
+unprivileged host uid, running on the shared (unshifted) image layers through idmapped
+mounts, with a named volume idmapped the same way."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from runtime_agent.agent import Agent
+from runtime_agent.errors import InvalidArgument
+from runtime_agent.runtime.security import (
+    RANGE_SIZE,
+    IdRange,
+    IdRangeAllocator,
+    apply_security_defaults,
+    ensure_traversable,
+    idmap_snapshot,
+    idmapped_bind,
+)
+
+
+def test_allocator_gives_each_tenant_its_own_persistent_range(tmp_path: Path) -> None:
+    host_subuid = tmp_path / "subuid"
+    # The host already delegates 1000000..1065535 to a user: never hand that out.
+    host_subuid.write_text("someone:1000000:65536\n")
+    state = tmp_path / "state" / "subids"
+    alloc = IdRangeAllocator(state, host_tables=[host_subuid])
+    a = alloc.allocate("tenant-a")
+    b = alloc.allocate("tenant-b")
+    assert a.size == b.size == RANGE_SIZE
+    assert a.start == 1_065_536
+    assert b.start == a.start + RANGE_SIZE
+    assert alloc.allocate("tenant-a") == a  # stable
+    # Persisted, /etc/subuid style, and read back by a new allocator.
+    assert state.read_text().splitlines() == [
+        f"tenant-a:{a.start}:65536",
+        f"tenant-b:{b.start}:65536",
+    ]
+    again = IdRangeAllocator(state, host_tables=[host_subuid])
+    assert again.get("tenant-b") == b
+    again.release("tenant-a")
+    assert again.allocate("tenant-c") == a  # the freed range is reused
+    with pytest.raises(InvalidArgument):
+        again.allocate("../etc")
+
+
+def test_concurrent_allocations_never_overlap(tmp_path: Path) -> None:
+    state = tmp_path / "subids"
+    results: dict[str, IdRange] = {}
+
+    def grab(tenant: str) -> None:
+        results[tenant] = IdRangeAllocator(state, host_tables=[]).allocate(tenant)
+
+    threads = [threading.Thread(target=grab, args=(f"t{i}",)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    starts = sorted(r.start for r in results.values())
+    assert len(set(starts)) == 12
+    assert all(b - a >= RANGE_SIZE for a, b in itertools.pairwise(starts))
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static")
+def test_userns_container_on_idmapped_layers(agent: Agent, tmp_path: Path) -> None:
+    from runtime_agent.images.bootstrap import bootstrap_busybox
+
+    config = agent.config
+    ids = IdRangeAllocator(config.root / "userns" / "subids").allocate("acme")
+    image = bootstrap_busybox(agent)
+    key = "userns-test"
+    agent.snapshots.prepare(key, image)
+    volume = agent.volumes.create("acme", "data", size_bytes=16 * 1024 * 1024)
+    (Path(volume.mountpoint) / "from-host").write_text("hello\n")
+    secret_dir = config.root / "host-secret"
+    secret_dir.mkdir(parents=True)
+    (secret_dir / "secret").write_text("host root only")
+    (secret_dir / "secret").chmod(0o600)
+    scratch = config.run_root / "idmap"
+    vol_view = config.run_root / "vol-view"
+    vol_view.mkdir(parents=True)
+    runc_id = f"{config.name}-userns"
+    bundle = config.root / "bundle"
+    try:
+        rootfs = idmap_snapshot(agent.snapshots, key, ids, scratch)
+        idmapped_bind(Path(volume.mountpoint), vol_view, ids)
+        ensure_traversable(vol_view)
+        bundle.mkdir()
+        subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
+        spec = json.loads((bundle / "config.json").read_text())
+        script = (
+            "id -u; cat /proc/self/uid_map; stat -c '%u %g' /bin/busybox;"
+            " echo new > /made-in-container && echo wrote-rootfs;"
+            " cat /data/from-host; echo vol > /data/from-container && echo wrote-volume;"
+            " cat /secret/secret 2>&1; grep CapEff /proc/self/status"
+        )
+        spec["process"].update(terminal=False, args=["/bin/sh", "-c", script])
+        spec["root"] = {"path": str(rootfs), "readonly": False}
+        spec["mounts"] += [
+            {"destination": "/data", "type": "bind", "source": str(vol_view), "options": ["rbind"]},
+            {
+                "destination": "/secret",
+                "type": "bind",
+                "source": str(secret_dir),
+                "options": ["rbind", "ro"],
+            },
+        ]
+        spec["linux"]["cgroupsPath"] = f"/{runc_id}"
+        apply_security_defaults(spec, user_namespace=ids)
+        ensure_traversable(secret_dir)
+        (bundle / "config.json").write_text(json.dumps(spec))
+        result = subprocess.run(
+            ["runc", "--root", str(config.runc_root), "run", "--bundle", str(bundle), runc_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0] == "0"  # root inside the container...
+        assert lines[1].split() == ["0", str(ids.start), "65536"]  # ...is the tenant's range
+        assert lines[2] == "0 0"  # the shared layer's root-owned files look like its own
+        assert {"wrote-rootfs", "wrote-volume", "hello"} <= set(lines), result.stdout
+        # Host root's private file stays private: container root is nobody to it.
+        assert any("Permission denied" in line for line in lines)
+        assert "host root only" not in result.stdout
+        assert int(lines[-1].split()[1], 16) == 0xA80425FB
+        # On disk nothing is shifted: the upper dir and the volume hold ordinary root
+        # files, so layers stay shareable between tenants and diffs need no translation.
+        made = agent.snapshots.upper_dir(key) / "made-in-container"
+        assert made.read_text() == "new\n"
+        assert (made.stat().st_uid, made.stat().st_gid) == (0, 0)
+        from_container = Path(volume.mountpoint) / "from-container"
+        assert from_container.stat().st_uid == 0
+        assert from_container.read_text() == "vol\n"
+        # The shared layer itself was not written to.
+        assert not any(
+            (agent.snapshots.layer_path(c) / "made-in-container").exists() for c in image.chain_ids
+        )
+    finally:
+        subprocess.run(
+            ["runc", "--root", str(config.runc_root), "delete", "-f", runc_id],
+            capture_output=True,
+        )
+        subprocess.run(["umount", "-l", str(vol_view)], capture_output=True)
+        agent.snapshots.remove(key)
+        agent.volumes.unmount_all()
