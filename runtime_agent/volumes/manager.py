@@ -48,7 +48,7 @@ from runtime_agent.errors import (
     NotFound,
 )
 from runtime_agent.protocol import MountSpec
-from runtime_agent.runtime.security import check_host_bind
+from runtime_agent.runtime.security import IdRange, check_host_bind, idmapped_bind
 
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
@@ -342,6 +342,8 @@ class VolumeManager:
         privileged_caller: bool = False,
         container_id: str | None = None,
         auto_create: bool = True,
+        user_namespace: IdRange | None = None,
+        idmap_dir: Path | None = None,
     ) -> builtins.list[dict[str, Any]]:
         """Turn a container's MountSpecs into OCI mount entries for config.json.
 
@@ -350,7 +352,15 @@ class VolumeManager:
         cap; bind: host paths, only when ``privileged_caller``. With ``container_id`` the
         volumes are recorded as in use by that container. Validates everything before
         touching anything, so bad input leaves no state.
+
+        With ``user_namespace`` each volume is shown to the container through an
+        idmapped mount made under ``idmap_dir`` (container root then owns what host root
+        owns on disk, and files it writes are stored as plain root files). The runtime
+        detaches those with ``release_idmapped_views(idmap_dir)`` once ``runc create`` has
+        mounted them (the container keeps its own clones), and again on removal.
         """
+        if user_namespace is not None and idmap_dir is None:
+            raise InvalidArgument("idmap_dir is required with user_namespace")
         specs = list(mounts)
         seen: set[str] = set()
         for spec in specs:
@@ -384,11 +394,18 @@ class VolumeManager:
                 self._ensure_mounted(volume)
                 if container_id is not None:
                     self.acquire(tenant, spec.source, container_id)
+                source = volume.mountpoint
+                if user_namespace is not None and idmap_dir is not None:
+                    view = idmap_dir / volume.name
+                    view.mkdir(parents=True, exist_ok=True)
+                    if not _mounted(view):
+                        idmapped_bind(Path(volume.mountpoint), view, user_namespace)
+                    source = str(view)
                 result.append(
                     {
                         "destination": target,
                         "type": "bind",
-                        "source": volume.mountpoint,
+                        "source": source,
                         "options": ["rbind", access, "nosuid", "nodev", "rprivate"],
                     }
                 )
@@ -409,6 +426,19 @@ class VolumeManager:
                     }
                 )
         return result
+
+    @staticmethod
+    def release_idmapped_views(idmap_dir: Path) -> None:
+        """Detach the idmapped volume views made by ``oci_mounts`` (idempotent)."""
+        if not idmap_dir.is_dir():
+            return
+        for view in sorted(idmap_dir.iterdir()):
+            if _mounted(view):
+                _run(["umount", "-l", str(view)])
+            with contextlib.suppress(OSError):
+                view.rmdir()
+        with contextlib.suppress(OSError):
+            idmap_dir.rmdir()
 
     def recover(self) -> None:
         """Re-mount every sized volume after a node restart (idempotent)."""

@@ -15,6 +15,7 @@ import pytest
 
 from runtime_agent.agent import Agent
 from runtime_agent.errors import InvalidArgument
+from runtime_agent.protocol import MountSpec
 from runtime_agent.runtime.security import (
     RANGE_SIZE,
     IdRange,
@@ -22,7 +23,6 @@ from runtime_agent.runtime.security import (
     apply_security_defaults,
     ensure_traversable,
     idmap_snapshot,
-    idmapped_bind,
 )
 
 
@@ -86,14 +86,18 @@ def test_userns_container_on_idmapped_layers(agent: Agent, tmp_path: Path) -> No
     (secret_dir / "secret").write_text("host root only")
     (secret_dir / "secret").chmod(0o600)
     scratch = config.run_root / "idmap"
-    vol_view = config.run_root / "vol-view"
-    vol_view.mkdir(parents=True)
+    vol_views = config.run_root / "vol-views"
     runc_id = f"{config.name}-userns"
     bundle = config.root / "bundle"
     try:
         rootfs = idmap_snapshot(agent.snapshots, key, ids, scratch)
-        idmapped_bind(Path(volume.mountpoint), vol_view, ids)
-        ensure_traversable(vol_view)
+        (vol_mount,) = agent.volumes.oci_mounts(
+            "acme",
+            [MountSpec("volume", "/data", "data")],
+            user_namespace=ids,
+            idmap_dir=vol_views,
+        )
+        ensure_traversable(vol_views)
         bundle.mkdir()
         subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
         spec = json.loads((bundle / "config.json").read_text())
@@ -106,7 +110,7 @@ def test_userns_container_on_idmapped_layers(agent: Agent, tmp_path: Path) -> No
         spec["process"].update(terminal=False, args=["/bin/sh", "-c", script])
         spec["root"] = {"path": str(rootfs), "readonly": False}
         spec["mounts"] += [
-            {"destination": "/data", "type": "bind", "source": str(vol_view), "options": ["rbind"]},
+            vol_mount,
             {
                 "destination": "/secret",
                 "type": "bind",
@@ -152,6 +156,10 @@ def test_userns_container_on_idmapped_layers(agent: Agent, tmp_path: Path) -> No
             ["runc", "--root", str(config.runc_root), "delete", "-f", runc_id],
             capture_output=True,
         )
-        subprocess.run(["umount", "-l", str(vol_view)], capture_output=True)
+        agent.volumes.release_idmapped_views(vol_views)
         agent.snapshots.remove(key)
         agent.volumes.unmount_all()
+    # Nothing of the idmapped views or the snapshot stays mounted.
+    assert not vol_views.exists()
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(config.root) not in mounts and str(config.run_root) not in mounts
