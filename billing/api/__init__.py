@@ -1,0 +1,1 @@
+"""Billing API under /api/v1/tenants/<slug>/billing/ (see docs/billing.md)."""

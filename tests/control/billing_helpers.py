@@ -1,0 +1,51 @@
+"""Helpers for the billing tests: Stripe-signed webhook payloads and free ports."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import time
+from typing import Any
+
+from django.test import Client
+
+WEBHOOK_SECRET = "whsec_test_berth"
+SECRET_KEY = "sk_test_berth"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sign(payload: bytes, secret: str = WEBHOOK_SECRET, timestamp: int | None = None) -> str:
+    """A Stripe-Signature header: t=<ts>,v1=HMAC-SHA256(secret, "<ts>.<payload>")."""
+    ts = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{ts}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={ts},v1={mac}"
+
+
+def make_event(event_type: str, obj: dict[str, Any], *, created: int, event_id: str) -> bytes:
+    return json.dumps(
+        {
+            "id": event_id,
+            "object": "event",
+            "type": event_type,
+            "created": created,
+            "api_version": "2024-06-20",
+            "livemode": False,
+            "data": {"object": obj},
+        }
+    ).encode()
+
+
+def post_event(client: Client, payload: bytes, signature: str | None = None) -> Any:
+    return client.post(
+        "/billing/stripe/webhook",
+        data=payload,
+        content_type="application/json",
+        HTTP_STRIPE_SIGNATURE=signature if signature is not None else sign(payload),
+    )
