@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "billing",
     "workloads",
     "dashboard",
+    "registry",
 ]
 
 MIDDLEWARE = [
@@ -108,6 +109,21 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "control"
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# Workloads: how long a node may stay silent before its work moves elsewhere, how often
+# the reconciler runs, and the broker URL handed to agents when they join (defaults to
+# REDIS_URL; set it when agents reach Redis by another address).
+BERTH_NODE_TIMEOUT_SECONDS = env_int("BERTH_NODE_TIMEOUT_SECONDS", 30, minimum=2)
+BERTH_RECONCILE_SECONDS = env_int("BERTH_RECONCILE_SECONDS", 5, minimum=1)
+BERTH_DEPLOY_TIMEOUT_SECONDS = env_int("BERTH_DEPLOY_TIMEOUT_SECONDS", 300, minimum=5)
+BERTH_AGENT_BROKER_URL = env_str("BERTH_AGENT_BROKER_URL", "")
+BERTH_DEFAULT_NETWORK_MODE = env_str("BERTH_DEFAULT_NETWORK_MODE", "bridge")
+if BERTH_DEFAULT_NETWORK_MODE not in ("bridge", "none"):
+    raise ConfigError("BERTH_DEFAULT_NETWORK_MODE must be bridge or none")
+BERTH_SECRETS_KEY = env_str("BERTH_SECRETS_KEY", "")
+CELERY_BEAT_SCHEDULE = {
+    "reconcile": {"task": "workloads.reconcile", "schedule": float(BERTH_RECONCILE_SECONDS)},
+}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -184,3 +200,14 @@ BILLING_GRACE_PERIOD_HOURS = env_int("BILLING_GRACE_PERIOD_HOURS", 7 * 24, minim
 BILLING_STOP_SERVICES_AFTER_HOURS = env_int("BILLING_STOP_SERVICES_AFTER_HOURS", 72, minimum=0)
 BILLING_SPEND_CAP_WARN_PERCENT = env_int("BILLING_SPEND_CAP_WARN_PERCENT", 80, minimum=1)
 BILLING_MAX_SEATS = env_int("BILLING_MAX_SEATS", 10000, minimum=1)
+
+# Image registry (docs/registry.md). infra/registry/registry.sh generates the token signing
+# key, the notification secret and the docker-registry config under BERTH_REGISTRY_DIR;
+# the control plane reads the same files. BERTH_REGISTRY_HOST is what users type in image
+# names; BERTH_REGISTRY_URL is how the control plane reaches the registry's API.
+BERTH_REGISTRY_DIR = Path(env_str("BERTH_REGISTRY_DIR", str(BASE_DIR / "var" / "registry")))
+BERTH_REGISTRY_HOST = env_str("BERTH_REGISTRY_HOST", "127.0.0.1:5000")
+BERTH_REGISTRY_URL = env_str("BERTH_REGISTRY_URL", f"http://{BERTH_REGISTRY_HOST}")
+BERTH_REGISTRY_SERVICE = env_str("BERTH_REGISTRY_SERVICE", "berth-registry")
+BERTH_REGISTRY_ISSUER = env_str("BERTH_REGISTRY_ISSUER", "berth")
+BERTH_REGISTRY_TOKEN_TTL = env_int("BERTH_REGISTRY_TOKEN_TTL", 300, minimum=30)

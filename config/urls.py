@@ -11,14 +11,21 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from workloads.api import urls as workloads_urls
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("tenants.api.urls")),
     path("api/v1/tenants/<str:tenant_slug>/billing/", include("billing.api.urls")),
     path("billing/", include("billing.urls")),
+    path("api/v1/tenants/<str:tenant_slug>/", include(workloads_urls.tenant_urlpatterns)),
+    path("api/v1/", include(workloads_urls.platform_urlpatterns)),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api-auth/", include("rest_framework.urls")),
+    path("registry/", include("registry.urls")),
+    path("api/v1/tenants/<str:tenant_slug>/registry/", include("registry.api.urls")),
+    path("api/v1/registry/", include("registry.api.platform_urls")),
 ]
 
 handler400 = "tenants.api.errors.json_400"

@@ -45,6 +45,7 @@ class DeploymentState(models.TextChoices):
     IN_PROGRESS = "in_progress", "In progress"
     SUCCEEDED = "succeeded", "Succeeded"
     ROLLED_BACK = "rolled_back", "Rolled back"
+    FAILED = "failed", "Failed"  # a first deployment that never became healthy
 
 
 class JobState(models.TextChoices):

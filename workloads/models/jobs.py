@@ -10,6 +10,10 @@ from workloads.choices import JobState, RunState
 from workloads.models.services import name_validator
 
 
+class JobRunQuerySet(TenantScopedQuerySet):
+    tenant_field = "job__tenant"
+
+
 class BatchJob(models.Model):
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="jobs")
     name = models.CharField(max_length=63, validators=[name_validator])
@@ -53,6 +57,9 @@ class JobRun(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     cpu_seconds = models.FloatField(null=True, blank=True)
     max_memory_bytes = models.BigIntegerField(null=True, blank=True)
+    log = models.TextField(
+        blank=True, help_text="The run's output (last lines), kept after it ends."
+    )
 
     class Meta:
         ordering = ["job_id", "index", "attempt"]

@@ -169,6 +169,7 @@ class Container(models.Model):
     memory_mib = models.PositiveIntegerField(default=0)
     gpus = models.PositiveIntegerField(default=0)
     healthy = models.BooleanField(null=True, blank=True)
+    health_failures = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
     scheduled_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

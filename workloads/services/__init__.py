@@ -1,0 +1,1 @@
+"""Workload services: every write to nodes, services, containers and jobs goes through here."""

@@ -1,0 +1,146 @@
+"""Nodes: join with a one-time token, heartbeats, cordon / drain / down."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from tenants.errors import InvalidInput, NotFound, PermissionDenied
+from tenants.models import hash_secret
+from tenants.services import Actor, record
+from workloads.choices import ContainerState, DesiredState, NodeState
+from workloads.models import Container, JoinToken, Node
+
+JOIN_TOKEN_PREFIX = "bjt_"  # noqa: S105 - a prefix, not a secret
+NODE_CREDENTIAL_PREFIX = "bnc_"
+
+#: Legal moves an admin may make; ``down`` is set by the reconciler, ``ready`` again by a
+#: heartbeat of a node that was down.
+ADMIN_TRANSITIONS: dict[str, frozenset[str]] = {
+    NodeState.READY: frozenset({NodeState.CORDONED, NodeState.DRAINING}),
+    NodeState.CORDONED: frozenset({NodeState.READY, NodeState.DRAINING}),
+    NodeState.DRAINING: frozenset({NodeState.READY, NodeState.CORDONED}),
+    NodeState.DOWN: frozenset({NodeState.CORDONED, NodeState.DRAINING}),
+}
+
+
+@transaction.atomic
+def create_join_token(
+    *, actor: Actor, ttl: timedelta = timedelta(hours=1), labels: dict[str, str] | None = None
+) -> tuple[JoinToken, str]:
+    """A one-time token for a new node. Only its hash is stored; the secret is returned."""
+    secret = JOIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = JoinToken.objects.create(
+        token_hash=hash_secret(secret), expires_at=timezone.now() + ttl, labels=labels or {}
+    )
+    record(actor, "node.join_token.create", tenant=None, target=token)
+    return token, secret
+
+
+def _validate_capacity(capacity: dict[str, Any]) -> dict[str, Any]:
+    clean: dict[str, Any] = {}
+    for key in ("cpu_millicores", "memory_mib", "disk_gib", "gpus"):
+        value = capacity.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidInput(f"capacity.{key} must be a non-negative integer, got {value!r}")
+        clean[key] = value
+    clean["arch"] = str(capacity.get("arch", ""))[:32]
+    clean["version"] = str(capacity.get("version", ""))[:32]
+    return clean
+
+
+@transaction.atomic
+def join_node(
+    token: str, *, name: str, capacity: dict[str, Any], labels: dict[str, str]
+) -> tuple[Node, str]:
+    """Exchange a join token for a node identity and its credential (returned once)."""
+    now = timezone.now()
+    join = JoinToken.objects.select_for_update().filter(token_hash=hash_secret(token)).first()
+    if join is None or join.used_at is not None or join.expires_at <= now:
+        # One message for all three: a probe learns nothing about which tokens exist.
+        raise PermissionDenied("this join token is invalid, expired or already used")
+    if not name or len(name) > 100:
+        raise InvalidInput("node name must be 1-100 characters")
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise InvalidInput("labels must be a mapping of strings to strings")
+    credential = NODE_CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+    node = Node.objects.create(
+        name=name,
+        credential_hash=hash_secret(credential),
+        labels={**join.labels, **labels},
+        last_heartbeat_at=now,
+        **_validate_capacity(capacity),
+    )
+    join.used_at = now
+    join.node = node
+    join.save(update_fields=["used_at", "node"])
+    record(Actor.for_system(f"node:{node.name}"), "node.join", tenant=None, target=node)
+    return node, credential
+
+
+def authenticate_node(node_id: str, credential: str) -> Node:
+    node = Node.objects.filter(pk=node_id).first()
+    if node is None or not secrets.compare_digest(node.credential_hash, hash_secret(credential)):
+        raise PermissionDenied("unknown node or wrong node credential")
+    return node
+
+
+def heartbeat_timeout() -> timedelta:
+    return timedelta(seconds=getattr(settings, "BERTH_NODE_TIMEOUT_SECONDS", 30))
+
+
+@transaction.atomic
+def set_node_state(node: Node, state: str, *, actor: Actor) -> Node:
+    """Cordon, drain or make a node ready again (platform admins)."""
+    node = Node.objects.select_for_update().get(pk=node.pk)
+    if state not in ADMIN_TRANSITIONS.get(node.state, frozenset()):
+        raise InvalidInput(
+            f"a {node.state} node cannot become {state}",
+            details={"from": node.state, "to": state},
+        )
+    previous = node.state
+    node.state = state
+    node.save(update_fields=["state"])
+    record(actor, f"node.{state}", tenant=None, target=node, details={"from": previous})
+    if state == NodeState.DRAINING:
+        evacuate(node, reason="node is draining")
+    return node
+
+
+def evacuate(node: Node, *, reason: str) -> int:
+    """Move the node's live service containers elsewhere: new copies go pending.
+
+    The old containers are asked to stop and go away (they are marked ``lost`` when the
+    node is down, so their quota is given back once; see ``reports.finish_container``).
+    Batch runs are not moved; they fail and retry per their job's policy.
+    """
+    from workloads.services import placement
+
+    moved = 0
+    containers = (
+        Container.objects.select_for_update()
+        .filter(
+            node=node,
+            service__isnull=False,
+            desired_state=DesiredState.RUNNING,
+        )
+        .exclude(state__in=[ContainerState.REMOVED, ContainerState.LOST])
+    )
+    for container in containers:
+        placement.replace_container(container, reason=reason, node_down=node.state == "down")
+        moved += 1
+    return moved
+
+
+def get_node(node_id: str) -> Node:
+    node = Node.objects.filter(pk=node_id).first()
+    if node is None:
+        raise NotFound(f"no node {node_id}")
+    return node
