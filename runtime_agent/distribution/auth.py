@@ -1,7 +1,7 @@
 """Registry credentials: what ``berth-agent login`` stores and what pulls present.
 
 Credentials are a username and a secret (a tenant's API token, or the node credential
-``node:<node-id>`` / per-node secret the control plane issues). They are only ever sent
+``node-<node-name>`` / per-node secret the control plane issues). They are only ever sent
 to the registry's token realm (Basic auth), never to the registry itself.
 
 ``CredentialStore`` keeps logins per registry host in ``<root>/registry-auth.json``

@@ -133,10 +133,12 @@ class RegistryClient:
         return None
 
     def _fetch_token(self, challenge: dict[str, str], scope: str) -> str:
-        params = {"service": challenge.get("service", "")}
+        params: dict[str, str | list[str]] = {"service": challenge.get("service", "")}
         wanted = challenge.get("scope") or scope
         if wanted:
-            params["scope"] = wanted
+            # Several scopes (e.g. a cross-repository mount) come space-separated in the
+            # challenge and go as repeated ``scope`` parameters, as docker sends them.
+            params["scope"] = wanted.split()
         if self.credentials:
             params["account"] = self.credentials.username
         auth = (self.credentials.username, self.credentials.password) if self.credentials else None

@@ -20,6 +20,7 @@ from runtime_agent.distribution.errors import RegistryError
 from runtime_agent.distribution.media import OCI_MANIFEST
 from runtime_agent.distribution.pull import scope_for
 from runtime_agent.distribution.reference import Reference, parse_reference
+from runtime_agent.errors import AgentError
 
 if TYPE_CHECKING:
     from runtime_agent.agent import Agent
@@ -35,6 +36,7 @@ class PushResult:
     size: int
     uploaded: list[str] = field(default_factory=list)
     existing: list[str] = field(default_factory=list)
+    mounted: list[str] = field(default_factory=list)
     bytes_uploaded: int = 0
 
 
@@ -51,18 +53,26 @@ def _blob_exists(client: RegistryClient, ref: Reference, digest: str) -> bool:
     return response.status_code == 200
 
 
-def upload_blob(agent: Agent, client: RegistryClient, ref: Reference, digest: str) -> int:
-    """Upload one blob from the content store (monolithic: POST, then PUT with the body)."""
+def upload_blob(
+    agent: Agent, client: RegistryClient, ref: Reference, digest: str, mount_from: str | None = None
+) -> int:
+    """Upload one blob from the content store (monolithic: POST, then PUT with the body).
+
+    With ``mount_from`` (another repository of the same registry known to hold the blob)
+    the POST first asks for a cross-repository mount, as docker does; the registry answers
+    201 when it linked the blob (nothing to send: returns -2) or 202 with a normal upload.
+    """
     scope = scope_for(ref.repository, "pull,push")
+    path = f"/v2/{ref.repository}/blobs/uploads/"
+    if mount_from and mount_from != ref.repository:
+        path += "?" + urlencode({"mount": digest, "from": mount_from})
+        scope += f" {scope_for(mount_from, 'pull')}"
     started = client.request(
-        "POST",
-        f"/v2/{ref.repository}/blobs/uploads/",
-        scope=scope,
-        expected=(202,),
-        what=f"start upload of {digest}",
-        timeout=60,
+        "POST", path, scope=scope, expected=(201, 202), what=f"start upload of {digest}", timeout=60
     )
     started.close()
+    if started.status_code == 201:
+        return -2
     location = started.headers.get("Location")
     if not location:
         raise RegistryError(f"{ref.registry} opened an upload without a Location")
@@ -118,17 +128,21 @@ def push(
         size=len(manifest_bytes) + sum(agent.content.size(d) for d in blobs),
     )
 
+    sources = _mount_sources(agent, tenant, reference)
+
     def send(digest: str) -> int:
         if _blob_exists(client, reference, digest):
             return -1
-        return upload_blob(agent, client, reference, digest)
+        return upload_blob(agent, client, reference, digest, sources.get(digest))
 
     ordered = sorted(blobs, key=lambda d: -agent.content.size(d))
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         outcomes = list(pool.map(send, ordered))
     for digest, sent in zip(ordered, outcomes, strict=True):
-        if sent < 0:
+        if sent == -1:
             result.existing.append(digest)
+        elif sent == -2:
+            result.mounted.append(digest)
         else:
             result.uploaded.append(digest)
             result.bytes_uploaded += sent
@@ -150,3 +164,23 @@ def push(
             f"{reference}: registry stored the manifest as {announced}, not {image.manifest_digest}"
         )
     return result
+
+
+def _mount_sources(agent: Agent, tenant: str, target: Reference) -> dict[str, str]:
+    """Blob digest → another repository on the same registry that the node knows holds it
+    (from the tenant's references pulled from or pushed to that registry)."""
+    sources: dict[str, str] = {}
+    prefix = f"{target.registry}/"
+    for key, digest in agent.images.references(tenant).items():
+        if not key.startswith(prefix):
+            continue
+        repository = key[len(prefix) :].rsplit(":", 1)[0]
+        if repository == target.repository:
+            continue
+        try:
+            image = agent.images.load(tenant, digest, key)
+        except AgentError:
+            continue
+        for descriptor in [image.manifest["config"], *image.layers]:
+            sources.setdefault(str(descriptor["digest"]), repository)
+    return sources

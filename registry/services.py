@@ -1,0 +1,726 @@
+"""Registry services: who may do what (the token server), recording notifications,
+storage accounting against the tenant's ``storage_gib`` quota, deletes, retention, GC.
+
+Repository names are ``<tenant-slug>/<path>``: the first component is the tenant and
+decides everything. A tenant API token reaches only its own tenant's repositories (pull
+with scope ``read``; push and delete with ``write`` and a role allowed to manage
+workloads); a node credential pulls any tenant's repository; anyone pulls a repository
+marked public.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import math
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import requests
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef, Sum
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from registry.errors import RegistryAuthError, RegistryDenied, RegistryUnavailable
+from registry.models import (
+    Blob,
+    GarbageCollectionRun,
+    Manifest,
+    NodeCredential,
+    RegistryEvent,
+    RegistryUsage,
+    Repository,
+    RetentionPolicy,
+    Tag,
+)
+from registry.tokens import Access, IssuedToken, issue_token, parse_scope
+from tenants import permissions as perms
+from tenants import services as tenant_services
+from tenants.choices import Scope
+from tenants.errors import InvalidInput, NotFound, QuotaExceeded
+from tenants.models import TOKEN_PREFIX, APIToken, Membership, Tenant, hash_secret
+from tenants.services import Actor, record
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+NODE_SECRET_PREFIX = "brn_"  # noqa: S105 (a public marker, not a secret)
+NODE_USER_PREFIX = "node-"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REPOSITORY_NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})+$")
+TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+MANIFEST_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def registry_dir() -> Path:
+    return Path(settings.BERTH_REGISTRY_DIR)
+
+
+def signing_key_path() -> str:
+    return str(registry_dir() / "token.key")
+
+
+def notify_secret() -> str:
+    try:
+        return (registry_dir() / "notify.secret").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def storage_root() -> Path:
+    """The filesystem driver's root (see infra/registry/config.yml.template)."""
+    return registry_dir() / "storage"
+
+
+# --------------------------------------------------------------------------- principals
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who asks for a registry token."""
+
+    kind: str  # "token", "node", "anonymous", "system"
+    label: str
+    token: APIToken | None = None
+    role: str | None = None
+    node: NodeCredential | None = None
+
+    @property
+    def tenant(self) -> Tenant | None:
+        return self.token.tenant if self.token is not None else None
+
+
+ANONYMOUS = Principal(kind="anonymous", label="anonymous")
+
+
+def parse_basic_auth(header: str) -> tuple[str, str] | None:
+    """``Basic base64(user:password)`` → (user, password); None when absent."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        raise RegistryAuthError("the token endpoint takes Basic credentials (user:API token)")
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise RegistryAuthError("malformed Basic credentials") from None
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        raise RegistryAuthError("malformed Basic credentials")
+    return user, password
+
+
+def authenticate(credentials: tuple[str, str] | None, *, ip: str | None = None) -> Principal:
+    """Resolve Basic credentials: a tenant API token (any username), or a node credential."""
+    if credentials is None:
+        return ANONYMOUS
+    username, secret = credentials
+    if secret.startswith(NODE_SECRET_PREFIX):
+        node = NodeCredential.objects.filter(secret_hash=hash_secret(secret)).first()
+        if node is None or node.revoked_at is not None:
+            raise RegistryAuthError("unknown or revoked node credential")
+        if username and username != f"{NODE_USER_PREFIX}{node.node_name}":
+            raise RegistryAuthError("the node credential belongs to another node")
+        NodeCredential.objects.filter(pk=node.pk).update(last_used_at=timezone.now())
+        return Principal(kind="node", label=str(node), node=node)
+    if not secret.startswith(TOKEN_PREFIX):
+        raise RegistryAuthError(
+            "incorrect username or password: log in with a Berth API token as the password"
+        )
+    token = (
+        APIToken.objects.select_related("tenant", "user")
+        .filter(token_hash=hash_secret(secret))
+        .first()
+    )
+    if token is None:
+        raise RegistryAuthError("incorrect username or password: unknown API token")
+    if token.state != "active":
+        raise RegistryAuthError(f"API token {token.prefix} is {token.state}")
+    membership = Membership.objects.filter(tenant_id=token.tenant_id, user_id=token.user_id).first()
+    if membership is None or not token.user.is_active:
+        raise RegistryAuthError(f"the owner of API token {token.prefix} left the tenant")
+    tenant_services.touch_token(token, ip)
+    return Principal(
+        kind="token",
+        label=f"{token.user.email} via token {token.prefix}",
+        token=token,
+        role=membership.role,
+    )
+
+
+# --------------------------------------------------------------------------- grants
+
+
+def split_repository(name: str) -> tuple[str, str]:
+    """``acme/web/api`` → (``acme``, ``web/api``); InvalidInput for malformed names."""
+    if len(name) > 255 or not REPOSITORY_NAME_RE.match(name):
+        raise InvalidInput(
+            f"invalid repository name {name!r}: use <tenant>/<name> with lowercase letters, "
+            "digits and separators",
+            details={"repository": name},
+        )
+    tenant_slug, _, path = name.partition("/")
+    return tenant_slug, path
+
+
+def _may(principal: Principal, permission: str, scope: str) -> bool:
+    token = principal.token
+    return bool(
+        token is not None
+        and token.allows(scope)
+        and perms.has_permission(principal.role, permission)
+    )
+
+
+def storage_limit_and_use(tenant: Tenant) -> tuple[int, int]:
+    """(limit, bytes in use) of ``storage_gib`` for this tenant, in bytes.
+
+    Use is everything else holding the quota (volumes...) plus the registry's exact bytes.
+    """
+    limit = int(tenant.quota_limits()["storage_gib"]) * GIB
+    usage = RegistryUsage.objects.filter(tenant=tenant).first()
+    from tenants.models import QuotaUsage
+
+    pooled = QuotaUsage.objects.filter(tenant=tenant, quota="storage_gib").first()
+    others_gib = (pooled.used if pooled else 0) - (usage.reserved_gib if usage else 0)
+    return limit, max(0, others_gib) * GIB + (usage.bytes_used if usage else 0)
+
+
+def check_push_quota(tenant: Tenant) -> None:
+    """Refuse a push when the tenant's storage quota is already used up."""
+    limit, used = storage_limit_and_use(tenant)
+    if used >= limit:
+        raise RegistryDenied(
+            f"quota storage_gib exceeded: limit {limit // GIB} GiB, in use {used} bytes; "
+            "delete images or raise the quota to push",
+            details={"quota": "storage_gib", "limit": limit // GIB, "used_bytes": used},
+        )
+
+
+def grant(principal: Principal, scopes: Iterable[str]) -> list[Access]:
+    """The access the principal gets for each requested scope (possibly less than asked).
+
+    Like docker's token servers, access that is not allowed is left out rather than
+    refused, and the registry answers the request with its own error. Exceptions that
+    deserve a message: a push to one's own repository over the storage quota, or by a
+    suspended tenant (RegistryDenied).
+    """
+    granted: list[Access] = []
+    for raw in (part for scope in scopes for part in scope.split()):
+        requested = parse_scope(raw)
+        if requested is None or requested.type != "repository":
+            continue
+        try:
+            tenant_slug, path = split_repository(requested.name)
+        except InvalidInput:
+            continue
+        wanted = set(requested.actions)
+        if "*" in wanted:
+            wanted = {"pull", "push", "delete"}
+        allowed: set[str] = set()
+        own = principal.tenant is not None and principal.tenant.slug == tenant_slug
+        if own and _may(principal, perms.WORKLOADS_VIEW, Scope.READ):
+            allowed.add("pull")
+        if own and _may(principal, perms.WORKLOADS_MANAGE, Scope.WRITE):
+            allowed |= {"push", "delete"}
+        if principal.kind in ("node", "system"):
+            allowed.add("pull")
+        if principal.kind == "system":
+            allowed |= {"push", "delete"}
+        if "pull" in wanted and "pull" not in allowed:
+            repo = Repository.objects.filter(
+                tenant__slug=tenant_slug, name=path, public=True
+            ).exists()
+            if repo:
+                allowed.add("pull")
+        actions = wanted & allowed
+        if "push" in actions and principal.kind == "token":
+            tenant = principal.tenant
+            assert tenant is not None
+            tenant.refresh_from_db()
+            if not tenant.is_active:
+                raise RegistryDenied(
+                    f"tenant {tenant.slug} is suspended: pushing is disabled"
+                    + (f" ({tenant.status_reason})" if tenant.status_reason else "")
+                )
+            check_push_quota(tenant)
+        if actions:
+            granted.append(Access("repository", requested.name, tuple(sorted(actions))))
+    return granted
+
+
+def token_for(principal: Principal, scopes: Iterable[str]) -> IssuedToken:
+    return issue_token(
+        key_path=signing_key_path(),
+        issuer=settings.BERTH_REGISTRY_ISSUER,
+        service=settings.BERTH_REGISTRY_SERVICE,
+        subject=principal.label,
+        access=grant(principal, scopes),
+        lifetime=settings.BERTH_REGISTRY_TOKEN_TTL,
+    )
+
+
+# --------------------------------------------------------------------------- node credentials
+
+
+@transaction.atomic
+def create_node_credential(node_name: str, *, actor: Actor) -> tuple[NodeCredential, str]:
+    """Mint (or rotate) the registry credential of a node; returns (row, secret).
+
+    The agent logs in with username ``node-<node_name>`` and the secret; it may pull any
+    tenant's images, nothing else. Rotating invalidates the previous secret.
+    """
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", node_name or ""):
+        raise InvalidInput(f"invalid node name {node_name!r}")
+    secret = NODE_SECRET_PREFIX + secrets.token_urlsafe(32)
+    credential, _ = NodeCredential.objects.update_or_create(
+        node_name=node_name,
+        defaults={
+            "secret_hash": hash_secret(secret),
+            "revoked_at": None,
+            "created_at": timezone.now(),
+        },
+    )
+    record(actor, "registry.node_credential.create", tenant=None, target=credential)
+    return credential, secret
+
+
+@transaction.atomic
+def revoke_node_credential(node_name: str, *, actor: Actor) -> bool:
+    updated = NodeCredential.objects.filter(node_name=node_name, revoked_at__isnull=True).update(
+        revoked_at=timezone.now()
+    )
+    if updated:
+        record(actor, "registry.node_credential.revoke", tenant=None, details={"node": node_name})
+    return bool(updated)
+
+
+# --------------------------------------------------------------------------- notifications
+
+
+def check_notification_auth(header: str) -> bool:
+    expected = notify_secret()
+    return bool(expected) and hmac.compare_digest(header or "", f"Bearer {expected}")
+
+
+def record_events(envelope: Mapping[str, Any]) -> dict[str, int]:
+    """Record a notification envelope; each event once (by id). Returns counts."""
+    counts = {"recorded": 0, "duplicate": 0, "ignored": 0}
+    events = envelope.get("events")
+    if not isinstance(events, list):
+        raise InvalidInput("notification envelope without an events list")
+    for event in events:
+        if not isinstance(event, dict) or not event.get("id"):
+            counts["ignored"] += 1
+            continue
+        outcome = record_event(event)
+        counts[outcome] += 1
+    return counts
+
+
+def _target_size(target: Mapping[str, Any]) -> int:
+    return int(target.get("size") or target.get("length") or 0)
+
+
+@transaction.atomic
+def record_event(event: Mapping[str, Any]) -> str:
+    """Record one event: "recorded", or "duplicate" when its id was seen before."""
+    target = event.get("target") or {}
+    action = str(event.get("action") or "")
+    repository = str(target.get("repository") or "")
+    row = RegistryEvent(
+        event_id=str(event["id"])[:100],
+        action=action[:16],
+        repository=repository[:255],
+        digest=str(target.get("digest") or "")[:71],
+        tag=str(target.get("tag") or "")[:128],
+        media_type=str(target.get("mediaType") or "")[:255],
+        size=_target_size(target) or None,
+        actor=str((event.get("actor") or {}).get("name") or "")[:200],
+        occurred_at=parse_datetime(str(event.get("timestamp") or ""))
+        if event.get("timestamp")
+        else None,
+    )
+    try:
+        with transaction.atomic():
+            row.save()
+    except IntegrityError:
+        return "duplicate"
+    row.outcome = _apply_event(action, target)[:200]
+    row.save(update_fields=["outcome"])
+    return "recorded"
+
+
+def _repository_for(name: str, *, create: bool) -> Repository | None:
+    try:
+        tenant_slug, path = split_repository(name)
+    except InvalidInput:
+        return None
+    tenant = Tenant.objects.filter(slug=tenant_slug).first()
+    if tenant is None:
+        return None
+    if not create:
+        return Repository.objects.filter(tenant=tenant, name=path).first()
+    repo, _ = Repository.objects.get_or_create(tenant=tenant, name=path)
+    return repo
+
+
+def _apply_event(action: str, target: Mapping[str, Any]) -> str:
+    media_type = str(target.get("mediaType") or "")
+    digest = str(target.get("digest") or "")
+    name = str(target.get("repository") or "")
+    if action == "push" and media_type in MANIFEST_TYPES and DIGEST_RE.match(digest):
+        repo = _repository_for(name, create=True)
+        if repo is None:
+            return "ignored: repository outside any tenant"
+        size = _target_size(target)
+        references = [r for r in target.get("references") or [] if isinstance(r, dict)]
+        blobs = [_blob(repo.tenant, digest, size, media_type)]
+        for ref in references:
+            ref_digest = str(ref.get("digest") or "")
+            if DIGEST_RE.match(ref_digest):
+                blobs.append(
+                    _blob(
+                        repo.tenant,
+                        ref_digest,
+                        int(ref.get("size") or 0),
+                        str(ref.get("mediaType") or ""),
+                    )
+                )
+        manifest, created = Manifest.objects.get_or_create(
+            repository=repo,
+            digest=digest,
+            defaults={
+                "media_type": media_type,
+                "size": size,
+                "total_size": size + sum(int(r.get("size") or 0) for r in references),
+            },
+        )
+        manifest.blobs.add(*blobs)
+        now = timezone.now()
+        tag = str(target.get("tag") or "")
+        if tag and TAG_RE.match(tag):
+            Tag.objects.update_or_create(
+                repository=repo, name=tag, defaults={"manifest": manifest, "updated_at": now}
+            )
+        Repository.objects.filter(pk=repo.pk).update(last_pushed_at=now)
+        sync_storage_usage(repo.tenant)
+        return f"manifest {'stored' if created else 'seen'}" + (f", tag {tag}" if tag else "")
+    if action == "delete":
+        repo = _repository_for(name, create=False)
+        if repo is None:
+            return "ignored: unknown repository"
+        tag = str(target.get("tag") or "")
+        if tag:
+            deleted, _ = Tag.objects.filter(repository=repo, name=tag).delete()
+            return f"tag {tag} deleted" if deleted else "tag already gone"
+        if DIGEST_RE.match(digest):
+            deleted, _ = Manifest.objects.filter(repository=repo, digest=digest).delete()
+            sync_storage_usage(repo.tenant)
+            return "manifest deleted" if deleted else "manifest already gone"
+    return "ignored"
+
+
+def _blob(tenant: Tenant, digest: str, size: int, media_type: str) -> Blob:
+    blob, _ = Blob.objects.get_or_create(
+        tenant=tenant, digest=digest, defaults={"size": size, "media_type": media_type[:255]}
+    )
+    return blob
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def registry_bytes(tenant: Tenant) -> int:
+    """Bytes of every blob still referenced by one of the tenant's manifests (each once)."""
+    live = Manifest.blobs.through.objects.filter(blob_id=OuterRef("pk"))
+    total = (
+        Blob.objects.filter(tenant=tenant)
+        .filter(Exists(live))
+        .aggregate(total=Sum("size"))["total"]
+    )
+    return int(total or 0)
+
+
+@transaction.atomic
+def sync_storage_usage(tenant: Tenant) -> RegistryUsage:
+    """Recount the tenant's registry bytes and hold ``ceil(bytes / GiB)`` of ``storage_gib``.
+
+    The reservation is swapped (release the old, reserve the new) inside one transaction.
+    A push the registry already accepted cannot be undone, so if the new amount does not
+    fit the quota the old reservation stays and the exact bytes are still recorded; the
+    token server then refuses further pushes until the tenant is back under its limit.
+    Blobs no manifest references any more stop counting (``gc`` frees them on disk).
+    """
+    usage, _ = RegistryUsage.objects.select_for_update().get_or_create(tenant=tenant)
+    usage.bytes_used = registry_bytes(tenant)
+    needed = math.ceil(usage.bytes_used / GIB)
+    actor = Actor.for_system("registry")
+    if needed != usage.reserved_gib:
+        old = usage.reservation
+        try:
+            with transaction.atomic():
+                if old is not None:
+                    tenant_services.release(old, actor=actor, reason="registry storage resize")
+                reservation = (
+                    tenant_services.reserve(
+                        tenant, {"storage_gib": needed}, actor=actor, reason="registry storage"
+                    )
+                    if needed
+                    else None
+                )
+            usage.reservation = reservation
+            usage.reserved_gib = needed
+        except QuotaExceeded as exc:
+            log.warning("registry storage of %s over quota: %s", tenant.slug, exc.message)
+    usage.updated_at = timezone.now()
+    usage.save()
+    return usage
+
+
+# --------------------------------------------------------------------------- registry API
+
+
+def _system_token(repository: str) -> str:
+    system = Principal(kind="system", label="berth-control-plane")
+    return token_for(system, [f"repository:{repository}:pull,push,delete"]).token
+
+
+def _registry_call(method: str, path: str, repository: str, **kwargs: Any) -> requests.Response:
+    url = f"{settings.BERTH_REGISTRY_URL}{path}"
+    headers = {"Authorization": f"Bearer {_system_token(repository)}", **kwargs.pop("headers", {})}
+    try:
+        return requests.request(method, url, headers=headers, timeout=30, **kwargs)
+    except requests.RequestException as exc:
+        raise RegistryUnavailable(f"cannot reach the registry at {url}: {exc}") from exc
+
+
+@transaction.atomic
+def delete_manifest(manifest: Manifest, *, actor: Actor) -> None:
+    """Delete a manifest (and so every tag pointing at it) from the registry and here."""
+    repo = manifest.repository
+    response = _registry_call(
+        "DELETE", f"/v2/{repo.full_name}/manifests/{manifest.digest}", repo.full_name
+    )
+    if response.status_code not in (202, 404):
+        raise RegistryUnavailable(
+            f"registry refused to delete {manifest.digest}: {response.status_code} "
+            f"{response.text[:200]}"
+        )
+    record(
+        actor,
+        "registry.manifest.delete",
+        tenant=repo.tenant,
+        target=manifest,
+        details={"repository": repo.full_name, "digest": manifest.digest},
+    )
+    manifest.delete()
+    sync_storage_usage(repo.tenant)
+
+
+@transaction.atomic
+def delete_tag(tag: Tag, *, actor: Actor) -> None:
+    """Remove a tag; its manifest stays (untagged) until deleted or retention removes it.
+
+    distribution 2.8 has no tag-delete API, so the tag's link is removed from the
+    filesystem storage directly (the layout is ``repositories/<name>/_manifests/tags/<tag>``).
+    With other storage drivers delete the manifest instead.
+    """
+    repo = tag.repository
+    tag_dir = (
+        storage_root()
+        / "docker/registry/v2/repositories"
+        / repo.full_name
+        / "_manifests/tags"
+        / tag.name
+    )
+    if storage_root().is_dir():
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    record(
+        actor,
+        "registry.tag.delete",
+        tenant=repo.tenant,
+        target=tag,
+        details={"repository": repo.full_name, "tag": tag.name, "digest": tag.manifest.digest},
+    )
+    tag.delete()
+
+
+@transaction.atomic
+def set_public(repo: Repository, public: bool, *, actor: Actor) -> Repository:
+    Repository.objects.filter(pk=repo.pk).update(public=public)
+    repo.public = public
+    record(
+        actor,
+        "registry.repository.visibility",
+        tenant=repo.tenant,
+        target=repo,
+        details={"public": public},
+    )
+    return repo
+
+
+@transaction.atomic
+def set_retention(
+    repo: Repository,
+    *,
+    keep_last_tags: int | None,
+    delete_untagged_after_days: int | None,
+    actor: Actor,
+) -> RetentionPolicy:
+    for field, value in (
+        ("keep_last_tags", keep_last_tags),
+        ("delete_untagged_after_days", delete_untagged_after_days),
+    ):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (1 if field == "keep_last_tags" else 0)
+        ):
+            raise InvalidInput(
+                f"{field} must be a positive integer or null", details={"field": field}
+            )
+    policy, _ = RetentionPolicy.objects.update_or_create(
+        repository=repo,
+        defaults={
+            "keep_last_tags": keep_last_tags,
+            "delete_untagged_after_days": delete_untagged_after_days,
+        },
+    )
+    record(
+        actor,
+        "registry.retention.set",
+        tenant=repo.tenant,
+        target=repo,
+        details={
+            "keep_last_tags": keep_last_tags,
+            "delete_untagged_after_days": delete_untagged_after_days,
+        },
+    )
+    return policy
+
+
+def apply_retention(
+    repo: Repository, *, actor: Actor, now: datetime | None = None
+) -> dict[str, list[str]]:
+    """Apply the repository's policy: drop tags beyond the newest N, then delete manifests
+    untagged for longer than D days. Returns what was removed."""
+    now = now or timezone.now()
+    removed: dict[str, list[str]] = {"tags": [], "manifests": []}
+    policy = RetentionPolicy.objects.filter(repository=repo).first()
+    if policy is None:
+        return removed
+    if policy.keep_last_tags:
+        stale = list(
+            Tag.objects.filter(repository=repo).order_by("-updated_at", "-id")[
+                policy.keep_last_tags :
+            ]
+        )
+        for tag in stale:
+            delete_tag(tag, actor=actor)
+            removed["tags"].append(tag.name)
+    if policy.delete_untagged_after_days is not None:
+        cutoff = now - timedelta(days=policy.delete_untagged_after_days)
+        untagged = Manifest.objects.filter(repository=repo, tags__isnull=True)
+        # "Untagged since": a manifest's last tag may have moved on after it was pushed;
+        # the push time is the conservative bound we know.
+        for manifest in untagged.filter(pushed_at__lte=cutoff):
+            if _is_index_child(manifest):
+                continue
+            delete_manifest(manifest, actor=actor)
+            removed["manifests"].append(manifest.digest)
+    RetentionPolicy.objects.filter(pk=policy.pk).update(last_applied_at=now)
+    return removed
+
+
+def _is_index_child(manifest: Manifest) -> bool:
+    """Platform manifests of a still-present index are not 'untagged images'."""
+    return (
+        Manifest.objects.filter(repository=manifest.repository, blobs__digest=manifest.digest)
+        .exclude(pk=manifest.pk)
+        .exists()
+    )
+
+
+def apply_all_retention(*, actor: Actor) -> dict[str, dict[str, list[str]]]:
+    results = {}
+    for policy in RetentionPolicy.objects.select_related("repository__tenant"):
+        results[policy.repository.full_name] = apply_retention(policy.repository, actor=actor)
+    return results
+
+
+_GC_MARKED = re.compile(r"(\d+) blobs marked, (\d+) blobs and (\d+) manifests eligible")
+
+
+def run_garbage_collection(*, dry_run: bool = False, actor: Actor) -> GarbageCollectionRun:
+    """Run ``docker-registry garbage-collect`` on the registry's storage and record it.
+
+    Deletes blobs no manifest references. Untagged manifests are left to retention
+    policies (no ``--delete-untagged``), so pinned digests keep working. distribution
+    recommends running GC while the registry is read-only: a blob uploaded during the
+    run but not yet referenced by a manifest could be collected.
+    """
+    run = GarbageCollectionRun.objects.create(dry_run=dry_run)
+    before = _tree_bytes(storage_root())
+    command = ["docker-registry", "garbage-collect"]
+    if dry_run:
+        command.append("--dry-run")
+    command.append(str(registry_dir() / "config.yml"))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=3600, check=False)
+        output = (done.stdout + done.stderr)[-20000:]
+        run.succeeded = done.returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        output = str(exc)
+        run.succeeded = False
+    match = _GC_MARKED.search(output)
+    if match:
+        run.blobs_marked, run.blobs_eligible, run.manifests_eligible = map(int, match.groups())
+    run.bytes_freed = max(0, before - _tree_bytes(storage_root())) if not dry_run else 0
+    run.output = output
+    run.finished_at = timezone.now()
+    run.save()
+    record(
+        actor,
+        "registry.gc",
+        tenant=None,
+        target=run,
+        details={"dry_run": dry_run, "succeeded": run.succeeded, "bytes_freed": run.bytes_freed},
+    )
+    return run
+
+
+def _tree_bytes(root: Path) -> int:
+    if not root.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def find_repository(tenant: Tenant, name: str) -> Repository:
+    repo = Repository.objects.filter(tenant=tenant, name=name).first()
+    if repo is None:
+        raise NotFound(f"no repository {tenant.slug}/{name}")
+    return repo

@@ -1,0 +1,78 @@
+"""The registry's two HTTP endpoints on the control plane (plain Django views: they speak
+the registry protocols, not Berth's API format).
+
+``GET /registry/token``   docker's token endpoint: Basic credentials, ``service`` and
+                           ``scope`` parameters → a signed bearer token.
+``POST /registry/events/`` the registry's notifications, authenticated with the shared
+                           secret from ``notify.secret``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_http_methods
+
+from registry import services
+from registry.errors import RegistryAuthError, RegistryDenied
+from tenants.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
+
+
+def _error(status: int, code: str, message: str) -> JsonResponse:
+    """An error in the distribution format, which docker/skopeo print."""
+    response = JsonResponse(
+        {"errors": [{"code": code, "message": message, "detail": None}]}, status=status
+    )
+    if status == 401:
+        response["WWW-Authenticate"] = 'Basic realm="berth-registry"'
+    return response
+
+
+@csrf_exempt
+@require_http_methods(["GET"])
+def token(request: HttpRequest) -> HttpResponse:
+    """Issue a registry token for the requested scopes (docker uses GET + Basic auth)."""
+    service = request.GET.get("service", "")
+    if service and service != settings.BERTH_REGISTRY_SERVICE:
+        return _error(400, "INVALID_REQUEST", f"unknown service {service!r}")
+    try:
+        credentials = services.parse_basic_auth(request.META.get("HTTP_AUTHORIZATION", ""))
+        principal = services.authenticate(credentials, ip=request.META.get("REMOTE_ADDR"))
+        issued = services.token_for(principal, request.GET.getlist("scope"))
+    except RegistryAuthError as exc:
+        return _error(401, "UNAUTHORIZED", exc.message)
+    except RegistryDenied as exc:
+        return _error(403, "DENIED", exc.message)
+    return JsonResponse(
+        {
+            "token": issued.token,
+            "access_token": issued.token,
+            "expires_in": issued.expires_in,
+            "issued_at": issued.issued_at,
+        }
+    )
+
+
+@csrf_exempt
+@require_http_methods(["POST"])
+def events(request: HttpRequest) -> HttpResponse:
+    """Record the registry's notifications; each event once however often it is sent."""
+    if not services.check_notification_auth(request.META.get("HTTP_AUTHORIZATION", "")):
+        return JsonResponse({"error": "bad notification secret"}, status=401)
+    content_type = request.content_type or ""
+    if content_type not in (EVENTS_MEDIA_TYPE, "application/json"):
+        return JsonResponse({"error": f"unsupported media type {content_type}"}, status=415)
+    try:
+        envelope = json.loads(request.body)
+        counts = services.record_events(envelope)
+    except (ValueError, InvalidInput) as exc:
+        return JsonResponse({"error": f"malformed notification: {exc}"}, status=400)
+    return JsonResponse(counts)
