@@ -264,9 +264,14 @@ def apply_user_namespace(spec: dict[str, Any], ids: IdRange) -> dict[str, Any]:
     """Run the container in a new user namespace: container uid/gid 0 is host ``ids.start``.
 
     Capabilities then only count inside the namespace, and a process that escapes is an
-    unprivileged host user. The rootfs and volumes must be owned by the mapped ids (see
-    ``shift_ownership``). sysfs can only be mounted by a user namespace that also owns a
-    new network namespace, which the runtime always creates.
+    unprivileged host user. The rootfs and volumes must look owned by the mapped ids
+    (``idmap_snapshot``, ``VolumeManager.oci_mounts(user_namespace=...)``).
+
+    Call it after the spec's namespaces are final: a fresh sysfs can only be mounted by
+    a user namespace that owns the container's network namespace. When the spec joins a
+    network namespace made beforehand (by path, owned by the host's user namespace),
+    /sys is instead the host's sysfs bound recursively read-only, as Docker does in
+    rootless mode; the masked paths still apply.
     """
     linux = spec.setdefault("linux", {})
     namespaces = linux.setdefault("namespaces", [])
@@ -274,6 +279,16 @@ def apply_user_namespace(spec: dict[str, Any], ids: IdRange) -> dict[str, Any]:
         namespaces.append({"type": "user"})
     linux["uidMappings"] = ids.oci_mapping()
     linux["gidMappings"] = ids.oci_mapping()
+    joins_netns = any(ns.get("type") == "network" and ns.get("path") for ns in namespaces)
+    if joins_netns:
+        for index, mount in enumerate(spec.get("mounts") or []):
+            if mount.get("destination") == "/sys" and mount.get("type") == "sysfs":
+                spec["mounts"][index] = {
+                    "destination": "/sys",
+                    "type": "bind",
+                    "source": "/sys",
+                    "options": ["rbind", "rro", "nosuid", "noexec", "nodev"],
+                }
     return spec
 
 

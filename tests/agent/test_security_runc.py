@@ -26,6 +26,7 @@ from runtime_agent.runtime.security import (
     DEFAULT_DEVICE_NODES,
     IdRange,
     apply_security_defaults,
+    apply_user_namespace,
     capability_mask,
     ensure_traversable,
     shift_ownership,
@@ -313,3 +314,37 @@ def test_user_namespace_maps_root_to_unprivileged_range(
     owned = agent_config.root / "bundle0" / "rootfs" / "owned"
     assert owned.stat().st_uid == 3_000_000
     assert owned.stat().st_gid == 3_000_000
+
+
+def test_user_namespace_joining_a_prepared_netns(
+    run_container: RunFn, agent_config: AgentConfig
+) -> None:
+    # The network subsystem prepares a container's netns before runc runs; a user
+    # namespace can't mount a fresh sysfs for a netns it doesn't own, so /sys becomes the
+    # host's, recursively read-only (and still masked).
+    netns = f"{agent_config.name}-userns"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    ids = IdRange(start=3_100_000, size=65536)
+
+    def join_netns(spec: dict[str, Any]) -> None:
+        for ns in spec["linux"]["namespaces"]:
+            if ns["type"] == "network":
+                ns["path"] = f"/run/netns/{netns}"
+        apply_user_namespace(spec, ids)
+
+    try:
+        result = run_container(
+            "cat /proc/self/uid_map; ls -A /sys/firmware | wc -l;"
+            " echo 1 > /sys/kernel/mm/ksm/run && echo wrote-sys;"
+            " ls /sys/kernel >/dev/null && echo ok",
+            user_namespace=ids,
+            mutate=join_netns,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert lines[0].split() == ["0", "3100000", "65536"]
+    assert lines[1] == "0"
+    assert "wrote-sys" not in result.stdout and "ok" in lines
+    assert "Read-only file system" in result.stderr
