@@ -8,6 +8,7 @@ from runtime_agent.devices.cdi import (
     InvalidCDISpec,
     UnknownDevice,
     apply_edits,
+    list_devices,
     parse_qualified_name,
     resolve,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "InvalidCDISpec",
     "UnknownDevice",
     "apply_edits",
+    "list_devices",
     "parse_qualified_name",
     "resolve",
 ]

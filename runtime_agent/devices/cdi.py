@@ -338,3 +338,8 @@ def apply_edits(spec: dict[str, Any], edits: ContainerEdits) -> dict[str, Any]:
 def resolve(names: Iterable[str], spec_dirs: Sequence[Path] = DEFAULT_SPEC_DIRS) -> ContainerEdits:
     """OCI edits for CDI device names, read from the node's spec directories."""
     return CDIRegistry(spec_dirs).resolve(names)
+
+
+def list_devices(spec_dirs: Sequence[Path] = DEFAULT_SPEC_DIRS) -> list[str]:
+    """Fully-qualified names of every CDI device defined on this node."""
+    return CDIRegistry(spec_dirs).list_devices()

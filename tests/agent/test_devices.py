@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from runtime_agent.config import AgentConfig
-from runtime_agent.devices import CDIRegistry, UnknownDevice, resolve
+from runtime_agent.devices import CDIRegistry, UnknownDevice, list_devices, resolve
 from runtime_agent.errors import InvalidArgument
 from runtime_agent.runtime.security import apply_security_defaults
 from tests.agent.test_security_runc import build_rootfs
@@ -88,6 +88,7 @@ def test_resolve_device_nodes_env_mounts(tmp_path: Path) -> None:
     etc, run = write_specs(tmp_path)
     registry = CDIRegistry([etc, run])
     assert registry.list_devices() == ["example.com/fake=loopctl", "example.com/fake=zero"]
+    assert list_devices([etc, run]) == registry.list_devices()
     assert any("broken.json" in e for e in registry.errors)
     edits = registry.resolve(["example.com/fake=loopctl"])
     (device,) = edits.devices
@@ -122,6 +123,7 @@ def test_unknown_and_malformed_names(tmp_path: Path) -> None:
 def test_no_spec_dirs_means_no_devices(tmp_path: Path) -> None:
     registry = CDIRegistry([tmp_path / "missing"])
     assert registry.list_devices() == []
+    assert list_devices([tmp_path / "missing"]) == []
     with pytest.raises(UnknownDevice, match="known here: none"):
         registry.resolve(["example.com/fake=zero"])
 
