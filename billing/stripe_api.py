@@ -33,8 +33,14 @@ class SignatureInvalid(Exception):
     """A webhook payload's Stripe-Signature header does not verify."""
 
 
+#: The settings default: with it and no STRIPE_API_BASE, Berth has no Stripe to talk to.
+UNCONFIGURED_KEY = "sk_test_berth_local"
+
+
 def _client() -> stripe.StripeClient:
     base = getattr(settings, "STRIPE_API_BASE", "")
+    if not base and settings.STRIPE_SECRET_KEY == UNCONFIGURED_KEY:
+        raise StripeUnavailable("Stripe is not configured (set STRIPE_SECRET_KEY)")
     kwargs: dict[str, Any] = {"max_network_retries": 0}
     if base:
         kwargs["base_addresses"] = {"api": base}
