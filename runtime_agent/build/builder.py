@@ -789,9 +789,7 @@ class Builder:
                 state,
                 new,
                 result.layer,
-                "/bin/sh -c " + created_by
-                if not created_by.startswith("/bin/sh -c")
-                else created_by,
+                created_by,
             )
 
         return self._cached(job, state, signature, make)
