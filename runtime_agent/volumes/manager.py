@@ -152,10 +152,12 @@ class VolumeManager:
         return self._tenant_dir(tenant) / name
 
     @contextlib.contextmanager
-    def _locked(self, tenant: str) -> Iterator[None]:
+    def _locked(self, tenant: str, lock_name: str = ".lock") -> Iterator[None]:
+        """Serialise changes to a tenant's volumes (``.lock``) or mounts (``.mount.lock``;
+        separate so mounting inside a locked create does not wait on itself)."""
         tenant_dir = self._tenant_dir(tenant)
         tenant_dir.mkdir(parents=True, exist_ok=True)
-        with open(tenant_dir / ".lock", "a") as lock:
+        with open(tenant_dir / lock_name, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -484,6 +486,13 @@ class VolumeManager:
         data = directory / DATA
         if _mounted(data):
             return
+        with self._locked(volume.tenant, ".mount.lock"):
+            if not _mounted(data):  # another process may have won the race
+                self._mount_disk(directory)
+
+    @staticmethod
+    def _mount_disk(directory: Path) -> None:
+        data = directory / DATA
         _run(
             [
                 "mount",
