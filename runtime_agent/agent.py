@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from runtime_agent.build.builder import Builder
     from runtime_agent.content.store import ContentStore
     from runtime_agent.images.store import ImageStore
+    from runtime_agent.network.manager import NetworkManager
     from runtime_agent.snapshots.snapshotter import Snapshotter
     from runtime_agent.volumes.manager import VolumeManager
 
@@ -52,3 +53,9 @@ class Agent:
         from runtime_agent.build.builder import Builder
 
         return Builder(self)
+
+    @cached_property
+    def networks(self) -> NetworkManager:
+        from runtime_agent.network.manager import NetworkManager
+
+        return NetworkManager(self.config)
