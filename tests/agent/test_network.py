@@ -41,6 +41,7 @@ pytestmark = pytest.mark.privileged
 
 POOL = "10.213.0.0/16"
 WWW = "hello from berth\n"
+ANY = "0.0.0.0"  # noqa: S104 - tests bind host-wide on purpose
 
 
 def cid() -> str:
@@ -93,7 +94,7 @@ def procs() -> Iterator[Procs]:
 def httpd(procs: Procs, netns: str | None, root: Path, bind: str = "80") -> None:
     prefix = ["nsenter", f"--net={netns}"] if netns else []
     procs.start([*prefix, "busybox", "httpd", "-f", "-p", bind, "-h", str(root)])
-    host, _, port = bind.rpartition(":")
+    _host, _, port = bind.rpartition(":")
     wait_listening(netns, int(port))
 
 
@@ -108,7 +109,9 @@ def wait_listening(netns: str | None, port: int, timeout: float = 5.0) -> None:
     raise AssertionError(f"nothing listens on port {port}")
 
 
-def in_container(setup: NetworkSetup, script: str, timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+def in_container(
+    setup: NetworkSetup, script: str, timeout: float = 10.0
+) -> subprocess.CompletedProcess[str]:
     """Run a shell script in the container's netns with its resolv.conf in place."""
     assert setup.netns_path is not None
     resolv = Path(setup.netns_path + ".resolv")
@@ -172,6 +175,10 @@ def owned_links(prefix: str) -> list[str]:
             for link in ipr.get_links()
             if str(link.get("ifname")).startswith(prefix)
         ]
+
+
+def veths(net: NetworkManager) -> list[str]:
+    return [name for name in owned_links(net.prefix) if name[len(net.prefix)] == "v"]
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -367,7 +374,7 @@ def test_containers_cannot_reach_node_services_or_link_local(
     # A service on every host address, as the agent, Redis or SSH could be.
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", 0))
+    listener.bind((ANY, 0))
     listener.listen(64)
     port = listener.getsockname()[1]
     stop = threading.Event()
@@ -460,9 +467,7 @@ def test_published_ports_work_from_loopback_and_host_addresses(
     assert fetch(client, f"http://{host_addresses()[0]}:{port}/") == WWW
 
 
-def test_published_port_bound_to_one_address(
-    net: NetworkManager, procs: Procs, www: Path
-) -> None:
+def test_published_port_bound_to_one_address(net: NetworkManager, procs: Procs, www: Path) -> None:
     net.create("acme", "web")
     port = free_port()
     server = net.attach(
@@ -491,7 +496,7 @@ def test_port_conflicts_are_refused_and_roll_back(net: NetworkManager) -> None:
         )
     # a host process holding a port
     holder = socket.socket()
-    holder.bind(("0.0.0.0", 0))
+    holder.bind((ANY, 0))
     holder.listen(1)
     taken = holder.getsockname()[1]
     try:
@@ -507,18 +512,22 @@ def test_port_conflicts_are_refused_and_roll_back(net: NetworkManager) -> None:
     assert len(net.inspect("acme", "web").containers) == 1
     # the udp side of the same number is a different port
     net.attach(
-        "acme", second, "b", [NetworkAttachment("web")], [PortMapping(80, port, protocol="udp")],
+        "acme",
+        second,
+        "b",
+        [NetworkAttachment("web")],
+        [PortMapping(80, port, protocol="udp")],
         name="b",
     )
     # removing the container frees the port
     net.detach("acme", first)
     with socket.socket() as s:
-        s.bind(("0.0.0.0", port))
+        s.bind((ANY, port))
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
+        s.bind((ANY, 0))
         return int(s.getsockname()[1])
 
 
@@ -538,7 +547,7 @@ def test_failed_attach_rolls_back_everything_it_created(net: NetworkManager) -> 
     assert net.endpoint("acme", container) is None
     assert not net.netns_path(container).exists()
     assert mounts_under(net.config.netns_dir) == [str(net.config.netns_dir)]
-    assert [l for l in owned_links(net.prefix) if l[len(net.prefix)] == "v"] == []
+    assert veths(net) == []
     assert net.inspect("acme", "a").containers == ()
     # recovery re-creates the lost bridge and attaching works again
     net.recover()
@@ -561,27 +570,31 @@ def test_network_none_and_host_modes(net: NetworkManager) -> None:
     assert host.netns_path is None
 
 
-def test_nothing_is_left_after_removal(
-    net: NetworkManager, procs: Procs, www: Path
-) -> None:
+def test_nothing_is_left_after_removal(net: NetworkManager, procs: Procs, www: Path) -> None:
     net.create("acme", "web")
     ids = [cid() for _ in range(3)]
     setups = [
         net.attach(
-            "acme", i, f"h{n}", [NetworkAttachment("web", aliases=(f"alias{n}",))],
-            [PortMapping(80)], name=f"c{n}",
+            "acme",
+            i,
+            f"h{n}",
+            [NetworkAttachment("web", aliases=(f"alias{n}",))],
+            [PortMapping(80)],
+            name=f"c{n}",
         )
         for n, i in enumerate(ids)
     ]
     assert is_running(net.run_dir / "netd.sock")
     assert firewall.table_exists(net.table)
-    ruleset = subprocess.run(["nft", "list", "table", "ip", net.table], capture_output=True,
-                             text=True).stdout
+    ruleset = subprocess.run(
+        ["nft", "list", "table", "ip", net.table], capture_output=True, text=True
+    ).stdout
     assert ip_of(setups[0], "web") in ruleset
     net.detach("acme", ids[0])
     net.detach("acme", ids[0])  # idempotent
-    ruleset = subprocess.run(["nft", "list", "table", "ip", net.table], capture_output=True,
-                             text=True).stdout
+    ruleset = subprocess.run(
+        ["nft", "list", "table", "ip", net.table], capture_output=True, text=True
+    ).stdout
     assert f"{ip_of(setups[0], 'web')}:80" not in ruleset
     # its DNS names are gone for the others
     out = in_container(setups[1], "busybox nslookup c0; busybox nslookup alias0").stdout
@@ -614,9 +627,7 @@ def test_recover_keeps_live_attachments_and_removes_orphans(
     # and the helper daemon killed
     delete_netns(net.netns_path(gone))
     with IPRoute() as ipr:
-        ipr.link(
-            "add", ifname=f"{net.prefix}v0ddba1", kind="veth", peer=f"{net.prefix}c0ddba1"
-        )
+        ipr.link("add", ifname=f"{net.prefix}v0ddba1", kind="veth", peer=f"{net.prefix}c0ddba1")
     create_netns(net.config.netns_dir / ("f" * 64)).close()
     pid = int((net.run_dir / "netd.pid").read_text())
     os.kill(pid, 9)
@@ -653,17 +664,24 @@ def test_ipam_survives_a_restart_without_double_allocation(
 def test_bandwidth_limits_are_tc_qdiscs(net: NetworkManager) -> None:
     net.create("acme", "web")
     setup = net.attach(
-        "acme", cid(), "x", [NetworkAttachment("web")], name="x",
-        ingress_bps=8_000_000, egress_bps=4_000_000,
+        "acme",
+        cid(),
+        "x",
+        [NetworkAttachment("web")],
+        name="x",
+        ingress_bps=8_000_000,
+        egress_bps=4_000_000,
     )
     inside = subprocess.run(
         ["nsenter", f"--net={setup.netns_path}", "tc", "qdisc", "show", "dev", "eth0"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert "tbf" in inside and "4Mbit" in inside
-    veth = [l for l in owned_links(net.prefix) if l[len(net.prefix)] == "v"][0]
-    host = subprocess.run(["tc", "qdisc", "show", "dev", veth], capture_output=True,
-                          text=True).stdout
+    veth = veths(net)[0]
+    host = subprocess.run(
+        ["tc", "qdisc", "show", "dev", veth], capture_output=True, text=True
+    ).stdout
     assert "tbf" in host and "8Mbit" in host
 
 
