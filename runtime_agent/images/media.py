@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import hashlib
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 from typing import IO, BinaryIO
 
@@ -78,17 +79,38 @@ def open_uncompressed(raw: BinaryIO) -> Iterator[IO[bytes]]:
         with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
             yield stream  # type: ignore[misc]
     elif kind == "zstd":
-        proc = subprocess.Popen(["zstd", "-dcq"], stdin=raw, stdout=subprocess.PIPE)
-        assert proc.stdout is not None
+        proc = subprocess.Popen(
+            ["zstd", "-dcq"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        feeder = threading.Thread(target=_feed, args=(raw, proc.stdin), daemon=True)
+        feeder.start()
         try:
             yield proc.stdout
-            proc.stdout.read()
+            while proc.stdout.read(1 << 20):
+                pass
         finally:
             proc.stdout.close()
+            feeder.join()
             if proc.wait() != 0:
                 raise InvalidArgument("layer is not valid zstd data")
     else:
         yield raw
+
+
+def _feed(source: BinaryIO, sink: IO[bytes]) -> None:
+    """Copy a blob into a decompressor's stdin (a thread, so reading never deadlocks)."""
+    try:
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            sink.write(chunk)
+    except (BrokenPipeError, ValueError):
+        pass  # the reader stopped early; its exit status reports why
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            sink.close()
 
 
 def uncompressed_digest(content: ContentStore, digest: str) -> str:

@@ -396,3 +396,69 @@ def test_oci_archive_written_by_skopeo_imports(
     assert image.reference == f"{docker_tag}-oci:latest"
     assert image.layers[0]["mediaType"].endswith("tar+gzip")
     assert _layer_files(agent, image.layers[0]["digest"]) == {"hello": b"oci"}
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd not installed")
+def test_import_rootfs_zstd(agent: Agent) -> None:
+    rootfs = _tar({"z": b"zstd layer"})
+    packed = subprocess.run(
+        ["zstd", "-q", "-c"], input=rootfs, capture_output=True, check=True
+    ).stdout
+    image = agent.images.import_rootfs("acme", io.BytesIO(packed), "z")
+    assert image.layers[0]["mediaType"].endswith("+zstd")
+    import hashlib
+
+    assert image.diff_ids == ["sha256:" + hashlib.sha256(rootfs).hexdigest()]
+
+
+def test_legacy_archive_with_symlinked_duplicate_layer(agent: Agent) -> None:
+    """docker <= 24 writes a repeated layer once and symlinks the second copy."""
+    import hashlib
+
+    layer = _tar({"same": b"1"})
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    cfg = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id, diff_id]},
+        }
+    ).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("aaa/layer.tar", layer), ("cfg.json", cfg)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("bbb/layer.tar")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "../aaa/layer.tar"
+        tar.addfile(link)
+        manifest = json.dumps(
+            [
+                {
+                    "Config": "cfg.json",
+                    "RepoTags": ["dup:1"],
+                    "Layers": ["aaa/layer.tar", "bbb/layer.tar"],
+                }
+            ]
+        ).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    [image] = agent.images.import_archive("acme", io.BytesIO(buf.getvalue()))
+    assert image.reference == "dup:1"
+    assert [d["digest"] for d in image.layers] == [diff_id, diff_id]
+    assert len(set(image.chain_ids)) == 2
+
+
+def test_archive_symlink_pointing_outside_is_refused(agent: Agent) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        link = tarfile.TarInfo("manifest.json")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    with pytest.raises(InvalidArchive):
+        agent.images.import_archive("acme", io.BytesIO(buf.getvalue()))

@@ -252,3 +252,20 @@ def test_sized_layer_too_small_is_invalid(agent: Agent) -> None:
     with pytest.raises(InvalidArgument):
         agent.snapshots.prepare("tiny", image, size_bytes=1024)
     assert agent.snapshots.list() == []
+
+
+def test_concurrent_prepares_unpack_each_layer_once(agent: Agent) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = bootstrap_busybox(agent)
+    keys = [f"par{i}" for i in range(6)]
+    try:
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            roots = list(pool.map(lambda k: agent.snapshots.prepare(k, image), keys))
+        assert all((root / "bin" / "busybox").exists() for root in roots)
+        entries = sorted(p.name for p in agent.snapshots.layers_dir.iterdir())
+        assert entries == [image.chain_ids[0].split(":")[1]]  # no leftover temp dirs
+    finally:
+        for key in keys:
+            agent.snapshots.remove(key)
+    assert not mounts_under(agent.config.root)
