@@ -110,3 +110,77 @@ def image_tree(agent: Agent, tenant: str, ref: str) -> dict[str, tuple[str, int,
             detail = data.decode(errors="replace") if len(data) < 4096 else f"<{len(data)}>"
         out[path] = (entry.kind, entry.mode, entry.uid, entry.gid, detail)
     return out
+
+
+CORPUS = Path(__file__).parent
+
+
+def corpus_cases() -> list[str]:
+    return sorted(p.name for p in CORPUS.iterdir() if (p / "expected.json").is_file())
+
+
+def corpus_context(case: str, dest: Path) -> tuple[Path, dict[str, Any]]:
+    """Copy a corpus case to ``dest`` with fixed permissions (git keeps only +x)."""
+    import json
+    import os
+
+    shutil.copytree(CORPUS / case, dest)
+    for dirpath, _dirnames, filenames in os.walk(dest):
+        os.chmod(dirpath, 0o755)  # noqa: S103
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    expected = json.loads((dest / "expected.json").read_text())
+    return dest, expected
+
+
+def check_expected(
+    tree: dict[str, tuple[str, int, int, int, str]], config: dict[str, Any], expected: dict
+) -> None:
+    """Assert an image tree and config match a corpus case's expected.json."""
+    for path, want in expected.get("files", {}).items():
+        assert path in tree, f"{path} missing from the image"
+        kind, mode, uid, gid, detail = tree[path]
+        assert kind == want.get("kind", "file"), path
+        if "content" in want:
+            assert detail == want["content"], path
+        if "target" in want:
+            assert detail == want["target"], path
+        if "mode" in want:
+            assert mode == int(want["mode"], 8), f"{path}: mode {mode:o}"
+        if "uid" in want:
+            assert uid == want["uid"], f"{path}: uid {uid}"
+        if "gid" in want:
+            assert gid == want["gid"], f"{path}: gid {gid}"
+    for path in expected.get("absent", []):
+        assert path not in tree, f"{path} should not be in the image"
+    for key, want in expected.get("config", {}).items():
+        assert config.get(key) == want, f"config {key}: {config.get(key)!r} != {want!r}"
+
+
+def run_image(
+    agent: Agent, tenant: str, ref: str, argv: list[str] | None = None
+) -> tuple[int, str]:
+    """Run an image's Entrypoint + Cmd (or ``argv``) once under Berth's runc path."""
+    import secrets
+
+    from runtime_agent.build.run import ContainerStepRunner
+    from runtime_agent.build.steps import BuildLimits, RunRequest
+
+    image = agent.images.resolve(tenant, ref)
+    cfg = image.container_config
+    command = argv or [*(cfg.get("Entrypoint") or []), *(cfg.get("Cmd") or [])]
+    chunks: list[bytes] = []
+    result = ContainerStepRunner(agent).run_step(
+        RunRequest(
+            tenant,
+            f"run-{secrets.token_hex(6)}",
+            [dict(layer) for layer in image.layers],
+            command,
+            list(cfg.get("Env") or []),
+            str(cfg.get("User") or ""),
+            str(cfg.get("WorkingDir") or "/"),
+            BuildLimits(network=None, step_timeout=60),
+            chunks.append,
+        )
+    )
+    return result.exit_code, b"".join(chunks).decode()
