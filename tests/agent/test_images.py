@@ -154,3 +154,15 @@ def test_gc_removes_only_unreferenced_blobs(agent: Agent) -> None:
     for digest in (keep.manifest_digest, keep.config_digest, keep.layers[0]["digest"]):
         assert agent.content.has(digest)
     assert agent.images.resolve("acme", "busybox")
+
+
+def test_other_tenants_images_cannot_be_reached_by_id_or_digest(agent: Agent) -> None:
+    image = agent.images.commit("acme", "private", {}, [_layer(agent, {"s": b"secret"})])
+    for ref in (image.config_digest, image.short_id, f"private@{image.manifest_digest}"):
+        with pytest.raises(NotFound):
+            agent.images.resolve("other", ref)
+    with pytest.raises(NotFound):
+        agent.images.tag("other", image.config_digest, "stolen")
+    with pytest.raises(NotFound):
+        agent.images.remove("other", image.config_digest)
+    assert agent.images.resolve("acme", image.short_id).reference == "private:latest"
