@@ -313,20 +313,35 @@ class Snapshotter:
 
     # ----------------------------------------------------------------- GC
     def gc(
-        self, referenced_chain_ids: Iterable[str], keys_in_use: Iterable[str] | None = None
+        self,
+        referenced_chain_ids: Iterable[str],
+        keys_in_use: Iterable[str] | None = None,
+        *,
+        orphan_grace_seconds: float = 3600.0,
     ) -> dict[str, builtins.list[str]]:
         """Remove unreferenced layers and (if ``keys_in_use`` is given) orphan snapshots.
 
-        Layers are kept when an image references their chain id or a remaining snapshot
-        stacks on them. Returns what was removed.
+        A snapshot is an orphan when its key is not in ``keys_in_use`` and it is older
+        than ``orphan_grace_seconds`` (a container being created or a build step running
+        right now owns a young snapshot the caller may not know about). Layers are kept
+        when an image references their chain id or a remaining snapshot stacks on them.
+        Returns what was removed.
         """
-        removed: dict[str, list[str]] = {"snapshots": [], "layers": []}
+        removed: dict[str, builtins.list[str]] = {"snapshots": [], "layers": []}
         if keys_in_use is not None:
             keep = set(keys_in_use)
+            cutoff = datetime.now(UTC).timestamp() - orphan_grace_seconds
             for info in self.list():
-                if info.key not in keep:
-                    self.remove(info.key)
-                    removed["snapshots"].append(info.key)
+                if info.key in keep:
+                    continue
+                try:
+                    created = datetime.fromisoformat(info.created).timestamp()
+                except ValueError:
+                    created = 0.0
+                if created > cutoff:
+                    continue
+                self.remove(info.key)
+                removed["snapshots"].append(info.key)
         keep_chains = set(referenced_chain_ids)
         for info in self.list():
             keep_chains.update(info.chain_ids)
