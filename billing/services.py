@@ -130,10 +130,15 @@ def _validate_seat_count(seats: Any) -> int:
 
 
 def must_shrink(tenant: Tenant, plan: Plan, seats: int) -> list[dict[str, Any]]:
-    """Quotas whose current use exceeds what ``plan`` × ``seats`` would allow."""
+    """Quotas whose current use exceeds what ``plan`` × ``seats`` would allow.
+
+    Call inside a transaction: the usage rows stay locked until it ends.
+    """
     limits = plan.limits(seats, tenant.overrides())
     problems = []
-    for row in QuotaUsage.objects.filter(tenant=tenant).order_by("quota"):
+    # Locked in name order, like ``reserve``: a reservation racing this change waits,
+    # then reads the new limits.
+    for row in QuotaUsage.objects.select_for_update().filter(tenant=tenant).order_by("quota"):
         if row.quota in PER_CONTAINER_QUOTAS:
             continue
         if row.used > limits[row.quota]:
@@ -147,6 +152,16 @@ def must_shrink(tenant: Tenant, plan: Plan, seats: int) -> list[dict[str, Any]]:
                 }
             )
     return problems
+
+
+def _lock_usage_then_tenant(tenant: Tenant) -> Tenant:
+    """Lock the tenant's quota usage rows (name order), then the tenant row.
+
+    ``reserve`` locks usage rows and then writes an audit row referencing the tenant (a key
+    share lock on it); taking the usage rows first here keeps the two from deadlocking.
+    """
+    list(QuotaUsage.objects.select_for_update().filter(tenant=tenant).order_by("quota"))
+    return tenant_services._lock_tenant(tenant)
 
 
 def _refuse_if_over_usage(tenant: Tenant, plan: Plan, seats: int) -> None:
@@ -208,7 +223,7 @@ def _schedule_sync(account: BillingAccount) -> None:
 def change_seats(tenant: Tenant, seats: Any, *, actor: Actor, reason: str = "") -> Tenant:
     """Buy or release seats. Stripe's quantity follows (prorated) after the commit."""
     seats = _validate_seat_count(seats)
-    tenant = tenant_services._lock_tenant(tenant)
+    tenant = _lock_usage_then_tenant(tenant)
     tenant_services.ensure_active(tenant)
     account = _locked_account(tenant)
     if seats - account.comp_seats < tenant.plan.min_seats:
@@ -239,14 +254,14 @@ def add_seat_for_invitation(tenant: Tenant, *, actor: Actor, actor_role: str | N
     """
     if actor_role not in (Role.OWNER, Role.ADMIN, Role.BILLING):
         raise PermissionDenied("only owners, admins and billing members can buy seats")
-    tenant = tenant_services._lock_tenant(tenant)
+    tenant = _lock_usage_then_tenant(tenant)
     return change_seats(tenant, tenant.seats + 1, actor=actor, reason="seat bought for invitation")
 
 
 @transaction.atomic
 def release_seat_after_removal(tenant: Tenant, *, actor: Actor) -> Tenant:
     """After a member left: drop one seat if it is now unused (never below the plan minimum)."""
-    tenant = tenant_services._lock_tenant(tenant)
+    tenant = _lock_usage_then_tenant(tenant)
     account = _locked_account(tenant)
     used = tenant.memberships.count() + tenant_services._pending_invitations(tenant)
     target = max(used, tenant.plan.min_seats + account.comp_seats)
@@ -273,7 +288,7 @@ def change_plan(
             f"unknown plan {plan_code!r}",
             details={"field": "plan", "allowed": list(Plan.objects.values_list("code", flat=True))},
         )
-    tenant = tenant_services._lock_tenant(tenant)
+    tenant = _lock_usage_then_tenant(tenant)
     tenant_services.ensure_active(tenant)
     account = _locked_account(tenant)
     if seats is None:
@@ -312,7 +327,7 @@ def comp_seats(tenant: Tenant, count: Any, *, actor: Actor, reason: str) -> Tena
         raise InvalidInput("count must be a non-zero whole number", details={"field": "count"})
     if not reason.strip():
         raise InvalidInput("a reason is required", details={"field": "reason"})
-    tenant = tenant_services._lock_tenant(tenant)
+    tenant = _lock_usage_then_tenant(tenant)
     account = _locked_account(tenant)
     if account.comp_seats + count < 0:
         raise InvalidInput(
@@ -468,6 +483,7 @@ def apply_subscription_state(
     and is pushed again by the sync task.
     """
     with transaction.atomic():
+        tenant_services._lock_tenant(account.tenant)  # tenant before account, everywhere
         account = BillingAccount.objects.select_for_update().get(pk=account.pk)
         if account.subscription_event_at and event_created < account.subscription_event_at:
             return "stale: a newer subscription state was applied already"
@@ -634,6 +650,7 @@ def link_checkout(
         return "no subscription in session"
     sub = stripe_api.retrieve_subscription(str(sub_id))
     with transaction.atomic():
+        tenant_services._lock_tenant(account.tenant)
         locked = BillingAccount.objects.select_for_update().get(pk=account.pk)
         if not locked.stripe_customer_id and session.get("customer"):
             locked.stripe_customer_id = session["customer"]
@@ -710,6 +727,7 @@ def record_payment_succeeded(
 ) -> str:
     """An invoice was paid: leave dunning and lift a billing suspension."""
     now = now or timezone.now()
+    tenant_services._lock_tenant(account.tenant)
     account = BillingAccount.objects.select_for_update().get(pk=account.pk)
     if account.last_paid_at is None or paid_at > account.last_paid_at:
         account.last_paid_at = paid_at
@@ -763,6 +781,7 @@ def enforce_dunning(now: datetime | None = None) -> dict[str, int]:
 
 @transaction.atomic
 def _suspend_for_nonpayment(account_id: int, now: datetime) -> bool:
+    tenant_services._lock_tenant(Tenant(pk=BillingAccount.objects.get(pk=account_id).tenant_id))
     account = BillingAccount.objects.select_for_update().get(pk=account_id)
     if account.dunning_state != DunningState.PAST_DUE or not account.grace_ends_at:
         return False
