@@ -816,20 +816,38 @@ def _suspend_for_nonpayment(account_id: int, now: datetime) -> bool:
     return True
 
 
+def stop_tenant_services(tenant: Tenant, *, reason: str) -> list[str]:
+    """Stop every running service of the tenant (spec, volumes and data are kept); return
+    their names. The default ``BILLING_STOP_SERVICES_HOOK``."""
+    from workloads.choices import ServiceState
+    from workloads.models import Service
+    from workloads.services.deploy import stop_service
+
+    stopped = []
+    for service in Service.objects.filter(tenant=tenant, state=ServiceState.ACTIVE):
+        stop_service(service, actor=BILLING_ACTOR)
+        stopped.append(service.name)
+    return stopped
+
+
 @transaction.atomic
 def _stop_services(account_id: int, now: datetime) -> bool:
     account = BillingAccount.objects.select_for_update().get(pk=account_id)
     if account.dunning_state != DunningState.SUSPENDED or account.services_stopped_at:
         return False
-    hook_path = getattr(settings, "BILLING_STOP_SERVICES_HOOK", "")
-    if not hook_path:
-        log.warning("BILLING_STOP_SERVICES_HOOK unset; tenant %s keeps running", account.tenant_id)
-        return False
-    hook = import_string(hook_path)
-    hook(account.tenant, reason="suspended for non-payment")
+    hook = import_string(
+        getattr(settings, "BILLING_STOP_SERVICES_HOOK", "billing.services.stop_tenant_services")
+    )
+    stopped = hook(account.tenant, reason="suspended for non-payment")
     account.services_stopped_at = now
     account.save(update_fields=["services_stopped_at", "updated_at"])
-    record(BILLING_ACTOR, "billing.services_stopped", tenant=account.tenant, target=account.tenant)
+    record(
+        BILLING_ACTOR,
+        "billing.services_stopped",
+        tenant=account.tenant,
+        target=account.tenant,
+        details={"services": list(stopped or [])},
+    )
     return True
 
 

@@ -158,3 +158,35 @@ def test_the_tenant_sees_its_dunning_state(
     response = client.post("/api/v1/tenants/acme/billing/portal/", {}, format="json")
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "billing_unavailable"
+
+
+def test_suspension_stops_running_services_and_keeps_them(
+    make_tenant: Callable[..., Any], settings: Any
+) -> None:
+    from workloads.models import Service
+    from workloads.services.deploy import create_service
+
+    settings.BILLING_GRACE_PERIOD_HOURS = 1
+    settings.BILLING_STOP_SERVICES_AFTER_HOURS = 2
+    tenant, _ = make_tenant("acme", plan="team", seats=2)
+    create_service(
+        tenant,
+        name="web",
+        data={"image": "library/busybox:latest"},
+        replicas=2,
+        actor=services.BILLING_ACTOR,
+    )
+    containers_used = tenant.quota_usage.get(quota="containers").used
+    assert containers_used == 2
+    account = services.account_for(tenant)
+    services.record_payment_failed(account, failed_at=T0, invoice_id="in_1", now=T0)
+    services.enforce_dunning(now=T0 + timedelta(hours=1))
+    assert Service.objects.get(tenant=tenant, name="web").state == "active"  # notice period
+
+    services.enforce_dunning(now=T0 + timedelta(hours=3))
+
+    service = Service.objects.get(tenant=tenant, name="web")
+    assert service.state == "stopped" and service.replicas == 2  # spec kept
+    assert tenant.quota_usage.get(quota="containers").used == 0
+    entry = AuditLog.objects.get(tenant=tenant, action="billing.services_stopped")
+    assert entry.details == {"services": ["web"]}
