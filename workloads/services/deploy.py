@@ -11,7 +11,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from tenants import services as tenant_services
-from tenants.errors import Conflict, InvalidInput
+from tenants.errors import Conflict, InvalidInput, QuotaExceeded
 from tenants.models import Tenant
 from tenants.services import Actor, record
 from workloads.choices import ContainerState, DeploymentState, DesiredState, ServiceState
@@ -35,10 +35,24 @@ def _reserve_replica(service: Service, container: Container, *, actor: Actor) ->
 
 
 def _add_replicas(service: Service, count: int, *, actor: Actor) -> list[Container]:
+    """Create ``count`` replicas, each holding its own reservation (released on its own).
+
+    A refusal is reported for the whole request: the use before it and what all the
+    replicas together asked for, not the state halfway through the loop.
+    """
     created = []
-    for _ in range(count):
+    for index in range(count):
         container = specs.new_service_container(service)
-        _reserve_replica(service, container, actor=actor)
+        try:
+            _reserve_replica(service, container, actor=actor)
+        except QuotaExceeded as exc:
+            per_replica = exc.details["requested"]
+            raise QuotaExceeded(
+                exc.details["quota"],
+                exc.details["limit"],
+                exc.details["used"] - index * per_replica,
+                count * per_replica,
+            ) from None
         container.save()
         created.append(container)
     if created:

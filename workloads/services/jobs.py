@@ -234,6 +234,12 @@ def run_finished(container: Container, *, cpu_seconds: float | None, memory: int
     run.cpu_seconds = cpu_seconds
     run.max_memory_bytes = memory
     run.save()
+    # The run's quota (a concurrent-job slot, its CPU and memory) comes back as soon as it
+    # ends; its stopped container only lingers until its logs are collected.
+    if container.reservation_id is not None:
+        Container.objects.filter(pk=container.pk).update(reservation=None)
+        tenant_services.release(container.reservation_id, actor=SYSTEM, reason="run ended")
+        container.reservation_id = None
     job = run.job
     if run.state in (RunState.FAILED, RunState.TIMED_OUT) and run.attempt <= job.max_retries:
         delay = job.backoff_seconds * 2 ** (run.attempt - 1)
