@@ -971,6 +971,35 @@ def record_reading(tenant: Tenant, source: str, reading: metering.Reading) -> bo
     return True
 
 
+def record_container_usage(
+    tenant: Tenant,
+    *,
+    node_id: str,
+    container_id: str,
+    at: datetime,
+    cpu_seconds: float,
+    memory_bytes: int,
+    gpus: int = 0,
+    storage_bytes: int = 0,
+) -> bool:
+    """Meter one container's stats from a node report (``protocol.ContainerReport``).
+
+    For the workloads app to call per known container while handling a node report:
+    ``cpu_seconds`` is the cgroup's cumulative CPU time, ``memory_bytes`` current usage.
+    """
+    return record_reading(
+        tenant,
+        f"{node_id}/{container_id}",
+        metering.Reading(
+            at=at.timestamp(),
+            cpu_usage_ns=round(cpu_seconds * 1_000_000_000),
+            memory_bytes=memory_bytes,
+            gpus=gpus,
+            storage_bytes=storage_bytes,
+        ),
+    )
+
+
 def record_build(
     tenant: Tenant, build_id: str, *, started_at: datetime, finished_at: datetime
 ) -> bool:

@@ -146,3 +146,20 @@ def test_build_minutes_and_spend_cap(
         services.check_new_usage_allowed(tenant, "deploy", now)
     assert refused.value.details["cap_cents"] == 1000
     assert "Running services keep running" in refused.value.message
+
+
+def test_node_report_stats_feed_the_meter(make_tenant: Callable[..., Any]) -> None:
+    tenant, _ = make_tenant("acme", plan="pro", seats=1)
+    t = HOUR + timedelta(minutes=5)
+    for i, (cpu, mem) in enumerate([(1.5, GIB), (4.0, GIB), (4.0, 3 * GIB)]):
+        assert services.record_container_usage(
+            tenant,
+            node_id="node-a",
+            container_id="3f2c",
+            at=t + timedelta(seconds=30 * i),
+            cpu_seconds=cpu,
+            memory_bytes=mem,
+        )
+    totals = services.aggregate_hour(tenant.pk, HOUR)
+    assert totals["cpu_seconds"] == Decimal("4.000000")
+    assert totals["memory_gib_hours"] == Decimal("0.008333") + Decimal("0.016667")
