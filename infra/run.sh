@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run Berth on this machine, as root: control plane on http://127.0.0.1:8000,
-# a Celery worker, with SQLite and a local Redis by default. Idempotent; Ctrl-C stops it all.
+# a Celery worker with the reconciler's beat, and a local node agent that joins by itself,
+# with SQLite and a local Redis by default. Idempotent; Ctrl-C stops it all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash infra/setup.sh
@@ -21,9 +22,30 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-celery -A config worker -Q control -l info --concurrency 2 >var/log/celery.log 2>&1 &
+celery -A config worker -B -s var/celerybeat-schedule -Q control -l info --concurrency 2 \
+  >var/log/celery.log 2>&1 &
 pids+=($!)
-echo "Berth control plane on http://127.0.0.1:8000 (logs in var/log/)"
-python manage.py runserver 127.0.0.1:8000 --noreload &
+python manage.py runserver 127.0.0.1:8000 --noreload >var/log/web.log 2>&1 &
 pids+=($!)
+for _ in $(seq 100); do curl -fsS -o /dev/null http://127.0.0.1:8000/api/v1/schema/ && break; sleep 0.2; done
+
+# The local node agent: busybox base image, then join this control plane (again, if the
+# database it joined before is gone), then consume its queue.
+export BERTH_ROOT="${BERTH_ROOT:-/var/lib/berth}"
+berth-agent bootstrap >/dev/null
+node_known() {
+  [ -f "$BERTH_ROOT/node.json" ] && python manage.py shell -c "
+import json, sys
+from workloads.models import Node
+node_id = json.load(open('$BERTH_ROOT/node.json'))['node_id']
+sys.exit(0 if Node.objects.filter(pk=node_id).exists() else 1)" 2>/dev/null
+}
+if ! node_known; then
+  token=$(python manage.py create_join_token | tail -n 1)
+  berth-agent join http://127.0.0.1:8000 "$token" --name "$(hostname)-local"
+fi
+berth-agent worker >var/log/agent.log 2>&1 &
+pids+=($!)
+
+echo "Berth control plane on http://127.0.0.1:8000 (logs in var/log/); Ctrl-C stops it"
 wait -n
