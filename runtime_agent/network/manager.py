@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -196,6 +197,21 @@ class NetworkManager:
             dns_upstreams = [u for u in os.environ["BERTH_DNS_UPSTREAMS"].split(",") if u]
         self.dns_upstreams = list(dns_upstreams) if dns_upstreams is not None else None
         self._netns_dir_ready = False
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def _host(self) -> Iterator[IPRoute]:
+        """This thread's netlink socket in the host namespace, kept open between calls."""
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None:
+            ipr = self._local.ipr = IPRoute()
+        try:
+            yield ipr
+        except BaseException:
+            # after an error the socket may hold unread replies: start afresh next time
+            self._local.ipr = None
+            ipr.close()
+            raise
 
     # ---- names ---------------------------------------------------------------------
 
@@ -342,7 +358,7 @@ class NetworkManager:
                     f"network {name!r} has containers attached: {', '.join(sorted(users))}; "
                     "remove or disconnect them first"
                 )
-            with IPRoute() as ipr:
+            with self._host() as ipr:
                 _delete_link(ipr, record.bridge)
             del state.networks[record.id]
         state = self.store.load()
@@ -565,7 +581,7 @@ class NetworkManager:
         inside = create_netns(path)
         undo.netns = path
         try:
-            with IPRoute() as ipr:
+            with self._host() as ipr:
                 for iface in endpoint.interfaces:
                     network = state.networks[iface.network]
                     self._plug(ipr, inside, path, network, iface, undo)
@@ -619,7 +635,7 @@ class NetworkManager:
         inside.addr("add", index=inner, address=iface.address, prefixlen=iface.prefixlen)
 
     def _rollback_endpoint(self, state: State, endpoint: EndpointRecord, undo: _Undo) -> None:
-        with IPRoute() as ipr:
+        with self._host() as ipr:
             for veth in undo.veths:
                 with contextlib.suppress(NetlinkError):
                     _delete_link(ipr, veth)
@@ -662,7 +678,7 @@ class NetworkManager:
     ) -> None:
         """Delete host veths explicitly (a dying netns can linger), then the netns."""
         if endpoint is not None:
-            with IPRoute() as ipr:
+            with self._host() as ipr:
                 for iface in endpoint.interfaces:
                     with contextlib.suppress(NetlinkError):
                         _delete_link(ipr, iface.host_veth)
@@ -711,7 +727,7 @@ class NetworkManager:
                 path = Path(endpoint.netns)
                 inside = open_netns(path)
                 try:
-                    with IPRoute() as ipr:
+                    with self._host() as ipr:
                         self._plug(ipr, inside, path, record, iface, undo)
                         if len(endpoint.interfaces) == 1:
                             inside.route("add", dst="0.0.0.0/0", gateway=iface.gateway)
@@ -720,7 +736,7 @@ class NetworkManager:
                     inside.close()
                 self._sync_daemon()
             except BaseException:
-                with IPRoute() as ipr:
+                with self._host() as ipr:
                     for veth in undo.veths:
                         with contextlib.suppress(NetlinkError):
                             _delete_link(ipr, veth)
@@ -743,7 +759,7 @@ class NetworkManager:
                     "the container's published ports go through this network; "
                     "it can't be disconnected while they exist"
                 )
-            with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+            with self._host() as ipr, contextlib.suppress(NetlinkError):
                 _delete_link(ipr, iface.host_veth)
             endpoint.interfaces.remove(iface)
             if record.allocated.get(iface.address) == container_id:
@@ -895,7 +911,7 @@ class NetworkManager:
                     report["endpoints"].append(cid)
             known_links = {n.bridge for n in state.networks.values()}
             known_links |= {i.host_veth for e in state.endpoints.values() for i in e.interfaces}
-            with IPRoute() as ipr:
+            with self._host() as ipr:
                 for network in state.networks.values():
                     prefixlen = ipaddress.IPv4Network(network.subnet).prefixlen
                     _ensure_bridge(ipr, network.bridge, network.gateway, prefixlen, network.mtu)
@@ -926,7 +942,7 @@ class NetworkManager:
         with self.store.locked() as state:
             for cid, endpoint in list(state.endpoints.items()):
                 self._teardown_endpoint(state, cid, endpoint)
-            with IPRoute() as ipr:
+            with self._host() as ipr:
                 for network in list(state.networks.values()):
                     with contextlib.suppress(NetlinkError):
                         _delete_link(ipr, network.bridge)

@@ -131,8 +131,7 @@ def create_netns(path: Path) -> IPRoute:
 
     ipr = IPRoute(fileno=_in_thread(work).detach())
     try:
-        lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.link("set", index=lo, state="up")
+        ipr.link("set", index=1, state="up")  # lo is always ifindex 1 in a new netns
     except BaseException:
         ipr.close()
         delete_netns(path)
