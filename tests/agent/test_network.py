@@ -709,3 +709,47 @@ def test_a_hundred_containers_on_one_network_reach_a_server(
         t.join()
     failed = [n for n, body in results.items() if body != WWW]
     assert failed == []
+
+
+def test_other_names_are_forwarded_to_the_upstream_resolver(
+    agent_config: AgentConfig, outside: Outside
+) -> None:
+    # The upstream is a tiny resolver of our own in the "outside" namespace.
+    from runtime_agent.network.dns import Records
+    from runtime_agent.network.netns import run_in_netns
+
+    def bind() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((outside.address, 53))
+        return s
+
+    upstream = run_in_netns(outside.netns, bind)
+    upstream.settimeout(0.2)
+    records = Records({"shop.example.test": ["203.0.113.7"]})
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                packet, peer = upstream.recvfrom(4096)
+            except TimeoutError:
+                continue
+            reply = records.answer(packet)
+            if reply is not None:
+                upstream.sendto(reply, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    manager = NetworkManager(agent_config, pool=POOL, dns_upstreams=[outside.address])
+    try:
+        manager.create("acme", "web")
+        app = manager.attach("acme", cid(), "app", [NetworkAttachment("web")], name="app")
+        out = in_container(app, "busybox nslookup shop.example.test").stdout
+        assert "203.0.113.7" in out
+        # container names still answered locally, unknown single labels never forwarded
+        assert "NXDOMAIN" in in_container(app, "busybox nslookup not-here").stdout
+    finally:
+        manager.teardown()
+        stop.set()
+        thread.join()
+        upstream.close()
