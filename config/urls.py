@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView
 
+from tenants.api.docs import APIDocsView
 from workloads.api import urls as workloads_urls
 
 urlpatterns = [
@@ -21,7 +22,7 @@ urlpatterns = [
     path("api/v1/tenants/<str:tenant_slug>/", include(workloads_urls.tenant_urlpatterns)),
     path("api/v1/", include(workloads_urls.platform_urlpatterns)),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/v1/docs/", APIDocsView.as_view(url_name="schema"), name="api-docs"),
     path("api-auth/", include("rest_framework.urls")),
     path("registry/", include("registry.urls")),
     path("api/v1/tenants/<str:tenant_slug>/registry/", include("registry.api.urls")),
