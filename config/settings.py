@@ -211,3 +211,14 @@ BERTH_REGISTRY_URL = env_str("BERTH_REGISTRY_URL", f"http://{BERTH_REGISTRY_HOST
 BERTH_REGISTRY_SERVICE = env_str("BERTH_REGISTRY_SERVICE", "berth-registry")
 BERTH_REGISTRY_ISSUER = env_str("BERTH_REGISTRY_ISSUER", "berth")
 BERTH_REGISTRY_TOKEN_TTL = env_int("BERTH_REGISTRY_TOKEN_TTL", 300, minimum=30)
+CELERY_BEAT_SCHEDULE.update(
+    {
+        "billing-sweep": {"task": "billing.tasks.sweep_billing_task", "schedule": 300.0},
+        "billing-dunning": {"task": "billing.tasks.enforce_dunning_task", "schedule": 600.0},
+        "billing-aggregate-usage": {
+            "task": "billing.tasks.aggregate_usage_task",
+            "schedule": 300.0,
+        },
+        "billing-report-usage": {"task": "billing.tasks.report_usage_task", "schedule": 3600.0},
+    }
+)
