@@ -276,7 +276,7 @@ class Builder:
         final = parsed.stage(target) if target else parsed.stages[-1]
         needed = self._needed(parsed, final, meta)
         numbers: dict[int, int] = {}
-        total = 0
+        total = len(parsed.meta_args)  # docker numbers the ARGs before FROM as steps too
         for stage in parsed.stages:
             if stage.index in needed:
                 numbers[stage.index] = total + 1
@@ -298,6 +298,8 @@ class Builder:
         )
         for index in needed:
             job.done[index] = threading.Event()
+        for number, instr in enumerate(parsed.meta_args, start=1):
+            yield BuildEvent("step", instr.original.strip(), number, total)
         threads = [
             threading.Thread(
                 target=self._stage_thread,
@@ -972,7 +974,10 @@ class Builder:
             else:
                 writer.add_dir(target, chmod or root.mode, uid, gid, mtime=root.mtime)
             for item in items[1:]:
-                self._put(writer, posixpath.join(target, item.rel), item, uid, gid, chmod)
+                path = posixpath.join(target, item.rel)
+                # An ignored directory can still hold re-included files: create it.
+                writer.ensure_parents(path, uid, gid)
+                self._put(writer, path, item, uid, gid, chmod)
             return
         if dest_hint or index.is_dir(dest):
             target = posixpath.join(index.resolve(dest), basename)
