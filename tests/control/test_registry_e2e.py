@@ -57,11 +57,22 @@ def registry_process(
 
 
 @pytest.fixture
-def reg(registry_process: RegistryProcess, settings: Any) -> RegistryProcess:
+def reg(registry_process: RegistryProcess, settings: Any) -> Iterator[RegistryProcess]:
     settings.BERTH_REGISTRY_DIR = registry_process.directory
     settings.BERTH_REGISTRY_URL = registry_process.url
     settings.BERTH_REGISTRY_HOST = registry_process.host
-    return registry_process
+    yield registry_process
+    # Let the registry's notifications of this test land before the tables are flushed,
+    # so the flush never races an event being recorded.
+    last, stable_since = -1, time.monotonic()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        count = RegistryEvent.objects.count()
+        if count != last:
+            last, stable_since = count, time.monotonic()
+        elif time.monotonic() - stable_since > 0.5:
+            break
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -508,3 +519,159 @@ def test_agent_errors_for_wrong_credentials(
     assert info.value.registry_code == "UNAUTHORIZED"
     with pytest.raises(RegistryError):
         pull(agent, tenant.slug, f"{reg.host}/{tenant.slug}/x:1", None)
+
+
+def test_api_deletes_retention_and_garbage_collection(
+    reg: RegistryProcess,
+    tenant_with_token: Callable[..., tuple[Tenant, str]],
+    client_for: Callable[[str | None], Any],
+    tmp_path: Path,
+) -> None:
+    tenant, token = tenant_with_token(Scope.ADMIN)
+    digests = {}
+    for tag in ("1", "2", "3"):
+        src, digests[tag] = layout(tmp_path, f"img{tag}", big=os.urandom(300_000))
+        assert skopeo_push(src, f"{reg.host}/{tenant.slug}/web:{tag}", f"x:{token}").returncode == 0
+    wait_for(lambda: Tag.objects.filter(repository__tenant=tenant).count() == 3, "three tags")
+    repo = Repository.objects.get(tenant=tenant, name="web")
+    api = client_for(token)
+    base = f"/api/v1/tenants/{tenant.slug}/registry/repositories/{repo.pk}"
+    full_usage = services.registry_bytes(tenant)
+
+    assert api.delete(f"{base}/tags/1/").status_code == 204
+    gone = skopeo_pull(f"{reg.host}/{tenant.slug}/web:1", tmp_path / "o1", f"x:{token}")
+    assert gone.returncode != 0 and "manifest unknown" in gone.stderr.lower()
+    by_digest = f"{reg.host}/{tenant.slug}/web@{digests['1']}"
+    assert skopeo_pull(by_digest, tmp_path / "o1d", f"x:{token}").returncode == 0  # untagged
+
+    assert api.delete(f"{base}/manifests/{digests['2']}/").status_code == 204
+    assert not Tag.objects.filter(repository=repo, name="2").exists()
+    pinned = f"{reg.host}/{tenant.slug}/web@{digests['2']}"
+    assert skopeo_pull(pinned, tmp_path / "o2", f"x:{token}").returncode != 0
+    assert services.registry_bytes(tenant) < full_usage
+
+    policy = api.put(
+        f"{base}/retention/",
+        {"keep_last_tags": None, "delete_untagged_after_days": 0},
+        format="json",
+    )
+    assert policy.status_code == 200
+    applied = api.post(f"{base}/retention/apply/")
+    assert applied.json() == {"tags": [], "manifests": [digests["1"]]}
+    assert skopeo_pull(by_digest, tmp_path / "o1e", f"x:{token}").returncode != 0
+    assert list(Manifest.objects.filter(repository=repo).values_list("digest", flat=True)) == [
+        digests["3"]
+    ]
+
+    src, digests["4"] = layout(tmp_path, "img4")
+    assert skopeo_push(src, f"{reg.host}/{tenant.slug}/web:4", f"x:{token}").returncode == 0
+    wait_for(lambda: Tag.objects.filter(repository=repo, name="4").exists(), "tag 4")
+    api.put(
+        f"{base}/retention/",
+        {"keep_last_tags": 1, "delete_untagged_after_days": None},
+        format="json",
+    )
+    assert api.post(f"{base}/retention/apply/").json() == {"tags": ["3"], "manifests": []}
+
+    run = services.run_garbage_collection(actor=SYSTEM)
+    assert run.succeeded, run.output
+    assert run.blobs_eligible and run.blobs_eligible >= 4  # two manifests, configs, layers
+    assert run.bytes_freed and run.bytes_freed > 600_000
+    assert (
+        skopeo_pull(f"{reg.host}/{tenant.slug}/web:4", tmp_path / "o4", f"x:{token}").returncode
+        == 0
+    )
+
+
+def test_agent_cli_login_pull_push_logout(
+    reg: RegistryProcess,
+    tenant_with_token: Callable[..., tuple[Tenant, str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from runtime_agent.cli.main import main
+
+    tenant, token = tenant_with_token()
+    src, digest = layout(tmp_path)
+    name = f"{reg.host}/{tenant.slug}/cli:1"
+    assert skopeo_push(src, name, f"x:{token}").returncode == 0
+    monkeypatch.setenv("BERTH_ROOT", str(tmp_path / "root"))
+    monkeypatch.setenv("BERTH_RUN_ROOT", str(tmp_path / "run"))
+
+    assert main(["login", reg.host, "-u", "me", "-p", "brt_wrong_token"]) == 125
+    assert "UNAUTHORIZED" in capsys.readouterr().err
+    assert main(["login", reg.host, "-u", "me", "-p", token]) == 0
+    auth_file = tmp_path / "root" / "registry-auth.json"
+    assert oct(auth_file.stat().st_mode & 0o777) == "0o600"
+    assert main(["pull", "--tenant", tenant.slug, name]) == 0
+    out = capsys.readouterr().out
+    assert f"Digest: {digest}" in out and "Pull complete" in out
+    assert (
+        main(["push", "--tenant", tenant.slug, "--source", name, f"{reg.host}/{tenant.slug}/cli:2"])
+        == 0
+    )
+    assert f"digest: {digest}" in capsys.readouterr().out
+    assert main(["logout", reg.host]) == 0
+    assert main(["pull", "--tenant", tenant.slug, name]) == 125
+
+
+@pytest.mark.docker
+def test_docker_login_push_pull_with_a_tenant_token(
+    reg: RegistryProcess,
+    tenant_with_token: Callable[..., tuple[Tenant, str]],
+    tmp_path: Path,
+) -> None:
+    if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no Docker engine")
+    tenant, token = tenant_with_token()
+    _, intruder_token = tenant_with_token()
+    env = dict(os.environ, DOCKER_CONFIG=str(tmp_path / "docker-config"))
+
+    def docker(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker", *args],
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    rootfs = tmp_path / "rootfs.tar"
+    import tarfile
+
+    with tarfile.open(rootfs, "w") as tar:
+        tar.add("/bin/busybox", arcname="bin/busybox")
+    image = f"{reg.host}/{tenant.slug}/docker-app:1"
+    assert docker("import", str(rootfs), image).returncode == 0
+    try:
+        assert (
+            docker(
+                "login", reg.host, "-u", "intruder", "--password-stdin", stdin=intruder_token
+            ).returncode
+            == 0
+        )
+        refused = docker("push", image)
+        assert refused.returncode != 0
+        bad = docker("login", reg.host, "-u", "x", "--password-stdin", stdin="brt_bad_token")
+        assert bad.returncode != 0
+        login = docker("login", reg.host, "-u", "anything", "--password-stdin", stdin=token)
+        assert login.returncode == 0, login.stderr
+        pushed = docker("push", image)
+        assert pushed.returncode == 0, pushed.stderr
+        wait_for(lambda: Tag.objects.filter(repository__tenant=tenant, name="1").exists(), "tag")
+        assert docker("rmi", image).returncode == 0
+        pulled = docker("pull", image)
+        assert pulled.returncode == 0, pulled.stderr
+        # Over quota, docker prints the token server's message naming the quota.
+        limit = tenant.quota_limits()["storage_gib"]
+        tenant_services.set_quota_override(tenant, "storage_gib", -limit, actor=SYSTEM)
+        assert docker("tag", image, f"{reg.host}/{tenant.slug}/docker-app:2").returncode == 0
+        over = docker("push", f"{reg.host}/{tenant.slug}/docker-app:2")
+        assert over.returncode != 0
+        assert "quota storage_gib exceeded" in over.stderr + over.stdout
+    finally:
+        docker("rmi", "-f", image, f"{reg.host}/{tenant.slug}/docker-app:2")
+        docker("logout", reg.host)

@@ -1,0 +1,244 @@
+"""Registry API and records, fed with notification envelopes shaped like
+docker-registry's (the real registry drives them in test_registry_e2e.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from rest_framework.test import APIClient
+
+from registry import services
+from registry.models import Manifest, RegistryEvent, RegistryUsage, Repository, Tag
+from tenants.choices import Role, Scope
+from tenants.models import QuotaUsage, Tenant, User
+
+OCI = "application/vnd.oci.image.manifest.v1+json"
+
+
+def digest_of(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def push_event(repo: str, tag: str, seed: str, layer_size: int = 1000) -> dict[str, Any]:
+    return {
+        "id": f"ev-{repo}-{tag}-{seed}",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "action": "push",
+        "target": {
+            "mediaType": OCI,
+            "digest": digest_of(f"manifest {seed}"),
+            "size": 400,
+            "length": 400,
+            "repository": repo,
+            "tag": tag,
+            "references": [
+                {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": digest_of(f"config {seed}"),
+                    "size": 100,
+                },
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": digest_of("shared layer"),
+                    "size": 5000,
+                },
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": digest_of(f"layer {seed}"),
+                    "size": layer_size,
+                },
+            ],
+        },
+        "actor": {"name": "someone"},
+    }
+
+
+@pytest.fixture
+def acme_repo(acme: tuple[Tenant, User]) -> Tenant:
+    tenant, _ = acme
+    services.record_events(
+        {
+            "events": [
+                push_event("acme/web", "1", "a"),
+                push_event("acme/web", "2", "b"),
+                push_event("acme/api", "latest", "c"),
+            ]
+        }
+    )
+    return tenant
+
+
+def test_events_create_repositories_tags_manifests_and_count_storage_once(
+    acme_repo: Tenant,
+) -> None:
+    web = Repository.objects.get(tenant=acme_repo, name="web")
+    assert sorted(web.tags.values_list("name", flat=True)) == ["1", "2"]
+    manifest = Manifest.objects.get(repository=web, digest=digest_of("manifest a"))
+    assert manifest.media_type == OCI and manifest.total_size == 400 + 100 + 5000 + 1000
+    # Three manifests, three configs, three own layers, one shared layer counted once.
+    assert services.registry_bytes(acme_repo) == 3 * (400 + 100 + 1000) + 5000
+    usage = RegistryUsage.objects.get(tenant=acme_repo)
+    assert usage.bytes_used == 9500 and usage.reserved_gib == 1
+    assert QuotaUsage.objects.get(tenant=acme_repo, quota="storage_gib").used == 1
+
+
+def test_replayed_and_unknown_events(acme_repo: Tenant) -> None:
+    before = (Manifest.objects.count(), Tag.objects.count(), services.registry_bytes(acme_repo))
+    counts = services.record_events({"events": [push_event("acme/web", "1", "a")]})
+    assert counts == {"recorded": 0, "duplicate": 1, "ignored": 0}
+    outside = services.record_events({"events": [push_event("nobody/web", "1", "z"), {}]})
+    assert outside == {"recorded": 1, "duplicate": 0, "ignored": 1}
+    assert RegistryEvent.objects.get(event_id="ev-nobody/web-1-z").outcome.startswith("ignored")
+    assert (
+        Manifest.objects.count(),
+        Tag.objects.count(),
+        services.registry_bytes(acme_repo),
+    ) == before
+
+
+def test_retag_moves_the_tag_and_delete_event_frees_storage(acme_repo: Tenant) -> None:
+    services.record_events({"events": [push_event("acme/web", "1", "b")]})
+    tag = Tag.objects.get(repository__name="web", name="1")
+    assert tag.manifest.digest == digest_of("manifest b")
+    delete = {
+        "id": "del-1",
+        "action": "delete",
+        "target": {"repository": "acme/web", "digest": digest_of("manifest a")},
+    }
+    services.record_events({"events": [delete]})
+    assert not Manifest.objects.filter(digest=digest_of("manifest a")).exists()
+    assert services.registry_bytes(acme_repo) == 2 * 1500 + 5000
+
+
+def test_api_lists_repositories_tags_and_manifests(
+    acme_repo: Tenant, owner_token: str, client_for: Callable[[str | None], APIClient]
+) -> None:
+    client = client_for(owner_token)
+    listing = client.get("/api/v1/tenants/acme/registry/repositories/")
+    assert listing.status_code == 200, listing.content
+    names = {r["full_name"]: r for r in listing.json()["results"]}
+    assert set(names) == {"acme/web", "acme/api"}
+    web = names["acme/web"]
+    assert web["pull_name"].endswith("/acme/web") and web["public"] is False
+    assert {t["name"]: t["size"] for t in web["tags"]} == {"1": 6500, "2": 6500}
+
+    tags = client.get(f"/api/v1/tenants/acme/registry/repositories/{web['id']}/tags/").json()
+    assert {t["name"]: t["digest"] for t in tags} == {
+        "1": digest_of("manifest a"),
+        "2": digest_of("manifest b"),
+    }
+    manifests = client.get(
+        f"/api/v1/tenants/acme/registry/repositories/{web['id']}/manifests/"
+    ).json()
+    assert {m["digest"]: m["tags"] for m in manifests} == {
+        digest_of("manifest a"): ["1"],
+        digest_of("manifest b"): ["2"],
+    }
+    usage = client.get("/api/v1/tenants/acme/registry/usage/").json()
+    assert usage["bytes_used"] == 9500 and usage["repositories"] == 2
+
+
+def test_api_public_flag_and_retention_need_write(
+    acme_repo: Tenant,
+    make_token: Callable[..., str],
+    client_for: Callable[[str | None], APIClient],
+    owner_token: str,
+) -> None:
+    web = Repository.objects.get(tenant=acme_repo, name="web")
+    owner = User.objects.get(email="owner@acme.example")
+    reader = client_for(make_token(acme_repo, owner, Scope.READ))
+    url = f"/api/v1/tenants/acme/registry/repositories/{web.pk}/"
+    assert reader.patch(url, {"public": True}, format="json").status_code == 403
+    writer = client_for(owner_token)
+    response = writer.patch(url, {"public": True}, format="json")
+    assert response.status_code == 200 and response.json()["public"] is True
+    assert writer.patch(url, {"public": True, "name": "x"}, format="json").status_code == 400
+
+    retention = writer.put(
+        f"{url}retention/", {"keep_last_tags": 1, "delete_untagged_after_days": None}, format="json"
+    )
+    assert retention.status_code == 200, retention.content
+    assert retention.json()["keep_last_tags"] == 1
+    bad = writer.put(
+        f"{url}retention/", {"keep_last_tags": 0, "delete_untagged_after_days": None}, format="json"
+    )
+    assert bad.status_code == 400
+
+
+def test_other_tenant_sees_nothing(
+    acme_repo: Tenant,
+    make_tenant: Callable[..., tuple[Tenant, User]],
+    make_token: Callable[..., str],
+    client_for: Callable[[str | None], APIClient],
+) -> None:
+    other, other_owner = make_tenant("globex")
+    client = client_for(make_token(other, other_owner, Scope.ADMIN))
+    web = Repository.objects.get(tenant=acme_repo, name="web")
+    assert client.get("/api/v1/tenants/acme/registry/repositories/").status_code == 404
+    own = client.get("/api/v1/tenants/globex/registry/repositories/").json()
+    assert own["results"] == []
+    assert client.get(f"/api/v1/tenants/globex/registry/repositories/{web.pk}/").status_code == 404
+    assert (
+        client.delete(f"/api/v1/tenants/globex/registry/repositories/{web.pk}/tags/1/").status_code
+        == 404
+    )
+
+
+def test_token_grants(
+    acme_repo: Tenant, make_token: Callable[..., str], add_member: Callable[..., User]
+) -> None:
+    owner = User.objects.get(email="owner@acme.example")
+    write = services.authenticate(("x", make_token(acme_repo, owner, Scope.WRITE)))
+    read = services.authenticate(("x", make_token(acme_repo, owner, Scope.READ)))
+    viewer = add_member(acme_repo, Role.VIEWER)
+    viewer_read = services.authenticate(("x", make_token(acme_repo, viewer, Scope.READ)))
+    scopes = [
+        "repository:acme/web:pull,push",
+        "repository:globex/web:pull",
+        "registry:catalog:*",
+        "repository:acme:pull",
+        "repository:acme/web:*",
+    ]
+    assert [(a.name, a.actions) for a in services.grant(write, scopes)] == [
+        ("acme/web", ("pull", "push")),
+        ("acme/web", ("delete", "pull", "push")),
+    ]
+    assert [(a.name, a.actions) for a in services.grant(read, scopes)] == [
+        ("acme/web", ("pull",)),
+        ("acme/web", ("pull",)),
+    ]
+    assert [a.actions for a in services.grant(viewer_read, scopes[:1])] == [("pull",)]
+    assert services.grant(services.ANONYMOUS, scopes) == []
+    Repository.objects.filter(name="web").update(public=True)
+    assert [a.actions for a in services.grant(services.ANONYMOUS, scopes[:1])] == [("pull",)]
+
+
+def test_notification_endpoint_checks_secret_and_format(
+    acme_repo: Tenant, client: Any, settings: Any, tmp_path: Any
+) -> None:
+    settings.BERTH_REGISTRY_DIR = tmp_path
+    (tmp_path / "notify.secret").write_text("s3cret\n")
+    body = json.dumps({"events": [push_event("acme/new", "1", "n")]})
+    media = "application/vnd.docker.distribution.events.v1+json"
+    assert client.post("/registry/events/", body, content_type=media).status_code == 401
+    assert (
+        client.post(
+            "/registry/events/", body, content_type="text/plain", HTTP_AUTHORIZATION="Bearer s3cret"
+        ).status_code
+        == 415
+    )
+    assert (
+        client.post(
+            "/registry/events/", "{nope", content_type=media, HTTP_AUTHORIZATION="Bearer s3cret"
+        ).status_code
+        == 400
+    )
+    ok = client.post(
+        "/registry/events/", body, content_type=media, HTTP_AUTHORIZATION="Bearer s3cret"
+    )
+    assert ok.status_code == 200 and ok.json()["recorded"] == 1
+    assert Repository.objects.filter(tenant=acme_repo, name="new").exists()
