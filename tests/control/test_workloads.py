@@ -451,3 +451,34 @@ def test_join_token_is_single_use(client_for: Callable[..., Any], plans: None) -
     again = client.post("/api/v1/nodes/join/", body, format="json")
     assert again.status_code == 403
     assert BatchJob.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_report_readings_are_metered_once(acme: tuple[Tenant, User], broker: redis.Redis) -> None:
+    from billing.models import UsageReading
+
+    tenant, _ = acme
+    node, credential = make_node("n1")
+    service = deploy.create_service(
+        tenant, name="web", data={"image": "busybox"}, replicas=1, actor=SYSTEM
+    )
+    placement.schedule_pending()
+    container = service.containers.get()
+    reading = protocol.ContainerReport(
+        uid=str(container.pk),
+        tenant="acme",
+        name=container.agent_name,
+        state="running",
+        cpu_seconds=12.5,
+        memory_bytes=32 * 1024 * 1024,
+    )
+    sent_at = timezone.now().isoformat()
+    for _ in range(2):  # the same report delivered twice
+        reports.handle_node_report(
+            protocol.NodeReport(
+                node_id=str(node.pk), credential=credential, sent_at=sent_at, containers=(reading,)
+            )
+        )
+    (row,) = UsageReading.objects.filter(tenant=tenant)
+    assert row.cpu_usage_ns == 12_500_000_000
+    assert row.memory_bytes == 32 * 1024 * 1024

@@ -125,6 +125,25 @@ def apply_report(container: Container, report: protocol.ContainerReport) -> None
         )
 
 
+def _meter(
+    container: Container, item: protocol.ContainerReport, *, node: Node, at: datetime
+) -> None:
+    """Hand the container's cgroup readings to usage metering (each reading counted once)."""
+    if item.cpu_seconds is None or item.memory_bytes is None:
+        return
+    from billing.services import record_container_usage
+
+    record_container_usage(
+        container.tenant,
+        node_id=str(node.pk),
+        container_id=str(container.pk),
+        at=at,
+        cpu_seconds=item.cpu_seconds,
+        memory_bytes=item.memory_bytes,
+        gpus=container.gpus,
+    )
+
+
 @transaction.atomic
 def handle_node_report(report: protocol.NodeReport) -> Node:
     node = nodes.authenticate_node(report.node_id, report.credential)
@@ -168,6 +187,7 @@ def handle_node_report(report: protocol.NodeReport) -> Node:
             )
             continue
         apply_report(container, item)
+        _meter(container, item, node=node, at=_when(report.sent_at) or now)
 
     if report.full:
         absent = (
