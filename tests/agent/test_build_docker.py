@@ -62,6 +62,10 @@ def docker_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         yield {"repo": repo, "base": base, "saved": saved}
     finally:
         _remove_descendants(base_id)
+        listed = _docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False)
+        for ref in listed.decode().split():
+            if ref.startswith(f"{repo}/"):  # images `docker load`ed from Berth
+                _docker("rmi", ref, check=False)
 
 
 def _remove_descendants(base_id: str) -> None:
