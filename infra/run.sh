@@ -27,6 +27,12 @@ celery -A config worker -B -s var/celerybeat-schedule -Q control -l info --concu
 pids+=($!)
 python manage.py runserver 127.0.0.1:8000 --noreload >var/log/web.log 2>&1 &
 pids+=($!)
+# The image registry (docker-registry) on 127.0.0.1:5000; the control plane is its token
+# server and receives its notifications (infra/registry/, docs/registry.md).
+bash infra/registry/registry.sh setup
+bash infra/registry/registry.sh serve >var/log/registry.log 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:5000/v2/ && break; sleep 0.1; done
 for _ in $(seq 100); do curl -fsS -o /dev/null http://127.0.0.1:8000/api/v1/schema/ && break; sleep 0.2; done
 
 # The local node agent: busybox base image, then join this control plane (again, if the
@@ -44,8 +50,12 @@ if ! node_known; then
   token=$(python manage.py create_join_token | tail -n 1)
   berth-agent join http://127.0.0.1:8000 "$token" --name "$(hostname)-local"
 fi
+# The node's registry login: a node credential that pulls any tenant's images.
+python manage.py registry_node_credential "$(hostname)-local" |
+  berth-agent login 127.0.0.1:5000 -u "node-$(hostname)-local" --password-stdin >/dev/null ||
+  echo "warning: the node could not log in to the registry (see var/log/registry.log)" >&2
 berth-agent worker >var/log/agent.log 2>&1 &
 pids+=($!)
 
-echo "Berth control plane on http://127.0.0.1:8000 (logs in var/log/); Ctrl-C stops it"
+echo "Berth control plane on http://127.0.0.1:8000, registry on 127.0.0.1:5000 (logs in var/log/); Ctrl-C stops it"
 wait -n
