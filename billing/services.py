@@ -433,7 +433,7 @@ def sync_subscription(tenant_id: int) -> str:
 
 def _stripe_call(account: BillingAccount, fn: Any) -> dict[str, Any]:
     try:
-        return fn()  # type: ignore[no-any-return]
+        return fn()
     except (stripe_api.StripeUnavailable, stripe_api.StripeRequestError) as exc:
         _note_sync_error(account, str(exc))
         raise

@@ -104,7 +104,7 @@ class SeatsView(BillingView):
         return Response(BillingSummarySerializer(_summary(tenant)).data)
 
 
-class SeatLedgerViewSet(mixins.ListModelMixin, TenantScopedViewSet):
+class SeatLedgerViewSet(mixins.ListModelMixin, TenantScopedViewSet):  # type: ignore[misc]
     """The append-only history of plan and seat changes."""
 
     queryset = SeatLedgerEntry.objects.all()

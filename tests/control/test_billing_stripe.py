@@ -33,7 +33,7 @@ def _stripe_get(url: str, path: str, **params: Any) -> Any:
 @pytest.fixture
 def stripe_plans(localstripe: str, plans: None) -> dict[str, PlanPrice]:
     call_command("sync_stripe_plans", stdout=StringIO())
-    return {p.plan.code: p for p in PlanPrice.objects.filter(plan__isnull=False)}
+    return {p.plan.code: p for p in PlanPrice.objects.filter(plan__isnull=False) if p.plan}
 
 
 def _subscribe(

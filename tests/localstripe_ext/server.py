@@ -45,8 +45,8 @@ from localstripe.resources import (
 from localstripe.webhooks import schedule_webhook
 
 # In-memory store only.
-resources.Store.dump_to_disk = lambda self: None  # type: ignore[method-assign]
-resources.Store.try_load_from_disk = lambda self: None  # type: ignore[method-assign]
+resources.Store.dump_to_disk = lambda self: None
+resources.Store.try_load_from_disk = lambda self: None
 
 
 class Price(StripeObject):
@@ -54,6 +54,7 @@ class Price(StripeObject):
 
     object = "price"
     _id_prefix = "price_"
+    lookup_key: str | None
 
     def __init__(
         self,
@@ -111,7 +112,7 @@ class Price(StripeObject):
         schedule_webhook(Event("price.created", self))
 
     @classmethod
-    def _api_list_all(  # type: ignore[override]
+    def _api_list_all(
         cls,
         url: str,
         lookup_keys: list[str] | None = None,
@@ -169,8 +170,8 @@ def _patched_subscription_update(self: Subscription, **data: Any) -> None:
     schedule_webhook(event)
 
 
-Subscription.__init__ = _patched_subscription_init  # type: ignore[method-assign]
-Subscription._update = _patched_subscription_update  # type: ignore[method-assign]
+Subscription.__init__ = _patched_subscription_init
+Subscription._update = _patched_subscription_update
 
 _invoice_paid = Invoice._on_payment_success
 
@@ -180,7 +181,7 @@ def _patched_invoice_paid(self: Invoice) -> None:
     schedule_webhook(Event("invoice.paid", self))
 
 
-Invoice._on_payment_success = _patched_invoice_paid  # type: ignore[method-assign]
+Invoice._on_payment_success = _patched_invoice_paid
 
 
 class CheckoutSession(StripeObject):
