@@ -168,7 +168,11 @@ class TenantAdmin(admin.ModelAdmin):
 
     def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
         if formset.model is not QuotaOverride:
+            super().save_formset(request, form, formset, change)
             return
+        # Overrides are written by the service (validated, audited), not by the formset;
+        # the admin's change message still expects these lists.
+        formset.new_objects, formset.changed_objects, formset.deleted_objects = [], [], []
         tenant = form.instance
         for inline_form in formset.forms:
             if not inline_form.has_changed() and inline_form not in formset.deleted_forms:
@@ -274,4 +278,3 @@ class QuotaReservationAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
-
