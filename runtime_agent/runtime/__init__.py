@@ -1,0 +1,1 @@
+"""Containers through runc: OCI config, conmon monitors, lifecycle, logs, exec, restarts."""

@@ -1,0 +1,110 @@
+"""Container logs as conmon writes them (k8s-file format), read back for ``logs``.
+
+Each line of ``ctr.log`` is ``<RFC3339Nano time> <stdout|stderr> <P|F> <text>``; ``P``
+marks a partial line (conmon splits long lines) that continues in the next entry of the
+same stream. conmon caps the file at ``LOG_SIZE_MAX``: when it would grow beyond, the
+file is rotated (started afresh), so a chatty container can't fill the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    time: str  # RFC 3339 with nanoseconds, as conmon wrote it
+    stream: str  # "stdout" or "stderr"
+    line: bytes  # without the trailing newline
+
+
+def parse_lines(raw_lines: Iterator[bytes]) -> Iterator[LogEntry]:
+    """Join partial entries and yield whole lines."""
+    pending: dict[str, tuple[str, list[bytes]]] = {}
+    for raw in raw_lines:
+        raw = raw.rstrip(b"\n")
+        parts = raw.split(b" ", 3)
+        if len(parts) < 3:
+            continue
+        stamp, stream, tag = (p.decode(errors="replace") for p in parts[:3])
+        text = parts[3] if len(parts) == 4 else b""
+        first_time, chunks = pending.get(stream, (stamp, []))
+        chunks.append(text)
+        if tag == "P":
+            pending[stream] = (first_time, chunks)
+            continue
+        pending.pop(stream, None)
+        yield LogEntry(first_time, stream, b"".join(chunks))
+
+
+def _read_lines(path: Path) -> list[bytes]:
+    try:
+        with open(path, "rb") as fh:
+            return fh.readlines()
+    except FileNotFoundError:
+        return []
+
+
+def read_logs(path: Path, *, tail: int | None = None, since: str | None = None) -> list[LogEntry]:
+    """The whole log (or its last ``tail`` lines, or lines at or after ``since``)."""
+    entries: Iterator[LogEntry] = parse_lines(iter(_read_lines(path)))
+    if since:
+        entries = (e for e in entries if e.time >= since)
+    if tail is not None:
+        if tail <= 0:
+            return []
+        return list(deque(entries, maxlen=tail))
+    return list(entries)
+
+
+def follow_logs(
+    path: Path,
+    *,
+    tail: int | None = None,
+    done: Callable[[], bool],
+    poll_interval: float = 0.05,
+) -> Iterator[LogEntry]:
+    """Yield the log's lines, then new ones as they come, until ``done()`` and drained.
+
+    A rotation (the file replaced by a new, shorter one) is followed onto the new file.
+    """
+    position = 0
+    inode = None
+    buffer = b""
+    first = True
+    finished = False
+    while True:
+        try:
+            fh = open(path, "rb")
+        except FileNotFoundError:
+            fh = None
+        if fh is not None:
+            with fh:
+                st = os.fstat(fh.fileno())
+                if inode is not None and (st.st_ino != inode or st.st_size < position):
+                    position = 0
+                    buffer = b""
+                inode = st.st_ino
+                fh.seek(position)
+                data = fh.read()
+                position += len(data)
+            buffer += data
+            lines = buffer.split(b"\n")
+            buffer = lines.pop()
+            complete = [line + b"\n" for line in lines]
+            entries = list(parse_lines(iter(complete)))
+            if first and tail is not None:
+                entries = entries[-tail:] if tail > 0 else []
+            first = False
+            yield from entries
+        if finished:
+            return
+        if done():
+            finished = True  # one more read drains what conmon wrote before exiting
+            continue
+        time.sleep(poll_interval)

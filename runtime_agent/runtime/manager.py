@@ -1,0 +1,887 @@
+"""ContainerManager (``agent.containers``): containers' lifecycle through runc and conmon.
+
+One container = a directory ``containers/<tenant>/<id>/`` holding its record, its OCI
+bundle (``config.json``; the rootfs is the snapshot mounted by the Snapshotter), its log
+(``ctr.log``) and its monitor's files (``monitor/``). State transitions follow the table
+in ``runtime.state``; the true state of a running container is re-read from what its
+conmon wrote (exit file, oom file), so any agent process — or one started after a crash —
+reports the same thing.
+
+Restart policies: conmon runs ``python -m runtime_agent.runtime.exithook`` when a
+container with a restart policy (or ``--rm`` while detached) exits; the hook waits out the
+back-off (100 ms doubling to 1 min, reset after 10 s of running) and starts it again.
+``recover()`` at agent start catches up with anything a hook couldn't do (node reboot).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import re
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from runtime_agent import protocol
+from runtime_agent.errors import (
+    AgentError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from runtime_agent.runtime import state as st
+from runtime_agent.runtime.logs import LogEntry, follow_logs, read_logs
+from runtime_agent.runtime.monitor import (
+    MonitorPaths,
+    Runc,
+    exit_hook_command,
+    launch_monitor,
+    process_start_time,
+    read_exit,
+)
+from runtime_agent.runtime.state import ContainerRecord, RecordStore
+
+if TYPE_CHECKING:
+    from runtime_agent.agent import Agent
+    from runtime_agent.cgroups import CgroupDriver, CgroupStats
+
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+EXIT_UNKNOWN = 255  # the monitor vanished (node reboot): docker reports 255 too
+BACKOFF_START = 0.1
+BACKOFF_MAX = 60.0
+BACKOFF_RESET_AFTER = 10.0
+
+
+def validate_tenant(tenant: str) -> None:
+    if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
+        raise InvalidArgument(f"invalid tenant name {tenant!r}: use [a-z0-9][a-z0-9-]{{0,62}}")
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """One container as ``ps`` shows it (``inspect`` gives docker's full shape)."""
+
+    id: str
+    tenant: str
+    name: str
+    image: str
+    image_id: str
+    manifest_digest: str
+    snapshot_key: str
+    command: str
+    state: str
+    created: str
+    started_at: str | None
+    finished_at: str | None
+    exit_code: int | None
+    oom_killed: bool
+    restart_count: int
+    pid: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+@dataclass(frozen=True)
+class ContainerStats:
+    id: str
+    name: str
+    cpu_seconds: float
+    memory_bytes: int
+    memory_limit_bytes: int | None
+    io_read_bytes: int
+    io_write_bytes: int
+    pids: int
+    pids_limit: int | None
+    oom_kills: int
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_iso(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+class ContainerManager:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.config = agent.config
+        self.store = RecordStore(self.config.containers_dir)
+        self._runc: Runc | None = None
+        self._cgroups: CgroupDriver | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def runc(self) -> Runc:
+        if self._runc is None:
+            self._runc = Runc(self.config)
+        return self._runc
+
+    @property
+    def cgroups(self) -> CgroupDriver:
+        if self._cgroups is None:
+            from runtime_agent.cgroups import driver
+
+            self._cgroups = driver(self.config)
+        return self._cgroups
+
+    def _paths(self, record: ContainerRecord) -> MonitorPaths:
+        return MonitorPaths(self.store.dir(record.tenant, record.id))
+
+    def _find(self, tenant: str, ref: str) -> ContainerRecord:
+        """A container of ``tenant`` by full id, name or unique id prefix."""
+        validate_tenant(tenant)
+        if not ref or "/" in ref or ref.startswith("."):
+            raise NotFound(f"No such container: {ref}")
+        record = self.store.load(tenant, ref) if len(ref) == 64 else None
+        if record is not None:
+            return record
+        records = self.store.all(tenant)
+        for candidate in records:
+            if candidate.name == ref:
+                return candidate
+        matches = [r for r in records if r.id.startswith(ref.lower())]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InvalidArgument(f"multiple containers match the id prefix {ref!r}")
+        raise NotFound(f"No such container: {ref}", tenant=tenant)
+
+    def _observe(self, record: ContainerRecord) -> ContainerRecord:
+        """Fold in what the monitor recorded: a running container may have exited."""
+        if record.status not in (st.RUNNING, st.PAUSED):
+            return record
+        paths = self._paths(record)
+        status = read_exit(paths)
+        if status is None:
+            if process_start_time(record.pid) == record.pid_start or self._monitor_alive(paths):
+                return record
+            # Neither the container nor its monitor exists (node reboot, monitor killed).
+            status_code, oom, finished = EXIT_UNKNOWN, False, time.time()
+        else:
+            status_code, oom, finished = status.exit_code, status.oom_killed, status.finished_at
+        with self.store.lock(record.tenant, record.id):
+            fresh = self.store.load(record.tenant, record.id)
+            if fresh is None:
+                return record
+            if fresh.status in (st.RUNNING, st.PAUSED):
+                fresh.status = st.transition(fresh.status, "exit", name=fresh.name)
+                fresh.exit_code = status_code
+                fresh.oom_killed = oom
+                fresh.finished_at = _iso(finished)
+                fresh.pid = 0
+                self.runc.delete(fresh.runc_id)
+                self.store.save(fresh)
+            return fresh
+
+    @staticmethod
+    def _monitor_alive(paths: MonitorPaths) -> bool:
+        try:
+            pid = int(paths.conmon_pid_file.read_text().strip())
+            with open(f"/proc/{pid}/comm") as fh:
+                return fh.read().strip() == "conmon"
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return False
+
+    def _info(self, record: ContainerRecord) -> ContainerInfo:
+        return ContainerInfo(
+            id=record.id,
+            tenant=record.tenant,
+            name=record.name,
+            image=record.image,
+            image_id=record.image_id,
+            manifest_digest=record.manifest_digest,
+            snapshot_key=record.snapshot_key,
+            command=" ".join(record.args),
+            state=record.status,
+            created=record.created,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            exit_code=record.exit_code,
+            oom_killed=record.oom_killed,
+            restart_count=record.restart_count,
+            pid=record.pid,
+            labels=dict(record.labels),
+        )
+
+    # ------------------------------------------------------------------ create
+
+    def create(self, spec: protocol.ContainerSpec) -> ContainerInfo:
+        """Prepare everything a container needs to start; nothing is left if this fails."""
+        from runtime_agent.runtime.spec import validate_limits
+
+        validate_tenant(spec.tenant)
+        if spec.name is not None and not NAME_RE.match(spec.name):
+            raise InvalidArgument(
+                f"invalid container name {spec.name!r}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
+            )
+        validate_limits(spec.limits)
+        if spec.restart.name not in ("no", "on-failure", "always", "unless-stopped"):
+            raise InvalidArgument(f"invalid restart policy {spec.restart.name!r}")
+        if spec.restart.name != "no" and spec.auto_remove:
+            raise InvalidArgument("conflicting options: --restart and --rm")
+        if spec.network_mode == "host" and not spec.privileged_caller:
+            raise InvalidArgument("host networking is only for privileged callers")
+        image = self.agent.images.resolve(spec.tenant, spec.image)
+        container_id = secrets.token_hex(32)
+        with self.store.tenant_lock(spec.tenant):
+            if spec.name is not None:
+                for other in self.store.all(spec.tenant):
+                    if other.name == spec.name:
+                        raise AlreadyExists(
+                            f'the container name "{spec.name}" is already in use by container '
+                            f'"{other.id}". You have to remove (or rename) that container to be '
+                            "able to reuse that name.",
+                            name=spec.name,
+                        )
+            name = spec.name or _random_name(container_id)
+            directory = self.store.dir(spec.tenant, container_id)
+            directory.mkdir(parents=True)
+            record = ContainerRecord(
+                id=container_id,
+                tenant=spec.tenant,
+                name=name,
+                runc_id=f"{self.config.name}-{container_id[:32]}",
+                image=spec.image,
+                image_id=image.config_digest,
+                manifest_digest=image.manifest_digest,
+                snapshot_key=container_id,
+                created=st.now_iso(),
+                status="creating",
+                spec=protocol.to_dict(spec),
+                labels=dict(spec.labels),
+            )
+            self.store.save(record)
+        try:
+            self._build_bundle(record, spec, image)
+        except BaseException:
+            self._cleanup(record)
+            raise
+        record.status = st.CREATED
+        self.store.save(record)
+        return self._info(record)
+
+    def _build_bundle(
+        self, record: ContainerRecord, spec: protocol.ContainerSpec, image: Any
+    ) -> None:
+        import json
+
+        from runtime_agent.runtime import spec as oci
+        from runtime_agent.runtime.security import apply_security_defaults
+
+        directory = self.store.dir(record.tenant, record.id)
+        rootfs = self.agent.snapshots.prepare(record.snapshot_key, image)
+        hostname = spec.hostname or record.id[:12]
+        process = oci.merge_image_config(spec, image.container_config, hostname)
+        user = oci.lookup_user(rootfs, process.user)
+        oci.find_command(rootfs, process.args[0], process.env, process.cwd)
+        limits = spec.limits
+        needs_device = any(
+            getattr(limits, f) is not None
+            for f in (
+                "device_read_bps",
+                "device_write_bps",
+                "device_read_iops",
+                "device_write_iops",
+            )
+        )
+        device = self.agent.snapshots.device(record.snapshot_key) if needs_device else None
+        resources = oci.linux_resources(limits, device)
+        mounts: list[dict[str, Any]] = []
+        if spec.mounts:
+            mounts += self.agent.volumes.oci_mounts(
+                record.tenant,
+                spec.mounts,
+                privileged_caller=spec.privileged_caller,
+                container_id=record.id,
+            )
+            record.volumes = [m.source for m in spec.mounts if m.kind == "volume"]
+        self.cgroups.ensure_tenant(record.tenant)
+        netns_path: str | None = None
+        resolv = hosts = None
+        if spec.network_mode != "host" or spec.privileged_caller:
+            setup = self.agent.networks.attach(
+                record.tenant,
+                record.id,
+                hostname,
+                spec.networks,
+                spec.ports,
+                name=record.name,
+                mode=spec.network_mode,
+                privileged_caller=spec.privileged_caller,
+            )
+            record.network = {"mode": spec.network_mode, "addresses": dict(setup.addresses)}
+            self.store.save(record)
+            netns_path = setup.netns_path
+            resolv, hosts = setup.resolv_conf, setup.hosts
+        etc_files = {
+            "hostname": hostname + "\n",
+            "hosts": hosts or "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n",
+            "resolv.conf": resolv or "",
+        }
+        for file_name, text in etc_files.items():
+            (directory / file_name).write_text(text)
+            mounts.append(
+                {
+                    "destination": f"/etc/{file_name}",
+                    "type": "bind",
+                    "source": str(directory / file_name),
+                    "options": ["rbind", "rprivate", "nosuid", "nodev", "noexec"],
+                }
+            )
+        config = oci.build_config(
+            rootfs=rootfs,
+            process=process,
+            user=user,
+            hostname=hostname,
+            cgroups_path=self.cgroups.cgroups_path(record.tenant, record.id),
+            resources=resources,
+            netns_path=netns_path,
+            network_mode=spec.network_mode,
+            extra_mounts=mounts,
+            cgroup_namespace=self.cgroups.version == 2,
+        )
+        if spec.devices:
+            from runtime_agent.devices.cdi import CDIRegistry
+
+            CDIRegistry().apply(config, list(spec.devices))
+        apply_security_defaults(config, read_only_rootfs=spec.read_only_rootfs)
+        (directory / "config.json").write_text(json.dumps(config))
+        record.args = process.args
+        record.env = process.env
+        record.workdir = process.cwd
+        record.user = process.user
+        record.hostname = hostname
+        record.stop_signal = process.stop_signal
+        record.cgroups_path = config["linux"]["cgroupsPath"]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, tenant: str, ref: str, *, watch_exit: bool = True) -> ContainerInfo:
+        """Start a created or stopped container (a new monitor each time).
+
+        ``watch_exit=False`` is for a caller that waits for the exit itself (foreground
+        ``run --rm``): no exit hook process is spawned for it.
+        """
+        record = self._observe(self._find(tenant, ref))
+        with self.store.lock(record.tenant, record.id):
+            record = self._reload(record)
+            st.transition(record.status, "start", name=record.name)
+            self._start_locked(record, watch_exit=watch_exit)
+        return self._info(record)
+
+    def _reload(self, record: ContainerRecord) -> ContainerRecord:
+        fresh = self.store.load(record.tenant, record.id)
+        if fresh is None:
+            raise NotFound(f"No such container: {record.name}")
+        return fresh
+
+    def _start_locked(self, record: ContainerRecord, *, watch_exit: bool) -> None:
+        paths = self._paths(record)
+        if record.status == "creating":
+            raise FailedPrecondition(f"container {record.name} is still being created")
+        if record.status == st.STOPPED:
+            self.runc.delete(record.runc_id)
+        rootfs = self.agent.snapshots.active_dir / record.snapshot_key / "merged"
+        from runtime_agent.snapshots.mount import is_mounted
+
+        if not is_mounted(rootfs):  # after a reboot: mount the snapshot again
+            image = self.agent.images.resolve(record.tenant, record.image_id)
+            self.agent.snapshots.prepare(record.snapshot_key, image)
+        policy, _ = record.restart_policy
+        hook = None
+        if policy != "no" or (record.auto_remove and watch_exit):
+            hook = exit_hook_command(self.config, record.tenant, record.id)
+        pid = launch_monitor(
+            self.config,
+            self.runc,
+            runc_id=record.runc_id,
+            name=record.name,
+            paths=paths,
+            exit_command=hook,
+        )
+        try:
+            self.runc.start(record.runc_id)
+        except BaseException:
+            self.runc.delete(record.runc_id)
+            raise
+        record.status = st.RUNNING
+        record.pid = pid
+        record.pid_start = process_start_time(pid) or 0
+        record.started_at = st.now_iso()
+        record.finished_at = None
+        record.exit_code = None
+        record.oom_killed = False
+        record.manually_stopped = False
+        self.store.save(record)
+
+    def run(self, spec: protocol.ContainerSpec, *, watch_exit: bool = True) -> ContainerInfo:
+        """create + start; a container that fails to start is removed if it was ``--rm``."""
+        info = self.create(spec)
+        try:
+            return self.start(spec.tenant, info.id, watch_exit=watch_exit)
+        except BaseException:
+            if spec.auto_remove:
+                with contextlib.suppress(AgentError):
+                    self.remove(spec.tenant, info.id, force=True)
+            raise
+
+    def wait(self, tenant: str, ref: str, timeout: float | None = None) -> int:
+        """Block until the container stops; its exit code."""
+        record = self._find(tenant, ref)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while True:
+            record = self._observe(record)
+            if record.status in (st.STOPPED, st.CREATED):
+                return record.exit_code if record.exit_code is not None else 0
+            if deadline is not None and time.monotonic() >= deadline:
+                raise FailedPrecondition(f"container {record.name} still running after {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            fresh = self.store.load(record.tenant, record.id)
+            if fresh is None:
+                raise NotFound(f"No such container: {ref}")
+            record = fresh
+
+    def _wait_exit(self, record: ContainerRecord, timeout: float) -> bool:
+        paths = self._paths(record)
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while time.monotonic() < deadline:
+            if read_exit(paths) is not None:
+                return True
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return read_exit(paths) is not None
+
+    def stop(self, tenant: str, ref: str, timeout: int | None = None) -> ContainerInfo:
+        """The stop signal, then SIGKILL after ``timeout`` seconds (spec's stop_timeout)."""
+        record = self._observe(self._find(tenant, ref))
+        with self.store.lock(record.tenant, record.id):
+            record = self._reload(record)
+            record.manually_stopped = True
+            self.store.save(record)
+        if record.status not in (st.RUNNING, st.PAUSED):
+            return self._info(record)
+        grace = record.spec.get("stop_timeout", 10) if timeout is None else timeout
+        self.runc.kill(record.runc_id, record.stop_signal)
+        if record.status == st.PAUSED:
+            self.runc.kill(record.runc_id, 9, all_processes=True)
+            with contextlib.suppress(AgentError):
+                self.runc.resume(record.runc_id)
+        if not self._wait_exit(record, float(grace)):
+            self.runc.kill(record.runc_id, 9, all_processes=True)
+            self._wait_exit(record, 10.0)
+        return self._info(self._observe(record))
+
+    def kill(self, tenant: str, ref: str, signal: str | int = "KILL") -> ContainerInfo:
+        from runtime_agent.runtime.spec import parse_signal
+
+        number = parse_signal(signal, default=9)
+        record = self._observe(self._find(tenant, ref))
+        with self.store.lock(record.tenant, record.id):
+            record = self._reload(record)
+            st.transition(record.status, "kill", name=record.name)
+            if number == 9:
+                record.manually_stopped = True
+                self.store.save(record)
+            self.runc.kill(record.runc_id, number, all_processes=number == 9)
+            if record.status == st.PAUSED and number == 9:
+                with contextlib.suppress(AgentError):
+                    self.runc.resume(record.runc_id)
+        if number == 9:
+            self._wait_exit(record, 10.0)
+        return self._info(self._observe(record))
+
+    def pause(self, tenant: str, ref: str) -> ContainerInfo:
+        return self._freeze(tenant, ref, "pause")
+
+    def unpause(self, tenant: str, ref: str) -> ContainerInfo:
+        return self._freeze(tenant, ref, "unpause")
+
+    def _freeze(self, tenant: str, ref: str, action: str) -> ContainerInfo:
+        record = self._observe(self._find(tenant, ref))
+        with self.store.lock(record.tenant, record.id):
+            record = self._reload(record)
+            new_status = st.transition(record.status, action, name=record.name)
+            if action == "pause":
+                self.runc.pause(record.runc_id)
+            else:
+                self.runc.resume(record.runc_id)
+            record.status = new_status
+            self.store.save(record)
+        return self._info(record)
+
+    def remove(self, tenant: str, ref: str, force: bool = False) -> None:
+        """Delete the container and everything it holds; safe to repeat after failures."""
+        record = self._observe(self._find(tenant, ref))
+        if record.status in (st.RUNNING, st.PAUSED):
+            st.transition(record.status, "force_remove" if force else "remove", name=record.name)
+            with self.store.lock(record.tenant, record.id):
+                record = self._reload(record)
+                record.manually_stopped = True
+                self.store.save(record)
+            self.runc.kill(record.runc_id, 9, all_processes=True)
+            with contextlib.suppress(AgentError):
+                self.runc.resume(record.runc_id)
+            self._wait_exit(record, 10.0)
+        self._cleanup(record)
+
+    def _cleanup(self, record: ContainerRecord) -> None:
+        """Undo everything create/start made, each step on its own so one failure
+        doesn't strand the rest; the first error is raised at the end."""
+        import shutil
+
+        errors: list[BaseException] = []
+
+        def attempt(step: Any, *args: Any) -> None:
+            try:
+                step(*args)
+            except Exception as exc:
+                errors.append(exc)
+
+        attempt(self.runc.delete, record.runc_id)
+        attempt(self.cgroups.remove, record.tenant, record.id)
+        if record.network is not None:
+            attempt(self._detach_network, record)
+        if record.volumes or record.spec.get("mounts"):
+            attempt(self.agent.volumes.release, record.tenant, record.id)
+        attempt(self.agent.snapshots.remove, record.snapshot_key)
+        socket_dir = self.config.run_root / "conmon" / record.runc_id
+        attempt(shutil.rmtree, socket_dir, True)
+        if not errors:
+            attempt(shutil.rmtree, self.store.dir(record.tenant, record.id))
+        if errors:
+            raise errors[0]
+
+    def _detach_network(self, record: ContainerRecord) -> None:
+        self.agent.networks.detach(record.tenant, record.id)
+
+    # ------------------------------------------------------------------ queries
+
+    def list(self, tenant: str, all: bool = False) -> builtins.list[ContainerInfo]:
+        validate_tenant(tenant)
+        infos = []
+        for record in self.store.all(tenant):
+            if record.status == "creating":
+                continue
+            record = self._observe(record)
+            if all or record.status in (st.RUNNING, st.PAUSED):
+                infos.append(self._info(record))
+        infos.sort(key=lambda i: i.created, reverse=True)
+        return infos
+
+    def list_all(self) -> builtins.list[ContainerInfo]:
+        """Every container on the node, of every tenant (node reports, image GC)."""
+        result = []
+        for tenant in self.store.tenants():
+            result += self.list(tenant, all=True)
+        return result
+
+    def all_records(self) -> builtins.list[ContainerRecord]:
+        return [r for t in self.store.tenants() for r in self.store.all(t)]
+
+    def inspect(self, tenant: str, ref: str) -> dict[str, Any]:
+        """docker inspect's shape (the fields that make sense here)."""
+        record = self._observe(self._find(tenant, ref))
+        spec = record.spec
+        limits = spec.get("limits") or {}
+        cpus = limits.get("cpus")
+        return {
+            "Id": record.id,
+            "Created": record.created,
+            "Path": record.args[0] if record.args else "",
+            "Args": record.args[1:],
+            "State": {
+                "Status": "exited" if record.status == st.STOPPED else record.status,
+                "Running": record.status in (st.RUNNING, st.PAUSED),
+                "Paused": record.status == st.PAUSED,
+                "Restarting": False,
+                "OOMKilled": record.oom_killed,
+                "Dead": False,
+                "Pid": record.pid if record.status in (st.RUNNING, st.PAUSED) else 0,
+                "ExitCode": record.exit_code or 0,
+                "Error": record.error,
+                "StartedAt": record.started_at or "0001-01-01T00:00:00Z",
+                "FinishedAt": record.finished_at or "0001-01-01T00:00:00Z",
+            },
+            "Image": record.image_id,
+            "Name": "/" + record.name,
+            "RestartCount": record.restart_count,
+            "Driver": "overlay",
+            "HostConfig": {
+                "AutoRemove": record.auto_remove,
+                "RestartPolicy": {
+                    "Name": record.restart_policy[0],
+                    "MaximumRetryCount": record.restart_policy[1],
+                },
+                "Memory": limits.get("memory_bytes") or 0,
+                "MemorySwap": limits.get("memory_bytes") or 0,
+                "NanoCpus": round(cpus * 1e9) if cpus else 0,
+                "CpuShares": limits.get("cpu_shares") or 0,
+                "PidsLimit": limits.get("pids"),
+                "ReadonlyRootfs": bool(spec.get("read_only_rootfs")),
+                "NetworkMode": spec.get("network_mode", "bridge"),
+                "CgroupParent": record.cgroups_path.rsplit("/", 1)[0],
+            },
+            "Mounts": [
+                {
+                    "Type": m.get("kind"),
+                    "Name": m.get("source") if m.get("kind") == "volume" else "",
+                    "Source": m.get("source", ""),
+                    "Destination": m.get("target"),
+                    "RW": not m.get("read_only"),
+                }
+                for m in spec.get("mounts") or []
+            ],
+            "Config": {
+                "Hostname": record.hostname,
+                "User": record.user,
+                "Env": record.env,
+                "Cmd": record.args,
+                "Image": record.image,
+                "WorkingDir": record.workdir,
+                "Labels": record.labels,
+                "StopSignal": str(record.stop_signal),
+            },
+            "NetworkSettings": {"Networks": (record.network or {}).get("addresses", {})},
+            "LogPath": str(self._paths(record).log),
+            "Tenant": record.tenant,
+        }
+
+    def logs(
+        self,
+        tenant: str,
+        ref: str,
+        *,
+        tail: int | None = None,
+        since: str | None = None,
+        follow: bool = False,
+    ) -> Iterator[LogEntry]:
+        record = self._find(tenant, ref)
+        path = self._paths(record).log
+        if not follow:
+            return iter(read_logs(path, tail=tail, since=since))
+
+        def done() -> bool:
+            fresh = self.store.load(record.tenant, record.id)
+            return fresh is None or self._observe(fresh).status not in (st.RUNNING, st.PAUSED)
+
+        return follow_logs(path, tail=tail, done=done)
+
+    def stats(self, tenant: str, ref: str) -> ContainerStats:
+        record = self._observe(self._find(tenant, ref))
+        if record.status not in (st.RUNNING, st.PAUSED):
+            return ContainerStats(record.id, record.name, 0.0, 0, None, 0, 0, 0, None, 0)
+        raw: CgroupStats = self.cgroups.stats(record.tenant, record.id)
+        return ContainerStats(
+            id=record.id,
+            name=record.name,
+            cpu_seconds=raw.cpu_seconds,
+            memory_bytes=raw.memory_bytes,
+            memory_limit_bytes=raw.memory_limit_bytes,
+            io_read_bytes=raw.io_read_bytes,
+            io_write_bytes=raw.io_write_bytes,
+            pids=raw.pids,
+            pids_limit=raw.pids_limit,
+            oom_kills=raw.oom_kills,
+        )
+
+    # ------------------------------------------------------------------ exec
+
+    def _exec_argv(
+        self,
+        record: ContainerRecord,
+        argv: builtins.list[str],
+        env: dict[str, str] | None,
+        workdir: str | None,
+        user: str | None,
+    ) -> builtins.list[str]:
+        from runtime_agent.runtime import spec as oci
+
+        if record.status != st.RUNNING:
+            raise FailedPrecondition(f"container {record.name} is not running")
+        if not argv:
+            raise InvalidArgument("exec needs a command")
+        rootfs = self.agent.snapshots.active_dir / record.snapshot_key / "merged"
+        merged_env = dict(e.split("=", 1) for e in record.env if "=" in e)
+        merged_env.update(env or {})
+        env_list = [f"{k}={v}" for k, v in merged_env.items()]
+        cwd = workdir or record.workdir
+        oci.find_command(rootfs, argv[0], env_list, cwd)
+        resolved = oci.lookup_user(rootfs, user if user is not None else record.user)
+        return self.runc.exec_command(
+            record.runc_id,
+            argv,
+            env=env_list,
+            cwd=cwd,
+            uid=resolved.uid,
+            gid=resolved.gid,
+            additional_gids=resolved.additional_gids,
+        )
+
+    def exec(
+        self,
+        tenant: str,
+        ref: str,
+        argv: builtins.list[str],
+        *,
+        env: dict[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        stdin: BinaryIO | int | None = None,
+        stdout: BinaryIO | int | None = None,
+        stderr: BinaryIO | int | None = None,
+    ) -> int:
+        """Run ``argv`` in the running container; its exit code (docker's 126/127 rules)."""
+        record = self._observe(self._find(tenant, ref))
+        command = self._exec_argv(record, argv, env, workdir, user)
+        result = subprocess.run(
+            command,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            check=False,
+        )
+        return result.returncode
+
+    def exec_capture(
+        self,
+        tenant: str,
+        ref: str,
+        argv: builtins.list[str],
+        *,
+        timeout: float = 30,
+        limit: int = 1 << 20,
+    ) -> tuple[int, bytes]:
+        """exec with stdout+stderr captured (at most ``limit`` bytes kept)."""
+        record = self._observe(self._find(tenant, ref))
+        command = self._exec_argv(record, argv, None, None, None)
+        try:
+            result = subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            output = exc.output or b""
+            return 124, output[:limit]
+        return result.returncode, result.stdout[:limit]
+
+    # ------------------------------------------------------------------ restarts
+
+    def on_exit(self, tenant: str, container_id: str) -> None:
+        """conmon's exit hook: --rm for detached containers, restart policies."""
+        record = self.store.load(tenant, container_id)
+        if record is None:
+            return
+        record = self._observe(record)
+        if record.status != st.STOPPED:
+            return
+        if record.auto_remove:
+            with contextlib.suppress(NotFound):
+                self._cleanup(record)
+            return
+        if not self._should_restart(record, daemon_start=False):
+            return
+        ran_for = (_parse_iso(record.finished_at) or 0) - (_parse_iso(record.started_at) or 0)
+        attempt = 0 if ran_for >= BACKOFF_RESET_AFTER else record.restart_count
+        time.sleep(min(BACKOFF_START * 2**attempt, BACKOFF_MAX))
+        with self.store.lock(tenant, container_id):
+            fresh = self.store.load(tenant, container_id)
+            if (
+                fresh is None
+                or fresh.status != st.STOPPED
+                or fresh.restart_count != record.restart_count
+                or not self._should_restart(fresh, daemon_start=False)
+            ):
+                return
+            fresh.restart_count += 1
+            self._start_locked(fresh, watch_exit=True)
+
+    @staticmethod
+    def _should_restart(record: ContainerRecord, *, daemon_start: bool) -> bool:
+        policy, max_retries = record.restart_policy
+        if policy == "always":
+            return daemon_start or not record.manually_stopped
+        if policy == "unless-stopped":
+            return not record.manually_stopped
+        if policy == "on-failure":
+            return (
+                not record.manually_stopped
+                and (record.exit_code or 0) != 0
+                and (max_retries == 0 or record.restart_count < max_retries)
+            )
+        return False
+
+    def recover(self) -> None:
+        """At agent start: fold in exits that happened while no agent ran, finish --rm
+        removals, and start containers whose restart policy says so (after a reboot the
+        exit hooks never ran)."""
+        for record in self.all_records():
+            try:
+                if record.status == "creating":
+                    self._cleanup(record)
+                    continue
+                was_live = record.status in (st.RUNNING, st.PAUSED)
+                record = self._observe(record)
+                if record.status != st.STOPPED:
+                    continue
+                if record.auto_remove:
+                    self._cleanup(record)
+                elif self._should_restart(record, daemon_start=True) and (
+                    was_live or not self._monitor_alive(self._paths(record))
+                ):
+                    with self.store.lock(record.tenant, record.id):
+                        fresh = self._reload(record)
+                        if fresh.status == st.STOPPED:
+                            fresh.restart_count += 1
+                            self._start_locked(fresh, watch_exit=True)
+            except AgentError:
+                continue
+
+
+def _random_name(container_id: str) -> str:
+    """docker-style adjective_noun names, derived from the id so they're reproducible."""
+    adjectives = "brave calm eager fancy gentle happy jolly keen lucid merry nifty proud quiet"
+    adjectives += " sharp tender vivid"
+    nouns = "albatross beacon capstan dinghy ensign frigate galley harbor jetty keel lantern"
+    nouns += " mooring navigator pier rudder schooner"
+    value = int(container_id[:8], 16)
+    return (
+        f"{adjectives.split()[value % 16]}_{nouns.split()[(value >> 4) % 16]}_{container_id[8:12]}"
+    )
+
+
+def monitor_rss_pids(manager: ContainerManager) -> builtins.list[int]:
+    """conmon pids of this agent's running containers (benchmarks measure their PSS)."""
+    pids = []
+    for record in manager.all_records():
+        try:
+            pids.append(
+                int(
+                    MonitorPaths(manager.store.dir(record.tenant, record.id))
+                    .conmon_pid_file.read_text()
+                    .strip()
+                )
+            )
+        except (FileNotFoundError, ValueError):
+            continue
+    return pids

@@ -1,0 +1,311 @@
+"""runc and conmon: the per-container monitor that outlives the agent.
+
+Each started container gets its own conmon (Debian's ``conmon`` package, ~0.5 MB PSS).
+conmon daemonises, runs ``runc create`` on the bundle, reports the container pid on a sync
+pipe, copies the container's stdout/stderr into a log file (k8s-file format: timestamp,
+stream name, partial flag, line; size-capped), and when the container exits writes its
+exit status (128+signal for signals, so 137 after an OOM kill) to ``<monitor>/exit`` and
+an ``oom`` file when the memory cgroup killed it. None of that depends on the agent
+process, so exit codes and OOM flags survive the agent exiting; ``ContainerManager``
+reads these files whenever it looks at a container.
+
+runc is always driven with its cgroupfs manager (conmon gets no ``--systemd-cgroup``,
+runc no ``--systemd-cgroup``) and ``linux.cgroupsPath`` in cgroupfs form (``/a/b/c``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime_agent.config import AgentConfig
+from runtime_agent.errors import AgentError, CommandNotFound, CommandNotRunnable, NotFound
+
+LOG_SIZE_MAX = 10 * 1024 * 1024  # bytes of log kept per container before rotation
+
+
+class RuntimeFailure(AgentError):
+    """runc or conmon failed; the message carries runc's own error."""
+
+    code = "runtime_error"
+
+
+@dataclass(frozen=True)
+class MonitorPaths:
+    """Files of one container's monitor, all inside the container's state directory."""
+
+    directory: Path  # the container's directory (also the bundle)
+
+    @property
+    def monitor(self) -> Path:
+        return self.directory / "monitor"
+
+    @property
+    def exit_file(self) -> Path:
+        return self.monitor / "exit"
+
+    @property
+    def oom_file(self) -> Path:
+        return self.monitor / "oom"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "ctr.log"
+
+    @property
+    def runc_log(self) -> Path:
+        return self.monitor / "runc.log"
+
+    @property
+    def conmon_pid_file(self) -> Path:
+        return self.monitor / "conmon.pid"
+
+
+def _which(program: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        raise RuntimeFailure(f"{program} is not installed (apt-get install {program})")
+    return path
+
+
+class Runc:
+    """``runc --root <config.runc_root>`` commands for one agent."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.binary = _which(config.runc)
+        self.root = str(config.runc_root)
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [self.binary, "--root", self.root, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            message = result.stderr.strip() or result.stdout.strip()
+            if "does not exist" in message or "not exist" in message:
+                raise NotFound(f"runc: {message}")
+            raise RuntimeFailure(f"runc {args[0]}: {message}")
+        return result
+
+    def start(self, runc_id: str) -> None:
+        self._run("start", runc_id)
+
+    def kill(self, runc_id: str, signal: int, *, all_processes: bool = False) -> bool:
+        """Send ``signal``; False when there is nothing (left) to signal."""
+        args = ["kill", *(["--all"] if all_processes else []), runc_id, str(signal)]
+        result = self._run(*args, check=False)
+        return result.returncode == 0
+
+    def pause(self, runc_id: str) -> None:
+        self._run("pause", runc_id)
+
+    def resume(self, runc_id: str) -> None:
+        self._run("resume", runc_id)
+
+    def delete(self, runc_id: str) -> None:
+        """Forget the container (force: kills leftovers); idempotent."""
+        self._run("delete", "--force", runc_id, check=False)
+
+    def state(self, runc_id: str) -> dict[str, object] | None:
+        result = self._run("state", runc_id, check=False)
+        if result.returncode != 0:
+            return None
+        data: dict[str, object] = json.loads(result.stdout)
+        return data
+
+    def exec_command(
+        self,
+        runc_id: str,
+        argv: list[str],
+        *,
+        env: list[str],
+        cwd: str,
+        uid: int,
+        gid: int,
+        additional_gids: tuple[int, ...] = (),
+    ) -> list[str]:
+        """The argv of ``runc exec`` (the caller runs it, streaming or capturing)."""
+        command = [self.binary, "--root", self.root, "exec", "--cwd", cwd, "--user", f"{uid}:{gid}"]
+        for gid_extra in additional_gids:
+            command += ["--additional-gids", str(gid_extra)]
+        for item in env:
+            command += ["--env", item]
+        return [*command, runc_id, *argv]
+
+
+def launch_monitor(
+    config: AgentConfig,
+    runc: Runc,
+    *,
+    runc_id: str,
+    name: str,
+    paths: MonitorPaths,
+    exit_command: list[str] | None = None,
+) -> int:
+    """Start conmon for the bundle in ``paths.directory``; return the container's pid.
+
+    The container is created (runc create) but not started; ``Runc.start`` starts it.
+    """
+    conmon = _which(config.conmon)
+    monitor = paths.monitor
+    if monitor.exists():
+        shutil.rmtree(monitor)
+    monitor.mkdir(parents=True)
+    socket_dir = config.run_root / "conmon"
+    socket_dir.mkdir(parents=True, exist_ok=True)
+    config.runc_root.mkdir(parents=True, exist_ok=True)
+    args = [
+        conmon,
+        "--api-version", "1",
+        "--cid", runc_id,
+        "--cuuid", runc_id,
+        "--name", name,
+        "--runtime", runc.binary,
+        "--bundle", str(paths.directory),
+        "--container-pidfile", str(monitor / "pid"),
+        "--conmon-pidfile", str(paths.conmon_pid_file),
+        "--log-path", f"k8s-file:{paths.log}",
+        "--log-size-max", str(LOG_SIZE_MAX),
+        "--exit-dir", str(monitor / "exits"),
+        "--persist-dir", str(monitor),
+        "--socket-dir-path", str(socket_dir),
+        "--runtime-arg", f"--root={runc.root}",
+        "--runtime-arg", f"--log={paths.runc_log}",
+        "--runtime-arg", "--log-format=json",
+        "--no-sync-log",
+    ]  # fmt: skip
+    (monitor / "exits").mkdir()
+    if exit_command:
+        args += ["--exit-command", exit_command[0]]
+        for part in exit_command[1:]:
+            args += ["--exit-command-arg", part]
+    read_fd, write_fd = os.pipe()
+    try:
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+        env["_OCI_SYNCPIPE"] = str(write_fd)
+        with open(monitor / "conmon.err", "wb") as err:
+            process = subprocess.Popen(
+                args,
+                pass_fds=(write_fd,),
+                env=env,
+                cwd=monitor,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
+        os.close(write_fd)
+        write_fd = -1
+        process.wait()
+        chunks = []
+        while True:
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\n" in chunk:
+                break
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+    raw = b"".join(chunks).decode(errors="replace").strip()
+    try:
+        message = json.loads(raw.splitlines()[0]) if raw else {}
+    except json.JSONDecodeError:
+        message = {}
+    pid = int(message.get("data", -1)) if isinstance(message, dict) else -1
+    if pid > 0:
+        return pid
+    error = runc_error(paths) or str(message.get("message", "")) or _tail(monitor / "conmon.err")
+    raise classify_start_error(error or "conmon could not create the container")
+
+
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()[-2000:]
+    except FileNotFoundError:
+        return ""
+
+
+def runc_error(paths: MonitorPaths) -> str:
+    """The last error runc logged for this container."""
+    last = ""
+    try:
+        lines = paths.runc_log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("level") in ("error", "fatal"):
+            last = str(entry.get("msg", ""))
+    return last
+
+
+def classify_start_error(message: str) -> AgentError:
+    """docker's mapping of start failures: 127 not found, 126 not runnable, else 125."""
+    lowered = message.lower()
+    if "no such file or directory" in lowered or "executable file not found" in lowered:
+        return CommandNotFound(f"failed to start container: {message}")
+    if "permission denied" in lowered or "exec format error" in lowered:
+        return CommandNotRunnable(f"failed to start container: {message}")
+    return RuntimeFailure(f"failed to start container: {message}")
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    exit_code: int
+    oom_killed: bool
+    finished_at: float  # epoch seconds (the exit file's mtime)
+
+
+def read_exit(paths: MonitorPaths) -> ExitStatus | None:
+    """What conmon recorded when the container exited; None while it runs."""
+    try:
+        st = os.stat(paths.exit_file)
+        text = paths.exit_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    try:
+        code = int(text)
+    except ValueError:
+        return None  # conmon is still writing it
+    return ExitStatus(code, paths.oom_file.exists(), st.st_mtime)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of ``pid``, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def exit_hook_command(config: AgentConfig, tenant: str, container_id: str) -> list[str]:
+    """The command conmon runs when a container exits (restart policies, --rm with -d)."""
+    return [
+        sys.executable,
+        "-m",
+        "runtime_agent.runtime.exithook",
+        "--root", str(config.root),
+        "--run-root", str(config.run_root),
+        "--name", config.name,
+        "--runc", config.runc,
+        "--conmon", config.conmon,
+        tenant,
+        container_id,
+    ]  # fmt: skip
