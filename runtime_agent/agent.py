@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from runtime_agent.content.store import ContentStore
     from runtime_agent.images.store import ImageStore
     from runtime_agent.network.manager import NetworkManager
+    from runtime_agent.runtime.manager import ContainerManager
     from runtime_agent.snapshots.snapshotter import Snapshotter
     from runtime_agent.volumes.manager import VolumeManager
 
@@ -59,3 +60,9 @@ class Agent:
         from runtime_agent.network.manager import NetworkManager
 
         return NetworkManager(self.config)
+
+    @cached_property
+    def containers(self) -> ContainerManager:
+        from runtime_agent.runtime.manager import ContainerManager
+
+        return ContainerManager(self)
