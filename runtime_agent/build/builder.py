@@ -10,25 +10,18 @@ tagged) only after every stage succeeded, so a failed build leaves no tag behind
 
 from __future__ import annotations
 
-import bz2
 import copy
 import dataclasses
-import email.utils
 import functools
-import gzip
 import io
-import lzma
 import os
 import posixpath
 import queue
 import re
 import secrets
 import stat
-import tarfile
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -1046,6 +1039,8 @@ class Builder:
         return [resolved] if resolved in index.entries else []
 
     def _image_items(self, index: FsIndex, path: str) -> list[_Item]:
+        import tarfile
+
         content = self.agent.content
         root_entry = index.entries[path]
         prefix = path.rstrip("/") + "/"
@@ -1083,6 +1078,10 @@ class Builder:
         return items
 
     def _download(self, url: str, instr: df.Instruction) -> tuple[str, list[_Item], str]:
+        import email.utils
+        import urllib.parse
+        import urllib.request
+
         try:
             with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310
                 data = resp.read()
@@ -1135,6 +1134,10 @@ def _expand_port(spec: str, instr: df.Instruction) -> list[str]:
 
 
 def _is_archive(path: Path) -> bool:
+    import bz2
+    import gzip
+    import lzma
+
     with open(path, "rb") as fh:
         head = fh.read(512 + 8)
     for opener in (gzip.decompress, bz2.decompress, lzma.decompress):
@@ -1153,6 +1156,8 @@ def _is_archive(path: Path) -> bool:
 
 def _extract_archive(writer: LayerWriter, fh: IO[bytes], dest: str) -> None:
     """ADD of a local tar: its entries land under ``dest`` with their own owners and modes."""
+    import tarfile
+
     try:
         with tarfile.open(fileobj=fh, mode="r|*") as tar:
             for info in tar:

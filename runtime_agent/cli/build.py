@@ -129,3 +129,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument("context", metavar="CONTEXT", help="context directory, or - for a tar")
     parser.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m runtime_agent.cli.build ...``: the build command alone.
+
+    Same arguments and output as ``berth-agent build``, without importing every other
+    subcommand's modules first (what makes a fully cached CI rebuild return quickly).
+    """
+    from runtime_agent.cli import main as cli
+    from runtime_agent.errors import AgentError
+
+    parser = cli.TenantParser(prog="berth-agent")
+    subparsers = parser.add_subparsers(dest="command", parser_class=cli.TenantParser)
+    register(subparsers)
+    args = parser.parse_args(["build", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return _run(args, AgentConfig())
+    except AgentError as exc:
+        sys.stderr.write(f"berth-agent: {exc}\n")
+        return cli.EXIT_AGENT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
