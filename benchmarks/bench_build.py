@@ -10,7 +10,8 @@ Berth) is built
 Berth is timed three ways: the whole `berth-agent build` command (a fresh Python process,
 like the `docker build` command; it imports every subcommand's modules first), the same
 command without the other subcommands (`python -m runtime_agent.cli.build`, "fastcli"),
-and the in-process Python API (what the Celery worker calls). Medians of --runs. Targets: cached rebuild faster than docker's; cold within 1.5x.
+and the in-process Python API (what the Celery worker calls). Medians of --runs.
+Targets: cached rebuild faster than docker's; cold within 1.5x.
 
 Everything it makes (state root, tenant network, docker images) is removed at exit.
 """
