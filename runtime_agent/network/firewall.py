@@ -11,7 +11,10 @@ ruleset never exists. It does four things:
   link-local destinations (169.254.0.0/16, cloud metadata) are dropped;
 * host protection: from a Berth bridge, the node itself only answers DNS on that
   network's own gateway address; every other host address and port (agent, Redis,
-  Postgres, SSH, dockerd, ...) is dropped;
+  Postgres, SSH, dockerd, ...) is dropped; IPv6 from and to the bridges is dropped
+  altogether (an ``ip6`` table of the same name; the bridges also have IPv6 disabled);
+* anti-spoofing: a packet from a bridge whose source isn't in that bridge's subnet is
+  dropped;
 * publishing: DNAT from host addresses to containers (loopback is served by the helper
   daemon's userspace proxy instead; route_localnet stays off, CVE-2020-8558).
 
@@ -64,6 +67,7 @@ def render(table: str, bridges: Iterable[BridgeRule], dnats: Iterable[DnatRule])
     same = ", ".join(f'"{b.bridge}" . "{b.bridge}"' for b in bridges)
     dns = ", ".join(f'"{b.bridge}" . {b.gateway}' for b in bridges)
     subnets = ", ".join(b.subnet for b in bridges)
+    bridge_subnets = ", ".join(f'"{b.bridge}" . {b.subnet}' for b in bridges)
     internal = ", ".join(f'"{b.bridge}"' for b in bridges if b.internal)
 
     def elements(text: str) -> str:
@@ -84,6 +88,7 @@ table ip {table} {{
     set same_bridge {{ type ifname . ifname; {elements(same)} }}
     set dns_ok {{ type ifname . ipv4_addr; {elements(dns)} }}
     set subnets {{ type ipv4_addr; flags interval; {elements(subnets)} }}
+    set bridge_subnets {{ type ifname . ipv4_addr; flags interval; {elements(bridge_subnets)} }}
 
     chain publish {{
 {publish_body}
@@ -103,6 +108,7 @@ table ip {table} {{
     }}
     chain forward {{
         type filter hook forward priority filter - 10; policy accept;
+        iifname @bridges iifname . ip saddr != @bridge_subnets drop
         iifname @bridges ip daddr 169.254.0.0/16 drop
         oifname @bridges ct state established,related accept
         iifname @bridges ct state established,related accept
@@ -116,9 +122,24 @@ table ip {table} {{
     chain input {{
         type filter hook input priority filter - 10; policy accept;
         iifname != @bridges accept
+        iifname . ip saddr != @bridge_subnets drop
         ct state established,related accept
         meta l4proto {{ tcp, udp }} th dport 53 iifname . ip daddr @dns_ok accept
         drop
+    }}
+}}
+table ip6 {table}
+delete table ip6 {table}
+table ip6 {table} {{
+    set bridges {{ type ifname; {elements(names)} }}
+    chain input {{
+        type filter hook input priority filter - 10; policy accept;
+        iifname @bridges drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter - 10; policy accept;
+        iifname @bridges drop
+        oifname @bridges drop
     }}
 }}
 """
@@ -136,15 +157,18 @@ def delete_table(table: str) -> None:
     """Remove the table if present (idempotent)."""
     subprocess.run(
         ["nft", "-f", "-"],
-        input=f"table ip {table}\ndelete table ip {table}\n",
+        input=(
+            f"table ip {table}\ndelete table ip {table}\n"
+            f"table ip6 {table}\ndelete table ip6 {table}\n"
+        ),
         capture_output=True,
         text=True,
         check=False,
     )
 
 
-def table_exists(table: str) -> bool:
-    proc = subprocess.run(["nft", "list", "table", "ip", table], capture_output=True, check=False)
+def table_exists(table: str, family: str = "ip") -> bool:
+    proc = subprocess.run(["nft", "list", "table", family, table], capture_output=True, check=False)
     return proc.returncode == 0
 
 

@@ -1092,10 +1092,18 @@ def _ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: i
     if index is None:
         ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
         index = _link_index(ipr, name)
+    _disable_ipv6(name)
     have = {a.get("address") for a in ipr.get_addr(index=index, family=socket.AF_INET)}
     if gateway not in have:
         ipr.addr("add", index=index, address=gateway, prefixlen=prefixlen)
     ipr.link("set", index=index, state="up")
+
+
+def _disable_ipv6(ifname: str) -> None:
+    """No IPv6 address on a bridge: the node must not answer containers over IPv6."""
+    path = Path("/proc/sys/net/ipv6/conf") / ifname / "disable_ipv6"
+    with contextlib.suppress(FileNotFoundError):
+        path.write_text("1\n")
 
 
 def _host_subnets(ipr: IPRoute) -> list[ipaddress.IPv4Network]:

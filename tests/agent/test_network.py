@@ -34,7 +34,7 @@ from runtime_agent.errors import (
 )
 from runtime_agent.network import NetworkManager, NetworkSetup, firewall
 from runtime_agent.network.daemon import is_running
-from runtime_agent.network.netns import create_netns, delete_netns
+from runtime_agent.network.netns import create_netns, delete_netns, run_in_netns
 from runtime_agent.protocol import NetworkAttachment, PortMapping
 
 pytestmark = pytest.mark.privileged
@@ -398,6 +398,11 @@ def test_containers_cannot_reach_node_services_or_link_local(
             assert not tcp_connects(app, address, port), f"reached the node at {address}"
         for well_known in (22, 5432, 6379, 2375):
             assert not tcp_connects(app, web.gateway, well_known)
+        # no IPv6 path to the node either: the bridge has no IPv6 address at all
+        with IPRoute() as ipr:
+            bridge = ipr.link_lookup(ifname=web.bridge)[0]
+            assert ipr.get_addr(index=bridge, family=socket.AF_INET6) == ()
+        assert firewall.table_exists(net.table, "ip6")
         # Link-local (metadata-style) addresses: a listener in our own "outside" netns.
         httpd(procs, str(outside.netns), www, bind=f"{outside.link_local}:80")
         assert host_fetch(f"http://{outside.link_local}/") == WWW  # routed from the node
@@ -417,6 +422,40 @@ def test_egress_is_masqueraded_to_the_outside(
     # The outside host has no route to 10.213/16: the reply only arrives if the
     # connection left the node from the uplink address.
     assert fetch(app, f"http://{outside.address}/") == WWW
+    # A container forging a source address from another tenant's subnet gets nowhere
+    # (without the anti-spoofing rule this would be masqueraded and answered).
+    other = net.create("globex", "web")
+    assert app.netns_path is not None
+    forged = other.subnet.replace(".0/24", ".200")
+    subprocess.run(
+        ["nsenter", f"--net={app.netns_path}", "ip", "addr", "add", f"{forged}/32", "dev", "eth0"],
+        check=True,
+    )
+
+    def udp_listener() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((outside.address, 9999))
+        return s
+
+    def send_from(source: str) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((source, 0))
+            s.sendto(source.encode(), (outside.address, 9999))
+
+    def arrives(source: str) -> bool:
+        run_in_netns(Path(str(app.netns_path)), lambda: send_from(source))
+        try:
+            return listener.recv(100) == source.encode()
+        except TimeoutError:
+            return False
+
+    listener = run_in_netns(outside.netns, udp_listener)
+    listener.settimeout(1)
+    try:
+        assert arrives(ip_of(app, "web"))  # the control: one-way datagrams get out
+        assert not arrives(forged)
+    finally:
+        listener.close()
     internal = net.create("acme", "sealed", internal=True)
     sealed = net.attach("acme", cid(), "s", [NetworkAttachment("sealed")], name="s")
     assert internal.internal
@@ -605,6 +644,7 @@ def test_nothing_is_left_after_removal(net: NetworkManager, procs: Procs, www: P
     assert owned_links(net.prefix) == []
     assert list(net.config.netns_dir.iterdir()) == []
     assert not firewall.table_exists(net.table)
+    assert not firewall.table_exists(net.table, "ip6")
     rules = subprocess.run(["iptables", "-S", "DOCKER-USER"], capture_output=True, text=True)
     assert f"berth:{net.config.name}" not in rules.stdout
     time.sleep(0.1)
@@ -716,7 +756,6 @@ def test_other_names_are_forwarded_to_the_upstream_resolver(
 ) -> None:
     # The upstream is a tiny resolver of our own in the "outside" namespace.
     from runtime_agent.network.dns import Records
-    from runtime_agent.network.netns import run_in_netns
 
     def bind() -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
