@@ -192,3 +192,25 @@ def test_user_not_in_image_fails(agent: Agent, tmp_path: Path) -> None:
     with pytest.raises(NotFound, match="ghost"):
         build(agent, T, ctx, tag="ghost", limits=NO_NET)
     _assert_clean(agent)
+
+
+def test_independent_stages_build_in_parallel(agent: Agent, tmp_path: Path) -> None:
+    make_base(agent, T, tmp_path)
+    ctx = write_context(
+        tmp_path / "c",
+        {
+            "Dockerfile": (
+                "FROM busybox AS one\nRUN sleep 1; echo 1 > /one\n"
+                "FROM busybox AS two\nRUN sleep 1; echo 2 > /two\n"
+                "FROM busybox\nCOPY --from=one /one /one\nCOPY --from=two /two /two\n"
+            )
+        },
+    )
+    events = build(agent, T, ctx, tag="par", limits=NO_NET)
+    order = [(e.kind, e.step) for e in events if e.kind in ("step", "layer")]
+    # both RUN steps (2 and 4) start before either of them finishes
+    first_done = min(order.index(("layer", 2)), order.index(("layer", 4)))
+    assert order.index(("step", 2)) < first_done and order.index(("step", 4)) < first_done
+    tree = image_tree(agent, T, "par")
+    assert tree["/one"][4] == "1\n" and tree["/two"][4] == "2\n"
+    _assert_clean(agent)

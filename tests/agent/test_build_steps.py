@@ -401,3 +401,28 @@ def test_tar_context_on_stdin(agent: Agent, tmp_path: Path) -> None:
     assert events[-1].kind == "done"
     assert image_tree(agent, T, "tarctx")["/f"][4] == "from-tar"
     assert list((agent.config.build_cache_dir / ".contexts").iterdir()) == []
+
+
+def test_onbuild_triggers_run_in_the_child_build(agent: Agent, tmp_path: Path) -> None:
+    parent = write_context(
+        tmp_path / "p",
+        {"Dockerfile": "FROM scratch\nONBUILD COPY marker /from-trigger\nCOPY marker /m\n",
+         "marker": "parent"},
+    )  # fmt: skip
+    build(agent, T, parent, tag="onbuild-parent")
+    assert _config(agent, "onbuild-parent")["config"]["OnBuild"] == ["COPY marker /from-trigger"]
+    child = write_context(
+        tmp_path / "c", {"Dockerfile": "FROM onbuild-parent\n", "marker": "child"}
+    )
+    build(agent, T, child, tag="onbuild-child")
+    assert image_tree(agent, T, "onbuild-child")["/from-trigger"][4] == "child"
+    assert not _config(agent, "onbuild-child")["config"].get("OnBuild")
+
+
+def test_other_tenants_images_are_invisible(agent: Agent, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "a", {"Dockerfile": "FROM scratch\nCOPY f /f\n", "f": "x"})
+    build(agent, T, ctx, tag="private:1")
+    for text in ("FROM private:1\n", "FROM scratch\nCOPY --from=private:1 /f /f\n"):
+        other = write_context(tmp_path / "b", {"Dockerfile": text})
+        with pytest.raises(NotFound):
+            build(agent, "intruder", other, tag="stolen")
