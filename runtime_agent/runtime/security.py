@@ -38,6 +38,7 @@ from runtime_agent.errors import AgentError, InvalidArgument, ResourceExhausted
 from runtime_agent.runtime import seccomp
 
 if TYPE_CHECKING:
+    from runtime_agent.agent import Agent
     from runtime_agent.snapshots.snapshotter import Snapshotter
 
 DEFAULT_CAPABILITIES: tuple[str, ...] = (
@@ -654,3 +655,17 @@ def idmap_snapshot(snapshotter: Snapshotter, key: str, ids: IdRange, scratch_roo
     mount_idmapped_overlay(lowers, upper, work, info.path, ids, scratch_root)
     ensure_traversable(info.path)
     return info.path
+
+
+def user_namespace_for(agent: Agent, tenant: str, snapshot_key: str) -> IdRange:
+    """Everything a user-namespaced container needs before its spec is written.
+
+    Allocates (or looks up) the tenant's host id range and re-mounts the container's
+    prepared snapshot over idmapped layers. The runtime then passes the returned range to
+    ``VolumeManager.oci_mounts(user_namespace=..., idmap_dir=...)`` and
+    ``apply_security_defaults(user_namespace=...)``, and must keep the container's own
+    directory (bundle, /etc files) traversable (``ensure_traversable``).
+    """
+    ids = IdRangeAllocator(agent.config.root / "userns" / "subids").allocate(tenant)
+    idmap_snapshot(agent.snapshots, snapshot_key, ids, agent.config.run_root / "idmap")
+    return ids

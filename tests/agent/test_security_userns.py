@@ -22,7 +22,7 @@ from runtime_agent.runtime.security import (
     IdRangeAllocator,
     apply_security_defaults,
     ensure_traversable,
-    idmap_snapshot,
+    user_namespace_for,
 )
 
 
@@ -75,7 +75,6 @@ def test_userns_container_on_idmapped_layers(agent: Agent, tmp_path: Path) -> No
     from runtime_agent.images.bootstrap import bootstrap_busybox
 
     config = agent.config
-    ids = IdRangeAllocator(config.root / "userns" / "subids").allocate("acme")
     image = bootstrap_busybox(agent)
     key = "userns-test"
     agent.snapshots.prepare(key, image)
@@ -85,12 +84,13 @@ def test_userns_container_on_idmapped_layers(agent: Agent, tmp_path: Path) -> No
     secret_dir.mkdir(parents=True)
     (secret_dir / "secret").write_text("host root only")
     (secret_dir / "secret").chmod(0o600)
-    scratch = config.run_root / "idmap"
     vol_views = config.run_root / "vol-views"
     runc_id = f"{config.name}-userns"
     bundle = config.root / "bundle"
     try:
-        rootfs = idmap_snapshot(agent.snapshots, key, ids, scratch)
+        ids = user_namespace_for(agent, "acme", key)
+        assert ids == IdRangeAllocator(config.root / "userns" / "subids").get("acme")
+        rootfs = agent.snapshots.get(key).path
         (vol_mount,) = agent.volumes.oci_mounts(
             "acme",
             [MountSpec("volume", "/data", "data")],
