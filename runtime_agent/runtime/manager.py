@@ -312,7 +312,7 @@ class ContainerManager:
         self.cgroups.ensure_tenant(record.tenant)
         netns_path: str | None = None
         resolv = hosts = None
-        if spec.network_mode != "host" or spec.privileged_caller:
+        if spec.network_mode != "none":  # "none": runc makes a netns with only loopback
             setup = self.agent.networks.attach(
                 record.tenant,
                 record.id,
@@ -554,7 +554,8 @@ class ContainerManager:
             except Exception as exc:
                 errors.append(exc)
 
-        attempt(self.runc.delete, record.runc_id)
+        if (self.config.runc_root / record.runc_id).exists():
+            attempt(self.runc.delete, record.runc_id)
         attempt(self.cgroups.remove, record.tenant, record.id)
         if record.network is not None:
             attempt(self._detach_network, record)
