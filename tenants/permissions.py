@@ -87,11 +87,11 @@ ASSIGNABLE_ROLES: Final[dict[str, frozenset[str]]] = {
 
 #: Token scopes a member with a role may create (viewers cannot mint write tokens).
 MAX_TOKEN_SCOPE: Final[dict[str, str]] = {
-    Role.OWNER: Scope.ADMIN,
-    Role.ADMIN: Scope.ADMIN,
-    Role.DEVELOPER: Scope.WRITE,
-    Role.BILLING: Scope.WRITE,
-    Role.VIEWER: Scope.READ,
+    Role.OWNER: Scope.ADMIN.value,
+    Role.ADMIN: Scope.ADMIN.value,
+    Role.DEVELOPER: Scope.WRITE.value,
+    Role.BILLING: Scope.WRITE.value,
+    Role.VIEWER: Scope.READ.value,
 }
 
 
@@ -102,5 +102,5 @@ def has_permission(role: str | None, permission: str) -> bool:
 def scope_for(permission: str, *, write: bool) -> str:
     """The token scope needed to use ``permission`` (for a write, or a read)."""
     if permission in ADMIN_SCOPE_PERMISSIONS:
-        return Scope.ADMIN
-    return Scope.WRITE if write else Scope.READ
+        return Scope.ADMIN.value
+    return Scope.WRITE.value if write else Scope.READ.value

@@ -98,7 +98,11 @@ def test_token_scope_on_top_of_owner_role(acme, make_token, client_for, scope, r
     )
     assert response.status_code == admin
     if admin == 403:
-        assert response.json()["error"]["code"] == "insufficient_scope"
+        error = response.json()["error"]
+        assert error["code"] == "insufficient_scope"
+        prefix = client._credentials["HTTP_AUTHORIZATION"][len("Bearer ") :][:12]
+        expected = f"needs a token with scope 'admin'; token {prefix} has '{scope}'"
+        assert expected in error["message"]
 
 
 def test_admin_cannot_grant_owner_but_owner_can(acme, add_member) -> None:
