@@ -159,3 +159,19 @@ def test_volumes_between_tenants_sizes_and_lifetimes(node: Agent) -> None:
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(image.parent) not in mounts
     assert not image.parent.exists()
+
+
+def test_exec_gets_the_same_confinement(node: Agent) -> None:
+    info = node.containers.run(
+        ContainerSpec(tenant="acme", image="busybox", command=("sleep", "60"), network_mode="none")
+    )
+    code, output = node.containers.exec_capture(
+        "acme", info.id, ["sh", "-c", "cat /proc/self/status; mount -t proc p /mnt || echo DENIED"]
+    )
+    status = status_fields(output.decode())
+    assert int(status["CapEff"], 16) == 0xA80425FB
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2"
+    assert "DENIED" in output.decode()
+    assert code == 0  # the "|| echo" ran
+    node.containers.remove("acme", info.id, force=True)
