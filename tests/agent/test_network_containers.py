@@ -1,0 +1,170 @@
+"""Networking end to end through real containers (``agent.containers``: runc + conmon).
+
+The same guarantees as test_network.py, seen from inside busybox containers that the
+ContainerManager created: names resolve through the container's own /etc/resolv.conf,
+other tenants stay unreachable, published ports answer on the node, and removing the
+container removes its networking.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute
+
+from runtime_agent.agent import Agent
+from runtime_agent.protocol import ContainerSpec, NetworkAttachment, PortMapping
+
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc"),
+    pytest.mark.skipif(shutil.which("conmon") is None, reason="needs conmon"),
+    pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static"),
+]
+
+SERVE = "mkdir -p /www && echo hello-$HOSTNAME > /www/index.html && exec httpd -f -p 80 -h /www"
+
+
+@pytest.fixture
+def node(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
+    from runtime_agent.images.bootstrap import bootstrap_busybox
+
+    monkeypatch.setenv("BERTH_NETWORK_POOL", "10.213.0.0/16")
+    monkeypatch.setenv("BERTH_DNS_UPSTREAMS", "")
+    bootstrap_busybox(agent)
+    try:
+        yield agent
+    finally:
+        for info in agent.containers.list_all():
+            agent.containers.remove(info.tenant, info.id, force=True)
+        agent.networks.teardown()
+        agent.snapshots.remove_all_mounts()
+        agent.containers.cgroups.remove_all()
+
+
+def serve(agent: Agent, tenant: str, name: str, **spec: object) -> str:
+    info = agent.containers.run(
+        ContainerSpec(
+            tenant=tenant,
+            image="busybox",
+            name=name,
+            hostname=name,
+            command=("sh", "-c", SERVE),
+            **spec,  # type: ignore[arg-type]
+        )
+    )
+    wait_for_port(agent, tenant, info.id, 80)
+    return str(info.id)
+
+
+def wait_for_port(agent: Agent, tenant: str, container_id: str, port: int) -> None:
+    endpoint = agent.networks.endpoint(tenant, container_id)
+    assert endpoint is not None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = subprocess.run(
+            ["nsenter", f"--net={endpoint.netns_path}", "ss", "-Hltn"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        if f":{port} " in out:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"container {container_id[:12]} never listened on {port}")
+
+
+def run(agent: Agent, tenant: str, script: str, **spec: object) -> tuple[int, str]:
+    info = agent.containers.run(
+        ContainerSpec(
+            tenant=tenant,
+            image="busybox",
+            command=("sh", "-c", script),
+            **spec,  # type: ignore[arg-type]
+        )
+    )
+    code = agent.containers.wait(tenant, info.id, timeout=60)
+    out = "".join(
+        e.line.decode(errors="replace") + "\n"
+        for e in agent.containers.logs(tenant, info.id)
+        if e.stream == "stdout"
+    )
+    return code, out
+
+
+def host_fetch(url: str) -> str | None:
+    proc = subprocess.run(
+        ["timeout", "3", "busybox", "wget", "-q", "-O-", url], capture_output=True, text=True
+    )
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def test_containers_find_each_other_by_name_and_alias_only_within_their_tenant(
+    node: Agent,
+) -> None:
+    node.networks.create("acme", "web")
+    node.networks.create("globex", "web")
+    serve(node, "acme", "server", networks=(NetworkAttachment("web", aliases=("api",)),))
+    code, out = run(
+        node,
+        "acme",
+        "timeout 5 wget -q -O- http://server/ && timeout 5 wget -q -O- http://api/",
+        networks=(NetworkAttachment("web"),),
+    )
+    assert code == 0
+    assert out.count("hello-server") == 2
+    acme_ip = node.networks.inspect("acme", "web").containers[0].address.split("/")[0]
+    code, out = run(
+        node,
+        "globex",
+        f"nslookup server; timeout 5 wget -q -O- http://{acme_ip}/ || echo UNREACHABLE",
+        networks=(NetworkAttachment("web"),),
+    )
+    assert "NXDOMAIN" in out or "can't find" in out
+    assert "UNREACHABLE" in out and "hello-server" not in out
+
+
+def test_default_network_published_ports_and_cleanup_on_remove(node: Agent) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    container = serve(node, "acme", "web1", ports=(PortMapping(80, port),))
+    endpoint = node.networks.endpoint("acme", container)
+    assert endpoint is not None and set(endpoint.addresses) == {"default"}
+    assert host_fetch(f"http://127.0.0.1:{port}/") == "hello-web1\n"
+    with IPRoute() as ipr:
+        host_ip = next(
+            str(a.get("address"))
+            for a in ipr.get_addr(family=socket.AF_INET)
+            if not str(a.get("address")).startswith("127.")
+        )
+    assert host_fetch(f"http://{host_ip}:{port}/") == "hello-web1\n"
+    # inside, the container sees its own resolv.conf and hosts
+    code, out = run(
+        node,
+        "acme",
+        "cat /etc/resolv.conf; timeout 5 wget -q -O- http://web1/",
+        networks=(NetworkAttachment("default"),),
+    )
+    assert code == 0 and "nameserver" in out and "hello-web1" in out
+    node.containers.remove("acme", container, force=True)
+    assert node.networks.endpoint("acme", container) is None
+    assert not node.networks.netns_path(container).exists()
+    assert host_fetch(f"http://127.0.0.1:{port}/") is None
+    with socket.socket() as s:
+        # free again: nothing listens (SO_REUSEADDR only tolerates TIME_WAIT leftovers)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))  # noqa: S104
+        s.listen(1)
+
+
+def test_network_none_has_only_loopback(node: Agent) -> None:
+    code, out = run(node, "acme", "cat /proc/net/dev", network_mode="none")
+    assert code == 0
+    interfaces = [line.split(":")[0].strip() for line in out.splitlines() if ":" in line]
+    assert interfaces == ["lo"]
