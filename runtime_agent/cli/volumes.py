@@ -27,6 +27,16 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def human_size(n: int) -> str:
+    """64MiB, 1.5GiB: the size limit as a person would write it."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.4g}{unit}"
+        value /= 1024
+    return f"{value:.4g}TiB"
+
+
 def _key_values(items: list[str] | None, what: str) -> dict[str, str]:
     result = {}
     for item in items or []:
@@ -69,7 +79,7 @@ def _ls(args: argparse.Namespace, config: AgentConfig) -> int:
         return 0
     print(f"{'DRIVER':<10}{'SIZE':<12}VOLUME NAME")
     for volume in volumes:
-        size = str(volume.size_bytes) if volume.size_bytes else "-"
+        size = human_size(volume.size_bytes) if volume.size_bytes else "-"
         print(f"{'local':<10}{size:<12}{volume.name}")
     return 0
 

@@ -205,6 +205,10 @@ def test_cli_volume_commands(
         capsys.readouterr()
         assert main(["volume", "ls", "--tenant", "t1", "-q"]) == 0
         assert capsys.readouterr().out.split() == ["v1", "v2"]
+        assert main(["volume", "ls", "--tenant", "t1"]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[1].split() == ["local", "16MiB", "v1"]
+        assert table[2].split() == ["local", "-", "v2"]
         assert main(["volume", "ls", "--tenant", "t2", "-q"]) == 0
         assert capsys.readouterr().out.split() == []
         assert main(["volume", "inspect", "--tenant", "t1", "v1"]) == 0
