@@ -154,6 +154,19 @@ def must_shrink(tenant: Tenant, plan: Plan, seats: int) -> list[dict[str, Any]]:
     return problems
 
 
+def _lock_tenant(tenant: Tenant | int) -> Tenant:
+    """Lock the tenant row, then read it with its plan.
+
+    The lock is taken without a join: Postgres re-checks a ``FOR UPDATE`` row that a
+    concurrent transaction changed, and with a join to the old plan row that re-check drops
+    the row (``DoesNotExist``) when the plan just changed. Holding the lock first makes the
+    later joined reads (ours and those in tenants.services) stable.
+    """
+    pk = tenant if isinstance(tenant, int) else tenant.pk
+    Tenant.objects.select_for_update().filter(pk=pk).values_list("pk", flat=True).get()
+    return Tenant.objects.select_related("plan").get(pk=pk)
+
+
 def _lock_usage_then_tenant(tenant: Tenant) -> Tenant:
     """Lock the tenant's quota usage rows (name order), then the tenant row.
 
@@ -161,7 +174,7 @@ def _lock_usage_then_tenant(tenant: Tenant) -> Tenant:
     share lock on it); taking the usage rows first here keeps the two from deadlocking.
     """
     list(QuotaUsage.objects.select_for_update().filter(tenant=tenant).order_by("quota"))
-    return tenant_services._lock_tenant(tenant)
+    return _lock_tenant(tenant)
 
 
 def _refuse_if_over_usage(tenant: Tenant, plan: Plan, seats: int) -> None:
@@ -483,7 +496,7 @@ def apply_subscription_state(
     and is pushed again by the sync task.
     """
     with transaction.atomic():
-        tenant_services._lock_tenant(account.tenant)  # tenant before account, everywhere
+        _lock_tenant(account.tenant)  # tenant before account, everywhere
         account = BillingAccount.objects.select_for_update().get(pk=account.pk)
         if account.subscription_event_at and event_created < account.subscription_event_at:
             return "stale: a newer subscription state was applied already"
@@ -504,7 +517,7 @@ def apply_subscription_state(
             transaction.on_commit(lambda: _enqueue_sync(account.tenant_id))
             return "Berth has a newer local change; pushing it to Stripe"
         price = PlanPrice.objects.filter(stripe_price_id=account.stripe_price_id).first()
-        tenant = tenant_services._lock_tenant(account.tenant)
+        tenant = _lock_tenant(account.tenant)
         plan = price.plan if price is not None and price.plan is not None else tenant.plan
         seats = int(account.synced_quantity or 0) + account.comp_seats
         if plan == tenant.plan and seats == tenant.seats:
@@ -545,7 +558,7 @@ def _subscription_ended(account: BillingAccount, event_id: str) -> str:
     account.stripe_subscription_item_id = ""
     account.sync_pending = False
     account.save()
-    tenant = tenant_services._lock_tenant(account.tenant)
+    tenant = _lock_tenant(account.tenant)
     free = Plan.objects.filter(code="free").first()
     if free is None or tenant.plan == free:
         return "subscription ended"
@@ -597,8 +610,10 @@ def start_checkout(
     seats = _validate_seat_count(seats)
     if problem := plan.seats_error(seats):
         raise InvalidInput(problem, details={"field": "seats"})
-    tenant_services.ensure_active(tenant)
-    _refuse_if_over_usage(tenant, plan, seats)
+    if not tenant.is_active and not tenant.status_reason.startswith(BILLING_SUSPENSION_PREFIX):
+        tenant_services.ensure_active(tenant)  # suspended for non-payment may still pay
+    with transaction.atomic():
+        _refuse_if_over_usage(tenant, plan, seats)
     members = tenant.memberships.count()
     if seats < members:
         raise InvalidInput(
@@ -650,7 +665,7 @@ def link_checkout(
         return "no subscription in session"
     sub = stripe_api.retrieve_subscription(str(sub_id))
     with transaction.atomic():
-        tenant_services._lock_tenant(account.tenant)
+        _lock_tenant(account.tenant)
         locked = BillingAccount.objects.select_for_update().get(pk=account.pk)
         if not locked.stripe_customer_id and session.get("customer"):
             locked.stripe_customer_id = session["customer"]
@@ -727,7 +742,7 @@ def record_payment_succeeded(
 ) -> str:
     """An invoice was paid: leave dunning and lift a billing suspension."""
     now = now or timezone.now()
-    tenant_services._lock_tenant(account.tenant)
+    _lock_tenant(account.tenant)
     account = BillingAccount.objects.select_for_update().get(pk=account.pk)
     if account.last_paid_at is None or paid_at > account.last_paid_at:
         account.last_paid_at = paid_at
@@ -742,7 +757,7 @@ def record_payment_succeeded(
     account.past_due_since = account.grace_ends_at = None
     account.suspended_at = account.stop_services_at = None
     account.save()
-    tenant = tenant_services._lock_tenant(account.tenant)
+    tenant = _lock_tenant(account.tenant)
     if tenant.status == TenantStatus.SUSPENDED and tenant.status_reason.startswith(
         BILLING_SUSPENSION_PREFIX
     ):
@@ -781,7 +796,7 @@ def enforce_dunning(now: datetime | None = None) -> dict[str, int]:
 
 @transaction.atomic
 def _suspend_for_nonpayment(account_id: int, now: datetime) -> bool:
-    tenant_services._lock_tenant(Tenant(pk=BillingAccount.objects.get(pk=account_id).tenant_id))
+    _lock_tenant(BillingAccount.objects.get(pk=account_id).tenant_id)
     account = BillingAccount.objects.select_for_update().get(pk=account_id)
     if account.dunning_state != DunningState.PAST_DUE or not account.grace_ends_at:
         return False
@@ -1140,7 +1155,7 @@ def set_spend_cap(tenant: Tenant, cap_cents: Any, *, actor: Actor) -> BillingAcc
             raise InvalidInput("cap must be whole cents or null", details={"field": "cap_cents"})
         if cap_cents < 0 or cap_cents > 100_000_000_00:
             raise InvalidInput("cap is out of range", details={"field": "cap_cents"})
-    tenant = tenant_services._lock_tenant(tenant)
+    tenant = _lock_tenant(tenant)
     account = _locked_account(tenant)
     seat_cents = tenant.plan.seat_price_cents * billable_seats(tenant, account)
     if cap_cents is not None and cap_cents < seat_cents:

@@ -3,6 +3,7 @@ localstripe (a local Stripe-compatible server, extended in tests/localstripe_ext
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from io import StringIO
@@ -14,7 +15,7 @@ from celery.exceptions import Retry
 from django.core.management import call_command
 
 from billing import metering, services, stripe_api
-from billing.models import BillingAccount, PlanPrice, SeatLedgerEntry, UsageReport
+from billing.models import BillingAccount, PlanPrice, SeatLedgerEntry, StripeEvent, UsageReport
 from billing.tasks import sweep_billing_task, sync_subscription_task
 from tenants.models import Tenant
 from tests.control.billing_helpers import SECRET_KEY, free_port
@@ -230,4 +231,62 @@ def test_overage_is_reported_once_as_metered_usage(
     events = _stripe_get(localstripe, "/_ext/meter_events", customer=account.stripe_customer_id)
     assert [(e["event_name"], e["payload"]["value"]) for e in events["data"]] == [
         ("berth_overage_cents", "4")
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_localstripe_delivers_signed_webhooks_over_http(
+    live_server: Any, localstripe: str, eager_celery: None
+) -> None:
+    """The whole path: localstripe signs and POSTs its events to the running control plane,
+    which verifies, stores and processes them (Celery eager in the server thread)."""
+    from tests.control.billing_helpers import WEBHOOK_SECRET
+    from tests.control.conftest import seed_plans
+
+    seed_plans()
+    call_command("sync_stripe_plans", stdout=StringIO())
+    tenant, _ = services.tenant_services.create_tenant(
+        slug="acme", owner_email="o@acme.example", plan_code="free", actor=OWNER
+    )
+    requests.post(
+        f"{localstripe}/_config/webhooks/berth-e2e",
+        data={
+            "url": f"{live_server.url}/billing/stripe/webhook",
+            "secret": WEBHOOK_SECRET,
+            "events[]": [
+                "checkout.session.completed",
+                "customer.subscription.created",
+                "invoice.paid",
+            ],
+        },
+        timeout=5,
+    ).raise_for_status()
+    session = services.start_checkout(
+        tenant,
+        "pro",
+        2,
+        actor=OWNER,
+        success_url="http://x.invalid/ok",
+        cancel_url="http://x.invalid/no",
+    )
+    requests.post(
+        f"{localstripe}/_ext/checkout/sessions/{session['id']}/complete",
+        auth=(SECRET_KEY, ""),
+        timeout=5,
+    ).raise_for_status()
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        tenant.refresh_from_db()
+        if tenant.plan.code == "pro":
+            break
+        time.sleep(0.2)
+    assert (tenant.plan.code, tenant.seats) == ("pro", 2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and StripeEvent.objects.count() < 3:
+        time.sleep(0.2)
+    assert sorted(StripeEvent.objects.values_list("type", "status")) == [
+        ("checkout.session.completed", "processed"),
+        ("customer.subscription.created", "processed"),
+        ("invoice.paid", "processed"),
     ]
