@@ -123,3 +123,54 @@ def test_bad_subnets_are_refused(subnet: str) -> None:
 def test_bad_ports_are_refused(port: PortMapping) -> None:
     with pytest.raises(InvalidArgument):
         _check_port(port)
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("80", [PortMapping(80)]),
+        ("8080:80", [PortMapping(80, 8080)]),
+        ("127.0.0.1:8080:80", [PortMapping(80, 8080, "127.0.0.1")]),
+        ("127.0.0.1::80/udp", [PortMapping(80, 0, "127.0.0.1", "udp")]),
+        ("8000-8001:80-81", [PortMapping(80, 8000), PortMapping(81, 8001)]),
+        ("53/udp", [PortMapping(53, protocol="udp")]),
+    ],
+)
+def test_publish_flags(flag: str, expected: list[PortMapping]) -> None:
+    from runtime_agent.network.flags import parse_publish
+
+    assert parse_publish(flag) == expected
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "",
+        "0",
+        "70000",
+        "a:b",
+        "1:2:3:4",
+        "8000-8002:80-81",
+        "80/sctp",
+        "[::1]:80:80",
+        "300.1.1.1:80:80",
+        "90-80",
+    ],
+)
+def test_bad_publish_flags(flag: str) -> None:
+    from runtime_agent.network.flags import parse_publish
+
+    with pytest.raises(InvalidArgument):
+        parse_publish(flag)
+
+
+def test_network_flags() -> None:
+    from runtime_agent.network.flags import network_flags
+    from runtime_agent.protocol import NetworkAttachment
+
+    assert network_flags(None, None) == ("bridge", ())
+    assert network_flags("none", None) == ("none", ())
+    assert network_flags("web", ["api"]) == ("bridge", (NetworkAttachment("web", ("api",)),))
+    assert network_flags(None, ["api"]) == ("bridge", (NetworkAttachment("default", ("api",)),))
+    with pytest.raises(InvalidArgument):
+        network_flags("host", ["api"])
