@@ -16,6 +16,7 @@ import pytest
 from runtime_agent.agent import Agent
 from runtime_agent.errors import InvalidArgument
 from runtime_agent.protocol import MountSpec
+from runtime_agent.runtime.seccomp import host_kernel
 from runtime_agent.runtime.security import (
     RANGE_SIZE,
     IdRange,
@@ -71,6 +72,7 @@ def test_concurrent_allocations_never_overlap(tmp_path: Path) -> None:
 @pytest.mark.privileged
 @pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")
 @pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static")
+@pytest.mark.skipif(host_kernel() < (5, 19), reason="overlayfs on idmapped layers needs 5.19")
 def test_userns_container_on_idmapped_layers(agent: Agent, tmp_path: Path) -> None:
     from runtime_agent.images.bootstrap import bootstrap_busybox
 
