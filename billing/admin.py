@@ -52,6 +52,14 @@ class BillingActionForm(ActionForm):
     reason = forms.CharField(required=False, max_length=400)
 
 
+def _int_field(request: HttpRequest, name: str) -> int:
+    """The action form's integer (0 when empty or not a number: the service then refuses)."""
+    try:
+        return int(request.POST.get(name) or 0)
+    except ValueError:
+        return 0
+
+
 def _admin_actor(request: HttpRequest) -> Actor:
     return Actor.from_request(request)
 
@@ -95,7 +103,7 @@ class BillingAccountAdmin(admin.ModelAdmin):
 
     @admin.action(description="Comp seats (count, reason)")
     def comp_seats(self, request: HttpRequest, queryset: QuerySet[BillingAccount]) -> None:
-        count = int(request.POST.get("count") or 0)
+        count = _int_field(request, "count")
         reason = request.POST.get("reason", "")
         _run_on_each(
             self,
@@ -108,7 +116,7 @@ class BillingAccountAdmin(admin.ModelAdmin):
 
     @admin.action(description="Grant credit (amount_cents, reason)")
     def grant_credit(self, request: HttpRequest, queryset: QuerySet[BillingAccount]) -> None:
-        amount = int(request.POST.get("amount_cents") or 0)
+        amount = _int_field(request, "amount_cents")
         reason = request.POST.get("reason", "")
         _run_on_each(
             self,
