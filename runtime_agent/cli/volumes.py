@@ -111,7 +111,9 @@ def _rm(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _prune(args: argparse.Namespace, config: AgentConfig) -> int:
-    removed = Agent(config).volumes.prune(args.tenant, _label_filters(args.filter) or None)
+    removed = Agent(config).volumes.prune(
+        args.tenant, _label_filters(args.filter) or None, all=args.all
+    )
     if removed:
         print("Deleted Volumes:")
         for name in removed:
@@ -150,6 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     prune = commands.add_parser("prune", help="remove volumes no container uses")
     prune.add_argument("--force", "-f", action="store_true", help="do not prompt (no-op)")
+    prune.add_argument("--all", "-a", action="store_true", help="also remove unused named volumes")
     prune.add_argument("--filter", action="append", help="label=KEY[=VALUE]")
     prune.set_defaults(func=_prune)
 

@@ -52,6 +52,7 @@ from runtime_agent.runtime.security import IdRange, check_host_bind, idmapped_bi
 
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+ANONYMOUS_NAME_RE = re.compile(r"^[0-9a-f]{64}$")  # docker's random volume names
 MIN_SIZE_BYTES = 8 * 1024 * 1024  # ext4 with a journal needs a few MiB for itself
 MAX_SIZE_BYTES = 16 * 1024**4
 METADATA = "volume.json"
@@ -76,6 +77,7 @@ class Volume:
     size_bytes: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
     users: list[str] = field(default_factory=list)  # container ids holding it
+    anonymous: bool = False  # created without a name (``-v /path``); what prune removes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,6 +221,7 @@ class VolumeManager:
                 created_at=time.time(),
                 size_bytes=size_bytes,
                 labels=labels,
+                anonymous=bool(ANONYMOUS_NAME_RE.match(name)),
             )
             try:
                 (staging / DATA).mkdir(parents=True)
@@ -288,11 +291,14 @@ class VolumeManager:
             os.rename(directory, doomed)
             shutil.rmtree(doomed)
 
-    def prune(self, tenant: str, labels: dict[str, str] | None = None) -> builtins.list[str]:
-        """Remove the tenant's volumes no container uses; returns their names."""
+    def prune(
+        self, tenant: str, labels: dict[str, str] | None = None, *, all: bool = False
+    ) -> builtins.list[str]:
+        """Remove the tenant's unused anonymous volumes (named ones too with ``all``), as
+        ``docker volume prune [-a]`` does; returns their names."""
         removed = []
         for volume in self.list(tenant, labels):
-            if volume.users:
+            if volume.users or not (all or volume.anonymous):
                 continue
             try:
                 self.remove(tenant, volume.name)

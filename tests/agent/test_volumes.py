@@ -138,7 +138,7 @@ def test_in_use_volume_is_protected_unless_forced(volumes: VolumeManager) -> Non
     assert volumes.get("acme", "db").users == [cid]
     with pytest.raises(FailedPrecondition, match="in use"):
         volumes.remove("acme", "db")
-    assert volumes.prune("acme") == []
+    assert volumes.prune("acme", all=True) == []
     volumes.release("acme", cid)
     assert volumes.get("acme", "db").users == []
     volumes.oci_mounts("acme", [MountSpec("volume", "/data", "db")], container_id=cid)
@@ -147,10 +147,14 @@ def test_in_use_volume_is_protected_unless_forced(volumes: VolumeManager) -> Non
 
 
 def test_prune_removes_only_unused(volumes: VolumeManager) -> None:
+    anonymous = volumes.create("acme")
+    assert anonymous.anonymous and len(anonymous.name) == 64
     volumes.create("acme", "idle")
     volumes.create("acme", "busy")
     volumes.acquire("acme", "busy", "d" * 64)
-    assert volumes.prune("acme") == ["idle"]
+    # Like docker volume prune: anonymous volumes only, unless --all.
+    assert volumes.prune("acme") == [anonymous.name]
+    assert volumes.prune("acme", all=True) == ["idle"]
     assert [v.name for v in volumes.list("acme")] == ["busy"]
 
 
@@ -218,7 +222,7 @@ def test_cli_volume_commands(
         assert "no such volume" in capsys.readouterr().err
         assert main(["volume", "create", "--tenant", "t1", "--size", "10q", "v3"]) == 125
         assert main(["volume", "rm", "--tenant", "t1", "v1"]) == 0
-        assert main(["volume", "prune", "--tenant", "t1", "-f"]) == 0
+        assert main(["volume", "prune", "--tenant", "t1", "-f", "--all"]) == 0
         assert "v2" in capsys.readouterr().out
         assert VolumeManager(agent_config).list("t1") == []
     finally:
