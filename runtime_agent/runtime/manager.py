@@ -413,6 +413,7 @@ class ContainerManager:
             paths=paths,
             exit_command=hook,
         )
+        started_at = st.now_iso()
         try:
             self.runc.start(record.runc_id)
         except BaseException:
@@ -421,7 +422,7 @@ class ContainerManager:
         record.status = st.RUNNING
         record.pid = pid
         record.pid_start = process_start_time(pid) or 0
-        record.started_at = st.now_iso()
+        record.started_at = started_at
         record.finished_at = None
         record.exit_code = None
         record.oom_killed = False

@@ -1,0 +1,274 @@
+"""Containers through runc and conmon: lifecycle, logs, exec, names, clean-up, restarts,
+and state that survives the agent process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runtime_agent.agent import Agent
+from runtime_agent.errors import (
+    AlreadyExists,
+    CommandNotFound,
+    CommandNotRunnable,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from runtime_agent.protocol import Limits, RestartPolicy, to_dict
+from tests.agent.test_runtime_fixtures import leftovers, needs_runtime, rt, spec, until
+
+pytestmark = needs_runtime
+__all__ = ["rt"]
+
+
+def test_run_captures_exit_code_and_both_streams_with_timestamps(rt: Agent) -> None:
+    c = rt.containers
+    info = c.run(spec("echo out; echo err >&2; echo done; exit 3"))
+    assert c.wait("default", info.id, timeout=20) == 3
+    entries = list(c.logs("default", info.id))
+    assert [(e.stream, e.line) for e in entries if e.stream == "stdout"] == [
+        ("stdout", b"out"),
+        ("stdout", b"done"),
+    ]
+    assert [(e.stream, e.line) for e in entries if e.stream == "stderr"] == [("stderr", b"err")]
+    assert all(e.time.startswith("20") and "T" in e.time for e in entries)
+    assert [e.line for e in c.logs("default", info.id, tail=1)] == [entries[-1].line]
+    state = c.inspect("default", info.id)["State"]
+    assert state["Status"] == "exited"
+    assert state["ExitCode"] == 3
+    assert state["OOMKilled"] is False
+    assert state["StartedAt"] <= state["FinishedAt"]
+
+
+def test_image_defaults_and_overrides_reach_the_process(rt: Agent) -> None:
+    c = rt.containers
+    info = c.run(
+        spec(
+            "echo $PATH; echo $GREETING; pwd; id -u; id -g; hostname",
+            env={"GREETING": "hi there"},
+            workdir="/tmp",
+            user="nobody",
+            hostname="box1",
+        )
+    )
+    assert c.wait("default", info.id, timeout=20) == 0
+    lines = [e.line.decode() for e in c.logs("default", info.id)]
+    assert lines[0].startswith("/usr/local/sbin")  # the image's Env
+    assert lines[1:] == ["hi there", "/tmp", "65534", "65534", "box1"]
+
+
+def test_unknown_user_and_missing_command_fail_without_leftovers(rt: Agent) -> None:
+    c = rt.containers
+    with pytest.raises(InvalidArgument, match="unable to find user"):
+        c.create(spec("true", user="nosuchuser"))
+    with pytest.raises(CommandNotFound):
+        c.create(spec(["/no/such/binary"]))
+    with pytest.raises(CommandNotFound):
+        c.create(spec(["nosuchcommand"]))
+    with pytest.raises(CommandNotRunnable):
+        c.create(spec(["/etc/passwd"]))
+    with pytest.raises(InvalidArgument, match="--cpus"):
+        c.create(spec("true", limits=Limits(cpus=-1)))
+    with pytest.raises(NotFound):
+        c.create(spec("true", image="nosuchimage"))
+    assert c.list("default", all=True) == []
+    assert not list((rt.config.snapshots_dir / "active").glob("*"))
+    assert not (rt.config.containers_dir / "default").exists() or not [
+        p for p in (rt.config.containers_dir / "default").iterdir() if not p.name.startswith(".")
+    ]
+
+
+def test_lifecycle_state_machine(rt: Agent) -> None:
+    c = rt.containers
+    info = c.create(spec("sleep 300", name="life"))
+    assert c.inspect("default", "life")["State"]["Status"] == "created"
+    with pytest.raises(FailedPrecondition):
+        c.pause("default", "life")
+    c.start("default", "life")
+    assert c.inspect("default", info.id[:8])["State"]["Running"] is True
+    with pytest.raises(FailedPrecondition):
+        c.start("default", "life")
+    c.pause("default", "life")
+    assert c.inspect("default", "life")["State"]["Status"] == "paused"
+    with pytest.raises(FailedPrecondition):
+        c.pause("default", "life")
+    with pytest.raises(FailedPrecondition, match="force"):
+        c.remove("default", "life")
+    c.unpause("default", "life")
+    assert c.exec_capture("default", "life", ["sh", "-c", "echo alive; exit 4"]) == (4, b"alive\n")
+    started = time.monotonic()
+    c.stop("default", "life", timeout=1)  # sleep as pid 1 ignores SIGTERM: SIGKILL after 1 s
+    assert 0.9 < time.monotonic() - started < 8
+    state = c.inspect("default", "life")["State"]
+    assert (state["Status"], state["ExitCode"]) == ("exited", 137)
+    with pytest.raises(FailedPrecondition):
+        c.exec_capture("default", "life", ["true"])
+    c.start("default", "life")  # a stopped container starts again
+    assert c.inspect("default", "life")["State"]["Running"] is True
+    c.kill("default", "life", "TERM")  # sh -c as pid 1 with a trap-less TERM: ignored
+    c.kill("default", "life")
+    assert c.inspect("default", "life")["State"]["ExitCode"] == 137
+    c.remove("default", "life")
+    with pytest.raises(NotFound):
+        c.inspect("default", "life")
+
+
+def test_stop_signal_lets_the_process_exit_cleanly(rt: Agent) -> None:
+    c = rt.containers
+    c.run(spec("trap 'echo bye; exit 0' TERM; while true; do sleep 0.1; done", name="polite"))
+    until(lambda: c.exec_capture("default", "polite", ["true"])[0] == 0)
+    started = time.monotonic()
+    c.stop("default", "polite", timeout=10)
+    assert time.monotonic() - started < 5
+    assert c.inspect("default", "polite")["State"]["ExitCode"] == 0
+    assert [e.line for e in c.logs("default", "polite")] == [b"bye"]
+
+
+def test_exec_exit_codes_and_missing_commands(rt: Agent) -> None:
+    c = rt.containers
+    c.run(spec("sleep 300", name="ex"))
+    assert c.exec("default", "ex", ["sh", "-c", "exit 9"]) == 9
+    with pytest.raises(CommandNotFound):
+        c.exec("default", "ex", ["nosuchthing"])
+    code, output = c.exec_capture("default", "ex", ["sh", "-c", "id -u; echo $FOO"])
+    assert (code, output) == (0, b"0\n\n")
+    assert c.exec("default", "ex", ["sh", "-c", '[ "$FOO" = bar ]'], env={"FOO": "bar"}) == 0
+    assert c.exec("default", "ex", ["sh", "-c", '[ "$(id -u)" = 65534 ]'], user="nobody") == 0
+
+
+def test_names_are_unique_per_tenant_and_invisible_to_others(rt: Agent) -> None:
+    c = rt.containers
+    a = c.create(spec("true", name="web", tenant="alpha"))
+    with pytest.raises(AlreadyExists):
+        c.create(spec("true", name="web", tenant="alpha"))
+    b = c.create(spec("true", name="web", tenant="beta"))
+    assert a.id != b.id
+    assert c.inspect("beta", "web")["Id"] == b.id
+    for ref in (a.id, a.id[:12]):
+        with pytest.raises(NotFound):
+            c.inspect("beta", ref)
+    assert [i.id for i in c.list("beta", all=True)] == [b.id]
+    with pytest.raises(InvalidArgument):
+        c.list("../alpha")
+    with pytest.raises(InvalidArgument):
+        c.create(spec("true", name="bad/name"))
+
+
+def test_rm_leaves_nothing_behind(rt: Agent) -> None:
+    c = rt.containers
+    info = c.run(spec("sleep 300", limits=Limits(memory_bytes=64 << 20, pids=50)))
+    assert c.stats("default", info.id).pids >= 1
+    assert leftovers(rt, "default", info.id)  # sanity: the probe sees a live container
+    c.remove("default", info.id, force=True)
+    assert leftovers(rt, "default", info.id) == []
+    with pytest.raises(NotFound):
+        c.remove("default", info.id, force=True)
+
+
+def test_failed_start_leaves_nothing_after_rm(rt: Agent) -> None:
+    c = rt.containers
+    # A working directory that is a file: runc create fails after the bundle was made.
+    info = c.create(spec(["true"], workdir="/etc/passwd"))
+    with pytest.raises(Exception):  # noqa: B017 - runc's own error, mapped to an AgentError
+        c.start("default", info.id)
+    assert c.inspect("default", info.id)["State"]["Status"] == "created"
+    c.remove("default", info.id)
+    assert leftovers(rt, "default", info.id) == []
+
+
+def test_logs_follow_streams_until_exit(rt: Agent) -> None:
+    c = rt.containers
+    info = c.run(spec("for i in 1 2 3; do echo line$i; sleep 0.3; done"))
+    lines = [e.line for e in c.logs("default", info.id, follow=True)]
+    assert lines == [b"line1", b"line2", b"line3"]
+
+
+def test_state_survives_the_agent_process_being_killed(rt: Agent) -> None:
+    """An agent process starts a container and is SIGKILLed; the container keeps running
+    and a fresh Agent reports its true state and, later, its exit code."""
+    script = (
+        "import json, sys, time\n"
+        "from pathlib import Path\n"
+        "from runtime_agent.agent import Agent\n"
+        "from runtime_agent.config import AgentConfig\n"
+        "from runtime_agent.protocol import ContainerSpec, from_dict\n"
+        "cfg = json.loads(sys.argv[1])\n"
+        "agent = Agent(AgentConfig(root=Path(cfg['root']), run_root=Path(cfg['run_root']),"
+        " name=cfg['name']))\n"
+        "info = agent.containers.run(from_dict(ContainerSpec, json.loads(sys.argv[2])))\n"
+        "print(info.id, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    cfg = {"root": str(rt.config.root), "run_root": str(rt.config.run_root), "name": rt.config.name}
+    request = to_dict(
+        spec("touch /tmp/go-wait; while [ ! -e /tmp/go ]; do sleep 0.05; done; exit 7")
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, json.dumps(cfg), json.dumps(request)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        container_id = proc.stdout.readline().strip()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    fresh = Agent(rt.config)
+    assert fresh.containers.inspect("default", container_id)["State"]["Status"] == "running"
+    assert fresh.containers.exec("default", container_id, ["touch", "/tmp/go"]) == 0
+    assert fresh.containers.wait("default", container_id, timeout=20) == 7
+    again = Agent(rt.config)
+    again.containers.recover()
+    state = again.containers.inspect("default", container_id)["State"]
+    assert (state["Status"], state["ExitCode"], state["OOMKilled"]) == ("exited", 7, False)
+
+
+def test_recover_removes_auto_remove_containers_whose_waiter_died(rt: Agent) -> None:
+    c = rt.containers
+    info = c.run(spec("exit 0", auto_remove=True), watch_exit=False)
+    until(lambda: c.inspect("default", info.id)["State"]["Status"] == "exited")
+    Agent(rt.config).containers.recover()
+    with pytest.raises(NotFound):
+        c.inspect("default", info.id)
+    assert leftovers(rt, "default", info.id) == []
+
+
+def test_detached_auto_remove_cleans_up_through_the_exit_hook(rt: Agent) -> None:
+    c = rt.containers
+    info = c.run(spec("exit 0", auto_remove=True))
+    until(lambda: not c.list("default", all=True), timeout=30)
+    assert leftovers(rt, "default", info.id) == []
+
+
+def test_on_failure_restarts_up_to_the_limit_with_backoff(rt: Agent) -> None:
+    c = rt.containers
+    info = c.run(spec("exit 3", restart=RestartPolicy("on-failure", 2)))
+
+    def settled() -> bool:
+        data = c.inspect("default", info.id)
+        return data["RestartCount"] == 2 and data["State"]["Status"] == "exited"
+
+    until(settled, timeout=60, interval=0.2)
+    time.sleep(1.5)  # no third attempt
+    data = c.inspect("default", info.id)
+    assert (data["RestartCount"], data["State"]["ExitCode"]) == (2, 3)
+
+
+def test_always_restarts_until_stopped(rt: Agent) -> None:
+    c = rt.containers
+    info = c.run(spec("sleep 0.2; exit 0", restart=RestartPolicy("always")))
+    until(lambda: c.inspect("default", info.id)["RestartCount"] >= 2, timeout=60, interval=0.2)
+    c.stop("default", info.id, timeout=1)
+    count = c.inspect("default", info.id)["RestartCount"]
+    time.sleep(2)
+    data = c.inspect("default", info.id)
+    assert data["State"]["Status"] == "exited"
+    assert data["RestartCount"] == count
