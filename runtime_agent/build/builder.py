@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import io
 import os
 import posixpath
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 OUTPUT_TAIL = 64 * 1024
+INDEX_MEMO = 64  # parsed image trees kept in memory (a worker builds many images)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {
     "ns": 1,
@@ -173,6 +175,19 @@ class Builder:
 
     def cache(self, tenant: str) -> BuildCache:
         return BuildCache(self.agent.config.build_cache_dir, tenant, self.agent.content)
+
+    def prune_cache(self, tenant: str | None = None, *, all_entries: bool = False) -> int:
+        """Drop cache entries whose layers were garbage-collected with the images (or all
+        of a tenant's entries); run after ``ImageStore.gc``. Returns how many went."""
+        root = self.agent.config.build_cache_dir
+        tenants = (
+            [tenant]
+            if tenant
+            else [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+            if root.is_dir()
+            else []
+        )
+        return sum(self.cache(t).prune(all_entries=all_entries) for t in tenants)
 
     # ------------------------------------------------------------------ entry point
     def build(
@@ -469,6 +484,8 @@ class Builder:
             if cached is None:
                 cached = index_for(self.agent.content, state.layers)
                 with self._lock:
+                    if len(self._base_index) >= INDEX_MEMO:
+                        self._base_index.pop(next(iter(self._base_index)))
                     self._base_index[key] = cached
             state.index = cached
         return state.index
@@ -869,7 +886,7 @@ class Builder:
                     signature_sources.append(["heredoc", doc.name, doc.content])
                     continue
                 if is_add and re.match(r"^https?://", src):
-                    name, items, digest = self._download(src, instr)
+                    name, items, digest = self._download(src, instr, flags.get("checksum"))
                     groups.append((name, items, False))
                     signature_sources.append(["url", src, digest])
                     continue
@@ -1077,7 +1094,9 @@ class Builder:
                 items.append(_Item(rel, e.kind, e.mode, linkname=e.linkname))
         return items
 
-    def _download(self, url: str, instr: df.Instruction) -> tuple[str, list[_Item], str]:
+    def _download(
+        self, url: str, instr: df.Instruction, checksum: str | None
+    ) -> tuple[str, list[_Item], str]:
         import email.utils
         import urllib.parse
         import urllib.request
@@ -1097,7 +1116,13 @@ class Builder:
             except (TypeError, ValueError):
                 mtime = 0.0
         name = posixpath.basename(urllib.parse.urlparse(url).path) or "index.html"
-        digest = digest_json(data.hex())
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if checksum is not None and checksum != digest:
+            raise BuildFailed(
+                f"{instr.where}: ADD {url}: content digest {digest} does not match "
+                f"--checksum={checksum}",
+                instruction=instr.original,
+            )
         return (
             name,
             [_Item("", "file", 0o600, len(data), mtime=mtime, opener=lambda: io.BytesIO(data))],

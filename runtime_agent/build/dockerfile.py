@@ -42,7 +42,7 @@ KNOWN = {
 ALLOWED_FLAGS: dict[str, set[str]] = {
     "FROM": {"platform"},
     "COPY": {"from", "chown", "chmod", "link"},
-    "ADD": {"chown", "chmod", "link", "checksum", "keep-git-dir"},
+    "ADD": {"chown", "chmod", "link", "checksum"},
     "HEALTHCHECK": {"interval", "timeout", "start-period", "start-interval", "retries"},
 }
 UNSUPPORTED_FLAGS = {"mount", "network", "security"}

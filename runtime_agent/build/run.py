@@ -28,6 +28,7 @@ from runtime_agent.images import media
 
 if TYPE_CHECKING:
     from runtime_agent.agent import Agent
+    from runtime_agent.cgroups import CgroupDriver
     from runtime_agent.images.store import Image
 
 EXIT_SIGKILL = 137
@@ -87,6 +88,7 @@ class ContainerStepRunner:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.config = agent.config
+        self._cgroup_driver: CgroupDriver | None = None
 
     def _image(self, request: RunRequest) -> Image:
         """The parent layers as an (uncommitted) Image the snapshotter can mount."""
@@ -150,7 +152,7 @@ class ContainerStepRunner:
             "mounts": _mounts(resolv, hosts),
             "linux": {
                 "namespaces": namespaces,
-                "cgroupsPath": f"/{self.config.cgroup_parent}/{request.tenant}/{request.key}",
+                "cgroupsPath": self._cgroups().cgroups_path(request.tenant, request.key),
                 "resources": {
                     "memory": {"limit": limits.memory_bytes, "swap": limits.memory_bytes},
                     "cpu": {"quota": int(limits.cpus * 100_000), "period": 100_000},
@@ -216,6 +218,17 @@ class ContainerStepRunner:
                     self._networks().detach(request.tenant, container_id)
             snapshots.remove(request.key)
             shutil.rmtree(bundle, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self._cgroups().remove(request.tenant, request.key)
+
+    def _cgroups(self) -> CgroupDriver:
+        """The host's cgroup driver: the step's cgroup sits under the tenant's parent, so
+        tenant-wide caps apply to builds too."""
+        if self._cgroup_driver is None:
+            from runtime_agent.cgroups import driver
+
+            self._cgroup_driver = driver(self.config)
+        return self._cgroup_driver
 
     def _networks(self) -> Any:
         networks = getattr(self.agent, "networks", None)
@@ -249,8 +262,9 @@ class ContainerStepRunner:
         timer.daemon = True
         timer.start()
         try:
-            assert proc.stdout is not None
-            for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+            stdout = proc.stdout
+            assert stdout is not None
+            while chunk := os.read(stdout.fileno(), 65536):
                 request.on_output(chunk)
             code = proc.wait()
         finally:

@@ -13,7 +13,10 @@ import pytest
 
 from runtime_agent.agent import Agent
 from runtime_agent.config import AgentConfig
-from tests.agent.dockerfiles.support import write_context
+from tests.agent.dockerfiles.support import (
+    build_cgroups_removed,  # noqa: F401 - fixture
+    write_context,
+)
 
 
 def _cli(config: AgentConfig, *args: str, stdin: bytes | None = None, fast: bool = False):
@@ -83,6 +86,7 @@ def test_build_errors_exit_125_with_a_clear_message(
 
 
 @pytest.mark.privileged
+@pytest.mark.usefixtures("build_cgroups_removed")
 def test_failing_run_exits_1_with_the_step_output(
     agent_config: AgentConfig, tmp_path: Path
 ) -> None:

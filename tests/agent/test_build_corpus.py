@@ -11,6 +11,7 @@ from runtime_agent.agent import Agent
 from runtime_agent.build.steps import BuildLimits
 from tests.agent.dockerfiles.support import (
     build,
+    build_cgroups_removed,  # noqa: F401 - fixture
     check_expected,
     corpus_cases,
     corpus_context,
@@ -19,7 +20,7 @@ from tests.agent.dockerfiles.support import (
     run_image,
 )
 
-pytestmark = pytest.mark.privileged
+pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("build_cgroups_removed")]
 
 T = "corpus"
 

@@ -22,6 +22,7 @@ import pytest
 from runtime_agent.agent import Agent
 from runtime_agent.build.steps import BuildLimits
 from tests.agent.dockerfiles.support import (
+    build_cgroups_removed,  # noqa: F401 - fixture
     busybox_rootfs_tar,
     corpus_cases,
     corpus_context,
@@ -29,7 +30,11 @@ from tests.agent.dockerfiles.support import (
     run_image,
 )
 
-pytestmark = [pytest.mark.privileged, pytest.mark.docker]
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.docker,
+    pytest.mark.usefixtures("build_cgroups_removed"),
+]
 
 T = "compat"
 CONFIG_KEYS = (

@@ -17,9 +17,15 @@ from runtime_agent.agent import Agent
 from runtime_agent.build.events import BuildEvent, BuildFailed
 from runtime_agent.build.steps import BuildLimits
 from runtime_agent.errors import NotFound
-from tests.agent.dockerfiles.support import build, image_tree, make_base, write_context
+from tests.agent.dockerfiles.support import (
+    build,
+    build_cgroups_removed,  # noqa: F401 - fixture
+    image_tree,
+    make_base,
+    write_context,
+)
 
-pytestmark = pytest.mark.privileged
+pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("build_cgroups_removed")]
 
 T = "acme"
 NO_NET = BuildLimits(network=None, step_timeout=60)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from runtime_agent.agent import Agent
 from runtime_agent.build.events import BuildEvent
+from runtime_agent.config import AgentConfig
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 APPLETS = [
@@ -184,3 +188,12 @@ def run_image(
         )
     )
     return result.exit_code, b"".join(chunks).decode()
+
+
+@pytest.fixture
+def build_cgroups_removed(agent_config: AgentConfig) -> Iterator[None]:
+    """Remove the test agent's cgroup subtree (tenant parents runc made for RUN steps)."""
+    yield
+    from runtime_agent.cgroups import driver
+
+    driver(agent_config).remove_all()
