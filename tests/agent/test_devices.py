@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -130,7 +131,7 @@ def test_no_spec_dirs_means_no_devices(tmp_path: Path) -> None:
 
 def test_apply_merges_into_a_spec(tmp_path: Path) -> None:
     etc, run = write_specs(tmp_path, hook_marker=tmp_path / "marker")
-    spec = {
+    spec: dict[str, Any] = {
         "process": {"env": ["PATH=/bin", "FAKE_DRIVER=0"]},
         "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
         "linux": {},
