@@ -13,6 +13,7 @@ A reporter thread sends a full :class:`~runtime_agent.protocol.NodeReport` every
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -117,22 +118,33 @@ class NodeWorker:
 
         def run() -> dict[str, Any]:
             containers = self.agent.containers
-            assert container_spec.name is not None
-            try:
-                info = containers.inspect(container_spec.tenant, container_spec.name)
-            except NotFound:
-                info = None
-            if info is not None and _state_of(info) == "running":
-                return {"state": "running"}
-            if info is not None:
+            tenant, name = container_spec.tenant, container_spec.name
+            assert name is not None
+            existing = next((c for c in containers.list(tenant, all=True) if c.name == name), None)
+            if existing is not None and existing.state in ("running", "paused"):
+                return {"state": existing.state, "id": existing.id}
+            if existing is not None:
                 # A stopped container is recreated from the (possibly newer) spec: the
                 # control plane's restart is a fresh start, as in docker's restart policy.
-                containers.remove(container_spec.tenant, container_spec.name, force=True)
+                containers.remove(tenant, name, force=True)
+            self._ensure_networks(container_spec)
             created = containers.create(container_spec)
-            containers.start(container_spec.tenant, container_spec.name)
-            return {"state": "running", "id": _id_of(created)}
+            started = containers.start(tenant, created.id)
+            return {"state": started.state, "id": started.id}
 
         return self._once(op_id, "apply", run)
+
+    def _ensure_networks(self, spec: protocol.ContainerSpec) -> None:
+        """Tenant networks are created on a node the first time a container there needs them."""
+        if spec.network_mode != "bridge":
+            return
+        networks = self.agent.networks
+        networks.ensure_default(spec.tenant)
+        for attachment in spec.networks:
+            try:
+                networks.inspect(spec.tenant, attachment.network)
+            except NotFound:
+                networks.create(spec.tenant, attachment.network)
 
     def stop_container(
         self, *, op_id: str, tenant: str, name: str, timeout: int = 10
@@ -167,14 +179,18 @@ class NodeWorker:
     def container_logs(
         self, *, tenant: str, name: str, tail: int = 100, since: str | None = None
     ) -> dict[str, Any]:
-        lines = []
-        for entry in self.agent.containers.logs(tenant, name, tail=tail, since=since):
-            lines.append(_log_entry(entry))
+        lines = [
+            {
+                "time": entry.time,
+                "stream": entry.stream,
+                "line": entry.line.decode(errors="replace") + "\n",
+            }
+            for entry in self.agent.containers.logs(tenant, name, tail=tail, since=since)
+        ]
         return {"lines": lines}
 
     def container_stats(self, *, tenant: str, name: str) -> dict[str, Any]:
-        stats = self.agent.containers.stats(tenant, name)
-        return stats if isinstance(stats, dict) else _as_dict(stats)
+        return dataclasses.asdict(self.agent.containers.stats(tenant, name))
 
     def request_report(self) -> dict[str, Any]:
         self._report_now.set()
@@ -184,12 +200,32 @@ class NodeWorker:
 
     def build_report(self) -> protocol.NodeReport:
         items = []
-        for info in self.agent.containers.list_all():
-            labels = _labels_of(info)
-            uid = labels.get(protocol.CONTAINER_UID_LABEL)
+        containers = self.agent.containers
+        for info in containers.list_all():
+            uid = info.labels.get(protocol.CONTAINER_UID_LABEL)
             if not uid:
                 continue
-            items.append(_container_report(uid, info))
+            cpu_seconds = memory_bytes = None
+            if info.state in ("running", "paused"):
+                try:
+                    stats = containers.stats(info.tenant, info.id)
+                    cpu_seconds, memory_bytes = stats.cpu_seconds, stats.memory_bytes
+                except AgentError:
+                    pass  # it stopped meanwhile; the next report has its exit
+            items.append(
+                protocol.ContainerReport(
+                    uid=uid,
+                    tenant=info.tenant,
+                    name=info.name,
+                    state=info.state,
+                    exit_code=info.exit_code if info.state == "stopped" else None,
+                    oom_killed=info.oom_killed,
+                    started_at=info.started_at,
+                    finished_at=info.finished_at if info.state == "stopped" else None,
+                    cpu_seconds=cpu_seconds,
+                    memory_bytes=memory_bytes,
+                )
+            )
         return protocol.NodeReport(
             node_id=self.identity.node_id,
             credential=self.identity.credential,
@@ -244,76 +280,3 @@ class NodeWorker:
             )
         finally:
             self._stop.set()
-
-
-# --------------------------------------------------------------------------- adapters
-# The container manager returns records; these read the fields the reports need from them
-# whether they are dataclasses or dicts shaped like ``docker inspect``.
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
-    if isinstance(obj, dict):
-        return obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    return dict(vars(obj))
-
-
-def _state_of(info: Any) -> str:
-    data = _as_dict(info)
-    state = data.get("state") or data.get("State") or {}
-    if isinstance(state, dict):
-        return str(state.get("Status") or state.get("status") or "")
-    return str(state)
-
-
-def _id_of(info: Any) -> str:
-    data = _as_dict(info)
-    return str(data.get("id") or data.get("Id") or "")
-
-
-def _labels_of(info: Any) -> dict[str, str]:
-    data = _as_dict(info)
-    if "labels" in data:
-        return dict(data["labels"] or {})
-    config = data.get("Config") or {}
-    return dict(config.get("Labels") or {})
-
-
-def _container_report(uid: str, info: Any) -> protocol.ContainerReport:
-    data = _as_dict(info)
-    state = _state_of(info)
-    raw = data.get("State") if isinstance(data.get("State"), dict) else data
-    assert isinstance(raw, dict)
-    exit_code = raw.get("ExitCode", raw.get("exit_code"))
-    return protocol.ContainerReport(
-        uid=uid,
-        tenant=str(data.get("tenant", "")),
-        name=str(data.get("name") or data.get("Name", "")).lstrip("/"),
-        state="running"
-        if state in ("running", "paused")
-        else ("created" if state == "created" else "stopped"),
-        exit_code=None if state in ("running", "paused", "created") else exit_code,
-        oom_killed=bool(raw.get("OOMKilled", raw.get("oom_killed", False))),
-        started_at=raw.get("StartedAt", raw.get("started_at")) or None,
-        finished_at=raw.get("FinishedAt", raw.get("finished_at")) or None,
-    )
-
-
-def _log_entry(entry: Any) -> dict[str, Any]:
-    data = (
-        _as_dict(entry)
-        if not isinstance(entry, tuple)
-        else {
-            "time": entry[0],
-            "stream": entry[1],
-            "line": entry[2],
-        }
-    )
-    line = data.get("line", data.get("message", ""))
-    if isinstance(line, bytes):
-        line = line.decode(errors="replace")
-    time_value = data.get("time", data.get("timestamp", ""))
-    return {"time": str(time_value), "stream": data.get("stream", "stdout"), "line": line}
