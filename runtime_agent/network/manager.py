@@ -667,11 +667,18 @@ class NetworkManager:
                 raise NotFound(f"container {container_id[:12]} not found for tenant {tenant!r}")
             had_ports = bool(endpoint and endpoint.ports)
             self._teardown_endpoint(state, container_id, endpoint)
+            if not state.endpoints:
+                self._release_netns_dir()
         if endpoint is None:
             return
         if had_ports:
             self._apply_firewall(self.store.load())
         self._sync_daemon()
+
+    def _release_netns_dir(self) -> None:
+        """With no container left, drop the netns directory's own mount too."""
+        release_netns_dir(self.config.netns_dir)
+        self._netns_dir_ready = False
 
     def _teardown_endpoint(
         self, state: State, container_id: str, endpoint: EndpointRecord | None
@@ -927,6 +934,8 @@ class NetworkManager:
                     if entry.name not in known_netns:
                         delete_netns(entry)
                         report["netns"].append(entry.name)
+            if not state.endpoints:
+                self._release_netns_dir()
         state = self.store.load()
         if state.networks:
             _enable_forwarding()
@@ -960,7 +969,7 @@ class NetworkManager:
         with contextlib.suppress(OSError, daemon.DaemonError):
             daemon.request(self.run_dir / "netd.sock", {"op": "stop"})
         _wait_for_exit(self.run_dir)
-        release_netns_dir(self.config.netns_dir)
+        self._release_netns_dir()
 
 
 # ---- helpers ---------------------------------------------------------------------------

@@ -640,6 +640,7 @@ def test_nothing_is_left_after_removal(net: NetworkManager, procs: Procs, www: P
     assert out.count("NXDOMAIN") >= 2
     for i in ids[1:]:
         net.detach("acme", i)
+    assert mounts_under(net.config.netns_dir) == []
     net.remove("acme", "web")
     assert owned_links(net.prefix) == []
     assert list(net.config.netns_dir.iterdir()) == []
