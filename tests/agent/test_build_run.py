@@ -220,3 +220,32 @@ def test_independent_stages_build_in_parallel(agent: Agent, tmp_path: Path) -> N
     tree = image_tree(agent, T, "par")
     assert tree["/one"][4] == "1\n" and tree["/two"][4] == "2\n"
     _assert_clean(agent)
+
+
+def test_run_steps_use_the_tenant_network(
+    agent: Agent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BERTH_NETWORK_POOL", "10.217.0.0/16")
+    monkeypatch.setenv("BERTH_DNS_UPSTREAMS", "")
+    make_base(agent, T, tmp_path)
+    ctx = write_context(
+        tmp_path / "c",
+        {
+            "Dockerfile": (
+                "FROM busybox\n"
+                "RUN ip -4 -o addr show eth0 > /addr && nslookup buildkitsandbox > /dns\n"
+            )
+        },
+    )
+    try:
+        build(agent, T, ctx, tag="net", limits=BuildLimits(network="default", step_timeout=60))
+        tree = image_tree(agent, T, "net")
+        assert "inet 10.217." in tree["/addr"][4]
+        # the tenant network's DNS (on its gateway) answered for the step's own name
+        assert "Server:\t\t10.217.0.1" in tree["/dns"][4]
+        assert "Address: 10.217." in tree["/dns"][4]
+        assert "/etc/resolv.conf" not in tree and "/etc/hosts" not in tree
+        assert agent.networks.endpoints(T) == []
+        _assert_clean(agent)
+    finally:
+        agent.networks.teardown()
