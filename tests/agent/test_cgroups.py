@@ -1,0 +1,118 @@
+"""cgroup drivers: v2 against a unified-hierarchy file tree (real files in a tmp dir, as
+the kernel lays them out), v1 against this machine's hierarchies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime_agent.cgroups import CGROUP_ROOT, driver, is_unified
+from runtime_agent.cgroups.v1 import CgroupV1, parse_blkio_bytes
+from runtime_agent.cgroups.v2 import CgroupV2, parse_io_stat, shares_to_weight
+from runtime_agent.config import AgentConfig
+from runtime_agent.protocol import Limits
+
+
+def _fake_v2_root(tmp_path: Path) -> Path:
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+    (root / "cgroup.subtree_control").write_text("\n")
+    return root
+
+
+class _SubtreeFiles:
+    """cgroupfs fills new dirs with interface files; a plain dir needs them made."""
+
+    @staticmethod
+    def populate(path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "cgroup.controllers").write_text("cpu io memory pids\n")
+        (path / "cgroup.subtree_control").write_text("")
+
+
+def test_driver_detects_unified_hierarchy_by_cgroup_controllers(tmp_path: Path) -> None:
+    config = AgentConfig(root=tmp_path, run_root=tmp_path, name="btx")
+    v2root = _fake_v2_root(tmp_path)
+    assert is_unified(v2root)
+    assert isinstance(driver(config, v2root), CgroupV2)
+    hybrid = tmp_path / "hybrid"
+    (hybrid / "unified").mkdir(parents=True)
+    (hybrid / "unified" / "cgroup.controllers").write_text("")
+    assert not is_unified(hybrid)
+    assert isinstance(driver(config, hybrid), CgroupV1)
+    assert driver(config, hybrid).cgroups_path("acme", "c1") == "/btx/acme/c1"
+
+
+def test_v2_tenant_caps_and_controller_delegation(tmp_path: Path) -> None:
+    root = _fake_v2_root(tmp_path)
+    _SubtreeFiles.populate(root / "btx")
+    _SubtreeFiles.populate(root / "btx" / "acme")
+    cg = CgroupV2("btx", root)
+    cg.ensure_tenant("acme", Limits(cpus=1.5, memory_bytes=256 << 20, pids=100, cpu_shares=512))
+    assert (root / "cgroup.subtree_control").read_text() == "+cpu +io +memory +pids"
+    tenant = root / "btx" / "acme"
+    assert (tenant / "cpu.max").read_text() == "150000 100000"
+    assert (tenant / "memory.max").read_text() == str(256 << 20)
+    assert (tenant / "pids.max").read_text() == "100"
+    assert (tenant / "cpu.weight").read_text() == str(shares_to_weight(512))
+    assert shares_to_weight(1024) == 39 and shares_to_weight(2) == 1
+
+
+def test_v2_stats_parse_kernel_files(tmp_path: Path) -> None:
+    root = _fake_v2_root(tmp_path)
+    path = root / "btx" / "acme" / "c1"
+    path.mkdir(parents=True)
+    (path / "cpu.stat").write_text(
+        "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\nnr_periods 10\n"
+    )
+    (path / "memory.current").write_text("1048576\n")
+    (path / "memory.max").write_text("max\n")
+    (path / "io.stat").write_text(
+        "254:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n"
+        "7:3 rbytes=100 wbytes=200 rios=1 wios=1 dbytes=0 dios=0\n"
+    )
+    (path / "pids.current").write_text("3\n")
+    (path / "pids.max").write_text("64\n")
+    (path / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    stats = CgroupV2("btx", root).stats("acme", "c1")
+    assert stats.cpu_seconds == 2.5
+    assert stats.memory_bytes == 1048576
+    assert stats.memory_limit_bytes is None
+    assert (stats.io_read_bytes, stats.io_write_bytes) == (4196, 8392)
+    assert (stats.pids, stats.pids_limit, stats.oom_kills) == (3, 64, 1)
+    assert parse_io_stat(path / "missing") == (0, 0)
+
+
+def test_v1_blkio_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "blkio.throttle.io_service_bytes_recursive"
+    path.write_text(
+        "254:0 Read 4096\n254:0 Write 6291456\n254:0 Sync 0\n254:0 Async 0\n"
+        "254:0 Discard 0\n254:0 Total 6295552\nTotal 6295552\n"
+    )
+    assert parse_blkio_bytes(path) == (4096, 6291456)
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(is_unified(), reason="this host is cgroup v2")
+def test_v1_tenant_caps_on_this_host(agent_config: AgentConfig) -> None:
+    cg = driver(agent_config)
+    try:
+        cg.ensure_tenant("acme", Limits(cpus=1.0, memory_bytes=128 << 20, pids=200))
+        base = CGROUP_ROOT
+        rel = Path(agent_config.name) / "acme"
+        assert (base / "cpu" / rel / "cpu.cfs_quota_us").read_text().strip() == "100000"
+        assert (base / "memory" / rel / "memory.limit_in_bytes").read_text().strip() == str(
+            128 << 20
+        )
+        assert (base / "memory" / rel / "memory.memsw.limit_in_bytes").read_text().strip() == str(
+            128 << 20
+        )
+        assert (base / "pids" / rel / "pids.max").read_text().strip() == "200"
+        stats = cg.stats("acme")
+        assert stats.memory_limit_bytes == 128 << 20
+        assert stats.pids == 0
+    finally:
+        cg.remove_all()
+    assert not (CGROUP_ROOT / "memory" / agent_config.name).exists()
