@@ -511,5 +511,5 @@ class VolumeManager:
             ]
         )
         lost = data / "lost+found"
-        if lost.is_dir() and not any(lost.iterdir()):
+        if not lost.is_symlink() and lost.is_dir() and not any(lost.iterdir()):
             lost.rmdir()  # e2fsck recreates it if ever needed; users expect an empty volume
