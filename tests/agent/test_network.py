@@ -793,3 +793,36 @@ def test_other_names_are_forwarded_to_the_upstream_resolver(
         stop.set()
         thread.join()
         upstream.close()
+
+
+def test_concurrent_attaches_never_share_an_address(net: NetworkManager) -> None:
+    # The Celery worker runs tasks in threads: attach/detach must serialise correctly.
+    net.create("acme", "web")
+    results: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        try:
+            for k in range(5):
+                container = cid()
+                setup = net.attach(
+                    "acme", container, f"w{n}", [NetworkAttachment("web")], name=f"w{n}-{k}"
+                )
+                with lock:
+                    results.append(setup.addresses["web"])
+                if k % 2:
+                    net.detach("acme", container)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    live = [c.address for c in net.inspect("acme", "web").containers]
+    assert len(live) == 6 * 3
+    assert len(set(live)) == len(live)
+    assert len(veths(net)) == len(live)
