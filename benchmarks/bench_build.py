@@ -140,13 +140,13 @@ def main() -> None:
         if docker:
             _cleanup_docker(repo, base)
         try:
+            from runtime_agent.cgroups import driver
             from runtime_agent.network.manager import NetworkManager
 
-            networks = NetworkManager(config)
-            for network in networks.list(TENANT):
-                networks.remove(TENANT, network.name)
+            NetworkManager(config).teardown()
+            driver(config).remove_all()
         except Exception as exc:
-            print(f"network clean-up: {exc}", file=sys.stderr)
+            print(f"clean-up: {exc}", file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
