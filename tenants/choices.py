@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from django.db import models
 
-from billing.plans import QUOTA_NAMES
-
 
 class TenantStatus(models.TextChoices):
     ACTIVE = "active", "Active"
@@ -32,4 +30,15 @@ class Scope(models.TextChoices):
 
 SCOPE_LEVEL: dict[str, int] = {Scope.READ: 1, Scope.WRITE: 2, Scope.ADMIN: 3}
 
-QuotaName = models.TextChoices("QuotaName", [(name, name) for name in QUOTA_NAMES])  # type: ignore[misc]
+
+class QuotaName(models.TextChoices):
+    """The quotas of :data:`billing.plans.QUOTA_NAMES` (a test keeps the two in step)."""
+
+    CPU_MILLICORES = "cpu_millicores"
+    MEMORY_MIB = "memory_mib"
+    BLKIO_BPS = "blkio_bps"
+    STORAGE_GIB = "storage_gib"
+    CONTAINERS = "containers"
+    CONCURRENT_JOBS = "concurrent_jobs"
+    BUILD_MINUTES_MONTH = "build_minutes_month"
+    GPUS = "gpus"

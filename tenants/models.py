@@ -11,7 +11,7 @@ import hashlib
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from django.contrib.auth.models import AbstractUser, UserManager
+from django.contrib.auth.models import AbstractUser
 from django.core.validators import RegexValidator
 from django.db import models
 from django.utils import timezone
@@ -55,8 +55,6 @@ class User(AbstractUser):
     """A person. Logs in with ``username`` (set to the lower-cased email by the services)."""
 
     email = models.EmailField(unique=True)
-
-    objects = UserManager()
 
     class Meta:
         ordering = ["id"]

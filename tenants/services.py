@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 import string
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -769,7 +770,9 @@ def reserve(
 
 
 @transaction.atomic
-def release(reservation: QuotaReservation | str, *, actor: Actor, reason: str = "") -> bool:
+def release(
+    reservation: QuotaReservation | uuid.UUID | str, *, actor: Actor, reason: str = ""
+) -> bool:
     """Give a reservation back. Exactly once: returns True the first time, False after.
 
     Safe to call from retried tasks: the ``released_at IS NULL`` guard is a single

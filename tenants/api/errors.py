@@ -103,8 +103,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     else:
         details = {}
         message = _first_message(exc.detail)
-        if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
-            details = {"retry_after": int(exc.wait)}
+        wait = getattr(exc, "wait", None)
+        if isinstance(exc, exceptions.Throttled) and wait is not None:
+            details = {"retry_after": int(wait)}
     set_rollback()
     return Response(error_body(code, message, details), status=exc.status_code, headers=headers)
 

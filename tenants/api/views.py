@@ -8,7 +8,7 @@ result. Tenant scoping happens in :meth:`TenantScopedMixin.get_queryset`, nowher
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from django.db.models import QuerySet
 from django.http import Http404
@@ -39,10 +39,20 @@ from tenants.api.serializers import (
     TenantSerializer,
     TenantUpdateSerializer,
 )
-from tenants.models import APIToken, AuditLog, Invitation, Membership, Tenant
+from tenants.models import APIToken, AuditLog, Invitation, Membership, Tenant, User
+
+if TYPE_CHECKING:
+    _ViewBase = GenericAPIView
+else:
+    _ViewBase = object
 
 
-class TenantScopedMixin:
+def current_user(request: Request) -> User:
+    """The authenticated user (views using this require authentication)."""
+    return cast(User, request.user)
+
+
+class TenantScopedMixin(_ViewBase):
     """Resolves ``self.tenant`` from the URL and scopes every queryset to it.
 
     Tenant-scoped routes live under ``/api/v1/tenants/<tenant_slug>/``. The tenant is
@@ -60,10 +70,7 @@ class TenantScopedMixin:
     action_permissions: ClassVar[dict[str, str]] = {}
     #: Writes that stay possible while the tenant is suspended (none by default).
     allow_when_suspended: ClassVar[bool] = False
-    permission_classes: ClassVar[list[Any]] = [IsAuthenticated, TenantPermission]
-
-    request: Request
-    kwargs: dict[str, Any]
+    permission_classes = [IsAuthenticated, TenantPermission]
 
     @cached_property
     def tenant(self) -> Tenant:
@@ -111,8 +118,8 @@ class TenantScopedMixin:
         return self.write_permission
 
     def get_queryset(self) -> QuerySet[Any]:
-        queryset = super().get_queryset()  # type: ignore[misc]
-        return queryset.for_tenant(self.tenant)
+        queryset: Any = super().get_queryset()
+        return cast(QuerySet[Any], queryset.for_tenant(self.tenant))
 
 
 class TenantScopedViewSet(TenantScopedMixin, viewsets.GenericViewSet):
@@ -135,7 +142,7 @@ class MeView(GenericAPIView):
 
     def get(self, request: Request) -> Response:
         token = request.auth if isinstance(request.auth, APIToken) else None
-        memberships = Membership.objects.filter(user=request.user).select_related("tenant")
+        memberships = Membership.objects.filter(user=current_user(request)).select_related("tenant")
         if token is not None:
             memberships = memberships.filter(tenant_id=token.tenant_id)
         data = {
@@ -162,16 +169,18 @@ class TenantListView(mixins.ListModelMixin, GenericAPIView):
     serializer_class = TenantSerializer
 
     def get_queryset(self) -> QuerySet[Tenant]:
-        queryset = Tenant.objects.for_user(self.request.user).select_related("plan")
+        queryset = Tenant.objects.for_user(current_user(self.request)).select_related("plan")
         if isinstance(self.request.auth, APIToken):
             queryset = queryset.filter(pk=self.request.auth.tenant_id)
         return queryset
 
     def get_serializer_context(self) -> dict[str, Any]:
         roles = dict(
-            Membership.objects.filter(user=self.request.user).values_list("tenant_id", "role")
+            Membership.objects.filter(user=current_user(self.request)).values_list(
+                "tenant_id", "role"
+            )
         )
-        return super().get_serializer_context() | {"roles": roles}
+        return {**super().get_serializer_context(), "roles": roles}
 
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         return self.list(request, *args, **kwargs)
@@ -282,7 +291,7 @@ class InvitationAcceptView(GenericAPIView):
         key = body.validated_data["key"]
         if request.user.is_authenticated:
             membership = services.accept_invitation(
-                key, request.user, actor=services.Actor.from_request(request)
+                key, current_user(request), actor=services.Actor.from_request(request)
             )
         else:
             membership, _ = services.accept_invitation_with_password(
@@ -318,7 +327,7 @@ class APITokenViewSet(
         ):
             can_see_all = False
         if not (can_see_all or is_platform_admin(self.request)):
-            queryset = queryset.filter(user=self.request.user)
+            queryset = queryset.filter(user=current_user(self.request))
         return queryset
 
     @extend_schema(request=APITokenCreateSerializer, responses={201: APITokenCreatedSerializer})
@@ -327,7 +336,7 @@ class APITokenViewSet(
         body.is_valid(raise_exception=True)
         token, secret = services.create_api_token(
             self.tenant,
-            request.user,
+            current_user(request),
             name=body.validated_data["name"],
             scope=body.validated_data["scope"],
             expires_at=body.validated_data.get("expires_at"),

@@ -43,3 +43,9 @@ def test_seeded_plans_are_rows_with_seat_rules(plans: None) -> None:
     assert team.seats_error(2) is None
     assert Plan.objects.get(code="business").max_seats is None
     assert team.monthly_price_cents(4) == 4 * team.seat_price_cents
+
+
+def test_quota_choices_follow_the_quota_names() -> None:
+    from tenants.choices import QuotaName
+
+    assert tuple(QuotaName.values) == QUOTA_NAMES
