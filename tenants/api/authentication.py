@@ -60,5 +60,6 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         return f'{self.keyword} realm="api"'
 
 
-class SessionAuthentication(authentication.SessionAuthentication):
-    """Django session login; CSRF checked on unsafe methods (DRF's behaviour)."""
+#: Django session login; CSRF checked on unsafe methods. DRF's own class, re-exported so
+#: drf-spectacular documents it (it matches authentication classes exactly).
+SessionAuthentication = authentication.SessionAuthentication

@@ -390,7 +390,7 @@ def test_openapi_schema_documents_routes_auth_and_error_format(client_for):
     schema = json.loads(response.content)
     assert schema["openapi"].startswith("3.")
     assert "/api/v1/tenants/{tenant_slug}/members/" in schema["paths"]
-    assert "bearerAuth" in schema["components"]["securitySchemes"]
+    assert {"bearerAuth", "cookieAuth"} <= set(schema["components"]["securitySchemes"])
     assert "Error" in schema["components"]["schemas"]
     op = schema["paths"]["/api/v1/tenants/{tenant_slug}/tokens/"]["post"]
     assert op["responses"]["409"]["content"]["application/json"]["schema"]["$ref"].endswith(
