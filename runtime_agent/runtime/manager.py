@@ -39,6 +39,7 @@ from runtime_agent.runtime.logs import LogEntry, follow_logs, read_logs
 from runtime_agent.runtime.monitor import (
     MonitorPaths,
     Runc,
+    RuntimeFailure,
     exit_hook_command,
     launch_monitor,
     process_start_time,
@@ -313,16 +314,19 @@ class ContainerManager:
         netns_path: str | None = None
         resolv = hosts = None
         if spec.network_mode != "none":  # "none": runc makes a netns with only loopback
-            setup = self.agent.networks.attach(
-                record.tenant,
-                record.id,
-                hostname,
-                spec.networks,
-                spec.ports,
-                name=record.name,
-                mode=spec.network_mode,
-                privileged_caller=spec.privileged_caller,
-            )
+            try:
+                setup = self.agent.networks.attach(
+                    record.tenant,
+                    record.id,
+                    hostname,
+                    spec.networks,
+                    spec.ports,
+                    name=record.name,
+                    mode=spec.network_mode,
+                    privileged_caller=spec.privileged_caller,
+                )
+            except OSError as exc:  # netlink/kernel failures below the network manager
+                raise RuntimeFailure(f"attaching the container's network failed: {exc}") from exc
             record.network = {"mode": spec.network_mode, "addresses": dict(setup.addresses)}
             self.store.save(record)
             netns_path = setup.netns_path

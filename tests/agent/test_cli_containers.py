@@ -1,0 +1,123 @@
+"""``berth-agent`` container commands as a user types them: output, JSON, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from runtime_agent.agent import Agent
+from runtime_agent.config import AgentConfig
+from tests.agent.test_runtime_fixtures import cleanup_agent, needs_runtime
+
+pytestmark = needs_runtime
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli(agent_config: AgentConfig) -> Iterator[Cli]:
+    env = dict(
+        os.environ,
+        BERTH_ROOT=str(agent_config.root),
+        BERTH_RUN_ROOT=str(agent_config.run_root),
+        BERTH_AGENT_NAME=agent_config.name,
+    )
+
+    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "runtime_agent.cli.main", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    try:
+        yield run
+    finally:
+        cleanup_agent(Agent(agent_config))
+
+
+def _nothing_left(cli: Cli, agent_config: AgentConfig, tenant: str = "default") -> None:
+    assert cli("ps", "-a", "-q", "--tenant", tenant).stdout == ""
+    active = agent_config.snapshots_dir / "active"
+    assert not active.exists() or not list(active.iterdir())
+
+
+def test_bootstrap_then_memory_hog_exits_137(cli: Cli, agent_config: AgentConfig) -> None:
+    assert cli("bootstrap").returncode == 0
+    result = cli("run", "--rm", "--memory", "32m", "busybox", "tail", "/dev/zero")
+    assert result.returncode == 137, result.stderr
+    _nothing_left(cli, agent_config)
+
+
+def test_bad_input_exit_codes_leave_nothing(cli: Cli, agent_config: AgentConfig) -> None:
+    assert cli("bootstrap").returncode == 0
+    cases = [
+        (["run", "--rm", "--memory", "10q", "busybox", "true"], 125, '"10q"'),
+        (["run", "--rm", "--cpus", "-1", "busybox", "true"], 125, "--cpus"),
+        (["run", "--rm", "--pids-limit", "x", "busybox", "true"], 125, "--pids-limit"),
+        (["run", "--rm", "--restart", "sometimes", "busybox", "true"], 125, "restart policy"),
+        (["run", "--rm", "nosuchimage", "true"], 125, "nosuchimage"),
+        (["run", "--rm", "--bogus-flag", "busybox", "true"], 125, "--bogus-flag"),
+        (["run", "--rm", "busybox", "nosuchcommand"], 127, "not found"),
+        (["run", "--rm", "busybox", "/etc/passwd"], 126, "permission denied"),
+        (["run", "--rm", "-u", "ghost", "busybox", "true"], 125, "unable to find user"),
+    ]
+    for args, code, reason in cases:
+        result = cli(*args)
+        assert result.returncode == code, (args, result.stderr)
+        assert reason in result.stderr, (args, result.stderr)
+    _nothing_left(cli, agent_config)
+
+
+def test_foreground_run_streams_output_and_passes_the_exit_code(cli: Cli) -> None:
+    assert cli("bootstrap").returncode == 0
+    result = cli(
+        "run", "--rm", "--network", "none", "-e", "WHO=world", "-w", "/tmp", "busybox",
+        "sh", "-c", "echo hello $WHO; pwd; echo oops >&2; exit 42",
+    )  # fmt: skip
+    assert result.returncode == 42
+    assert result.stdout == "hello world\n/tmp\n"
+    assert result.stderr == "oops\n"
+
+
+def test_detached_container_commands(cli: Cli, agent_config: AgentConfig) -> None:
+    assert cli("bootstrap").returncode == 0
+    started = cli("run", "-d", "--name", "web", "--network", "none", "busybox", "sh", "-c",
+                  "echo one; echo two; sleep 300")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    container_id = started.stdout.strip()
+    assert len(container_id) == 64
+    ps = cli("ps").stdout.splitlines()
+    assert ps[0].split()[:2] == ["CONTAINER", "ID"]
+    assert container_id[:12] in ps[1] and ps[1].endswith("web") and "Up " in ps[1]
+    assert cli("run", "-d", "--name", "web", "busybox", "true").returncode == 125
+    assert cli("logs", "--tail", "1", "web").stdout == "two\n"
+    assert cli("exec", "web", "sh", "-c", "exit 3").returncode == 3
+    assert cli("exec", "web", "nosuch").returncode == 127
+    [data] = json.loads(cli("inspect", "web").stdout)
+    assert data["Id"] == container_id
+    assert data["Name"] == "/web"
+    assert data["State"]["Status"] == "running" and data["State"]["Pid"] > 0
+    assert data["Config"]["Cmd"][:2] == ["sh", "-c"]
+    stats = cli("stats", "--no-stream", "web")
+    assert stats.returncode == 0 and "web" in stats.stdout
+    other = cli("ps", "-a", "--tenant", "other")
+    assert other.stdout.splitlines()[1:] == []
+    assert cli("inspect", "--tenant", "other", "web").returncode == 125
+    assert cli("rm", "web").returncode == 125  # running: needs -f
+    assert cli("pause", "web").returncode == 0
+    assert "(Paused)" in cli("ps").stdout
+    assert cli("unpause", "web").returncode == 0
+    assert cli("stop", "-t", "1", "web").returncode == 0
+    assert "Exited (137)" in cli("ps", "-a").stdout
+    assert cli("wait", "web").stdout == "137\n"
+    assert cli("rm", "web").returncode == 0
+    assert cli("inspect", "web").returncode == 125
+    _nothing_left(cli, agent_config)
