@@ -20,7 +20,9 @@ import posixpath
 import queue
 import re
 import secrets
+import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -320,14 +322,20 @@ class Builder:
         for t in threads:
             t.start()
         remaining = len(threads)
-        while remaining:
-            event = job.events.get()
-            if event is None:
-                remaining -= 1
-                continue
-            yield event
-        for t in threads:
-            t.join()
+        try:
+            while remaining:
+                event = job.events.get()
+                if event is None:
+                    remaining -= 1
+                    continue
+                yield event
+        finally:
+            # A caller that stops iterating cancels the build: stages stop after their
+            # current step, before the context they read from goes away.
+            if remaining:
+                job.failed.set()
+            for t in threads:
+                t.join()
         if job.error is not None:
             yield BuildEvent("error", str(job.error))
             raise job.error
@@ -1068,7 +1076,8 @@ class Builder:
         for _p, e in chosen:
             if e.kind == "file":
                 wanted.setdefault(e.layer, set()).add(e.member)
-        blobs: dict[tuple[str, str], bytes] = {}
+        # Each layer is read once; contents spill to disk past a few MiB.
+        blobs: dict[tuple[str, str], tuple[IO[bytes], int]] = {}
         for layer, members in wanted.items():
             with (
                 content.open(layer) as raw,
@@ -1079,16 +1088,16 @@ class Builder:
                     if info.name in members and info.isfile():
                         fh = tar.extractfile(info)
                         if fh is not None:
-                            blobs[(layer, info.name)] = fh.read()
+                            spooled: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=8 << 20)
+                            shutil.copyfileobj(fh, spooled)
+                            blobs[(layer, info.name)] = (spooled, info.size)
         items = []
         for p, e in chosen:
             rel = "" if p == path else p[len(prefix) :]
             if e.kind == "file":
-                data = blobs.get((e.layer, e.member), b"")
+                spool, size = blobs.get((e.layer, e.member), (io.BytesIO(), 0))
                 items.append(
-                    _Item(
-                        rel, "file", e.mode, len(data), opener=functools.partial(io.BytesIO, data)
-                    )
+                    _Item(rel, "file", e.mode, size, opener=functools.partial(_rewound, spool))
                 )
             elif e.kind in ("dir", "symlink"):
                 items.append(_Item(rel, e.kind, e.mode, linkname=e.linkname))
@@ -1128,6 +1137,11 @@ class Builder:
             [_Item("", "file", 0o600, len(data), mtime=mtime, opener=lambda: io.BytesIO(data))],
             digest,
         )
+
+
+def _rewound(fh: IO[bytes]) -> IO[bytes]:
+    fh.seek(0)
+    return fh
 
 
 def _open_binary(path: Path) -> IO[bytes]:

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime_agent.build.layers import index_for, lookup_ids
+from runtime_agent.build.layers import FsIndex, index_for, lookup_ids
 from runtime_agent.build.steps import RunRequest, RunResult
 from runtime_agent.errors import AgentError
 from runtime_agent.images import media
@@ -89,6 +89,7 @@ class ContainerStepRunner:
         self.agent = agent
         self.config = agent.config
         self._cgroup_driver: CgroupDriver | None = None
+        self._indexes: dict[tuple[str, ...], FsIndex] = {}
 
     def _image(self, request: RunRequest) -> Image:
         """The parent layers as an (uncommitted) Image the snapshotter can mount."""
@@ -112,9 +113,16 @@ class ContainerStepRunner:
         )
 
     def _user(self, request: RunRequest) -> tuple[int, int, list[int]]:
+        """USER resolved against the image's passwd/group (as docker does at run time)."""
         if not request.user:
             return 0, 0, []
-        index = index_for(self.agent.content, request.layers)
+        key = tuple(layer["digest"] for layer in request.layers)
+        index = self._indexes.get(key)
+        if index is None:
+            index = index_for(self.agent.content, request.layers)
+            if len(self._indexes) >= 16:
+                self._indexes.pop(next(iter(self._indexes)))
+            self._indexes[key] = index
         uid, gid = lookup_ids(index, self.agent.content, request.user, where="USER")
         return uid, gid, []
 

@@ -426,3 +426,19 @@ def test_other_tenants_images_are_invisible(agent: Agent, tmp_path: Path) -> Non
         other = write_context(tmp_path / "b", {"Dockerfile": text})
         with pytest.raises(NotFound):
             build(agent, "intruder", other, tag="stolen")
+
+
+def test_abandoned_build_is_cancelled_and_cleaned_up(agent: Agent, tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in {"Dockerfile": b"FROM scratch\nCOPY f /f\nENV A=1\n", "f": b"x"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    events = agent.builder.build(T, buf, tag="abandoned")
+    assert next(events).kind == "step"
+    events.close()
+    with pytest.raises(NotFound):
+        agent.images.resolve(T, "abandoned")
+    assert list((agent.config.build_cache_dir / ".contexts").iterdir()) == []
