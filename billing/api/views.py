@@ -7,7 +7,7 @@ suspended tenant can pay.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
@@ -132,7 +132,7 @@ def _invoice(inv: dict[str, Any]) -> dict[str, Any]:
         "total_cents": inv.get("total"),
         "amount_due_cents": inv.get("amount_due"),
         "amount_paid_cents": inv.get("amount_paid"),
-        "created": datetime.fromtimestamp(int(inv.get("created") or 0)).isoformat()
+        "created": datetime.fromtimestamp(int(inv.get("created") or 0), tz=UTC).isoformat()
         if inv.get("created")
         else None,
         "hosted_invoice_url": inv.get("hosted_invoice_url"),
