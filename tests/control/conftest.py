@@ -38,6 +38,23 @@ def seed_plans() -> None:
         )
 
 
+@pytest.fixture(autouse=True)
+def _default_plans(request: pytest.FixtureRequest, _django_db_marker: None) -> None:
+    """Every database test here starts with the default plans.
+
+    They come from a data migration, but each ``transaction=True`` test truncates all
+    tables when it ends, so tests running after one would otherwise find no plans.
+    """
+    names = set(request.fixturenames)
+    if "transactional_db" in names:
+        request.getfixturevalue("transactional_db")
+    elif "db" in names:
+        request.getfixturevalue("db")
+    elif request.node.get_closest_marker("django_db") is None:
+        return
+    seed_plans()
+
+
 @pytest.fixture
 def plans(db: None) -> None:
     seed_plans()
