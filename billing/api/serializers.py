@@ -71,3 +71,65 @@ class BillingSummarySerializer(serializers.Serializer):
     spend_cap_cents = serializers.IntegerField(allow_null=True)
     trial_ends_at = serializers.DateTimeField(allow_null=True)
     events = serializers.ListField(child=serializers.DictField())
+
+
+class UsageLineSerializer(serializers.Serializer):
+    metric = serializers.CharField()
+    unit = serializers.CharField()
+    used = serializers.DecimalField(max_digits=20, decimal_places=6)
+    included = serializers.DecimalField(max_digits=20, decimal_places=6)
+    overage = serializers.DecimalField(max_digits=20, decimal_places=6)
+    cents = serializers.IntegerField()
+
+
+class SpendCapStatusSerializer(serializers.Serializer):
+    cap_cents = serializers.IntegerField(allow_null=True)
+    state = serializers.ChoiceField(choices=["none", "ok", "warning", "reached"])
+    warn_at_cents = serializers.IntegerField(required=False)
+    spend_cents = serializers.IntegerField(required=False)
+
+
+class EstimateSerializer(serializers.Serializer):
+    month = serializers.DateField()
+    plan = serializers.CharField()
+    seats = serializers.IntegerField()
+    paid_seats = serializers.IntegerField()
+    comp_seats = serializers.IntegerField()
+    seat_price_cents = serializers.IntegerField()
+    seats_cents = serializers.IntegerField()
+    usage = UsageLineSerializer(many=True)
+    overage_cents = serializers.IntegerField()
+    overage_billed_cents = serializers.IntegerField()
+    credits_cents = serializers.IntegerField()
+    total_cents = serializers.IntegerField()
+    currency = serializers.CharField()
+    spend_cap = SpendCapStatusSerializer()
+
+
+class InvoiceLineSerializer(serializers.Serializer):
+    description = serializers.CharField(allow_null=True)
+    amount_cents = serializers.IntegerField(allow_null=True)
+    quantity = serializers.IntegerField(allow_null=True)
+    proration = serializers.BooleanField(allow_null=True)
+
+
+class InvoiceSerializer(serializers.Serializer):
+    id = serializers.CharField(allow_null=True)
+    number = serializers.CharField(allow_null=True)
+    status = serializers.CharField(allow_null=True)
+    currency = serializers.CharField(allow_null=True)
+    total_cents = serializers.IntegerField(allow_null=True)
+    amount_due_cents = serializers.IntegerField(allow_null=True)
+    amount_paid_cents = serializers.IntegerField(allow_null=True)
+    created = serializers.DateTimeField(allow_null=True)
+    hosted_invoice_url = serializers.URLField(allow_null=True)
+    lines = InvoiceLineSerializer(many=True)
+
+
+class InvoiceListSerializer(serializers.Serializer):
+    results = InvoiceSerializer(many=True)
+
+
+class UpcomingSerializer(serializers.Serializer):
+    upcoming_invoice = InvoiceSerializer(allow_null=True)
+    estimate = EstimateSerializer()

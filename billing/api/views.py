@@ -20,12 +20,16 @@ from billing import services, stripe_api
 from billing.api.serializers import (
     BillingSummarySerializer,
     CheckoutSerializer,
+    EstimateSerializer,
+    InvoiceListSerializer,
     LinkSerializer,
     PlanChangeSerializer,
     PortalSerializer,
     SeatLedgerSerializer,
     SeatsSerializer,
     SpendCapSerializer,
+    SpendCapStatusSerializer,
+    UpcomingSerializer,
 )
 from billing.models import SeatLedgerEntry
 from tenants import permissions as perms
@@ -119,6 +123,8 @@ class SeatLedgerViewSet(mixins.ListModelMixin, TenantScopedViewSet):  # type: ig
 class UsageView(BillingView):
     """Month-to-date usage per metric, what the seats include, overage and the estimate."""
 
+    serializer_class = EstimateSerializer
+
     def get(self, request: Request, tenant_slug: str) -> Response:
         return Response(services.estimate(self.tenant))
 
@@ -160,6 +166,8 @@ def _stripe(fn: Any, *args: Any, **kwargs: Any) -> Any:
 class InvoicesView(BillingView):
     """The tenant's invoices, read from Stripe."""
 
+    serializer_class = InvoiceListSerializer
+
     def get(self, request: Request, tenant_slug: str) -> Response:
         account = services.account_for(self.tenant)
         if not account.stripe_customer_id:
@@ -170,6 +178,8 @@ class InvoicesView(BillingView):
 
 class UpcomingView(BillingView):
     """Stripe's preview of the next invoice plus Berth's month-to-date usage estimate."""
+
+    serializer_class = UpcomingSerializer
 
     def get(self, request: Request, tenant_slug: str) -> Response:
         account = services.account_for(self.tenant)
@@ -188,10 +198,12 @@ class UpcomingView(BillingView):
 class SpendCapView(BillingView):
     """GET the cap and where the month stands; PUT {cap_cents} (null removes the cap)."""
 
+    serializer_class = SpendCapStatusSerializer
+
     def get(self, request: Request, tenant_slug: str) -> Response:
         return Response(services.estimate(self.tenant)["spend_cap"])
 
-    @extend_schema(request=SpendCapSerializer)
+    @extend_schema(request=SpendCapSerializer, responses=SpendCapStatusSerializer)
     def put(self, request: Request, tenant_slug: str) -> Response:
         body = SpendCapSerializer(data=request.data)
         body.is_valid(raise_exception=True)
