@@ -108,7 +108,7 @@ class SeatsView(BillingView):
         return Response(BillingSummarySerializer(_summary(tenant)).data)
 
 
-class SeatLedgerViewSet(mixins.ListModelMixin, TenantScopedViewSet):  # type: ignore[misc]
+class SeatLedgerViewSet(mixins.ListModelMixin, TenantScopedViewSet):
     """The append-only history of plan and seat changes."""
 
     queryset = SeatLedgerEntry.objects.all()
