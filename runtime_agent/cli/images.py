@@ -233,7 +233,8 @@ def prune_images(agent: Agent, tenant: str, *, all_images: bool) -> tuple[list[s
                 continue
             untagged.extend(agent.images.remove(tenant, image.reference))
     before = agent.snapshots.layers_usage()
-    _, freed = agent.images.gc()
+    # Blobs of images that containers still run on stay, even if force-untagged.
+    _, freed = agent.images.gc(extra_manifests=usage.manifests)
     agent.snapshots.gc(
         agent.images.referenced_chain_ids(),
         keys_in_use=usage.snapshot_keys if usage.known else None,
@@ -242,10 +243,29 @@ def prune_images(agent: Agent, tenant: str, *, all_images: bool) -> tuple[list[s
     return untagged, freed
 
 
+def prune_stopped_containers(agent: Agent, tenant: str) -> list[str]:
+    """Remove the tenant's containers that are not running (docker system prune's first step)."""
+    manager = getattr(agent, "containers", None)
+    if manager is None:
+        return []
+    removed = []
+    for info in manager.list(tenant, all=True):
+        if info.state in ("running", "paused"):
+            continue
+        try:
+            manager.remove(tenant, info.id)
+        except AgentError as exc:
+            sys.stderr.write(f"berth-agent: could not remove container {info.short_id}: {exc}\n")
+            continue
+        removed.append(info.id)
+    return removed
+
+
 def _system_prune(args: argparse.Namespace, config: AgentConfig) -> int:
     if not args.force:
         sys.stderr.write(
-            "WARNING! This will remove:\n  - all dangling images and unreferenced layers\n"
+            "WARNING! This will remove:\n  - all stopped containers\n"
+            "  - all dangling images and unreferenced layers\n"
             + (
                 "  - all images without at least one container associated to them\n"
                 if args.all
@@ -258,9 +278,12 @@ def _system_prune(args: argparse.Namespace, config: AgentConfig) -> int:
         if answer not in ("y", "yes"):
             return 0
     agent = Agent(config)
-    pruner = getattr(getattr(agent, "containers", None), "prune", None)
-    if callable(pruner):
-        pruner(args.tenant)
+    removed = prune_stopped_containers(agent, args.tenant)
+    if removed:
+        print("Deleted Containers:")
+        for container_id in removed:
+            print(container_id)
+        print()
     untagged, freed = prune_images(agent, args.tenant, all_images=args.all)
     if untagged:
         print("Deleted Images:")
