@@ -52,6 +52,8 @@ from runtime_agent.network.netns import (
     delete_netns,
     ensure_netns_dir,
     is_netns,
+    make_netns_socket,
+    netns_iproute,
     open_netns,
     release_netns_dir,
 )
@@ -154,6 +156,41 @@ class Endpoint:
     aliases: dict[str, tuple[str, ...]]
     ports: tuple[PublishedPort, ...]
     gateway: str | None
+
+
+class _Pending:
+    """A netns being created in a thread of its own (see ``netns.make_netns_socket``).
+
+    ``result()`` waits and returns the netlink socket inside it, wrapped for the calling
+    thread; ``discard()`` deletes the namespace if nobody took it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._box: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, name="berth-netns")
+        self._thread.start()
+        self._taken = False
+
+    def _run(self) -> None:
+        try:
+            self._box["value"] = make_netns_socket(self.path)
+        except BaseException as exc:
+            self._box["error"] = exc
+
+    def result(self) -> IPRoute:
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        self._taken = True
+        return netns_iproute(self.path, self._box["value"])
+
+    def discard(self) -> None:
+        self._thread.join()
+        if self._taken or "value" not in self._box:
+            return
+        self._box["value"].close()
+        delete_netns(self.path)
 
 
 @dataclass
@@ -456,6 +493,46 @@ class NetworkManager:
                 _check_alias(alias)
 
         undo = _Undo()
+        # The namespace is made in the background (the kernel work overlaps the state
+        # bookkeeping below); every path that doesn't use it discards it.
+        path = self.netns_path(container_id)
+        if not self._netns_dir_ready:
+            ensure_netns_dir(self.config.netns_dir)
+            self._netns_dir_ready = True
+        pending = _Pending(path)
+        try:
+            state, endpoint = self._attach_locked(
+                tenant,
+                container_id,
+                hostname,
+                attachments,
+                ports,
+                name,
+                mode,
+                ingress_bps,
+                egress_bps,
+                pending,
+                undo,
+            )
+        except BaseException:
+            pending.discard()
+            raise
+        return self._setup_view(state, endpoint)
+
+    def _attach_locked(
+        self,
+        tenant: str,
+        container_id: str,
+        hostname: str,
+        attachments: Sequence[NetworkAttachment],
+        ports: Sequence[PortMapping],
+        name: str,
+        mode: str,
+        ingress_bps: int | None,
+        egress_bps: int | None,
+        pending: _Pending,
+        undo: _Undo,
+    ) -> tuple[State, EndpointRecord]:
         with self.store.locked(durable=False) as state:
             if container_id in state.endpoints:
                 raise AlreadyExists(f"container {container_id[:12]} already has networking")
@@ -481,14 +558,14 @@ class NetworkManager:
             # write-ahead: addresses and ports are taken from here on
             self.store.save(state, durable=False)
             try:
-                self._build_endpoint(state, endpoint, undo)
+                self._build_endpoint(state, endpoint, undo, pending)
                 if endpoint.ports:
                     self._apply_firewall(state)
                 self._sync_daemon(expect_ports=endpoint.ports)
             except BaseException:
                 self._rollback_endpoint(state, endpoint, undo)
                 raise
-        return self._setup_view(state, endpoint)
+        return state, endpoint
 
     def _allocate_interface(
         self,
@@ -569,16 +646,17 @@ class NetworkManager:
             )
         return records
 
-    def _build_endpoint(self, state: State, endpoint: EndpointRecord, undo: _Undo) -> None:
+    def _build_endpoint(
+        self, state: State, endpoint: EndpointRecord, undo: _Undo, pending: _Pending
+    ) -> None:
         path = Path(endpoint.netns)
-        if not self._netns_dir_ready:
-            ensure_netns_dir(self.config.netns_dir)
-            self._netns_dir_ready = True
-        if is_netns(path):  # a leftover of a crash between mount and state clean-up
+        try:
+            inside = pending.result()
+        except FileExistsError:
+            # A leftover of a crash between mount and state clean-up: nobody owns it
+            # (the endpoint isn't in the state), so replace it.
             delete_netns(path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        inside = create_netns(path)
+            inside = create_netns(path)
         undo.netns = path
         try:
             with self._host() as ipr:

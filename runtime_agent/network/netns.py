@@ -101,35 +101,41 @@ def _is_mountpoint(path: Path) -> bool:
     )
 
 
-def create_netns(path: Path) -> IPRoute:
-    """Create a network namespace bound at ``path``; return a netlink socket inside it.
+def make_netns_socket(path: Path) -> socket.socket:
+    """Create a namespace bound at ``path`` and return a raw netlink socket inside it.
 
-    The caller owns the socket (close it). Loopback is brought up here already.
+    Unshares the *calling* thread's network namespace and setns()es back before
+    returning, so call it only from a thread of its own (``create_netns`` does).
     """
-
-    def work() -> socket.socket:
-        host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        os.close(fd)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            os.close(fd)
+            _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
             try:
-                _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-                try:
-                    _mount("/proc/thread-self/ns/net", str(path), MS_BIND)
-                    sock = _netlink_socket()
-                finally:
-                    _check(_libc.setns(host, CLONE_NEWNET), "setns back to the host")
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    _umount(str(path))
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                raise
-        finally:
-            os.close(host)
-        return sock
+                _mount("/proc/thread-self/ns/net", str(path), MS_BIND)
+                sock = _netlink_socket()
+            finally:
+                _check(_libc.setns(host, CLONE_NEWNET), "setns back to the host")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _umount(str(path))
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            raise
+    finally:
+        os.close(host)
+    return sock
 
-    ipr = IPRoute(fileno=_in_thread(work).detach())
+
+def netns_iproute(path: Path, sock: socket.socket) -> IPRoute:
+    """Wrap a socket from ``make_netns_socket`` for this thread and bring loopback up.
+
+    pyroute2 keeps per-thread state, so the IPRoute must be built in the thread that
+    uses it. On failure the namespace is deleted.
+    """
+    ipr = IPRoute(fileno=sock.detach())
     try:
         ipr.link("set", index=1, state="up")  # lo is always ifindex 1 in a new netns
     except BaseException:
@@ -137,6 +143,14 @@ def create_netns(path: Path) -> IPRoute:
         delete_netns(path)
         raise
     return ipr
+
+
+def create_netns(path: Path) -> IPRoute:
+    """Create a network namespace bound at ``path``; return a netlink socket inside it.
+
+    The caller owns the socket (close it). Loopback is brought up here already.
+    """
+    return netns_iproute(path, _in_thread(lambda: make_netns_socket(path)))
 
 
 def open_netns(path: Path) -> IPRoute:
