@@ -75,6 +75,13 @@ class CheckoutRequired(BerthError):
     code = "checkout_required"
 
 
+class AlreadySubscribed(BerthError):
+    """Checkout was asked for while a subscription exists (it would charge twice)."""
+
+    status_code = 409
+    code = "already_subscribed"
+
+
 class SpendCapReached(BerthError):
     """New usage is refused: the month's estimated bill has reached the spend cap."""
 
@@ -619,6 +626,13 @@ def start_checkout(
         raise InvalidInput(
             f"{tenant.slug} has {members} members; buy at least that many seats",
             details={"field": "seats", "members": members},
+        )
+    account = account_for(tenant)
+    if account.stripe_subscription_id:
+        # A second subscription would charge twice: change the existing one instead.
+        raise AlreadySubscribed(
+            f"{tenant.slug} already has a subscription; change plan or seats instead",
+            details={"subscription_status": account.subscription_status},
         )
     price = seat_price_for(plan)
     if price is None:

@@ -165,5 +165,8 @@ def test_checkout_portal_invoices_and_upcoming(
     upcoming = owner_client.get(f"{BASE}/upcoming/").json()
     assert upcoming["upcoming_invoice"]["total_cents"] == 5 * 1500
     assert upcoming["estimate"]["seats_cents"] == 5 * 1500
+    again = owner_client.post(f"{BASE}/checkout/", {"plan": "team", "seats": 6}, format="json")
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "already_subscribed"
     portal = owner_client.post(f"{BASE}/portal/", {}, format="json")
     assert portal.status_code == 201 and portal.json()["url"].startswith(f"{localstripe}/portal/")
