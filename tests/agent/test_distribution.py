@@ -3,11 +3,15 @@ token auth is exercised in tests/control/test_registry_e2e.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,3 +230,93 @@ def test_unknown_tag_and_bad_references(agent: Agent, registry: RegistryProcess)
         with pytest.raises(InvalidArgument):
             pull(agent, "acme", bad)
     assert parse_reference(f"{registry.host}/acme/web").tag == "latest"
+
+
+class CuttingProxy:
+    """A TCP proxy to the registry that drops the first download of one blob after
+    ``cut_after`` bytes, as a flaky network would."""
+
+    def __init__(self, upstream: str, blob: str, cut_after: int) -> None:
+        self.upstream = upstream.split(":")
+        self.blob, self.cut_after = blob, cut_after
+        self.cuts = 0
+        self.ranges: list[str] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((self.upstream[0], int(self.upstream[1])))
+            threading.Thread(target=self._pipe_up, args=(client, upstream), daemon=True).start()
+
+    def _pipe_up(self, client: Any, upstream: Any) -> None:
+        state = {"cut": False}
+        threading.Thread(
+            target=self._pipe_down, args=(upstream, client, state), daemon=True
+        ).start()
+        while True:
+            try:
+                data = client.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            text = data.decode("latin-1")
+            if f"/blobs/{self.blob}" in text:
+                for line in text.split("\r\n"):
+                    if line.lower().startswith("range:"):
+                        self.ranges.append(line.split(":", 1)[1].strip())
+                if self.cuts == 0 and "range:" not in text.lower():
+                    state["cut"] = True
+                    self.cuts += 1
+            try:
+                upstream.sendall(data)
+            except OSError:
+                break
+
+    def _pipe_down(self, upstream: Any, client: Any, state: dict[str, bool]) -> None:
+        sent = 0
+        while True:
+            try:
+                data = upstream.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            if state["cut"] and sent + len(data) > self.cut_after:
+                client.sendall(data[: self.cut_after - sent])
+                for sock in (client, upstream):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                return
+            client.sendall(data)
+            sent += len(data)
+        client.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_dropped_connection_resumes_with_range(
+    agent: Agent, registry: RegistryProcess, tmp_path: Path
+) -> None:
+    big = os.urandom(3_000_000)
+    layers = busybox_layers({"app/big": big})
+    write_oci_layout(tmp_path / "img", layers)
+    skopeo_push(tmp_path / "img", f"{registry.host}/acme/flaky:1")
+    victim = "sha256:" + hashlib.sha256(layers[1][0]).hexdigest()
+    proxy = CuttingProxy(registry.host, victim, cut_after=1_000_000)
+    try:
+        # The proxy listens on another loopback port: same registry, same repositories.
+        result = pull(agent, "acme", f"{proxy.host}/acme/flaky:1")
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert proxy.ranges and proxy.ranges[0].startswith("bytes=") and proxy.ranges[0] != "bytes=0-"
+    assert victim in result.fetched
+    assert agent.content.verify(victim)
