@@ -31,8 +31,8 @@ def _actor(request: HttpRequest) -> Actor:
 class TagInline(admin.TabularInline):
     model = Tag
     extra = 0
-    fields = ["name", "manifest", "updated_at"]
-    readonly_fields = fields
+    fields = ("name", "manifest", "updated_at")
+    readonly_fields = ("name", "manifest", "updated_at")
     can_delete = False
 
 

@@ -485,7 +485,7 @@ def test_bad_credentials_expired_tokens_and_bad_content_get_registry_errors(
     put = requests.put(
         f"{reg.url}/v2/{tenant.slug}/x/manifests/1",
         data=json.dumps(manifest),
-        headers={**bearer, "Content-Type": manifest["mediaType"]},
+        headers={**bearer, "Content-Type": "application/vnd.oci.image.manifest.v1+json"},
         timeout=10,
     )
     assert put.status_code == 400 and put.json()["errors"][0]["code"] == "MANIFEST_BLOB_UNKNOWN"
