@@ -94,10 +94,10 @@ def _short_paths(paths: Sequence[Path]) -> Iterator[list[str]]:
             if len(text.encode()) <= _FSCONFIG_MAX_STRING:
                 short.append(text)
                 continue
-            parent = path.parent.parent
+            parent = path.parent
             if parent not in fds:
                 fds[parent] = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            short.append(f"/proc/self/fd/{fds[parent]}/{path.parent.name}/{path.name}")
+            short.append(f"/proc/self/fd/{fds[parent]}/{path.name}")
         yield short
     finally:
         for fd in fds.values():
@@ -123,12 +123,13 @@ def _mount_new_api(
 ) -> None:
     fs_fd = _check(_libc.syscall(_SYS_FSOPEN, b"overlay", ctypes.c_uint(_FSOPEN_CLOEXEC)), "fsopen")
     try:
-        with _short_paths(lowers) as short_lowers:
-            for lower in short_lowers:
+        writable = [upper, work] if upper is not None and work is not None else []
+        with _short_paths([*lowers, *writable]) as short:
+            for lower in short[: len(lowers)]:
                 _fsconfig_string(fs_fd, "lowerdir+", lower)
-            if upper is not None and work is not None:
-                _fsconfig_string(fs_fd, "upperdir", str(upper))
-                _fsconfig_string(fs_fd, "workdir", str(work))
+            if writable:
+                _fsconfig_string(fs_fd, "upperdir", short[len(lowers)])
+                _fsconfig_string(fs_fd, "workdir", short[len(lowers) + 1])
             for key, value in OVERLAY_OPTIONS:
                 _fsconfig_string(fs_fd, key, value)
             _check(

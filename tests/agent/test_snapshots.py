@@ -278,3 +278,20 @@ def test_concurrent_prepares_unpack_each_layer_once(agent: Agent) -> None:
         for key in keys:
             agent.snapshots.remove(key)
     assert not mounts_under(agent.config.root)
+
+
+def test_layer_paths_longer_than_fsconfig_strings(agent: Agent) -> None:
+    """fsconfig takes at most 256-byte strings; long state roots go through a dir fd."""
+    from runtime_agent.config import AgentConfig
+
+    deep_root = agent.config.root / ("d" * 120) / ("e" * 120)
+    config = AgentConfig(root=deep_root, run_root=agent.config.run_root, name=agent.config.name)
+    long_agent = Agent(config)
+    image = bootstrap_busybox(long_agent)
+    assert len(str(long_agent.snapshots.layer_path(image.chain_ids[0]))) > 256
+    try:
+        rootfs = long_agent.snapshots.prepare("long", image)
+        assert _sh(rootfs, "echo ok > /tmp/x && cat /tmp/x").stdout == "ok\n"
+    finally:
+        long_agent.snapshots.remove("long")
+    assert not mounts_under(agent.config.root)
