@@ -844,11 +844,19 @@ class NetworkManager:
                     "the container's published ports go through this network; "
                     "it can't be disconnected while they exist"
                 )
+            was_first = iface is endpoint.interfaces[0]
             with self._host() as ipr, contextlib.suppress(NetlinkError):
                 _delete_link(ipr, iface.host_veth)
             endpoint.interfaces.remove(iface)
             if record.allocated.get(iface.address) == container_id:
                 del record.allocated[iface.address]
+            if was_first and endpoint.interfaces:
+                # the default route went with the interface: move it to the next one
+                inside = open_netns(Path(endpoint.netns))
+                try:
+                    inside.route("replace", dst="0.0.0.0/0", gateway=endpoint.interfaces[0].gateway)
+                finally:
+                    inside.close()
             had_ports = bool(endpoint.ports) and not endpoint.interfaces
             if not endpoint.interfaces:
                 endpoint.ports = []

@@ -357,6 +357,12 @@ def test_two_networks_of_one_tenant_are_isolated_until_connected(
     assert "eth1" not in in_container(app, "ip -br link").stdout
     with pytest.raises(NotFound):
         net.connect("globex", "back", app_id)  # another tenant's view of the container
+    # leaving the first network moves the default route to the remaining one
+    net.connect("acme", "back", app_id)
+    net.disconnect("acme", "front", app_id)
+    routes = in_container(app, "ip route").stdout
+    assert f"default via {net.inspect('acme', 'back').gateway}" in routes
+    assert fetch(app, f"http://{ip_of(db, 'back')}/") == WWW
 
 
 def test_connecting_to_another_tenants_network_is_refused(net: NetworkManager) -> None:
