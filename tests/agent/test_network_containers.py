@@ -168,3 +168,25 @@ def test_network_none_has_only_loopback(node: Agent) -> None:
     assert code == 0
     interfaces = [line.split(":")[0].strip() for line in out.splitlines() if ":" in line]
     assert interfaces == ["lo"]
+
+
+def test_a_container_that_fails_to_start_leaves_no_networking(node: Agent) -> None:
+    from runtime_agent.errors import AgentError
+
+    node.networks.create("acme", "web")
+    with pytest.raises(AgentError):
+        node.containers.run(
+            ContainerSpec(
+                tenant="acme",
+                image="busybox",
+                command=("/no/such/program",),
+                networks=(NetworkAttachment("web"),),
+                auto_remove=True,
+            )
+        )
+    for info in node.containers.list_all():
+        node.containers.remove(info.tenant, info.id, force=True)
+    assert node.networks.endpoints("acme") == []
+    assert node.networks.inspect("acme", "web").containers == ()
+    netns_dir = node.config.netns_dir
+    assert not netns_dir.exists() or list(netns_dir.iterdir()) == []
