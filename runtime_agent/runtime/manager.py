@@ -179,6 +179,11 @@ class ContainerManager:
             if fresh is None:
                 return record
             if fresh.status in (st.RUNNING, st.PAUSED):
+                if not oom and status is not None and status_code == 137:
+                    # conmon watches for OOM kills only once runc returned; one that came
+                    # sooner is still counted by the memory cgroup (until runc delete).
+                    with contextlib.suppress(OSError):
+                        oom = self.cgroups.stats(fresh.tenant, fresh.id).oom_kills > 0
                 fresh.status = st.transition(fresh.status, "exit", name=fresh.name)
                 fresh.exit_code = status_code
                 fresh.oom_killed = oom
@@ -409,17 +414,16 @@ class ContainerManager:
         hook = None
         if policy != "no" or (record.auto_remove and watch_exit):
             hook = exit_hook_command(self.config, record.tenant, record.id)
-        pid = launch_monitor(
-            self.config,
-            self.runc,
-            runc_id=record.runc_id,
-            name=record.name,
-            paths=paths,
-            exit_command=hook,
-        )
         started_at = st.now_iso()
         try:
-            self.runc.start(record.runc_id)
+            pid = launch_monitor(
+                self.config,
+                self.runc,
+                runc_id=record.runc_id,
+                name=record.name,
+                paths=paths,
+                exit_command=hook,
+            )
         except BaseException:
             self.runc.delete(record.runc_id)
             raise

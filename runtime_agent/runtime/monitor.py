@@ -1,7 +1,7 @@
 """runc and conmon: the per-container monitor that outlives the agent.
 
 Each started container gets its own conmon (Debian's ``conmon`` package, ~0.5 MB PSS).
-conmon daemonises, runs ``runc create`` on the bundle, reports the container pid on a sync
+conmon daemonises, runs ``runc run --detach`` on the bundle, reports the container pid on a sync
 pipe, copies the container's stdout/stderr into a log file (k8s-file format: timestamp,
 stream name, partial flag, line; size-capped), and when the container exits writes its
 exit status (128+signal for signals, so 137 after an OOM kill) to ``<monitor>/exit`` and
@@ -141,6 +141,36 @@ class Runc:
         return [*command, runc_id, *argv]
 
 
+# conmon runs "<runtime> [global args] create --bundle B --pid-file P ID" and leaves the
+# start to a second runc process. Starting in the same runc invocation ("run --detach")
+# saves one runc process per start; conmon doesn't mind: it only needs the pid file and
+# the container's stdio pipes, which it set up before running the runtime.
+_RUN_DETACHED = """#!/bin/sh
+for arg; do
+  shift
+  if [ "$arg" = create ]; then set -- "$@" run --detach; else set -- "$@" "$arg"; fi
+done
+exec {runc} "$@"
+"""
+
+
+def run_detached_wrapper(config: AgentConfig, runc_binary: str) -> Path:
+    """The runtime conmon runs: runc with ``create`` turned into ``run --detach``."""
+    path = config.run_root / "runc-run-detached"
+    text = _RUN_DETACHED.format(runc=runc_binary)
+    try:
+        if path.read_text() == text:
+            return path
+    except FileNotFoundError:
+        pass
+    config.run_root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path
+
+
 def launch_monitor(
     config: AgentConfig,
     runc: Runc,
@@ -152,7 +182,7 @@ def launch_monitor(
 ) -> int:
     """Start conmon for the bundle in ``paths.directory``; return the container's pid.
 
-    The container is created (runc create) but not started; ``Runc.start`` starts it.
+    The container is running when this returns (see ``run_detached_wrapper``).
     """
     conmon = _which(config.conmon)
     monitor = paths.monitor
@@ -168,7 +198,7 @@ def launch_monitor(
         "--cid", runc_id,
         "--cuuid", runc_id,
         "--name", name,
-        "--runtime", runc.binary,
+        "--runtime", str(run_detached_wrapper(config, runc.binary)),
         "--bundle", str(paths.directory),
         "--container-pidfile", str(monitor / "pid"),
         "--conmon-pidfile", str(paths.conmon_pid_file),

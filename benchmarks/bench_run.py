@@ -1,0 +1,224 @@
+"""Container start latency and idle memory: Berth side by side with bare runc and docker.
+
+Measures, over ``--runs`` runs each (default 50):
+
+  cli      whole ``berth-agent run --rm busybox true`` commands (default bridge network,
+           and ``--network none``) vs ``docker run --rm <same busybox> true``
+  api      the Python API: ``agent.containers.run(spec)`` until the container is running
+           (start-to-running) and until ``wait`` returns (run-to-exit), vs bare
+           ``runc run`` of a default ``runc spec`` bundle on the same rootfs
+  memory   host memory per idle container: PSS of each container's conmon, vs the PSS
+           of docker's containerd-shim per container
+
+and prints p50/p95 and the ratios against the targets (CLI <= 1/5 of docker, API within
+1.5x of bare runc, <= 2 MB per idle container). Run as root: ``python benchmarks/bench_run.py``.
+Docker's image is Berth's busybox rootfs loaded with ``docker import``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runtime_agent.agent import Agent  # noqa: E402
+from runtime_agent.config import AgentConfig  # noqa: E402
+from runtime_agent.images.bootstrap import bootstrap_busybox, busybox_rootfs_tar, find_busybox  # noqa: E402
+from runtime_agent.protocol import ContainerSpec  # noqa: E402
+
+DOCKER_IMAGE = "berth-bench/busybox:latest"
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    p50 = statistics.median(ordered)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return p50, p95
+
+
+def timed(runs: int, action: Callable[[], object], warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        action()
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def check(command: list[str], env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(command, capture_output=True, env=env, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {result.stderr.decode()[-500:]}")
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def row(name: str, samples: list[float]) -> tuple[float, float]:
+    p50, p95 = percentiles(samples)
+    print(f"  {name:<46} p50 {p50 * 1000:8.1f} ms   p95 {p95 * 1000:8.1f} ms")
+    return p50, p95
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--idle", type=int, default=10, help="idle containers for memory")
+    parser.add_argument("--state", default="/var/lib/berth-bench")
+    parser.add_argument("--no-docker", action="store_true")
+    args = parser.parse_args()
+
+    state = Path(args.state)
+    config = AgentConfig(root=state / "state", run_root=state / "run", name="bbench")
+    agent = Agent(config)
+    bootstrap_busybox(agent)
+    env = dict(os.environ, BERTH_ROOT=str(config.root), BERTH_RUN_ROOT=str(config.run_root),
+               BERTH_AGENT_NAME=config.name)  # fmt: skip
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # a deployed agent has its bytecode cached
+    berth = [str(Path(sys.executable).with_name("berth-agent"))]
+    docker = shutil.which("docker") and not args.no_docker
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=state))
+    results: dict[str, tuple[float, float]] = {}
+    try:
+        rootfs_tar = scratch / "rootfs.tar"
+        with open(rootfs_tar, "wb") as fh:
+            busybox_rootfs_tar(find_busybox(), fh)
+        if docker:
+            with open(rootfs_tar, "rb") as fh:
+                subprocess.run(["docker", "import", "-", DOCKER_IMAGE], stdin=fh,
+                               capture_output=True, check=True)  # fmt: skip
+
+        # Bare runc: a default `runc spec` bundle on the same rootfs.
+        bundle = scratch / "bundle"
+        (bundle / "rootfs").mkdir(parents=True)
+        with tarfile.open(rootfs_tar) as tar:
+            tar.extractall(bundle / "rootfs")  # noqa: S202 - our own tar
+        check(["runc", "spec", "--bundle", str(bundle)])
+        import json
+
+        spec_path = bundle / "config.json"
+        oci = json.loads(spec_path.read_text())
+        oci["process"]["terminal"] = False
+        oci["process"]["args"] = ["true"]
+        spec_path.write_text(json.dumps(oci))
+        runc_root = scratch / "runc"
+        counter = iter(range(10**6))
+
+        def bare_runc() -> None:
+            check(["runc", "--root", str(runc_root), "run", "--bundle", str(bundle),
+                   f"bench{next(counter)}"])  # fmt: skip
+
+        print(f"Latency over {args.runs} runs (after 2 warm-up runs each)")
+        print("Python API vs bare runc (busybox true, no network):")
+        results["runc"] = row("runc run (bare, default runc spec)", timed(args.runs, bare_runc))
+        containers = agent.containers
+        api_start: list[float] = []
+        api_exit: list[float] = []
+
+        def api_run() -> None:
+            started = time.perf_counter()
+            info = containers.run(
+                ContainerSpec(
+                    tenant="bench", image="busybox", command=("true",), network_mode="none"
+                ),  # fmt: skip
+                watch_exit=False,
+            )
+            running = time.perf_counter()
+            containers.wait("bench", info.id)
+            done = time.perf_counter()
+            containers.remove("bench", info.id)
+            api_start.append(running - started)
+            api_exit.append(done - started)
+
+        timed(args.runs, api_run)
+        api_start, api_exit = api_start[2:], api_exit[2:]
+        results["api_start"] = row("agent.containers.run() start-to-running", api_start)
+        results["api_exit"] = row("agent.containers.run() + wait() run-to-exit", api_exit)
+
+        print("Whole commands:")
+        results["cli"] = row(
+            "berth-agent run --rm busybox true",
+            timed(args.runs, lambda: check([*berth, "run", "--rm", "busybox", "true"], env)),
+        )
+        results["cli_none"] = row(
+            "berth-agent run --rm --network none busybox true",
+            timed(args.runs, lambda: check(
+                [*berth, "run", "--rm", "--network", "none", "busybox", "true"], env)),
+        )  # fmt: skip
+        if docker:
+            results["docker"] = row(
+                "docker run --rm busybox true",
+                timed(args.runs, lambda: check(["docker", "run", "--rm", DOCKER_IMAGE, "true"])),
+            )
+
+        print(f"Host memory per idle container ({args.idle} idle `sleep` containers):")
+        ids = [
+            containers.run(ContainerSpec(tenant="bench", image="busybox",
+                                         command=("sleep", "3600"), network_mode="none")).id
+            for _ in range(args.idle)
+        ]  # fmt: skip
+        time.sleep(1)
+        from runtime_agent.runtime.manager import monitor_rss_pids
+
+        monitors = monitor_rss_pids(containers)
+        berth_kib = sum(pss_kib(pid) for pid in monitors) / max(1, len(monitors))
+        print(f"  berth (conmon PSS)                              {berth_kib / 1024:6.2f} MiB")
+        for container_id in ids:
+            containers.remove("bench", container_id, force=True)
+        docker_kib = None
+        if docker:
+            names = [f"berth-bench-idle-{i}" for i in range(args.idle)]
+            for name in names:
+                check(["docker", "run", "-d", "--name", name, DOCKER_IMAGE, "sleep", "3600"])
+            time.sleep(1)
+            shims = set()
+            for name in names:
+                pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", name],
+                                     capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+                with open(f"/proc/{pid}/stat") as fh:
+                    shims.add(int(fh.read().rsplit(")", 1)[1].split()[1]))
+            docker_kib = sum(pss_kib(pid) for pid in shims) / args.idle
+            print(f"  docker (containerd-shim PSS)                    {docker_kib / 1024:6.2f} MiB")
+            subprocess.run(["docker", "rm", "-f", *names], capture_output=True, check=False)
+
+        print("Ratios (target):")
+        api = results["api_exit"][0] / results["runc"][0]
+        print(f"  API run-to-exit / bare runc run, p50       {api:5.2f}x   (<= 1.5x)")
+        if docker:
+            cli = results["cli"][0] / results["docker"][0]
+            cli_none = results["cli_none"][0] / results["docker"][0]
+            print(f"  berth-agent run --rm / docker run --rm, p50  {cli:5.2f}    (<= 0.20)")
+            print(f"  same with --network none, p50                {cli_none:5.2f}    (<= 0.20)")
+        print(f"  host memory per idle container               {berth_kib / 1024:5.2f} MiB (<= 2)")
+        if docker_kib:
+            print(f"  berth / docker idle memory                   {berth_kib / docker_kib:5.2f}")
+    finally:
+        from tests.agent.test_runtime_fixtures import cleanup_agent
+
+        cleanup_agent(agent)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if docker:
+            subprocess.run(["docker", "rmi", DOCKER_IMAGE], capture_output=True, check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
