@@ -189,6 +189,19 @@ class Snapshotter:
                 self.remove(key)
             raise
 
+    def ensure_mounted(self, key: str) -> Path:
+        """Re-mount an existing snapshot (after a reboot) from its own records.
+
+        Needs no image: the chain ids were recorded at ``prepare``, and the layers stay
+        while the snapshot exists, even if its image has been untagged since.
+        """
+        sdir = self._dir(key)
+        try:
+            meta = json.loads((sdir / "meta.json").read_text())
+        except FileNotFoundError:
+            raise NotFound(f"snapshot {key} not found", key=key) from None
+        return self._mount(sdir, meta)
+
     def _mount(self, sdir: Path, meta: dict[str, Any], lowers: list[Path] | None = None) -> Path:
         merged = sdir / "merged"
         if mount.is_mounted(merged):

@@ -462,3 +462,23 @@ def test_archive_symlink_pointing_outside_is_refused(agent: Agent) -> None:
         tar.addfile(link)
     with pytest.raises(InvalidArchive):
         agent.images.import_archive("acme", io.BytesIO(buf.getvalue()))
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo not installed")
+@pytest.mark.parametrize("fmt", ["docker", "oci"])
+def test_containers_image_tools_read_our_archives(agent: Agent, tmp_path: Path, fmt: str) -> None:
+    """skopeo uses containers/image, the library podman loads archives with."""
+    image = bootstrap_busybox(agent)
+    archive = tmp_path / "img.tar"
+    with open(archive, "wb") as out:
+        agent.images.save("acme", ["busybox"], out, fmt)
+    for transport in ("oci-archive", "docker-archive"):
+        target = tmp_path / f"copy-{transport}"
+        subprocess.run(
+            ["skopeo", "copy", "-q", f"{transport}:{archive}", f"dir:{target}"],
+            capture_output=True,
+            check=True,
+        )
+        manifest = json.loads((target / "manifest.json").read_text())
+        assert manifest["config"]["digest"] == image.config_digest
+        assert len(manifest["layers"]) == 1

@@ -93,6 +93,11 @@ def test_remount_after_unmount(agent: Agent) -> None:
         subprocess.run(["umount", str(rootfs)], check=True)
         rootfs = agent.snapshots.prepare("k", image)
         assert _sh(rootfs, "cat /root/note").stdout == "kept\n"
+        # Without the image (it may have been untagged since): from the snapshot's records.
+        subprocess.run(["umount", str(rootfs)], check=True)
+        agent.images.remove("library", "busybox")
+        assert agent.snapshots.ensure_mounted("k") == rootfs
+        assert _sh(rootfs, "cat /root/note").stdout == "kept\n"
     finally:
         agent.snapshots.remove("k")
 
