@@ -170,22 +170,34 @@ def test_network_none_has_only_loopback(node: Agent) -> None:
     assert interfaces == ["lo"]
 
 
-def test_a_container_that_fails_to_start_leaves_no_networking(node: Agent) -> None:
+def test_a_container_that_fails_to_be_created_leaves_no_networking(node: Agent) -> None:
     from runtime_agent.errors import AgentError
 
     node.networks.create("acme", "web")
-    with pytest.raises(AgentError):
-        node.containers.run(
-            ContainerSpec(
-                tenant="acme",
-                image="busybox",
-                command=("/no/such/program",),
-                networks=(NetworkAttachment("web"),),
-                auto_remove=True,
-            )
-        )
-    for info in node.containers.list_all():
-        node.containers.remove(info.tenant, info.id, force=True)
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", 0))  # noqa: S104 - a host process holding a port
+    holder.listen(1)
+    try:
+        failures = [
+            # fails after the network was attached (an unknown CDI device)
+            {"devices": ("example.com/gpu=none",)},
+            # fails inside attach (the host port is taken)
+            {"ports": (PortMapping(80, holder.getsockname()[1]),)},
+        ]
+        for extra in failures:
+            with pytest.raises(AgentError):
+                node.containers.create(
+                    ContainerSpec(
+                        tenant="acme",
+                        image="busybox",
+                        command=("true",),
+                        networks=(NetworkAttachment("web"),),
+                        **extra,  # type: ignore[arg-type]
+                    )
+                )
+    finally:
+        holder.close()
+    assert node.containers.list_all() == []
     assert node.networks.endpoints("acme") == []
     assert node.networks.inspect("acme", "web").containers == ()
     netns_dir = node.config.netns_dir
