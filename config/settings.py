@@ -211,6 +211,10 @@ BERTH_REGISTRY_URL = env_str("BERTH_REGISTRY_URL", f"http://{BERTH_REGISTRY_HOST
 BERTH_REGISTRY_SERVICE = env_str("BERTH_REGISTRY_SERVICE", "berth-registry")
 BERTH_REGISTRY_ISSUER = env_str("BERTH_REGISTRY_ISSUER", "berth")
 BERTH_REGISTRY_TOKEN_TTL = env_int("BERTH_REGISTRY_TOKEN_TTL", 300, minimum=30)
+CELERY_BEAT_SCHEDULE["registry-retention"] = {
+    "task": "registry.tasks.apply_retention_task",
+    "schedule": float(env_int("BERTH_REGISTRY_RETENTION_SECONDS", 3600, minimum=60)),
+}
 CELERY_BEAT_SCHEDULE.update(
     {
         "billing-sweep": {"task": "billing.tasks.sweep_billing_task", "schedule": 300.0},

@@ -5,6 +5,7 @@ docker (when an engine runs) and the node agent's distribution client."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -469,6 +470,25 @@ def test_bad_credentials_expired_tokens_and_bad_content_get_registry_errors(
         timeout=10,
     )
     assert bad.status_code == 400 and bad.json()["errors"][0]["code"] == "DIGEST_INVALID"
+
+    # An upload abandoned half-way (a client killed mid-push) is never a blob.
+    started = requests.post(
+        f"{reg.url}/v2/{tenant.slug}/x/blobs/uploads/", headers=bearer, timeout=10
+    )
+    upload = started.headers["Location"]
+    upload = upload if upload.startswith("http") else f"{reg.url}{upload}"
+    partial = requests.patch(
+        upload,
+        data=b"x" * 10000,
+        headers={**bearer, "Content-Type": "application/octet-stream"},
+        timeout=10,
+    )
+    assert partial.status_code == 202
+    half_digest = "sha256:" + hashlib.sha256(b"x" * 20000).hexdigest()
+    head = requests.head(
+        f"{reg.url}/v2/{tenant.slug}/x/blobs/{half_digest}", headers=bearer, timeout=10
+    )
+    assert head.status_code == 404
 
     # A manifest naming blobs the registry does not have: MANIFEST_BLOB_UNKNOWN.
     missing = "sha256:" + "1" * 64
