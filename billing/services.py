@@ -259,11 +259,26 @@ def change_seats(tenant: Tenant, seats: Any, *, actor: Actor, reason: str = "") 
     before = (tenant.plan.code, tenant.seats)
     tenant = tenant_services.change_plan(tenant, actor=actor, seats=seats, reason=reason)
     _append_ledger(
-        tenant, SeatLedgerEntry.Kind.SEATS_CHANGED, before=before, account=account, actor=actor
+        tenant,
+        SeatLedgerEntry.Kind.SEATS_CHANGED,
+        before=before,
+        account=account,
+        actor=actor,
+        note=reason,
     )
     if account.stripe_subscription_id:
         _schedule_sync(account)
     return tenant
+
+
+@transaction.atomic
+def add_seats(tenant: Tenant, count: Any, *, actor: Actor, reason: str = "") -> Tenant:
+    """Change the seat count by ``count`` (negative releases), read under the tenant lock so
+    concurrent additions all count."""
+    if isinstance(count, bool) or not isinstance(count, int) or count == 0:
+        raise InvalidInput("add must be a non-zero whole number", details={"field": "add"})
+    tenant = _lock_usage_then_tenant(tenant)
+    return change_seats(tenant, tenant.seats + count, actor=actor, reason=reason)
 
 
 @transaction.atomic
@@ -274,8 +289,7 @@ def add_seat_for_invitation(tenant: Tenant, *, actor: Actor, actor_role: str | N
     """
     if actor_role not in (Role.OWNER, Role.ADMIN, Role.BILLING):
         raise PermissionDenied("only owners, admins and billing members can buy seats")
-    tenant = _lock_usage_then_tenant(tenant)
-    return change_seats(tenant, tenant.seats + 1, actor=actor, reason="seat bought for invitation")
+    return add_seats(tenant, 1, actor=actor, reason="seat bought for invitation")
 
 
 @transaction.atomic

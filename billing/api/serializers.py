@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from rest_framework import serializers
 
@@ -10,7 +12,22 @@ from tenants.api.serializers import StrictSerializer
 
 
 class SeatsSerializer(StrictSerializer):
-    seats = serializers.IntegerField(min_value=1, max_value=settings.BILLING_MAX_SEATS)
+    """Either ``seats`` (the new total) or ``add`` (a relative change, e.g. +1 to invite
+    one more member; concurrent additions all count)."""
+
+    seats = serializers.IntegerField(
+        min_value=1, max_value=settings.BILLING_MAX_SEATS, required=False
+    )
+    add = serializers.IntegerField(
+        min_value=-settings.BILLING_MAX_SEATS, max_value=settings.BILLING_MAX_SEATS, required=False
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if ("seats" in attrs) == ("add" in attrs):
+            raise serializers.ValidationError({"seats": ["Give either seats or add."]})
+        if attrs.get("add") == 0:
+            raise serializers.ValidationError({"add": ["Must not be zero."]})
+        return attrs
 
 
 class PlanChangeSerializer(StrictSerializer):

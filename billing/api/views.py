@@ -98,13 +98,18 @@ class PlanView(BillingView):
 
 
 class SeatsView(BillingView):
-    """POST {seats}: buy or release seats; Stripe's quantity follows with proration."""
+    """POST {seats} or {add}: buy or release seats; Stripe's quantity follows, prorated."""
 
     @extend_schema(request=SeatsSerializer, responses=BillingSummarySerializer)
     def post(self, request: Request, tenant_slug: str) -> Response:
         body = SeatsSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        tenant = services.change_seats(self.tenant, body.validated_data["seats"], actor=self.actor)
+        if "add" in body.validated_data:
+            tenant = services.add_seats(self.tenant, body.validated_data["add"], actor=self.actor)
+        else:
+            tenant = services.change_seats(
+                self.tenant, body.validated_data["seats"], actor=self.actor
+            )
         return Response(BillingSummarySerializer(_summary(tenant)).data)
 
 

@@ -170,3 +170,13 @@ def test_checkout_portal_invoices_and_upcoming(
     assert again.json()["error"]["code"] == "already_subscribed"
     portal = owner_client.post(f"{BASE}/portal/", {}, format="json")
     assert portal.status_code == 201 and portal.json()["url"].startswith(f"{localstripe}/portal/")
+
+
+def test_relative_seat_changes(owner_client: Any, stripe_settings: Any) -> None:
+    assert owner_client.post(f"{BASE}/seats/", {"add": 2}, format="json").json()["seats"] == 6
+    assert owner_client.post(f"{BASE}/seats/", {"add": -1}, format="json").json()["seats"] == 5
+    for body in ({"add": 0}, {"seats": 5, "add": 1}, {"add": -10}):
+        response = owner_client.post(f"{BASE}/seats/", body, format="json")
+        assert response.status_code == 400, body
+        assert response.json()["error"]["code"]
+    assert owner_client.get(f"{BASE}/").json()["seats"] == 5

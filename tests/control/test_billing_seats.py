@@ -184,3 +184,42 @@ def test_seat_reduction_racing_reservations_never_leaves_usage_above_quota() -> 
         assert used <= 50
     else:
         assert isinstance(results[0], services.DowngradeBlocked)
+
+
+def test_inviting_beyond_the_seats_buys_one_when_the_role_allows(
+    make_tenant: Callable[..., Any], add_member: Callable[..., Any]
+) -> None:
+    tenant, _ = make_tenant("acme", plan="team", seats=2)
+    add_member(tenant, Role.DEVELOPER)
+    with pytest.raises(SeatLimitReached):
+        tenant_services.invite_member(
+            tenant, "new@acme.example", Role.DEVELOPER, actor=ACTOR, actor_role=Role.OWNER
+        )
+    with pytest.raises(tenant_services.PermissionDenied):
+        services.add_seat_for_invitation(tenant, actor=ACTOR, actor_role=Role.DEVELOPER)
+
+    services.add_seat_for_invitation(tenant, actor=ACTOR, actor_role=Role.OWNER)
+    tenant_services.invite_member(
+        tenant, "new@acme.example", Role.DEVELOPER, actor=ACTOR, actor_role=Role.OWNER
+    )
+    tenant.refresh_from_db()
+    assert tenant.seats == 3
+    entry = SeatLedgerEntry.objects.get(tenant=tenant)
+    assert (entry.previous_seats, entry.seats, entry.note) == (2, 3, "seat bought for invitation")
+
+
+def test_removing_a_member_releases_the_unused_seat(
+    make_tenant: Callable[..., Any], add_member: Callable[..., Any]
+) -> None:
+    tenant, _ = make_tenant("acme", plan="team", seats=4)
+    add_member(tenant, Role.DEVELOPER)
+    viewer = add_member(tenant, Role.VIEWER)
+    membership = tenant.memberships.get(user=viewer)
+    tenant_services.remove_member(membership, actor=ACTOR, actor_role=Role.OWNER)
+
+    tenant = services.release_seat_after_removal(tenant, actor=ACTOR)
+    assert tenant.seats == 3
+    tenant = services.release_seat_after_removal(tenant, actor=ACTOR)
+    assert tenant.seats == 2  # two members left, and Team's minimum is 2
+    tenant = services.release_seat_after_removal(tenant, actor=ACTOR)
+    assert tenant.seats == 2

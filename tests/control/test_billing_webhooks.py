@@ -201,3 +201,25 @@ def test_malformed_bodies_get_clear_errors(client: Client, stripe_settings: Any,
     assert response.json()["error"]["code"] == "invalid"
     assert client.get("/billing/stripe/webhook").status_code == 405
     assert not StripeEvent.objects.exists()
+
+
+def test_trial_will_end_is_noted_and_audited(
+    client: Client,
+    subscribed: tuple[Tenant, BillingAccount],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    tenant, account = subscribed
+    trial_end = int(time.time()) + 3 * 86400
+    payload = make_event(
+        "customer.subscription.trial_will_end",
+        dict(subscription(3, status="trialing"), trial_end=trial_end),
+        created=int(time.time()),
+        event_id="evt_trial",
+    )
+    deliver(client, django_capture_on_commit_callbacks, payload)
+    account.refresh_from_db()
+    assert account.trial_ends_at is not None
+    assert int(account.trial_ends_at.timestamp()) == trial_end
+    from tenants.models import AuditLog
+
+    assert AuditLog.objects.filter(tenant=tenant, action="billing.trial_will_end").exists()
