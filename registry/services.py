@@ -341,6 +341,13 @@ def record_events(envelope: Mapping[str, Any]) -> dict[str, int]:
     return counts
 
 
+def _parse_time(value: Any) -> datetime | None:
+    try:
+        return parse_datetime(str(value)) if value else None
+    except ValueError:
+        return None
+
+
 def _target_size(target: Mapping[str, Any]) -> int:
     return int(target.get("size") or target.get("length") or 0)
 
@@ -360,9 +367,7 @@ def record_event(event: Mapping[str, Any]) -> str:
         media_type=str(target.get("mediaType") or "")[:255],
         size=_target_size(target) or None,
         actor=str((event.get("actor") or {}).get("name") or "")[:200],
-        occurred_at=parse_datetime(str(event.get("timestamp") or ""))
-        if event.get("timestamp")
-        else None,
+        occurred_at=_parse_time(event.get("timestamp")),
     )
     try:
         with transaction.atomic():
