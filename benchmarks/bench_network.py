@@ -3,6 +3,8 @@
     sudo .venv/bin/python benchmarks/bench_network.py [--starts 40] [--bytes 2000000000]
 
 Start cost (target: networking adds <= 10 ms at p50):
+  * a whole container start through the agent (``agent.containers.run``, runc + conmon)
+    with ``--network none`` versus a Berth network;
   * ``attach`` alone: netns + veth into the tenant bridge + address/route + DNS record,
     then ``detach`` (timed separately, it is not on the start path);
   * ``runc run /bin/true`` in a busybox bundle, with runc making an empty netns
@@ -32,9 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from runtime_agent.agent import Agent
 from runtime_agent.config import AgentConfig
 from runtime_agent.network import NetworkManager
-from runtime_agent.protocol import NetworkAttachment
+from runtime_agent.protocol import ContainerSpec, NetworkAttachment
 
 BLAST_C = r"""
 #include <arpa/inet.h>
@@ -199,6 +202,34 @@ def main() -> int:
             berth_ms.append(attach + time_runc(work / "bundle", spec, runc_root, setup.netns_path))
             net.detach("bench", container)
 
+        # -- full container start through the agent (ContainerManager), none vs bridge
+        agent_none: list[float] = []
+        agent_bridge: list[float] = []
+        agent = Agent(config)
+        agent.__dict__["networks"] = net  # the benchmark's pool and DNS settings
+        try:
+            from runtime_agent.images.bootstrap import bootstrap_busybox
+
+            bootstrap_busybox(agent)
+            for _ in range(args.starts // 2):
+                for mode, bucket in (("none", agent_none), ("bridge", agent_bridge)):
+                    spec = ContainerSpec(
+                        tenant="bench",
+                        image="busybox",
+                        command=("sleep", "30"),
+                        network_mode=mode,  # type: ignore[arg-type]
+                        networks=(NetworkAttachment("bench"),) if mode == "bridge" else (),
+                    )
+                    t0 = time.perf_counter()
+                    info = agent.containers.run(spec)
+                    bucket.append((time.perf_counter() - t0) * 1000)
+                    agent.containers.remove("bench", info.id, force=True)
+        finally:
+            for info in agent.containers.list_all():
+                agent.containers.remove(info.tenant, info.id, force=True)
+            agent.snapshots.remove_all_mounts()
+            agent.containers.cgroups.remove_all()
+
         # -- docker start, none vs bridge
         docker_none: list[float] = []
         docker_bridge: list[float] = []
@@ -288,6 +319,10 @@ def main() -> int:
         print(f"  runc run true, berth network (attach+run) {fmt(berth_ms)}")
         added = pct(berth_ms, 50) - pct(none_ms, 50)
         print(f"  => berth networking adds {added:6.2f} ms at p50 over an empty netns")
+        print(f"  agent run (create+start), --network none  {fmt(agent_none)}")
+        print(f"  agent run (create+start), berth network   {fmt(agent_bridge)}")
+        aadded = pct(agent_bridge, 50) - pct(agent_none, 50)
+        print(f"  => through the agent, berth networking adds {aadded:6.2f} ms at p50")
         if have_docker:
             print(f"  docker run --network none                 {fmt(docker_none)}")
             print(f"  docker run --network bridge               {fmt(docker_bridge)}")
