@@ -167,9 +167,12 @@ class _ResumingBody:
         while True:
             try:
                 data = self.response.raw.read(size, decode_content=False)
-            except (requests.RequestException, OSError, Urllib3Error):
+            except (requests.RequestException, OSError, Urllib3Error) as exc:
                 if self.resumes >= MAX_RESUMES:
-                    raise
+                    raise RegistryError(
+                        f"blob {self.digest}: transfer failed after {self.offset} bytes "
+                        f"and {self.resumes} resumes: {exc}"
+                    ) from exc
                 data = None
             if data is None or (not data and self.size is not None and self.offset < self.size):
                 if self.resumes >= MAX_RESUMES:
