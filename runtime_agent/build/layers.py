@@ -319,3 +319,33 @@ def index_for(content: ContentStore, layers: Iterable[dict[str, Any]]) -> FsInde
     for layer in layers:
         index.apply_layer(content, layer["digest"])
     return index
+
+
+def supplementary_gids(
+    index: FsIndex, content: ContentStore, spec: str, uid: int, gid: int
+) -> list[int]:
+    """Docker's additional groups for ``USER spec``: the primary gid, then (when no group
+    is given explicitly) every /etc/group entry listing the user's name as a member."""
+    gids = [gid]
+    user, _, group = spec.partition(":")
+    if group:
+        return gids
+    name = user if user and not user.isdigit() else None
+    if name is None:
+        for line in (
+            (index.read_file(content, "/etc/passwd") or b"").decode(errors="replace").splitlines()
+        ):
+            fields = line.split(":")
+            if len(fields) >= 3 and fields[2] == str(uid):
+                name = fields[0]
+                break
+    if name is None:
+        return gids
+    for line in (
+        (index.read_file(content, "/etc/group") or b"").decode(errors="replace").splitlines()
+    ):
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[2].isdigit() and name in fields[3].split(","):
+            if int(fields[2]) not in gids:
+                gids.append(int(fields[2]))
+    return gids

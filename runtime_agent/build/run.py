@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime_agent.build.layers import FsIndex, index_for, lookup_ids
+from runtime_agent.build.layers import FsIndex, index_for, lookup_ids, supplementary_gids
 from runtime_agent.build.steps import RunRequest, RunResult
 from runtime_agent.errors import AgentError
 from runtime_agent.images import media
@@ -114,8 +114,6 @@ class ContainerStepRunner:
 
     def _user(self, request: RunRequest) -> tuple[int, int, list[int]]:
         """USER resolved against the image's passwd/group (as docker does at run time)."""
-        if not request.user:
-            return 0, 0, []
         key = tuple(layer["digest"] for layer in request.layers)
         index = self._indexes.get(key)
         if index is None:
@@ -123,8 +121,9 @@ class ContainerStepRunner:
             if len(self._indexes) >= 16:
                 self._indexes.pop(next(iter(self._indexes)))
             self._indexes[key] = index
-        uid, gid = lookup_ids(index, self.agent.content, request.user, where="USER")
-        return uid, gid, []
+        spec = request.user or "0"
+        uid, gid = lookup_ids(index, self.agent.content, spec, where="USER")
+        return uid, gid, supplementary_gids(index, self.agent.content, spec, uid, gid)
 
     def _spec(
         self,

@@ -128,12 +128,15 @@ def corpus_context(case: str, dest: Path) -> tuple[Path, dict[str, Any]]:
     import json
     import os
 
-    shutil.copytree(CORPUS / case, dest)
+    shutil.copytree(CORPUS / case, dest, symlinks=True)
     for dirpath, _dirnames, filenames in os.walk(dest):
         os.chmod(dirpath, 0o755)  # noqa: S103
         for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o644)
+            if not os.path.islink(os.path.join(dirpath, name)):
+                os.chmod(os.path.join(dirpath, name), 0o644)
     expected = json.loads((dest / "expected.json").read_text())
+    for name, mode in expected.get("modes", {}).items():
+        os.chmod(dest / name, int(mode, 8))
     return dest, expected
 
 
