@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -75,35 +76,51 @@ def _enqueue(pk: int) -> None:
 
 
 def process_event(pk: int) -> str:
-    """Run the handler of one stored event once. StripeUnavailable propagates (retry)."""
-    with transaction.atomic():
-        event = StripeEvent.objects.select_for_update().get(pk=pk)
-        if event.status in (StripeEvent.Status.PROCESSED, StripeEvent.Status.IGNORED):
-            return f"already {event.status}"
-        event.attempts += 1
-        event.save(update_fields=["attempts"])
-    handler = HANDLERS.get(event.type)
-    if handler is None:
-        return _finish(event, StripeEvent.Status.IGNORED, f"no handler for {event.type}")
-    obj = event.payload.get("data", {}).get("object", {})
+    """Run the handler of one stored event, exactly once.
+
+    The event row stays locked while its handler runs, so two workers given the same event
+    (a redelivered message, the sweep) never run it twice: the second skips it. A handler's
+    writes commit together with the event's new status. ``StripeUnavailable`` propagates
+    (the task retries); any other error marks the event ``failed``.
+    """
     try:
-        result = handler(event, obj)
-    except NotFound as exc:
-        return _finish(event, StripeEvent.Status.IGNORED, exc.message)
-    except stripe_api.StripeUnavailable:
+        with transaction.atomic():
+            event = StripeEvent.objects.select_for_update(skip_locked=True).filter(pk=pk).first()
+            if event is None:
+                return "being processed by another worker"
+            if event.status in (StripeEvent.Status.PROCESSED, StripeEvent.Status.IGNORED):
+                return f"already {event.status}"
+            status, result = _run_handler(event)
+            _finish(pk, status, result)
+            return result
+    except stripe_api.StripeUnavailable as exc:
+        _finish(pk, StripeEvent.Status.PENDING, f"Stripe unavailable, will retry: {exc}")
         raise
     except Exception as exc:
-        log.exception("Stripe event %s (%s) failed", event.stripe_id, event.type)
-        _finish(event, StripeEvent.Status.FAILED, f"{type(exc).__name__}: {exc}")
+        log.exception("Stripe event %s failed", pk)
+        _finish(pk, StripeEvent.Status.FAILED, f"{type(exc).__name__}: {exc}")
         raise
-    return _finish(event, StripeEvent.Status.PROCESSED, result)
 
 
-def _finish(event: StripeEvent, status: str, result: str) -> str:
-    StripeEvent.objects.filter(pk=event.pk).update(
-        status=status, result=result[:500], processed_at=timezone.now()
+def _run_handler(event: StripeEvent) -> tuple[str, str]:
+    handler = HANDLERS.get(event.type)
+    if handler is None:
+        return StripeEvent.Status.IGNORED, f"no handler for {event.type}"
+    obj = event.payload.get("data", {}).get("object", {})
+    try:
+        with transaction.atomic():
+            return StripeEvent.Status.PROCESSED, handler(event, obj)
+    except NotFound as exc:
+        return StripeEvent.Status.IGNORED, exc.message
+
+
+def _finish(pk: int, status: str, result: str) -> None:
+    StripeEvent.objects.filter(pk=pk).update(
+        status=status,
+        result=result[:500],
+        attempts=F("attempts") + 1,
+        processed_at=timezone.now() if status != StripeEvent.Status.PENDING else None,
     )
-    return result
 
 
 def _account(obj: dict[str, Any]) -> BillingAccount:

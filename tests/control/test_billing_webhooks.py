@@ -223,3 +223,97 @@ def test_trial_will_end_is_noted_and_audited(
     from tenants.models import AuditLog
 
     assert AuditLog.objects.filter(tenant=tenant, action="billing.trial_will_end").exists()
+
+
+def test_stripe_outage_while_processing_keeps_the_event_pending(
+    client: Client,
+    subscribed: tuple[Tenant, BillingAccount],
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    from billing import stripe_api, webhooks
+
+    session = {
+        "id": "cs_1",
+        "object": "checkout.session",
+        "mode": "subscription",
+        "customer": "cus_acme",
+        "subscription": "sub_new",
+    }
+    payload = make_event(
+        "checkout.session.completed", session, created=int(time.time()), event_id="evt_cs"
+    )
+    response = post_event(client, payload)  # stored; the task is not run here
+    assert response.status_code == 200
+    event = StripeEvent.objects.get(stripe_id="evt_cs")
+
+    with pytest.raises(stripe_api.StripeUnavailable):  # Stripe is down (stripe_settings)
+        webhooks.process_event(event.pk)
+
+    event.refresh_from_db()
+    assert (event.status, event.attempts) == ("pending", 1)
+    assert event.result.startswith("Stripe unavailable")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_workers_run_an_event_once(stripe_settings: Any) -> None:
+    import threading
+    from datetime import UTC, datetime
+
+    from django.db import connection
+
+    from billing import webhooks
+    from tests.control.conftest import seed_plans
+
+    seed_plans()
+    tenant, _ = services.tenant_services.create_tenant(
+        slug="race",
+        owner_email="o@race.example",
+        plan_code="team",
+        seats=2,
+        actor=services.BILLING_ACTOR,
+    )
+    account = services.account_for(tenant)
+    account.stripe_customer_id = "cus_race"
+    account.save()
+    now = int(time.time())
+    event = StripeEvent.objects.create(
+        stripe_id="evt_race",
+        type="invoice.payment_failed",
+        created=datetime.fromtimestamp(now, tz=UTC),
+        payload=json.loads(
+            make_event(
+                "invoice.payment_failed",
+                {"id": "in_1", "customer": "cus_race"},
+                created=now,
+                event_id="evt_race",
+            )
+        ),
+    )
+    n = 6
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[i] = webhooks.process_event(event.pk)
+        except Exception as exc:
+            results[i] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    assert results.count("past_due") == 1
+    assert all(
+        r in ("past_due", "already processed", "being processed by another worker") for r in results
+    )
+    event.refresh_from_db()
+    assert (event.status, event.attempts) == ("processed", 1)
+    from tenants.models import AuditLog
+
+    assert AuditLog.objects.filter(tenant=tenant, action="billing.past_due").count() == 1
