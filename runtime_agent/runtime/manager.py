@@ -189,8 +189,7 @@ class ContainerManager:
                 fresh.oom_killed = oom
                 fresh.finished_at = _iso(finished)
                 fresh.pid = 0
-                self.runc.delete(fresh.runc_id)
-                self.store.save(fresh)
+                self.store.save(fresh)  # runc's state goes at the next start or at rm
             return fresh
 
     @staticmethod
