@@ -102,11 +102,11 @@ def main() -> int:
     results: dict[str, tuple[float, float]] = {}
     try:
         rootfs_tar = scratch / "rootfs.tar"
-        with open(rootfs_tar, "wb") as fh:
-            busybox_rootfs_tar(find_busybox(), fh)
+        with open(rootfs_tar, "wb") as out:
+            busybox_rootfs_tar(find_busybox(), out)
         if docker:
-            with open(rootfs_tar, "rb") as fh:
-                subprocess.run(["docker", "import", "-", DOCKER_IMAGE], stdin=fh,
+            with open(rootfs_tar, "rb") as tar_in:
+                subprocess.run(["docker", "import", "-", DOCKER_IMAGE], stdin=tar_in,
                                capture_output=True, check=True)  # fmt: skip
 
         # Bare runc: a default `runc spec` bundle on the same rootfs.
@@ -216,8 +216,8 @@ def main() -> int:
                     ["docker", "inspect", "-f", "{{.State.Pid}}", name],
                     capture_output=True, text=True, check=True,
                 ).stdout.strip()  # fmt: skip
-                with open(f"/proc/{pid}/stat") as fh:
-                    shims.add(int(fh.read().rsplit(")", 1)[1].split()[1]))
+                with open(f"/proc/{pid}/stat") as stat_file:
+                    shims.add(int(stat_file.read().rsplit(")", 1)[1].split()[1]))
             docker_kib = sum(pss_kib(pid) for pid in shims) / args.idle
             print(f"  docker (containerd-shim PSS)                    {docker_kib / 1024:6.2f} MiB")
             subprocess.run(["docker", "rm", "-f", *names], capture_output=True, check=False)
