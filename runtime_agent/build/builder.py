@@ -448,7 +448,15 @@ class Builder:
                 self._emit(job, BuildEvent("step", instr.original.strip(), step, job.total, label))
             else:
                 self._emit(job, BuildEvent("output", f"# Executing ONBUILD {instr.original}\n"))
-            state = self._step(job, stage, state, args, instr)
+            try:
+                state = self._step(job, stage, state, args, instr)
+            except BuildFailed:
+                raise
+            except AgentError as exc:
+                if str(exc).startswith(instr.filename):
+                    raise
+                # e.g. an unbalanced quote found while expanding: say where it is
+                raise type(exc)(f"{instr.where}: {exc}", **exc.details) from exc
             self._emit(job, BuildEvent("layer", stage=label, digest=state.id[7:19]))
         return state
 

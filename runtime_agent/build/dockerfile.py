@@ -241,13 +241,28 @@ def _validate(i: Instruction) -> None:
             raise i.error("requires NONE or CMD followed by a command")
 
 
+def _error_line(text: str, message: str) -> int | None:
+    """The parser's errors carry no line: find the first prefix of the file that fails
+    the same way (only runs on a syntax error)."""
+    lines = text.splitlines(keepends=True)
+    for end in range(1, len(lines) + 1):
+        try:
+            _bk.parse_string("".join(lines[:end]))
+        except _bk.GoParseError as exc:
+            if str(exc) == message:
+                return end
+    return None
+
+
 def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
     """Parse and validate a Dockerfile; raise ``InvalidArgument`` naming file and line."""
     escape = _escape_token(text)
     try:
         commands = _bk.parse_string(text)
     except _bk.GoParseError as exc:
-        raise InvalidArgument(f"{filename}: syntax error: {exc}") from exc
+        line = _error_line(text, str(exc))
+        where = f"{filename}:{line}" if line else filename
+        raise InvalidArgument(f"{where}: syntax error: {exc}", line=line) from exc
     meta_args: list[Instruction] = []
     stages: list[Stage] = []
     for cmd in commands:

@@ -270,3 +270,16 @@ def test_context_tar_with_escaping_member(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="escapes the context"):
         BuildContext.from_tar(stream, workdir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("FROM a\nRUN true\nRUN <<EOF\nnever closed\n", 3, "unterminated heredoc"),
+        ("FROM a\n\nENV lonely\n", 3, "ENV must have two arguments"),
+    ],
+)
+def test_parser_syntax_errors_get_a_line(text: str, line: int, message: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        df.parse(text, "Dockerfile")
+    assert f"Dockerfile:{line}: syntax error: {message}" in str(info.value)

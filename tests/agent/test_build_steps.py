@@ -442,3 +442,9 @@ def test_abandoned_build_is_cancelled_and_cleaned_up(agent: Agent, tmp_path: Pat
     with pytest.raises(NotFound):
         agent.images.resolve(T, "abandoned")
     assert list((agent.config.build_cache_dir / ".contexts").iterdir()) == []
+
+
+def test_expansion_errors_name_the_line(agent: Agent, tmp_path: Path) -> None:
+    ctx = write_context(tmp_path / "c", {"Dockerfile": 'FROM scratch\n\nENV A="unbalanced\n'})
+    with pytest.raises(InvalidArgument, match=r"Dockerfile:3: .*double-quote"):
+        build(agent, T, ctx)
