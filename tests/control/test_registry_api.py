@@ -242,3 +242,24 @@ def test_notification_endpoint_checks_secret_and_format(
     )
     assert ok.status_code == 200 and ok.json()["recorded"] == 1
     assert Repository.objects.filter(tenant=acme_repo, name="new").exists()
+
+
+def test_admin_pages_render(acme_repo: Tenant, admin_client: Any) -> None:
+    repo = Repository.objects.get(tenant=acme_repo, name="web")
+    manifest = Manifest.objects.filter(repository=repo).first()
+    assert manifest is not None
+    for url in (
+        "/admin/registry/repository/",
+        f"/admin/registry/repository/{repo.pk}/change/",
+        "/admin/registry/manifest/",
+        f"/admin/registry/manifest/{manifest.pk}/change/",
+        "/admin/registry/tag/",
+        "/admin/registry/registryusage/",
+        "/admin/registry/registryevent/",
+        "/admin/registry/nodecredential/",
+        "/admin/registry/garbagecollectionrun/",
+        "/admin/registry/blob/",
+    ):
+        response = admin_client.get(url)
+        assert response.status_code == 200, url
+    assert b"acme/web" in admin_client.get("/admin/registry/repository/").content
