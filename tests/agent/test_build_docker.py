@@ -175,3 +175,44 @@ def test_docker_saved_image_runs_under_berth(
 def _tar_names(data: bytes) -> list[str]:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         return tar.getnames()
+
+
+def test_add_url_matches_docker(agent: Agent, tmp_path: Path, docker_base: dict[str, Any]) -> None:
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "remote.txt").write_text("from the web\n")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, directory=str(www), **k)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/remote.txt"
+        ctx = tmp_path / "ctx"
+        ctx.mkdir()
+        (ctx / "Dockerfile").write_text(
+            "ARG BASE\nFROM $BASE\nARG URL\nADD $URL /dl/\nADD $URL /renamed.txt\n"
+        )
+        args = {"BASE": docker_base["base"], "URL": url}
+        tag = f"{docker_base['repo']}/add-url:latest"
+        _import(agent, T, docker_base["saved"].read_bytes())
+        cli_args = [f"--build-arg={k}={v}" for k, v in args.items()]
+        _docker("build", "--force-rm", "--network", "host", "-q", "-t", tag, *cli_args, str(ctx))
+        _import(agent, "dockerref", _docker("save", tag))
+        list(
+            agent.builder.build(T, ctx, tag=tag, build_args=args, limits=BuildLimits(network=None))
+        )
+        ours, theirs = image_tree(agent, T, tag), image_tree(agent, "dockerref", tag)
+        assert ours == theirs
+        assert ours["/dl/remote.txt"] == ("file", 0o600, 0, 0, "from the web\n")
+    finally:
+        server.shutdown()
+        server.server_close()
