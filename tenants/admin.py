@@ -14,6 +14,7 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
 from django.utils.html import format_html_join
 
 from tenants import services
@@ -65,6 +66,12 @@ class MembershipInline(admin.TabularInline):
         return False
 
 
+class SuspendForm(forms.Form):
+    reason = forms.CharField(
+        max_length=500, help_text="Recorded in the audit log and shown to the tenant."
+    )
+
+
 class TenantAdminForm(forms.ModelForm):
     change_reason = forms.CharField(
         required=False,
@@ -112,7 +119,7 @@ class TenantAdmin(admin.ModelAdmin):
         "created_at",
     )
     inlines = (QuotaOverrideInline, QuotaUsageInline, MembershipInline)
-    actions = ("reactivate_selected",)
+    actions = ("suspend_selected", "reactivate_selected")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
         return (
@@ -187,6 +194,25 @@ class TenantAdmin(admin.ModelAdmin):
             services.set_quota_override(
                 tenant, data["quota"], value, actor=_actor(request), reason=data.get("reason") or ""
             )
+
+    @admin.action(description="Suspend selected tenants…")
+    def suspend_selected(
+        self, request: HttpRequest, queryset: QuerySet[Tenant]
+    ) -> TemplateResponse | None:
+        """Ask for a reason on an intermediate page, then suspend through the service."""
+        form = SuspendForm(request.POST if "apply" in request.POST else None)
+        if form.is_valid():
+            for tenant in queryset:
+                services.suspend_tenant(
+                    tenant, reason=form.cleaned_data["reason"], actor=_actor(request)
+                )
+            self.message_user(request, f"Suspended {queryset.count()} tenant(s).", messages.SUCCESS)
+            return None
+        return TemplateResponse(
+            request,
+            "admin/tenants/tenant/suspend_selected.html",
+            {**self.admin_site.each_context(request), "tenants": queryset, "form": form},
+        )
 
     @admin.action(description="Reactivate selected tenants (reason: reactivated from the console)")
     def reactivate_selected(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:

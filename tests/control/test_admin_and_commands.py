@@ -141,3 +141,23 @@ def test_bootstrap_demo_is_idempotent_and_rotates_credentials(plans, capsys, cli
     assert client_for(new_token).get("/api/v1/tenants/demo/").status_code == 200
     user = User.objects.get(username=second["Login"].strip())
     assert user.check_password(second["Password"].strip())
+
+
+def test_admin_bulk_suspend_asks_for_a_reason(staff_client, acme, make_tenant) -> None:
+    tenant, _ = acme
+    other, _ = make_tenant("other")
+    picked = {"action": "suspend_selected", "_selected_action": [tenant.pk, other.pk]}
+    page = staff_client.post("/admin/tenants/tenant/", picked)
+    assert page.status_code == 200 and 'name="reason"' in page.content.decode()
+    assert not Tenant.objects.filter(status=TenantStatus.SUSPENDED).exists()
+    staff_client.post("/admin/tenants/tenant/", {**picked, "apply": "1", "reason": ""})
+    assert not Tenant.objects.filter(status=TenantStatus.SUSPENDED).exists()
+    staff_client.post("/admin/tenants/tenant/", {**picked, "apply": "1", "reason": "abuse"})
+    assert set(Tenant.objects.values_list("status_reason", flat=True)) == {"abuse"}
+    assert AuditLog.objects.filter(action="tenant.suspend").count() == 2
+    staff_client.post(
+        "/admin/tenants/tenant/",
+        {"action": "reactivate_selected", "_selected_action": [tenant.pk]},
+    )
+    tenant.refresh_from_db()
+    assert tenant.status == TenantStatus.ACTIVE
