@@ -263,3 +263,24 @@ def test_admin_pages_render(acme_repo: Tenant, admin_client: Any) -> None:
         response = admin_client.get(url)
         assert response.status_code == 200, url
     assert b"acme/web" in admin_client.get("/admin/registry/repository/").content
+
+
+def test_node_credential_command_prints_a_secret_that_authenticates(db: None) -> None:
+    import io
+
+    from django.core.management import call_command
+
+    from registry.errors import RegistryAuthError
+
+    out = io.StringIO()
+    call_command("registry_node_credential", "node-7", stdout=out)
+    secret = out.getvalue().strip()
+    assert secret.startswith("brn_")
+    principal = services.authenticate(("node-node-7", secret))
+    assert principal.kind == "node"
+    assert [a.actions for a in services.grant(principal, ["repository:any/thing:pull,push"])] == [
+        ("pull",)
+    ]
+    call_command("registry_node_credential", "node-7", "--revoke", stderr=io.StringIO())
+    with pytest.raises(RegistryAuthError):
+        services.authenticate(("node-node-7", secret))
