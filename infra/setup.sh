@@ -15,7 +15,7 @@ fi
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc git curl ca-certificates
   runc conmon busybox-static nftables iproute2 iptables e2fsprogs uidmap kmod
-  skopeo docker-registry docker.io zstd
+  skopeo docker-registry docker.io zstd gettext-base openssl
   redis-server postgresql postgresql-client
 )
 missing=()
