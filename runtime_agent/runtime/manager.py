@@ -33,6 +33,7 @@ from runtime_agent.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
 )
 from runtime_agent.runtime import state as st
 from runtime_agent.runtime.logs import LogEntry, follow_logs, read_logs
@@ -315,6 +316,7 @@ class ContainerManager:
             )
             record.volumes = [m.source for m in spec.mounts if m.kind == "volume"]
         self.cgroups.ensure_tenant(record.tenant)
+        self._check_tenant_caps(record.tenant, limits)
         netns_path: str | None = None
         resolv = hosts = None
         if spec.network_mode != "none":  # "none": runc makes a netns with only loopback
@@ -579,6 +581,31 @@ class ContainerManager:
 
     def _detach_network(self, record: ContainerRecord) -> None:
         self.agent.networks.detach(record.tenant, record.id)
+
+    # ------------------------------------------------------------------ tenant caps
+
+    def set_tenant_limits(self, tenant: str, limits: protocol.Limits) -> None:
+        """Caps for all of a tenant's containers together (its parent cgroup)."""
+        from runtime_agent.runtime.spec import validate_limits
+
+        validate_tenant(tenant)
+        validate_limits(limits)
+        self.cgroups.ensure_tenant(tenant, limits)
+
+    def _check_tenant_caps(self, tenant: str, limits: protocol.Limits) -> None:
+        """A container may not ask for more than its whole tenant is allowed."""
+        caps = self.cgroups.stats(tenant)
+        for what, asked, cap in (
+            ("memory", limits.memory_bytes, caps.memory_limit_bytes),
+            ("pids", limits.pids, caps.pids_limit),
+        ):
+            if asked is not None and cap is not None and asked > cap:
+                raise ResourceExhausted(
+                    f"{what} limit {asked} is above tenant {tenant!r}'s cap of {cap}",
+                    quota=what,
+                    limit=cap,
+                    requested=asked,
+                )
 
     # ------------------------------------------------------------------ queries
 

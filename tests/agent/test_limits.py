@@ -8,8 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from runtime_agent.agent import Agent
 from runtime_agent.cgroups import CGROUP_ROOT, is_unified
+from runtime_agent.errors import ResourceExhausted
 from runtime_agent.protocol import Limits
 from tests.agent.test_runtime_fixtures import needs_runtime, rt, spec, until
 
@@ -113,3 +116,16 @@ def test_container_sees_only_its_own_processes_hostname_and_files(rt: Agent) -> 
     assert "SEES-HOST-FILE" not in lines and "SEES-WORK" not in lines
     assert any(line.startswith("sh -c ps") for line in lines)
     assert Path(f"/proc/{c.inspect('default', other.id)['State']['Pid']}").exists()
+
+
+def test_tenant_wide_memory_cap_holds_and_bigger_requests_are_refused(rt: Agent) -> None:
+    c = rt.containers
+    c.set_tenant_limits("capped", Limits(memory_bytes=48 * MiB, pids=200))
+    with pytest.raises(ResourceExhausted, match="cap"):
+        c.create(spec("true", tenant="capped", limits=Limits(memory_bytes=64 * MiB)))
+    assert c.list("capped", all=True) == []
+    # No per-container limit: the tenant's cap is what stops the hog.
+    info = c.run(spec(["tail", "/dev/zero"], tenant="capped"))
+    assert c.wait("capped", info.id, timeout=60) == 137
+    assert c.inspect("capped", info.id)["State"]["OOMKilled"] is True
+    assert c.cgroups.stats("capped").memory_limit_bytes == 48 * MiB
