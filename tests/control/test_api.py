@@ -92,6 +92,13 @@ def test_oversize_body_is_413_and_writes_nothing(owner_token, client_for):
     assert APIToken.objects.count() == 1
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_unknown_api_url_is_json_404_even_in_debug(settings, debug):
+    settings.DEBUG = debug
+    response = APIClient().get(f"{V1}/tenants/acme/nothing-here/")
+    assert response.status_code == 404 and error_of(response)["code"] == "not_found"
+
+
 def test_unknown_route_and_wrong_method_use_error_format(owner_token, client_for):
     client = client_for(owner_token)
     response = client.get(f"{V1}/no-such-thing/")

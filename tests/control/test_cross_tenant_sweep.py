@@ -31,7 +31,9 @@ from tests.control.sweep_factories import FACTORIES
 
 pytestmark = [pytest.mark.django_db, pytest.mark.timeout(600)]
 
-SECRET_MARKERS = ("victim-corp", "secret-b", "31337")
+SECRET_MARKERS = ("victim-corp", "secret-b")
+#: The victim's memory use: no number in any response to the attacker may equal it.
+SECRET_USAGE = 31337
 WRITE_METHODS = ("post", "put", "patch", "delete")
 READ_METHODS = ("get", "options", "head")
 
@@ -137,7 +139,7 @@ def world(make_tenant, make_token) -> World:
     )
     populate(attacker, attacker_owner, "attacker")
     populate(victim, victim_owner, "secret-b")
-    services.reserve(victim, {"memory_mib": 31337}, actor=SYSTEM, reason="secret-b workload")
+    services.reserve(victim, {"memory_mib": SECRET_USAGE}, actor=SYSTEM, reason="secret-b workload")
     return World(
         attacker=attacker,
         attacker_owner=attacker_owner,
@@ -199,10 +201,37 @@ def send(client: APIClient, method: str, url: str) -> Any:
     return getattr(client, method)(url, {}, format="json")
 
 
+def numbers_in(value: Any) -> Iterator[int]:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from numbers_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from numbers_in(item)
+
+
 def assert_no_leak(response: Any, where: str) -> None:
     text = response.content.decode(errors="replace").lower()
     for marker in SECRET_MARKERS:
         assert marker not in text, f"{where} leaked {marker!r}: {text[:300]}"
+    if response.content and "json" in response.get("Content-Type", ""):
+        assert SECRET_USAGE not in set(numbers_in(response.json())), f"{where} leaked usage"
+
+
+def test_leak_detector_catches_victim_data(world: World) -> None:
+    """A platform admin may read the victim: the detector must flag what they see."""
+    staff = User.objects.create_user("root@berth.example", "root@berth.example", "x", is_staff=True)
+    client = APIClient()
+    client.force_login(staff)
+    for path in ("quotas/", "members/"):
+        response = client.get(f"/api/v1/tenants/{world.victim.slug}/{path}")
+        assert response.status_code == 200
+        with pytest.raises(AssertionError):
+            assert_no_leak(response, path)
 
 
 def test_sweep_finds_the_tenant_routes() -> None:
