@@ -24,10 +24,13 @@ from tests.registry_process import (
     RegistryProcess,
     busybox_layers,
     make_layer,
+    needs_registry,
     skopeo,
     start_registry,
     write_oci_layout,
 )
+
+pytestmark = needs_registry
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,13 @@ from tests.agent.test_runtime_fixtures import cleanup_agent, needs_runtime, spec
 from tests.registry_process import (
     RegistryProcess,
     busybox_layers,
+    needs_registry,
     skopeo,
     start_registry,
     write_oci_layout,
 )
 
-pytestmark = needs_runtime
+pytestmark = [*needs_runtime, needs_registry]
 
 
 @pytest.fixture

@@ -36,12 +36,13 @@ from tests.registry_process import (
     RegistryProcess,
     busybox_layers,
     make_layer,
+    needs_registry,
     skopeo,
     start_registry,
     write_oci_layout,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), needs_registry]
 
 
 @pytest.fixture(scope="module")
