@@ -22,7 +22,7 @@ import json
 import os
 import re
 import secrets
-import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterable
@@ -38,7 +38,7 @@ from runtime_agent.images.media import OCI_LAYER, open_uncompressed
 from runtime_agent.snapshots import mount
 from runtime_agent.snapshots.device import block_device_of
 from runtime_agent.snapshots.diff import write_layer
-from runtime_agent.snapshots.unpack import unpack_layer
+from runtime_agent.snapshots.unpack import remove_tree, unpack_layer
 
 if TYPE_CHECKING:
     from runtime_agent.images.store import Image
@@ -119,7 +119,7 @@ class Snapshotter:
                     raise
                 # Another prepare unpacked the same layer first; ours is redundant.
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
 
     # ----------------------------------------------------------------- snapshots
     def _dir(self, key: str) -> Path:
@@ -237,7 +237,7 @@ class Snapshotter:
         for name in ("upper", "work"):
             (rw / name).mkdir(exist_ok=True)
         if (rw / "lost+found").exists():
-            shutil.rmtree(rw / "lost+found", ignore_errors=True)
+            remove_tree(rw / "lost+found")
         return rw / "upper", rw / "work"
 
     def upper_dir(self, key: str) -> Path:
@@ -269,7 +269,12 @@ class Snapshotter:
         if not upper.is_dir():
             raise NotFound(f"snapshot {key} not found (or not mounted)", key=key)
         with self.content.writer() as writer:
-            write_layer(upper, writer)  # type: ignore[arg-type]
+            try:
+                write_layer(upper, writer)  # type: ignore[arg-type]
+            except RecursionError:
+                raise InvalidArgument(
+                    f"snapshot {key}: its directory tree is too deep to export as a layer"
+                ) from None
             digest, size = writer.commit()
         return {"mediaType": OCI_LAYER, "digest": digest, "size": size}
 
@@ -284,7 +289,7 @@ class Snapshotter:
             return
         for mount_point in sorted(mount.mounts_under(sdir), key=len, reverse=True):
             mount.unmount(Path(mount_point))
-        shutil.rmtree(sdir)
+        remove_tree(sdir)
 
     def remove_all_mounts(self) -> None:
         """Unmount every snapshot (agent shutdown in tests); keeps their contents."""
@@ -365,28 +370,37 @@ class Snapshotter:
                 if entry.name.startswith(".tmp-") and entry.stat().st_mtime > stale:
                     continue  # an unpack in progress
                 if entry.name.startswith(".tmp-") or entry.name not in keep_hex:
-                    shutil.rmtree(entry, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        remove_tree(entry)
                     if not entry.name.startswith(".tmp-"):
                         removed["layers"].append("sha256:" + entry.name)
         return removed
 
 
 def tree_size(path: Path) -> int:
-    """Apparent size of regular files under ``path``, hard links counted once."""
+    """Apparent size of regular files under ``path``, hard links counted once.
+
+    Iterative, so a tenant's very deep directory tree cannot exhaust the recursion
+    limit; parts deeper than PATH_MAX are not counted.
+    """
     seen: set[tuple[int, int]] = set()
     total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
+    pending = [str(path)]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
             try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
                 continue
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            if os.path.isfile(os.path.join(dirpath, name)) and not os.path.islink(
-                os.path.join(dirpath, name)
-            ):
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(entry.path)
+            elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
                 total += st.st_size
     return total
 

@@ -24,20 +24,24 @@ import contextlib
 import errno
 import hashlib
 import os
+import secrets
 import shutil
 import stat
+import subprocess
 import tarfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from runtime_agent.errors import InvalidArchive
+from runtime_agent.errors import AgentError, InvalidArchive, ResourceExhausted
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _XATTR_PAX_PREFIX = "SCHILY.xattr."
 _CHUNK = 1 << 20
+MAX_DEPTH = 1024  # path components; PATH_MAX (4096 bytes) allows at most ~2048
 
 
 @dataclass
@@ -71,8 +75,11 @@ def clean_member_path(name: str) -> list[str]:
     """Split an archive member name into safe components (empty list = the root).
 
     Leading slashes and ``.`` components are dropped; ``..`` is resolved lexically and
-    refused when it would leave the root.
+    refused when it would leave the root. Paths deeper than ``MAX_DEPTH`` are refused:
+    no real image needs them, and they would make each entry cost quadratic work.
     """
+    if name.count("/") > 4 * MAX_DEPTH:
+        raise InvalidArchive(f"archive entry {name[:80]!r}... is nested too deeply")
     parts: list[str] = []
     for part in name.split("/"):
         if part in ("", "."):
@@ -83,51 +90,95 @@ def clean_member_path(name: str) -> list[str]:
             parts.pop()
             continue
         parts.append(part)
+    if len(parts) > MAX_DEPTH:
+        raise InvalidArchive(
+            f"archive entry {name[:80]!r}... is nested {len(parts)} levels deep "
+            f"(at most {MAX_DEPTH})"
+        )
     return parts
 
 
 class _Tree:
-    """Confined operations on a directory tree, always relative to an open root fd."""
+    """Confined operations on a directory tree, always relative to an open root fd.
+
+    Directory fds are cached (least recently used first out, so a layer with a million
+    directories never runs out of descriptors); paths are walked iteratively, so depth
+    is unbounded too.
+    """
+
+    _CACHE_SIZE = 128
 
     def __init__(self, root: Path) -> None:
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        self._dir_cache: dict[tuple[str, ...], int] = {}
+        self._dir_cache: OrderedDict[tuple[str, ...], int] = OrderedDict()
+        self.trash = root.parent / f".{root.name}.trash-{secrets.token_hex(4)}"
+        self._trash_fd: int | None = None
+        self._trashed = 0
 
     def close(self) -> None:
         for fd in self._dir_cache.values():
             os.close(fd)
         self._dir_cache.clear()
         os.close(self.root_fd)
+        if self._trash_fd is not None:
+            os.close(self._trash_fd)
+            self._trash_fd = None
+            remove_tree(self.trash)
 
     def open_dir(self, parts: list[str], *, create: bool, name: str) -> int:
-        """fd of the directory ``parts`` (cached; do not close), creating missing ones."""
-        key = tuple(parts)
+        """fd of the directory ``parts`` (owned by the cache: do not close), creating
+        missing ones when ``create``. Valid until the next two ``open_dir`` calls."""
         if not parts:
             return self.root_fd
+        key = tuple(parts)
         cached = self._dir_cache.get(key)
         if cached is not None:
+            self._dir_cache.move_to_end(key)
             return cached
-        parent = self.open_dir(parts[:-1], create=create, name=name)
-        last = parts[-1]
+        # Tar order makes the parent the usual hit; otherwise walk from the root (depth
+        # is capped, so this stays linear in the path length).
+        depth = len(parts) - 1
+        current = self._dir_cache.get(key[:-1]) if depth else None
+        if current is None:
+            depth, current = 0, self.root_fd
+        owned = False
         try:
-            fd = os.open(last, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+            for index in range(depth, len(parts)):
+                child = self._open_child(current, parts, index, create=create, name=name)
+                if owned:
+                    os.close(current)
+                current, owned = child, True
+        except BaseException:
+            if owned:
+                os.close(current)
+            raise
+        self._dir_cache[key] = current
+        while len(self._dir_cache) > self._CACHE_SIZE:
+            _, old = self._dir_cache.popitem(last=False)
+            os.close(old)
+        return current
+
+    @staticmethod
+    def _open_child(parent: int, parts: list[str], index: int, *, create: bool, name: str) -> int:
+        component = parts[index]
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(component, flags, dir_fd=parent)
         except FileNotFoundError:
             if not create:
                 raise InvalidArchive(
-                    f"archive entry {name!r} refers to {'/'.join(parts)!r}, which is not "
-                    "in this layer"
+                    f"archive entry {name!r} refers to {'/'.join(parts[: index + 1])!r}, "
+                    "which is not in this layer"
                 ) from None
-            os.mkdir(last, 0o755, dir_fd=parent)
-            fd = os.open(last, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+            os.mkdir(component, 0o755, dir_fd=parent)
+            return os.open(component, flags, dir_fd=parent)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise InvalidArchive(
-                    f"archive entry {name!r} goes through {'/'.join(parts)!r}, which is "
-                    "not a directory (symlink escapes are refused)"
+                    f"archive entry {name!r} goes through {'/'.join(parts[: index + 1])!r}, "
+                    "which is not a directory (symlink escapes are refused)"
                 ) from None
             raise
-        self._dir_cache[key] = fd
-        return fd
 
     def forget(self, parts: list[str]) -> None:
         """Drop cached fds at or below ``parts`` (the directory was removed/replaced)."""
@@ -136,7 +187,11 @@ class _Tree:
             os.close(self._dir_cache.pop(key))
 
     def remove(self, parent_fd: int, parts: list[str]) -> None:
-        """Remove whatever is at ``parts`` (a file or a whole directory), if anything."""
+        """Remove whatever is at ``parts`` (a file or a whole directory), if anything.
+
+        A directory is moved out of the tree in O(1) and deleted after the unpack, so a
+        hostile archive's million-deep directory costs no recursion here.
+        """
         base = parts[-1]
         try:
             st = os.stat(base, dir_fd=parent_fd, follow_symlinks=False)
@@ -144,27 +199,28 @@ class _Tree:
             return
         if stat.S_ISDIR(st.st_mode):
             self.forget(parts)
-            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
-            try:
-                _rmtree_fd(fd)
-            finally:
-                os.close(fd)
-            os.rmdir(base, dir_fd=parent_fd)
+            if self._trash_fd is None:
+                self.trash.mkdir()
+                self._trash_fd = os.open(self.trash, os.O_RDONLY | os.O_DIRECTORY)
+            self._trashed += 1
+            os.rename(base, str(self._trashed), src_dir_fd=parent_fd, dst_dir_fd=self._trash_fd)
         else:
             os.unlink(base, dir_fd=parent_fd)
 
 
-def _rmtree_fd(dir_fd: int) -> None:
-    for entry in os.scandir(dir_fd):
-        if entry.is_dir(follow_symlinks=False):
-            fd = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-            try:
-                _rmtree_fd(fd)
-            finally:
-                os.close(fd)
-            os.rmdir(entry.name, dir_fd=dir_fd)
-        else:
-            os.unlink(entry.name, dir_fd=dir_fd)
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree of any depth; absent is fine.
+
+    ``shutil.rmtree`` recurses once per level (Python's recursion limit); a deeper tree,
+    which a tenant can create, goes to ``rm``, which walks it iteratively, and never
+    crosses into another mount.
+    """
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except RecursionError:
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False)
 
 
 def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
@@ -222,7 +278,10 @@ def unpack_layer(stream: IO[bytes], dest: Path) -> UnpackResult:
             raise InvalidArchive(f"layer is not a tar archive: {exc}") from exc
         with archive:
             for member in archive:
-                _unpack_member(archive, member, tree, result, dir_times)
+                try:
+                    _unpack_member(archive, member, tree, result, dir_times)
+                except OSError as exc:
+                    raise _os_error(member, exc) from exc
         reader.drain()
         for parts, member in reversed(dir_times):
             with contextlib.suppress(InvalidArchive, FileNotFoundError):
@@ -237,6 +296,13 @@ def unpack_layer(stream: IO[bytes], dest: Path) -> UnpackResult:
         tree.close()
     result.diff_id = "sha256:" + reader.hash.hexdigest()
     return result
+
+
+def _os_error(member: tarfile.TarInfo, exc: OSError) -> AgentError:
+    """What a failed filesystem call while unpacking means for the user."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"no space left while unpacking {member.name!r}")
+    return InvalidArchive(f"archive entry {member.name!r} cannot be unpacked: {exc.strerror}")
 
 
 def _unpack_member(
@@ -327,8 +393,3 @@ def _unpack_member(
     elif member.ischr() or member.isblk():
         result.skipped_devices.append("/".join(parts))
     # Other types (GNU volume headers, etc.) carry nothing for a root filesystem.
-
-
-def remove_tree(path: Path) -> None:
-    """rmtree that tolerates absence (for clean-up paths)."""
-    shutil.rmtree(path, ignore_errors=True)

@@ -17,7 +17,7 @@ import pytest
 from runtime_agent.agent import Agent
 from runtime_agent.errors import InvalidArchive
 from runtime_agent.images.media import OCI_LAYER
-from runtime_agent.snapshots.unpack import unpack_layer
+from runtime_agent.snapshots.unpack import remove_tree, unpack_layer
 
 pytestmark = pytest.mark.privileged
 
@@ -267,3 +267,48 @@ def test_layer_not_matching_its_diff_id_is_refused(agent: Agent) -> None:
     with pytest.raises(Exception, match="unpacks to"):
         agent.snapshots.prepare("c", image)
     assert agent.snapshots.list() == []
+
+
+def test_impossible_names_are_invalid_archive(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArchive, match="cannot be unpacked"):
+        unpack(tmp_path, make_tar(entry("x" * 300, data=b"long name")))
+    with pytest.raises(InvalidArchive, match="levels deep"):
+        unpack(tmp_path, make_tar(entry("/".join(["d"] * 3000) + "/f", data=b"deep")))
+    # Within the cap, deeper than PATH_MAX is fine: the walk is fd-relative.
+    deep = "/".join(["dd"] * 1023) + "/f"
+    assert len(deep) > 3000
+    dest = unpack(tmp_path, make_tar(entry(deep, data=b"deep")))
+    fd = os.open(dest, os.O_RDONLY)
+    try:
+        for _ in range(1023):
+            nfd = os.open("dd", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        assert os.stat("f", dir_fd=fd).st_size == 4
+    finally:
+        os.close(fd)
+    remove_tree(dest)
+    assert not dest.exists()
+
+
+def test_deep_directory_replaced_by_a_file(tmp_path: Path) -> None:
+    """Replacing a hostile, very deep directory neither recurses nor leaves trash."""
+    deep = "/".join(["d"] * 1000) + "/f"
+    dest = unpack(tmp_path, make_tar(entry(deep, data=b"deep"), entry("d", data=b"file now")))
+    assert (dest / "d").read_bytes() == b"file now"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
+
+
+def test_many_directories_do_not_exhaust_descriptors(tmp_path: Path) -> None:
+    import resource
+
+    count = 1500
+    data = make_tar(*[entry(f"d{i}/f", data=b"x") for i in range(count)])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))  # fewer fds than directories
+    try:
+        dest = unpack(tmp_path, data)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(os.listdir(dest)) == count
+    assert (dest / f"d{count - 1}" / "f").read_bytes() == b"x"
