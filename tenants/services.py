@@ -184,7 +184,12 @@ def get_or_create_user(email: str, *, password: str | None = None) -> tuple[User
         user.set_password(password)
     else:
         user.set_unusable_password()
-    user.save()
+    try:
+        with transaction.atomic():
+            user.save()
+    except IntegrityError:
+        # Created concurrently by another request: use that account.
+        return User.objects.get(email__iexact=email), False
     return user, True
 
 
@@ -499,6 +504,8 @@ def accept_invitation(key: str, user: User, *, actor: Actor) -> Membership:
     The user's email must be the invited one; the tenant must still have a free seat.
     """
     invitation = find_invitation(key)
+    # Lock order everywhere: tenant row first, then its invitations.
+    tenant = _lock_tenant(invitation.tenant)
     invitation = Invitation.objects.select_for_update().get(pk=invitation.pk)
     if invitation.state != "pending":
         raise InvitationInvalid(
@@ -509,7 +516,6 @@ def accept_invitation(key: str, user: User, *, actor: Actor) -> Membership:
             "this invitation was sent to another email address",
             details={"invited": invitation.email},
         )
-    tenant = _lock_tenant(invitation.tenant)
     ensure_active(tenant)
     if tenant.memberships.filter(user=user).exists():
         raise AlreadyMember(f"{user.email} is already a member of {tenant.slug}")
@@ -534,6 +540,7 @@ def accept_invitation(key: str, user: User, *, actor: Actor) -> Membership:
 
 @transaction.atomic
 def revoke_invitation(invitation: Invitation, *, actor: Actor) -> Invitation:
+    _lock_tenant(invitation.tenant)
     invitation = Invitation.objects.select_for_update().get(pk=invitation.pk)
     if invitation.state != "pending":
         raise InvitationInvalid(

@@ -12,8 +12,8 @@ import pytest
 from django.db import connection
 
 from tenants import services
-from tenants.errors import QuotaExceeded
-from tenants.models import QuotaUsage, Tenant
+from tenants.errors import QuotaExceeded, SeatLimitReached
+from tenants.models import Membership, QuotaUsage, Tenant
 from tests.control.conftest import SYSTEM, seed_plans
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -97,3 +97,25 @@ def test_parallel_release_of_one_reservation_happens_once() -> None:
     assert QuotaUsage.objects.get(tenant=tenant, quota="containers").used == 4
     keep.refresh_from_db()
     assert keep.released_at is None
+
+
+def test_parallel_invitation_acceptances_never_exceed_seats() -> None:
+    """Seats lowered after inviting: racing acceptances fill exactly the free seats."""
+    seed_plans()
+    tenant, _ = services.create_tenant(
+        slug="seats", owner_email="o@seats.example", plan_code="team", seats=9, actor=SYSTEM
+    )
+    keys, users = [], []
+    for i in range(8):
+        _, key = services.invite_member(
+            tenant, f"m{i}@seats.example", "viewer", actor=SYSTEM, actor_role=None
+        )
+        keys.append(key)
+        users.append(services.get_or_create_user(f"m{i}@seats.example")[0])
+    services.change_plan(tenant, seats=4, actor=SYSTEM)  # owner + 3 free seats
+    results = race(
+        lambda i: services.accept_invitation(keys[i], users[i], actor=SYSTEM), n=len(keys)
+    )
+    assert sum(not isinstance(r, Exception) for r in results) == 3
+    assert all(isinstance(r, SeatLimitReached) for r in results if isinstance(r, Exception))
+    assert Membership.objects.filter(tenant=tenant).count() == 4
