@@ -392,12 +392,18 @@ class QuotaView(TenantScopedAPIView):
 
 
 class TenantAuditLogViewSet(mixins.ListModelMixin, TenantScopedViewSet):
-    """The tenant's audit log, newest first (owners and admins)."""
+    """The tenant's audit log, newest first (owners and admins). ``?action=`` filters."""
 
     queryset = AuditLog.objects.select_related("actor_user", "actor_token")
     serializer_class = AuditLogSerializer
     read_permission = perms.AUDIT_VIEW
     write_permission = perms.AUDIT_VIEW
+
+    def get_queryset(self) -> QuerySet[AuditLog]:
+        queryset = super().get_queryset()
+        if action := self.request.query_params.get("action"):
+            queryset = queryset.filter(action=action)
+        return queryset
 
 
 class PlatformAuditLogViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):

@@ -161,3 +161,19 @@ def test_admin_bulk_suspend_asks_for_a_reason(staff_client, acme, make_tenant) -
     )
     tenant.refresh_from_db()
     assert tenant.status == TenantStatus.ACTIVE
+
+
+def test_bootstrap_demo_reactivates_a_suspended_demo(plans, capsys, client_for) -> None:
+    from tenants import services
+
+    call_command("bootstrap_demo")
+    services.suspend_tenant(
+        Tenant.objects.get(slug="demo"), reason="test", actor=services.Actor.for_system("t")
+    )
+    call_command("bootstrap_demo")
+    token = capsys.readouterr().out.strip().splitlines()[-2].split(":", 1)[1].strip()
+    assert Tenant.objects.get(slug="demo").status == TenantStatus.ACTIVE
+    response = client_for(token).post(
+        "/api/v1/tenants/demo/tokens/", {"name": "x", "scope": "read"}, format="json"
+    )
+    assert response.status_code == 201

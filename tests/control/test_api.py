@@ -373,6 +373,8 @@ def test_audit_log_visibility(acme, make_tenant, add_member, make_token, owner_t
     make_tenant("elsewhere")
     entries = client_for(owner_token).get(f"{V1}/tenants/acme/audit-log/").json()["results"]
     assert entries and {e["tenant"] for e in entries} == {"acme"}
+    only = client_for(owner_token).get(f"{V1}/tenants/acme/audit-log/?action=token.create")
+    assert [e["action"] for e in only.json()["results"]] == ["token.create"]
     dev = add_member(tenant, Role.DEVELOPER)
     assert (
         client_for(make_token(tenant, dev, "read")).get(f"{V1}/tenants/acme/audit-log/").status_code

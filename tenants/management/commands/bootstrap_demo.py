@@ -48,6 +48,10 @@ class Command(BaseCommand):
                 owner, _ = services.get_or_create_user(options["email"])
                 if not Membership.objects.filter(tenant=tenant, user=owner).exists():
                     Membership.objects.create(tenant=tenant, user=owner, role=Role.OWNER)
+            if not tenant.is_active:
+                # The demo must be usable after every start; say so instead of failing.
+                services.reactivate_tenant(tenant, reason="bootstrap_demo", actor=actor)
+                self.stderr.write(f"Reactivated the suspended demo tenant {tenant.slug}.")
             owner.set_password(password)
             owner.save(update_fields=["password"])
             for old in APIToken.objects.filter(
