@@ -149,6 +149,14 @@ def test_tenant_token_pushes_and_pulls_and_notifications_are_recorded(
     pulled = skopeo_pull(name, out, f"anyone:{token}")
     assert pulled.returncode == 0, pulled.stderr
     assert json.loads((out / "index.json").read_text())["manifests"][0]["digest"] == digest
+    # The registry only notifies what changes records (manifest pushes, deletes).
+    time.sleep(1)
+    actions = set(
+        RegistryEvent.objects.filter(repository__startswith=tenant.slug).values_list(
+            "action", "media_type"
+        )
+    )
+    assert actions == {("push", "application/vnd.oci.image.manifest.v1+json")}
 
 
 def test_another_tenants_token_is_refused_both_ways(
