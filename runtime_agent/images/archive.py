@@ -28,9 +28,9 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shlex
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
 from runtime_agent.content.store import parse_digest
-from runtime_agent.errors import AgentError, InvalidArchive, InvalidArgument
+from runtime_agent.errors import InvalidArchive, InvalidArgument
 from runtime_agent.images import media
 from runtime_agent.images.reference import parse_reference, validate_tenant
 from runtime_agent.snapshots.unpack import clean_member_path
@@ -52,39 +52,75 @@ _MAX_JSON = 16 << 20  # manifests and configs are small; refuse absurd ones
 # --------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _seekable_tar(store: ImageStore, fileobj: BinaryIO) -> Iterator[tarfile.TarFile]:
-    """Open an archive for random access, spooling a pipe to a temp file first.
+    """Open an archive for random access.
 
-    gzip/zstd-compressed archives are decompressed into the spool file.
+    An uncompressed regular file is read in place; a pipe, or a gzip/zstd-compressed
+    archive, is first spooled (decompressed) to a temporary file.
     """
+    head = fileobj.read(4)
+    kind = media.compression_of(head)
+    if kind == "none" and _is_seekable(fileobj):
+        fileobj.seek(0)
+        with _open_tar(fileobj) as tar:
+            yield tar
+        return
     spool_dir = store.content.ingest_dir
     spool_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=spool_dir) as spool:
-        head = fileobj.read(4)
-        kind = media.compression_of(head)
         source: IO[bytes] = _Prepend(head, fileobj)  # type: ignore[assignment]
         try:
             if kind == "gzip":
                 with gzip.GzipFile(fileobj=source, mode="rb") as gz:
                     shutil.copyfileobj(gz, spool, 1 << 20)
             elif kind == "zstd":
-                proc = subprocess.run(
-                    ["zstd", "-dcq"], input=source.read(), stdout=spool, check=False
-                )
-                if proc.returncode != 0:
-                    raise InvalidArchive("archive is not valid zstd data")
+                with media.open_uncompressed(_Rewound(head, fileobj)) as stream:  # type: ignore[arg-type]
+                    shutil.copyfileobj(stream, spool, 1 << 20)
             else:
                 shutil.copyfileobj(source, spool, 1 << 20)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            if isinstance(exc, AgentError):
-                raise
+        except (OSError, EOFError, gzip.BadGzipFile, InvalidArgument) as exc:
             raise InvalidArchive(f"archive cannot be decompressed: {exc}") from exc
         spool.seek(0)
-        try:
-            tar = tarfile.open(fileobj=spool, mode="r:")
-        except tarfile.TarError as exc:
-            raise InvalidArchive(f"not a tar archive: {exc}") from exc
-        with tar:
+        with _open_tar(spool) as tar:
             yield tar
+
+
+@contextlib.contextmanager
+def _open_tar(fileobj: IO[bytes]) -> Iterator[tarfile.TarFile]:
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r:")
+    except tarfile.TarError as exc:
+        raise InvalidArchive(f"not a tar archive: {exc}") from exc
+    with tar:
+        yield tar
+
+
+def _is_seekable(fileobj: BinaryIO) -> bool:
+    try:
+        return bool(fileobj.seekable()) and os.fstat(fileobj.fileno()).st_mode & 0o170000 == (
+            0o100000
+        )
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
+class _Rewound(io.RawIOBase):
+    """``_Prepend`` that also answers ``seek(0)`` once (what open_uncompressed does)."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._inner = _Prepend(head, rest)
+        self._head = head
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self._inner.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if (offset, whence) != (0, 0):
+            raise io.UnsupportedOperation("seek")
+        self._inner = _Prepend(self._head, self._inner._rest)
+        return 0
 
 
 class _Prepend(io.RawIOBase):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import secrets
 import shutil
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -482,3 +484,35 @@ def test_containers_image_tools_read_our_archives(agent: Agent, tmp_path: Path, 
         manifest = json.loads((target / "manifest.json").read_text())
         assert manifest["config"]["digest"] == image.config_digest
         assert len(manifest["layers"]) == 1
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd not installed")
+@pytest.mark.parametrize("packing", ["file", "pipe-gzip", "pipe-zstd"])
+def test_load_from_files_and_compressed_pipes(agent: Agent, tmp_path: Path, packing: str) -> None:
+    bootstrap_busybox(agent)
+    archive = _save(agent, "acme", ["busybox"], "docker")
+    if packing == "file":
+        (tmp_path / "a.tar").write_bytes(archive)
+        with open(tmp_path / "a.tar", "rb") as fh:
+            [image] = agent.images.import_archive("beta", fh)
+    else:
+        packed = (
+            gzip.compress(archive)
+            if packing == "pipe-gzip"
+            else subprocess.run(
+                ["zstd", "-q", "-c"], input=archive, capture_output=True, check=True
+            ).stdout
+        )
+        read_fd, write_fd = os.pipe()
+        writer = threading.Thread(target=_write_all, args=(write_fd, packed))
+        writer.start()
+        with os.fdopen(read_fd, "rb") as pipe:
+            [image] = agent.images.import_archive("beta", pipe)
+        writer.join()
+    assert image.reference == "busybox:latest"
+    assert list(agent.content.ingest_dir.iterdir()) == []
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
