@@ -100,6 +100,8 @@ class ContainerSpec:
     ports: tuple[PortMapping, ...] = ()
     devices: tuple[str, ...] = ()  # CDI names, e.g. "nvidia.com/gpu=0"
     privileged_caller: bool = False  # set only by operators/the agent itself, never tenants
+    # Container root = an unprivileged host uid range of the tenant (security.user_namespace_for).
+    user_namespace: bool = False
     auto_remove: bool = False
     stop_timeout: int = 10
     stop_signal: str | None = None  # None = the image's StopSignal or SIGTERM

@@ -150,6 +150,7 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         network_mode=network_mode,  # type: ignore[arg-type]
         networks=networks,
         auto_remove=args.rm,
+        user_namespace=args.userns == "private",
         stop_timeout=args.stop_timeout,
         stop_signal=args.stop_signal,
     )
@@ -425,6 +426,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostname", help="container host name")
     p.add_argument("-l", "--label", action="append", help="set metadata on a container")
     p.add_argument("--network", help="connect to a network (bridge, none or a network name)")
+    p.add_argument(
+        "--userns",
+        choices=("host", "private"),
+        default="host",
+        help="private: container root is an unprivileged host uid range of the tenant",
+    )
     p.add_argument("--stop-signal", help="signal to stop the container")
     p.add_argument("--stop-timeout", type=int, default=10, help="seconds before SIGKILL on stop")
     p.add_argument("image")

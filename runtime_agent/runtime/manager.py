@@ -290,6 +290,12 @@ class ContainerManager:
 
         directory = self.store.dir(record.tenant, record.id)
         rootfs = self.agent.snapshots.prepare(record.snapshot_key, image)
+        ids = None
+        if spec.user_namespace:
+            from runtime_agent.runtime.security import ensure_traversable, user_namespace_for
+
+            ids = user_namespace_for(self.agent, record.tenant, record.snapshot_key)
+            ensure_traversable(directory)
         hostname = spec.hostname or record.id[:12]
         process = oci.merge_image_config(spec, image.container_config, hostname)
         user = oci.lookup_user(rootfs, process.user)
@@ -313,6 +319,8 @@ class ContainerManager:
                 spec.mounts,
                 privileged_caller=spec.privileged_caller,
                 container_id=record.id,
+                user_namespace=ids,
+                idmap_dir=directory / "idmap" if ids is not None else None,
             )
             record.volumes = [m.source for m in spec.mounts if m.kind == "volume"]
         self.cgroups.ensure_tenant(record.tenant)
@@ -368,7 +376,7 @@ class ContainerManager:
             from runtime_agent.devices.cdi import CDIRegistry
 
             CDIRegistry().apply(config, list(spec.devices))
-        apply_security_defaults(config, read_only_rootfs=spec.read_only_rootfs)
+        apply_security_defaults(config, read_only_rootfs=spec.read_only_rootfs, user_namespace=ids)
         (directory / "config.json").write_text(json.dumps(config))
         record.args = process.args
         record.env = process.env
@@ -411,6 +419,10 @@ class ContainerManager:
         if not is_mounted(rootfs):  # after a reboot: mount the snapshot again
             image = self.agent.images.resolve(record.tenant, record.image_id)
             self.agent.snapshots.prepare(record.snapshot_key, image)
+            if record.spec.get("user_namespace"):
+                from runtime_agent.runtime.security import user_namespace_for
+
+                user_namespace_for(self.agent, record.tenant, record.snapshot_key)
         policy, _ = record.restart_policy
         hook = None
         if policy != "no" or (record.auto_remove and watch_exit):
@@ -570,6 +582,9 @@ class ContainerManager:
         if record.network is not None:
             attempt(self._detach_network, record)
         if record.volumes or record.spec.get("mounts"):
+            idmap_dir = self.store.dir(record.tenant, record.id) / "idmap"
+            if idmap_dir.exists():  # user-namespaced volume views, kept until rm
+                attempt(self.agent.volumes.release_idmapped_views, idmap_dir)
             attempt(self.agent.volumes.release, record.tenant, record.id)
         attempt(self.agent.snapshots.remove, record.snapshot_key)
         socket_dir = self.config.run_root / "conmon" / record.runc_id

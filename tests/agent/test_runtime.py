@@ -272,3 +272,18 @@ def test_always_restarts_until_stopped(rt: Agent) -> None:
     data = c.inspect("default", info.id)
     assert data["State"]["Status"] == "exited"
     assert data["RestartCount"] == count
+
+
+def test_user_namespace_makes_container_root_an_unprivileged_host_user(rt: Agent) -> None:
+    c = rt.containers
+    info = c.run(spec("id -u; touch /rootfs-write && echo wrote; sleep 300", user_namespace=True))
+    until(lambda: len(list(c.logs("default", info.id))) >= 2)
+    assert [e.line for e in c.logs("default", info.id)] == [b"0", b"wrote"]
+    pid = c.inspect("default", info.id)["State"]["Pid"]
+    with open(f"/proc/{pid}/status") as fh:
+        uid_line = next(line for line in fh if line.startswith("Uid:"))
+    host_uid = int(uid_line.split()[1])
+    assert host_uid >= 100000  # not host root
+    assert c.exec_capture("default", info.id, ["id", "-u"]) == (0, b"0\n")
+    c.remove("default", info.id, force=True)
+    assert leftovers(rt, "default", info.id) == []
