@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import json
 import os
@@ -242,11 +243,11 @@ class ImageStore:
         raise NotFound(f"No such image: {ref}", reference=ref, tenant=tenant)
 
     def _with_tags(self, image: Image, refs: dict[str, str]) -> Image:
+        """The image with every reference of its namespace that points at it."""
         tags = sorted(
-            k for k, v in refs.items() if v == image.manifest_digest or (k == image.reference)
+            k for k, v in refs.items() if v == image.manifest_digest or k == image.reference
         )
-        object.__setattr__(image, "repo_tags", tags)
-        return image
+        return dataclasses.replace(image, repo_tags=tags)
 
     def _match_id(self, namespaces: Sequence[str], text: str) -> Image | None:
         """Look ``text`` up as an image id (config digest) or manifest digest, or a prefix."""
