@@ -26,7 +26,8 @@ from pathlib import Path
 from runtime_agent.config import AgentConfig
 from runtime_agent.errors import AgentError, CommandNotFound, CommandNotRunnable, NotFound
 
-LOG_SIZE_MAX = 10 * 1024 * 1024  # bytes of log kept per container before rotation
+# Bytes of log kept per container before conmon rotates the file (BERTH_LOG_SIZE_MAX).
+LOG_SIZE_MAX = int(os.environ.get("BERTH_LOG_SIZE_MAX", 10 * 1024 * 1024))
 
 
 class RuntimeFailure(AgentError):
@@ -179,6 +180,7 @@ def launch_monitor(
     name: str,
     paths: MonitorPaths,
     exit_command: list[str] | None = None,
+    log_size_max: int | None = None,
 ) -> int:
     """Start conmon for the bundle in ``paths.directory``; return the container's pid.
 
@@ -203,7 +205,7 @@ def launch_monitor(
         "--container-pidfile", str(monitor / "pid"),
         "--conmon-pidfile", str(paths.conmon_pid_file),
         "--log-path", f"k8s-file:{paths.log}",
-        "--log-size-max", str(LOG_SIZE_MAX),
+        "--log-size-max", str(log_size_max or LOG_SIZE_MAX),
         "--exit-dir", str(monitor / "exits"),
         "--persist-dir", str(monitor),
         "--socket-dir-path", str(socket_dir),

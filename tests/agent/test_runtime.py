@@ -287,3 +287,23 @@ def test_user_namespace_makes_container_root_an_unprivileged_host_user(rt: Agent
     assert c.exec_capture("default", info.id, ["id", "-u"]) == (0, b"0\n")
     c.remove("default", info.id, force=True)
     assert leftovers(rt, "default", info.id) == []
+
+
+def test_logs_are_size_capped_and_follow_survives_rotation(
+    rt: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime_agent.runtime import monitor
+
+    monkeypatch.setattr(monitor, "LOG_SIZE_MAX", 64 * 1024)
+    c = rt.containers
+    script = "i=0; while [ $i -lt 20000 ]; do echo line$i; i=$((i+1)); done"
+    info = c.run(spec(script))
+    followed = [int(e.line[4:]) for e in c.logs("default", info.id, follow=True)]
+    assert c.wait("default", info.id, timeout=30) == 0
+    log_file = rt.config.containers_dir / "default" / info.id / "ctr.log"
+    assert log_file.stat().st_size <= 64 * 1024 + 100
+    kept = [e.line for e in c.logs("default", info.id)]
+    assert kept[-1] == b"line19999"
+    assert 100 < len(kept) < 20000
+    assert followed[-1] == 19999
+    assert followed == sorted(followed)  # rotation never replays or reorders lines
