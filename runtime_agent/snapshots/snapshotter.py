@@ -163,7 +163,10 @@ class Snapshotter:
         try:
             sdir.mkdir()
         except FileExistsError:
-            raise AlreadyExists(f"snapshot {key} is being prepared", key=key) from None
+            if not self._is_stale_partial(sdir):
+                raise AlreadyExists(f"snapshot {key} is being prepared", key=key) from None
+            self.remove(key)  # left by a crash between mkdir and meta.json
+            sdir.mkdir()
         meta = {
             "key": key,
             "image": image.manifest_digest,
@@ -188,6 +191,17 @@ class Snapshotter:
             with contextlib.suppress(Exception):
                 self.remove(key)
             raise
+
+    @staticmethod
+    def _is_stale_partial(sdir: Path, age_seconds: float = 60.0) -> bool:
+        """A snapshot dir without meta.json, untouched for a while: a crashed prepare."""
+        try:
+            return (
+                not (sdir / "meta.json").exists()
+                and time.time() - sdir.stat().st_mtime > age_seconds
+            )
+        except FileNotFoundError:
+            return False
 
     def ensure_mounted(self, key: str) -> Path:
         """Re-mount an existing snapshot (after a reboot) from its own records.
@@ -346,6 +360,13 @@ class Snapshotter:
         Returns what was removed.
         """
         removed: dict[str, builtins.list[str]] = {"snapshots": [], "layers": []}
+        if self.active_dir.is_dir():
+            for entry in self.active_dir.iterdir():
+                if _KEY_RE.match(entry.name) and self._is_stale_partial(
+                    entry, orphan_grace_seconds
+                ):
+                    self.remove(entry.name)
+                    removed["snapshots"].append(entry.name)
         if keys_in_use is not None:
             keep = set(keys_in_use)
             cutoff = datetime.now(UTC).timestamp() - orphan_grace_seconds

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,22 @@ def test_layer_paths_longer_than_fsconfig_strings(agent: Agent) -> None:
     finally:
         long_agent.snapshots.remove("long")
     assert not mounts_under(agent.config.root)
+
+
+def test_half_prepared_snapshot_from_a_crash_is_recovered(agent: Agent) -> None:
+    image = bootstrap_busybox(agent)
+    partial = agent.snapshots.active_dir / "crashed"
+    (partial / "merged").mkdir(parents=True)
+    with pytest.raises(AlreadyExists):  # young: maybe another prepare is under way
+        agent.snapshots.prepare("crashed", image)
+    old = time.time() - 7200
+    os.utime(partial, (old, old))
+    try:
+        rootfs = agent.snapshots.prepare("crashed", image)
+        assert (rootfs / "bin" / "busybox").exists()
+    finally:
+        agent.snapshots.remove("crashed")
+    (agent.snapshots.active_dir / "crashed2").mkdir()
+    os.utime(agent.snapshots.active_dir / "crashed2", (old, old))
+    assert agent.snapshots.gc(image.chain_ids)["snapshots"] == ["crashed2"]
+    assert not (agent.snapshots.active_dir / "crashed2").exists()
