@@ -147,6 +147,13 @@ def on_checkout_completed(event: StripeEvent, obj: dict[str, Any]) -> str:
 
 def on_subscription_changed(event: StripeEvent, obj: dict[str, Any]) -> str:
     account = _account(obj)
+    if (
+        account.subscription_event_at == event.created
+        and event.type != "customer.subscription.deleted"
+    ):
+        # Same second as the state already applied: the order is ambiguous, so ask Stripe
+        # for the subscription as it is now instead of trusting either payload.
+        obj = stripe_api.retrieve_subscription(str(obj["id"]))
     return services.apply_subscription_state(
         account, obj, event_created=event.created, event_id=event.stripe_id
     )

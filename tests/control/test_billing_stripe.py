@@ -292,3 +292,35 @@ def test_localstripe_delivers_signed_webhooks_over_http(
         ("customer.subscription.created", "processed"),
         ("invoice.paid", "processed"),
     ]
+
+
+def test_same_second_subscription_events_use_stripes_current_state(
+    make_tenant: Callable[..., Any],
+    stripe_plans: dict[str, PlanPrice],
+    localstripe: str,
+    deliver_stripe_events: Callable[..., list[str]],
+    eager_celery: None,
+    django_capture_on_commit_callbacks: Callable[..., Any],
+    client: Any,
+) -> None:
+    from tests.control.billing_helpers import make_event, post_event
+
+    tenant, _ = make_tenant("acme", plan="free", seats=1)
+    account = _subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
+    assert account.subscription_event_at is not None
+    stale = _stripe_get(localstripe, f"/v1/subscriptions/{account.stripe_subscription_id}")
+    stale["quantity"] = 9
+    stale["items"]["data"][0]["quantity"] = 9  # a payload claiming 9 seats, same second
+    payload = make_event(
+        "customer.subscription.updated",
+        stale,
+        created=int(account.subscription_event_at.timestamp()),
+        event_id="evt_same_second",
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert post_event(client, payload).status_code == 200
+
+    tenant.refresh_from_db()
+    assert tenant.seats == 3  # Stripe says 3; the ambiguous payload was not trusted
+    event = StripeEvent.objects.get(stripe_id="evt_same_second")
+    assert (event.status, event.result) == ("processed", "no change")
