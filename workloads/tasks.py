@@ -63,7 +63,7 @@ def collect_run_logs_task(container_id: str) -> None:
         log.warning("could not collect logs of %s: %s", container_id, exc)
     with transaction.atomic():
         locked = (
-            Container.objects.select_for_update()
+            Container.objects.select_for_update(of=("self",))
             .select_related("tenant", "node")
             .get(pk=container_id)
         )

@@ -225,6 +225,10 @@ def test_silent_node_gets_its_replica_rescheduled_and_quota_kept_once(
     assert [c.node.name for c in live] == ["n2", "n2"]
     assert service.containers.filter(state="lost").count() == 1
     assert used(tenant, "containers") == 2  # moved, not double-counted nor released
+    # Each copy carries its own identity to the node, never the lost one's.
+    for container in live:
+        assert container.spec["name"] == container.agent_name
+        assert container.spec["labels"][protocol.CONTAINER_UID_LABEL] == str(container.pk)
 
 
 @pytest.mark.django_db(transaction=True)

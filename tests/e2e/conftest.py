@@ -179,7 +179,16 @@ def agent_api(agent: AgentProcess) -> Any:
 
 
 def remove_all_containers(agent: AgentProcess) -> None:
-    """Remove what the agent still runs, with the agent's own clean-up code."""
+    """Remove what the agent still runs and its networks, with the agent's own clean-up
+    code; then unmount whatever is left under its roots so one failure can't cascade."""
     api = agent_api(agent)
     for info in api.containers.list_all():
-        api.containers.remove(info.tenant, info.name, force=True)
+        api.containers.remove(info.tenant, info.id, force=True)
+    api.networks.teardown()
+    mounts = [
+        line.split()[1]
+        for line in Path("/proc/self/mounts").read_text().splitlines()
+        if line.split()[1].startswith(str(agent.root))
+    ]
+    for mountpoint in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mountpoint], check=False)

@@ -64,7 +64,12 @@ def test_service_jobs_failover_and_rollback_across_two_agents(cluster: Cluster) 
     assert created.status_code == 201, created.content
 
     # Two replicas, one on each node, running.
-    nodes = wait_for(lambda: _running_nodes(client, "e2e", "web"), timeout=60, what="2 replicas")
+    try:
+        nodes = wait_for(
+            lambda: _running_nodes(client, "e2e", "web"), timeout=60, what="2 replicas"
+        )
+    except AssertionError:
+        raise AssertionError(f"replicas not running: {_service(client, 'e2e', 'web')}") from None
     assert nodes == ["n1", "n2"]
 
     # Running with the requested limits: the node's cgroup says so.
@@ -122,7 +127,11 @@ def test_service_jobs_failover_and_rollback_across_two_agents(cluster: Cluster) 
     assert state == "succeeded"
     runs = client.get(f"/api/v1/tenants/e2e/jobs/{job_id}/runs/").json()
     assert sorted(r["index"] for r in runs) == list(range(10))
-    assert all(r["exit_code"] == 0 and r["duration_seconds"] >= 1 for r in runs)
+    assert all(r["exit_code"] == 0 for r in runs)
+    # Each run sleeps 1 s. The node stamps the start once `runc start` has returned, which
+    # on a loaded machine can be a few hundred milliseconds after the process began.
+    odd = [r for r in runs if not r["duration_seconds"] or not 0.5 < r["duration_seconds"] < 30]
+    assert not odd, [(r["started_at"], r["finished_at"], r["duration_seconds"]) for r in odd]
     # Measured overlap of the runs' real start/end times never exceeded the parallelism.
     events = sorted(
         [(r["started_at"], 1) for r in runs] + [(r["finished_at"], -1) for r in runs],
@@ -167,11 +176,14 @@ def test_service_jobs_failover_and_rollback_across_two_agents(cluster: Cluster) 
     # Kill one agent: its replica moves to the other node within the timeout.
     cluster.agent_named("n1").kill()
     started = time.monotonic()
-    nodes = wait_for(
-        lambda: _running_nodes(client, "e2e", "web") == ["n2", "n2"] and ["n2", "n2"],
-        timeout=60,
-        what="the replica of the dead node to run on n2",
-    )
+    try:
+        nodes = wait_for(
+            lambda: _running_nodes(client, "e2e", "web") == ["n2", "n2"] and ["n2", "n2"],
+            timeout=60,
+            what="the replica of the dead node to run on n2",
+        )
+    except AssertionError:
+        raise AssertionError(f"not moved: {_service(client, 'e2e', 'web')}") from None
     assert nodes == ["n2", "n2"]
     assert time.monotonic() - started < 30
     # The moved replica really runs on n2's agent.
@@ -181,4 +193,5 @@ def test_service_jobs_failover_and_rollback_across_two_agents(cluster: Cluster) 
         if c.tenant == "e2e" and c.name.startswith("web-")
     ]
     assert len([c for c in on_n2 if c.state == "running"]) == 2
-    assert Container.objects.filter(tenant__slug="e2e", state="lost").count() == 1
+    lost = Container.objects.filter(tenant__slug="e2e", state="lost").select_related("node")
+    assert lost and {c.node.name for c in lost} == {"n1"}

@@ -49,7 +49,9 @@ def call(node: Node, task: str, *, timeout: float = 15, **kwargs: Any) -> dict[s
     """Run ``task`` on ``node`` and wait for its result (logs, exec, stats)."""
     result = send(node, task, **kwargs)
     try:
-        value = result.get(timeout=timeout, propagate=False)
+        # Tasks of the control plane may wait on a node: the node's task runs on the node's
+        # own worker, never on this one, so waiting cannot deadlock.
+        value = result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
     except CeleryTimeout:
         result.revoke()
         raise NodeUnavailable(

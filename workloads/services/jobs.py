@@ -15,7 +15,7 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count
 from django.utils import timezone
 
@@ -154,10 +154,24 @@ def _admit(run: JobRun) -> bool:
     return True
 
 
+#: Key of the Postgres advisory lock that makes admission decisions one at a time.
+DISPATCH_LOCK_KEY = 0x6265727468  # "berth"
+
+
+def _serialize_dispatch() -> None:
+    """Admission counts running runs, then admits more: two dispatchers interleaving would
+    both see the same count and overshoot a job's parallelism. One at a time, then; SQLite
+    transactions (immediate mode) are serialized already."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [DISPATCH_LOCK_KEY])
+
+
 @transaction.atomic
 def dispatch_runs(*, now: Any = None) -> int:
     """Admit pending runs, round-robin across tenants. Returns how many were admitted."""
     now = now or timezone.now()
+    _serialize_dispatch()
     waiting = Container.objects.filter(
         job_run__isnull=False, state=ContainerState.PENDING, desired_state=DesiredState.RUNNING
     ).count()

@@ -163,18 +163,24 @@ def replace_container(container: Container, *, reason: str, node_down: bool) -> 
     The copy inherits the quota reservation, so moving work never needs quota twice and
     never releases it in between.
     """
-    replacement = Container.objects.create(
+    replacement = Container(
         tenant=container.tenant,
         service=container.service,
         name=container.name,
         generation=container.generation,
-        spec=container.spec,
         cpu_millicores=container.cpu_millicores,
         memory_mib=container.memory_mib,
         gpus=container.gpus,
         reservation=container.reservation,
         pending_reason=reason,
     )
+    # Same spec, but its own identity on the node: a name and uid label of its own, so
+    # reports about the old copy (if its node comes back) never pass for the new one.
+    spec = dict(container.spec)
+    spec["name"] = replacement.agent_name
+    spec["labels"] = {**spec.get("labels", {}), protocol.CONTAINER_UID_LABEL: str(replacement.id)}
+    replacement.spec = spec
+    replacement.save()
     old_node = container.node
     container.reservation = None
     container.desired_state = DesiredState.REMOVED

@@ -97,6 +97,7 @@ def apply_report(container: Container, report: protocol.ContainerReport) -> None
     )
     container.exit_code = report.exit_code
     container.oom_killed = report.oom_killed
+    container.started_at = _when(report.started_at) or container.started_at
     container.finished_at = _when(report.finished_at) or now
     if report.error:
         container.pending_reason = report.error[:500]
@@ -107,6 +108,7 @@ def apply_report(container: Container, report: protocol.ContainerReport) -> None
             "state",
             "exit_code",
             "oom_killed",
+            "started_at",
             "finished_at",
             "pending_reason",
             "next_restart_at",
