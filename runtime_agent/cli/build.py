@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg,unused-ignore]
     from runtime_agent.cli.main import add_tenant_argument
 
     parser = subparsers.add_parser(
