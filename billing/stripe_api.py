@@ -11,10 +11,14 @@ the real Stripe; tests point it at localstripe), ``STRIPE_WEBHOOK_SECRET``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import stripe
 from django.conf import settings
+
+# The SDK logs every request at INFO; Berth logs what matters itself.
+logging.getLogger("stripe").setLevel(logging.WARNING)
 
 
 class StripeUnavailable(Exception):
