@@ -324,3 +324,28 @@ def test_same_second_subscription_events_use_stripes_current_state(
     assert tenant.seats == 3  # Stripe says 3; the ambiguous payload was not trusted
     event = StripeEvent.objects.get(stripe_id="evt_same_second")
     assert (event.status, event.result) == ("processed", "no change")
+
+
+def test_plan_change_moves_the_subscription_to_the_new_price(
+    make_tenant: Callable[..., Any],
+    stripe_plans: dict[str, PlanPrice],
+    localstripe: str,
+    deliver_stripe_events: Callable[..., list[str]],
+    eager_celery: None,
+    django_capture_on_commit_callbacks: Callable[..., Any],
+) -> None:
+    tenant, _ = make_tenant("acme", plan="free", seats=1)
+    account = _subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        services.change_plan(tenant, "business", seats=5, actor=OWNER)
+
+    sub = _stripe_get(localstripe, f"/v1/subscriptions/{account.stripe_subscription_id}")
+    assert sub["plan"]["id"] == stripe_plans["business"].stripe_price_id
+    assert sub["quantity"] == 5
+    deliver_stripe_events()
+    tenant.refresh_from_db()
+    assert (tenant.plan.code, tenant.seats) == ("business", 5)
+    assert tenant.quota_limits()["gpus"] == 5
+    kinds = list(SeatLedgerEntry.objects.filter(tenant=tenant).values_list("kind", "plan_code"))
+    assert kinds == [("stripe", "team"), ("plan_changed", "business")]
