@@ -20,6 +20,7 @@ Everything it makes (state root, tenant network, docker images) is removed at ex
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -133,12 +134,10 @@ def main() -> None:
         for command in (cli, fast):
             _run([*command, str(ctx)], env)  # warm: writes the bytecode caches
         for how, command in (("cli", cli), ("fastcli", fast)):
-            results[f"berth {how} cold"] = _median(
-                lambda c=command: _run([*c, "--no-cache", str(ctx)], env), args.runs
-            )
-            results[f"berth {how} cached"] = _median(
-                lambda c=command: _run([*c, str(ctx)], env), args.runs
-            )
+            cold = functools.partial(_run, [*command, "--no-cache", str(ctx)], env)
+            results[f"berth {how} cold"] = _median(cold, args.runs)
+            cached = functools.partial(_run, [*command, str(ctx)], env)
+            results[f"berth {how} cached"] = _median(cached, args.runs)
         if docker:
             dcmd = ["docker", "build", "--force-rm", "-t", f"{repo}/app:1"]
             dcmd += [f"--build-arg=BASE={base}", str(ctx)]

@@ -25,7 +25,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,7 +204,7 @@ class Builder:
         *,
         limits: BuildLimits | None = None,
         dockerfile_text: str | None = None,
-    ) -> Iterator[BuildEvent]:
+    ) -> Generator[BuildEvent, None, None]:
         """Build ``context`` (a directory, a tar stream or a ``BuildContext``).
 
         ``dockerfile`` is the Dockerfile's path inside the context (default
@@ -252,7 +252,7 @@ class Builder:
         target: str | None,
         no_cache: bool,
         limits: BuildLimits,
-    ) -> Iterator[BuildEvent]:
+    ) -> Generator[BuildEvent, None, None]:
         name = dockerfile or "Dockerfile"
         if dockerfile_text is None:
             path = ctx.full_path(name)

@@ -256,8 +256,8 @@ def test_dockerignore_applies_to_copy(agent: Agent, tmp_path: Path) -> None:
     assert files == {"/app/main.py", "/app/.dockerignore", "/app/secrets/public"}
 
 
-def _tarball(path: Path, members: dict[str, bytes], mode: str = "w:gz") -> None:
-    with tarfile.open(path, mode) as tar:
+def _tarball(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)

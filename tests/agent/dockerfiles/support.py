@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ def build(agent: Agent, tenant: str, ctx: Path, **kwargs: Any) -> list[BuildEven
     return list(agent.builder.build(tenant, ctx, **kwargs))
 
 
-def write_context(root: Path, files: dict[str, str | bytes]) -> Path:
+def write_context(root: Path, files: Mapping[str, str | bytes]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         path = root / name
