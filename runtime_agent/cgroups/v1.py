@@ -31,7 +31,11 @@ class CgroupV1:
         return f"{rel}/{container_id}" if container_id else rel
 
     def _hierarchies(self) -> list[Path]:
-        """Each mounted v1 hierarchy once (``cpu`` and ``cpuacct`` may be one mount)."""
+        """Each mounted hierarchy once (``cpu`` and ``cpuacct`` may be one mount).
+
+        Includes the hybrid layout's ``unified`` (v2) tree: runc makes the container's
+        path there too, so removal must cover it.
+        """
         seen: set[str] = set()
         result = []
         try:
@@ -39,8 +43,6 @@ class CgroupV1:
         except FileNotFoundError:
             return []
         for name in entries:
-            if name == "unified":
-                continue
             path = self.root / name
             real = os.path.realpath(path)
             if real in seen or not path.is_dir():

@@ -67,7 +67,7 @@ def follow_logs(
     *,
     tail: int | None = None,
     done: Callable[[], bool],
-    poll_interval: float = 0.05,
+    poll_interval: float = 0.05,  # the longest wait between reads
 ) -> Iterator[LogEntry]:
     """Yield the log's lines, then new ones as they come, until ``done()`` and drained.
 
@@ -78,6 +78,7 @@ def follow_logs(
     buffer = b""
     first = True
     finished = False
+    delay = 0.001  # short right after output or start: a fast container's end shows at once
     while True:
         try:
             fh = open(path, "rb")
@@ -101,10 +102,13 @@ def follow_logs(
             if first and tail is not None:
                 entries = entries[-tail:] if tail > 0 else []
             first = False
+            if entries:
+                delay = 0.001
             yield from entries
         if finished:
             return
         if done():
             finished = True  # one more read drains what conmon wrote before exiting
             continue
-        time.sleep(poll_interval)
+        time.sleep(delay)
+        delay = min(delay * 2, poll_interval)

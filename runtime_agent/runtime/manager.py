@@ -412,7 +412,7 @@ class ContainerManager:
         if record.status == "creating":
             raise FailedPrecondition(f"container {record.name} is still being created")
         if record.status == st.STOPPED:
-            self.runc.delete(record.runc_id)
+            self._forget_runc_state(record)
         rootfs = self.agent.snapshots.active_dir / record.snapshot_key / "merged"
         from runtime_agent.snapshots.mount import is_mounted
 
@@ -576,9 +576,7 @@ class ContainerManager:
             except Exception as exc:
                 errors.append(exc)
 
-        if (self.config.runc_root / record.runc_id).exists():
-            attempt(self.runc.delete, record.runc_id)
-        attempt(self.cgroups.remove, record.tenant, record.id)
+        attempt(self._forget_runc_state, record)
         if record.network is not None:
             attempt(self._detach_network, record)
         if record.volumes or record.spec.get("mounts"):
@@ -593,6 +591,28 @@ class ContainerManager:
             attempt(shutil.rmtree, self.store.dir(record.tenant, record.id))
         if errors:
             raise errors[0]
+
+    def _forget_runc_state(self, record: ContainerRecord) -> None:
+        """Drop runc's state and the container's cgroups (idempotent).
+
+        Once conmon wrote the exit file the container's init is gone, and with it (pid
+        namespace) every process of the container; what ``runc delete`` would do is then
+        only removing two directory trees, done here without another runc process. Any
+        doubt (no exit file, a cgroup still busy) goes through ``runc delete --force``.
+        """
+        import shutil
+
+        state_dir = self.config.runc_root / record.runc_id
+        if state_dir.exists():
+            if read_exit(self._paths(record)) is None:
+                self.runc.delete(record.runc_id)
+            else:
+                try:
+                    self.cgroups.remove(record.tenant, record.id)
+                except OSError:
+                    self.runc.delete(record.runc_id)
+                shutil.rmtree(state_dir, ignore_errors=True)
+        self.cgroups.remove(record.tenant, record.id)
 
     def _detach_network(self, record: ContainerRecord) -> None:
         self.agent.networks.detach(record.tenant, record.id)
