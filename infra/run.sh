@@ -33,14 +33,14 @@ bash infra/registry/registry.sh setup
 bash infra/registry/registry.sh serve >var/log/registry.log 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:5000/v2/ && break; sleep 0.1; done
-for _ in $(seq 100); do curl -fsS -o /dev/null http://127.0.0.1:8000/api/v1/schema/ && break; sleep 0.2; done
+for _ in $(seq 300); do curl -fs -o /dev/null http://127.0.0.1:8000/admin/login/ && break; sleep 0.2; done
 
 # The local node agent: busybox base image, then join this control plane (again, if the
 # database it joined before is gone), then consume its queue.
 export BERTH_ROOT="${BERTH_ROOT:-/var/lib/berth}"
 berth-agent bootstrap >/dev/null
 node_known() {
-  [ -f "$BERTH_ROOT/node.json" ] && python manage.py shell -c "
+  [ -f "$BERTH_ROOT/node.json" ] && python manage.py shell --no-imports -c "
 import json, sys
 from workloads.models import Node
 node_id = json.load(open('$BERTH_ROOT/node.json'))['node_id']
