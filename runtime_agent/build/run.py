@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from runtime_agent.agent import Agent
     from runtime_agent.cgroups import CgroupDriver
     from runtime_agent.images.store import Image
+    from runtime_agent.runtime.security import IdRange
 
 EXIT_SIGKILL = 137
 HOSTNAME = "buildkitsandbox"
@@ -132,6 +133,7 @@ class ContainerStepRunner:
         netns: str | None,
         resolv: Path | None,
         hosts: Path | None,
+        ids: IdRange | None = None,
     ) -> dict[str, Any]:
         from runtime_agent.runtime.security import apply_security_defaults
 
@@ -167,7 +169,7 @@ class ContainerStepRunner:
                 },
             },
         }
-        return apply_security_defaults(spec)
+        return apply_security_defaults(spec, user_namespace=ids)
 
     def run_step(self, request: RunRequest) -> RunResult:
         runc_id = f"{self.config.name}-{request.key}"[:64]
@@ -178,11 +180,22 @@ class ContainerStepRunner:
         runc = [self.config.runc, "--root", str(self.config.runc_root)]
         try:
             rootfs = snapshots.prepare(request.key, self._image(request))
+            ids = None
+            if request.limits.user_namespace:
+                from runtime_agent.runtime.security import user_namespace_for
+
+                # Container root becomes the tenant's unprivileged id range; the layers
+                # are idmapped, so the step's diff still records container-view owners.
+                ids = user_namespace_for(self.agent, request.tenant, request.key)
             # Docker creates the working directory of a step if the image lacks it.
             workdir = rootfs / (request.workdir or "/").lstrip("/")
             if not os.path.lexists(workdir):
                 workdir.mkdir(parents=True, mode=0o755)
             bundle.mkdir(parents=True, exist_ok=True)
+            if ids is not None:
+                from runtime_agent.runtime.security import ensure_traversable
+
+                ensure_traversable(bundle)
             netns, resolv, hosts = None, None, None
             if request.limits.network is not None:
                 from runtime_agent.protocol import NetworkAttachment
@@ -200,7 +213,7 @@ class ContainerStepRunner:
                 resolv, hosts = bundle / "resolv.conf", bundle / "hosts"
                 resolv.write_text(setup.resolv_conf)
                 hosts.write_text(setup.hosts)
-            spec = self._spec(request, rootfs, netns, resolv, hosts)
+            spec = self._spec(request, rootfs, netns, resolv, hosts, ids)
             # Mount points runc has to create (/proc, /dev, /sys, ...) are not part of the
             # step's change: docker keeps them in an init layer that never gets committed.
             mountpoints = [

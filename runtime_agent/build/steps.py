@@ -24,6 +24,7 @@ class BuildLimits:
     build_timeout: float = 3600.0  # wall time of the whole build
     context_bytes: int = 2 * 1024**3
     network: str | None = None  # tenant network name for RUN steps; None = no network
+    user_namespace: bool = False  # RUN as the tenant's unprivileged host id range
 
 
 @dataclass

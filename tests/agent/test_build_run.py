@@ -249,3 +249,26 @@ def test_run_steps_use_the_tenant_network(
         _assert_clean(agent)
     finally:
         agent.networks.teardown()
+
+
+def test_run_in_a_user_namespace_keeps_container_owners(agent: Agent, tmp_path: Path) -> None:
+    make_base(agent, T, tmp_path)
+    ctx = write_context(
+        tmp_path / "c",
+        {
+            "Dockerfile": (
+                "FROM busybox\n"
+                "RUN cat /proc/self/uid_map > /uidmap && touch /by-root "
+                "&& touch /by-app && chown 1000:1000 /by-app && id -u > /whoami\n"
+            )
+        },
+    )
+    limits = BuildLimits(network=None, step_timeout=60, user_namespace=True)
+    build(agent, T, ctx, tag="userns", limits=limits)
+    tree = image_tree(agent, T, "userns")
+    inside, outside, length = tree["/uidmap"][4].split()
+    assert inside == "0" and int(outside) > 0 and int(length) >= 65536
+    assert tree["/whoami"][4] == "0\n"
+    assert tree["/by-root"][2:4] == (0, 0)
+    assert tree["/by-app"][2:4] == (1000, 1000)
+    _assert_clean(agent)
