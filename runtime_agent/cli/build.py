@@ -53,6 +53,7 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
         build_timeout=args.timeout,
         context_bytes=_size(args.context_limit),
         network=None if args.network == "none" else args.network,
+        user_namespace=args.userns,
     )
     dockerfile: str | None = None
     dockerfile_text: str | None = None
@@ -126,6 +127,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument(
         "--context-limit", default="2g", help="largest accepted build context (default 2g)"
+    )
+    parser.add_argument(
+        "--userns",
+        action="store_true",
+        help="run RUN steps as the tenant's unprivileged host id range (user namespace)",
     )
     parser.add_argument("context", metavar="CONTEXT", help="context directory, or - for a tar")
     parser.set_defaults(func=_run)
