@@ -163,3 +163,50 @@ def test_node_report_stats_feed_the_meter(make_tenant: Callable[..., Any]) -> No
     totals = services.aggregate_hour(tenant.pk, HOUR)
     assert totals["cpu_seconds"] == Decimal("4.000000")
     assert totals["memory_gib_hours"] == Decimal("0.008333") + Decimal("0.016667")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_deliveries_of_readings_count_each_once() -> None:
+    """Agents retry reports: the same readings arrive from several workers at once."""
+    import threading
+
+    from django.db import connection
+
+    from tenants import services as tenant_services
+    from tests.control.conftest import seed_plans
+
+    seed_plans()
+    tenant, _ = tenant_services.create_tenant(
+        slug="race",
+        owner_email="o@race.example",
+        plan_code="pro",
+        seats=1,
+        actor=services.BILLING_ACTOR,
+    )
+    readings = [metering.Reading(at(10 * i), i * 2 * 10**9, GIB) for i in range(1, 13)]
+    n = 6
+    barrier = threading.Barrier(n)
+    errors: list[Exception] = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            for reading in readings if i % 2 else reversed(readings):
+                services.record_reading(tenant, "node1/c1", reading)
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    assert errors == []
+    totals = services.aggregate_hour(tenant.pk, HOUR)
+    # Whatever subset got stored, the cumulative counter makes CPU exact: 24 s in all.
+    assert totals["cpu_seconds"] == Decimal(24)
+    stored = list(UsageReading.objects.order_by("read_at").values_list("read_at", flat=True))
+    assert len(stored) == len(set(stored))  # no reading twice
