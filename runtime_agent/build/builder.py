@@ -178,6 +178,34 @@ class Builder:
     def cache(self, tenant: str) -> BuildCache:
         return BuildCache(self.agent.config.build_cache_dir, tenant, self.agent.content)
 
+    def recover(self) -> list[str]:
+        """Remove what builds interrupted by an agent crash left: their RUN steps'
+        snapshots, runc containers and bundles, and unpacked contexts. Call at agent start,
+        before any build runs. Returns what was removed."""
+        import json
+        import subprocess
+
+        removed: list[str] = []
+        config = self.agent.config
+        for info in self.agent.snapshots.list():
+            if info.key.startswith("build-"):
+                self.agent.snapshots.remove(info.key)
+                removed.append(f"snapshot {info.key}")
+        runc = [config.runc, "--root", str(config.runc_root)]
+        listed = subprocess.run([*runc, "list", "--format", "json"], capture_output=True,
+                                text=True, check=False)  # fmt: skip
+        for container in json.loads(listed.stdout or "null") or []:
+            if str(container.get("id", "")).startswith(f"{config.name}-build-"):
+                subprocess.run([*runc, "delete", "--force", container["id"]],
+                               capture_output=True, check=False)  # fmt: skip
+                removed.append(f"runc {container['id']}")
+        for leftover in (config.run_root / "build", config.build_cache_dir / ".contexts"):
+            if leftover.is_dir():
+                for entry in leftover.iterdir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(str(entry))
+        return removed
+
     def prune_cache(self, tenant: str | None = None, *, all_entries: bool = False) -> int:
         """Drop cache entries whose layers were garbage-collected with the images (or all
         of a tenant's entries); run after ``ImageStore.gc``. Returns how many went."""

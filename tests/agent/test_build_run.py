@@ -272,3 +272,19 @@ def test_run_in_a_user_namespace_keeps_container_owners(agent: Agent, tmp_path: 
     assert tree["/by-root"][2:4] == (0, 0)
     assert tree["/by-app"][2:4] == (1000, 1000)
     _assert_clean(agent)
+
+
+def test_recover_removes_what_a_crashed_build_left(agent: Agent, tmp_path: Path) -> None:
+    make_base(agent, T, tmp_path)
+    image = agent.images.resolve(T, "busybox:latest")
+    agent.snapshots.prepare("build-crashed0001", image)
+    (agent.config.run_root / "build" / "build-crashed0001").mkdir(parents=True)
+    (agent.config.build_cache_dir / ".contexts" / "berth-ctx-old").mkdir(parents=True)
+    agent.snapshots.prepare("unrelated", image)  # a container's snapshot stays
+    removed = agent.builder.recover()
+    assert "snapshot build-crashed0001" in removed
+    assert [s.key for s in agent.snapshots.list()] == ["unrelated"]
+    assert list((agent.config.run_root / "build").iterdir()) == []
+    assert list((agent.config.build_cache_dir / ".contexts").iterdir()) == []
+    agent.snapshots.remove("unrelated")
+    _assert_clean(agent)
