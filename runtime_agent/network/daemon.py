@@ -46,6 +46,7 @@ log = logging.getLogger("berth.netd")
 
 UPSTREAM_TIMEOUT = 2.0
 UDP_PROXY_IDLE = 60.0
+WATCH_INTERVAL = 2.0
 
 
 # ---- client side (used by the manager) -------------------------------------------------
@@ -79,7 +80,7 @@ def is_running(sock_path: Path) -> bool:
         return False
 
 
-def start(state_dir: Path, run_dir: Path, upstreams: list[str] | None) -> None:
+def start(state_dir: Path, run_dir: Path, upstreams: list[str] | None, agent_name: str) -> None:
     """Spawn the daemon detached (own session) and wait until it answers."""
     run_dir.mkdir(parents=True, exist_ok=True)
     sock_path = run_dir / "netd.sock"
@@ -91,6 +92,8 @@ def start(state_dir: Path, run_dir: Path, upstreams: list[str] | None) -> None:
         str(state_dir),
         "--run-dir",
         str(run_dir),
+        "--agent-name",
+        agent_name,
     ]
     if upstreams is not None:
         argv += ["--upstreams", ",".join(upstreams)]
@@ -184,7 +187,14 @@ async def relay_upstream(packet: bytes, upstreams: list[str]) -> bytes | None:
 
 
 class Daemon:
-    def __init__(self, state_dir: Path, run_dir: Path, upstreams: list[str] | None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        run_dir: Path,
+        upstreams: list[str] | None,
+        agent_name: str | None = None,
+    ) -> None:
+        self.agent_name = agent_name
         self.store = StateStore(state_dir)
         self.run_dir = run_dir
         self.upstreams = upstreams if upstreams is not None else host_upstreams()
@@ -414,6 +424,23 @@ class Daemon:
             await writer.drain()
         writer.close()
 
+    async def watch_state(self) -> None:
+        """Exit, and remove the agent's network objects, once its state is deleted.
+
+        Deleting an agent's whole state directory (a decommissioned node, a finished test
+        that removed its roots) would otherwise leave this daemon, the bridges and the
+        nft table behind for good: nothing else knows about them any more.
+        """
+        while not self.stop.is_set():
+            await asyncio.sleep(WATCH_INTERVAL)
+            if self.store.path.exists() or self.agent_name is None:
+                continue
+            log.warning("state %s is gone: removing this agent's network objects", self.store.path)
+            from runtime_agent.network.manager import sweep_kernel_objects
+
+            await asyncio.to_thread(sweep_kernel_objects, self.agent_name)
+            self.stop.set()
+
     async def run(self) -> None:
         sock_path = self.run_dir / "netd.sock"
         with contextlib.suppress(FileNotFoundError):
@@ -426,7 +453,9 @@ class Daemon:
         result = await self.sync()
         if result["errors"]:
             log.warning("initial sync: %s", result["errors"])
+        watchdog = loop.create_task(self.watch_state())
         await self.stop.wait()
+        watchdog.cancel()
         await asyncio.sleep(0.05)  # let the last control reply go out
         server.close()
         for dns in self.dns.values():
@@ -442,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--upstreams", default=None)
+    parser.add_argument("--agent-name", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s netd %(levelname)s %(message)s")
     args.run_dir.mkdir(parents=True, exist_ok=True)
@@ -457,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     upstreams = None
     if args.upstreams is not None:
         upstreams = [u for u in args.upstreams.split(",") if u]
-    daemon = Daemon(args.state_dir, args.run_dir, upstreams)
+    daemon = Daemon(args.state_dir, args.run_dir, upstreams, args.agent_name)
     asyncio.run(daemon.run())
     with contextlib.suppress(FileNotFoundError):
         (args.run_dir / "netd.pid").unlink()

@@ -970,7 +970,9 @@ class NetworkManager:
             if not wanted:
                 return
             _wait_for_exit(self.run_dir)
-            daemon.start(self.config.networks_dir, self.run_dir, self.dns_upstreams)
+            daemon.start(
+                self.config.networks_dir, self.run_dir, self.dns_upstreams, self.config.name
+            )
             reply = daemon.request(sock, {"op": "sync"})
         if not wanted:
             _wait_for_exit(self.run_dir)
@@ -1056,6 +1058,24 @@ class NetworkManager:
             daemon.request(self.run_dir / "netd.sock", {"op": "stop"})
         _wait_for_exit(self.run_dir)
         self._release_netns_dir()
+
+
+def sweep_kernel_objects(agent_name: str) -> None:
+    """Remove every host-side network object carrying this agent's names.
+
+    Bridges and host veths (prefix), the nft tables and the DOCKER-USER rules; netns
+    bind mounts live under the agent's run root and go with it. Used when the agent's
+    state is gone and nothing else can tell which objects were its own.
+    """
+    prefix = kernel_prefix(agent_name)
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            ifname = str(link.get("ifname") or "")
+            if _owned_link(ifname, prefix):
+                with contextlib.suppress(NetlinkError):
+                    _delete_link(ipr, ifname)
+    firewall.delete_table(re.sub(r"[^A-Za-z0-9_-]", "_", agent_name))
+    firewall.remove_docker_user(prefix, f"berth:{agent_name}")
 
 
 # ---- helpers ---------------------------------------------------------------------------

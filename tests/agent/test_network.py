@@ -156,11 +156,17 @@ def tcp_connects(setup: NetworkSetup, host: str, port: int) -> bool:
 
 
 def host_addresses() -> list[str]:
+    """The node's stable IPv4 addresses: its uplink's (default route) and docker0's.
+
+    Other agents' bridges come and go while tests run side by side, so they are left out.
+    """
     with IPRoute() as ipr:
+        indexes = {r.get("oif") for r in ipr.get_default_routes(family=socket.AF_INET)}
+        indexes |= set(ipr.link_lookup(ifname="docker0"))
         return [
             str(a.get("address"))
             for a in ipr.get_addr(family=socket.AF_INET)
-            if not str(a.get("address")).startswith("127.")
+            if a["index"] in indexes
         ]
 
 
@@ -832,3 +838,38 @@ def test_concurrent_attaches_never_share_an_address(net: NetworkManager) -> None
     assert len(live) == 6 * 3
     assert len(set(live)) == len(live)
     assert len(veths(net)) == len(live)
+
+
+def test_deleting_the_agent_state_makes_the_daemon_sweep_everything(
+    net: NetworkManager,
+) -> None:
+    # Roots removed without teardown (a decommissioned node, a careless test): the
+    # helper daemon notices and removes the bridges, veths, rules and itself.
+    import shutil
+
+    net.create("acme", "web")
+    container = cid()
+    net.attach("acme", container, "a", [NetworkAttachment("web")], [PortMapping(80)], name="a")
+    pid = int((net.run_dir / "netd.pid").read_text())
+    delete_netns(net.netns_path(container))
+    shutil.rmtree(net.config.networks_dir)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (
+        owned_links(net.prefix) or firewall.table_exists(net.table) or alive(pid)
+    ):
+        time.sleep(0.2)
+    assert owned_links(net.prefix) == []
+    assert not firewall.table_exists(net.table)
+    assert not firewall.table_exists(net.table, "ip6")
+    rules = subprocess.run(["iptables", "-S", "DOCKER-USER"], capture_output=True, text=True)
+    assert f"berth:{net.config.name}" not in rules.stdout
+    assert not alive(pid)
+
+
+def alive(pid: int) -> bool:
+    """A running process (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute
 
 from runtime_agent.agent import Agent
 from runtime_agent.protocol import ContainerSpec, NetworkAttachment, PortMapping
+from tests.agent.test_network import host_addresses
 
 pytestmark = [
     pytest.mark.privileged,
@@ -137,12 +137,7 @@ def test_default_network_published_ports_and_cleanup_on_remove(node: Agent) -> N
     endpoint = node.networks.endpoint("acme", container)
     assert endpoint is not None and set(endpoint.addresses) == {"default"}
     assert host_fetch(f"http://127.0.0.1:{port}/") == "hello-web1\n"
-    with IPRoute() as ipr:
-        host_ip = next(
-            str(a.get("address"))
-            for a in ipr.get_addr(family=socket.AF_INET)
-            if not str(a.get("address")).startswith("127.")
-        )
+    host_ip = host_addresses()[0]
     assert host_fetch(f"http://{host_ip}:{port}/") == "hello-web1\n"
     # inside, the container sees its own resolv.conf and hosts
     code, out = run(
