@@ -873,3 +873,48 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status
+
+
+def test_published_udp_port_answers_on_loopback_and_host_address(net: NetworkManager) -> None:
+    net.create("acme", "web")
+    container = cid()
+    setup = net.attach(
+        "acme",
+        container,
+        "dns",
+        [NetworkAttachment("web")],
+        [PortMapping(container_port=5353, protocol="udp")],
+        name="dns",
+    )
+    assert setup.netns_path is not None
+
+    def bind() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", 5353))  # noqa: S104 - inside the container's netns
+        return s
+
+    server = run_in_netns(Path(setup.netns_path), bind)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def echo() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = server.recvfrom(1500)
+            except TimeoutError:
+                continue
+            server.sendto(b"echo:" + data, peer)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    try:
+        port = setup.ports[0].host_port
+        for address in ["127.0.0.1", *host_addresses()]:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.settimeout(3)
+                client.sendto(b"ping", (address, port))
+                assert client.recvfrom(1500)[0] == b"echo:ping", address
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
