@@ -69,7 +69,10 @@ def stripe_settings(settings: Any) -> Any:
 @pytest.fixture
 def localstripe(localstripe_url: str, stripe_settings: Any) -> str:
     """Point billing at localstripe, emptied before each test."""
-    requests.delete(f"{localstripe_url}/_config/data", timeout=5)
+    requests.delete(f"{localstripe_url}/_config/data", timeout=5).raise_for_status()
+    requests.delete(
+        f"{localstripe_url}/_ext/meter_events", auth=(SECRET_KEY, ""), timeout=5
+    ).raise_for_status()
     stripe_settings.STRIPE_API_BASE = localstripe_url
     return localstripe_url
 

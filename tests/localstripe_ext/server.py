@@ -18,7 +18,7 @@ Added on top of localstripe 1.15:
   does): the card is attached, the subscription created and
   ``checkout.session.completed`` sent.
 - Billing meter events (``/v1/billing/meter_events``), deduplicated by ``identifier`` as
-  Stripe does; ``GET /_ext/meter_events`` lists what was received.
+  Stripe does; ``GET /_ext/meter_events`` lists what was received, ``DELETE`` forgets them.
 """
 
 from __future__ import annotations
@@ -282,6 +282,11 @@ async def list_meter_events(request: web.Request) -> web.Response:
     return server.json_response({"data": events})
 
 
+async def clear_meter_events(request: web.Request) -> web.Response:
+    _meter_events.clear()
+    return web.Response()
+
+
 async def complete_checkout(request: web.Request) -> web.Response:
     session = CheckoutSession._api_retrieve(request.match_info["id"])
     if session.status != "open":
@@ -318,6 +323,7 @@ def _routes(app: web.Application) -> None:
     app.router.add_route("POST", "/v1/prices/{id}", server.api_update(Price, "/v1/prices"))
     app.router.add_route("POST", "/v1/billing/meter_events", create_meter_event)
     app.router.add_route("GET", "/_ext/meter_events", list_meter_events)
+    app.router.add_route("DELETE", "/_ext/meter_events", clear_meter_events)
     app.router.add_route("POST", "/_ext/checkout/sessions/{id}/complete", complete_checkout)
 
 
