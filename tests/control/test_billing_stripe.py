@@ -248,45 +248,48 @@ def test_localstripe_delivers_signed_webhooks_over_http(
     tenant, _ = services.tenant_services.create_tenant(
         slug="acme", owner_email="o@acme.example", plan_code="free", actor=OWNER
     )
-    requests.post(
-        f"{localstripe}/_config/webhooks/berth-e2e",
-        data={
-            "url": f"{live_server.url}/billing/stripe/webhook",
-            "secret": WEBHOOK_SECRET,
-            "events[]": [
-                "checkout.session.completed",
-                "customer.subscription.created",
-                "invoice.paid",
-            ],
-        },
-        timeout=5,
-    ).raise_for_status()
-    session = services.start_checkout(
-        tenant,
-        "pro",
-        2,
-        actor=OWNER,
-        success_url="http://x.invalid/ok",
-        cancel_url="http://x.invalid/no",
-    )
-    requests.post(
-        f"{localstripe}/_ext/checkout/sessions/{session['id']}/complete",
-        auth=(SECRET_KEY, ""),
-        timeout=5,
-    ).raise_for_status()
+    try:
+        requests.post(
+            f"{localstripe}/_config/webhooks/berth-e2e",
+            data={
+                "url": f"{live_server.url}/billing/stripe/webhook",
+                "secret": WEBHOOK_SECRET,
+                "events[]": [
+                    "checkout.session.completed",
+                    "customer.subscription.created",
+                    "invoice.paid",
+                ],
+            },
+            timeout=5,
+        ).raise_for_status()
+        session = services.start_checkout(
+            tenant,
+            "pro",
+            2,
+            actor=OWNER,
+            success_url="http://x.invalid/ok",
+            cancel_url="http://x.invalid/no",
+        )
+        requests.post(
+            f"{localstripe}/_ext/checkout/sessions/{session['id']}/complete",
+            auth=(SECRET_KEY, ""),
+            timeout=5,
+        ).raise_for_status()
 
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        tenant.refresh_from_db()
-        if tenant.plan.code == "pro":
-            break
-        time.sleep(0.2)
-    assert (tenant.plan.code, tenant.seats) == ("pro", 2)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (
-        StripeEvent.objects.count() < 3 or StripeEvent.objects.filter(status="pending").exists()
-    ):
-        time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            tenant.refresh_from_db()
+            if tenant.plan.code == "pro":
+                break
+            time.sleep(0.2)
+        assert (tenant.plan.code, tenant.seats) == ("pro", 2)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            StripeEvent.objects.count() < 3 or StripeEvent.objects.filter(status="pending").exists()
+        ):
+            time.sleep(0.2)
+    finally:  # later tests' events must not reach this server
+        requests.delete(f"{localstripe}/_config/webhooks/berth-e2e", timeout=5).raise_for_status()
     assert sorted(StripeEvent.objects.values_list("type", "status")) == [
         ("checkout.session.completed", "processed"),
         ("customer.subscription.created", "processed"),

@@ -19,6 +19,7 @@ Added on top of localstripe 1.15:
   ``checkout.session.completed`` sent.
 - Billing meter events (``/v1/billing/meter_events``), deduplicated by ``identifier`` as
   Stripe does; ``GET /_ext/meter_events`` lists what was received, ``DELETE`` forgets them.
+- ``DELETE /_config/webhooks/<id>`` unregisters a webhook endpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 from localstripe import resources, server
+from localstripe import webhooks as localstripe_webhooks
 from localstripe.errors import UserError
 from localstripe.resources import (
     Customer,
@@ -282,6 +284,12 @@ async def list_meter_events(request: web.Request) -> web.Response:
     return server.json_response({"data": events})
 
 
+async def delete_webhook(request: web.Request) -> web.Response:
+    """Stop delivering to a webhook registered with ``POST /_config/webhooks/<id>``."""
+    localstripe_webhooks._webhooks.pop(request.match_info["id"], None)
+    return web.Response()
+
+
 async def clear_meter_events(request: web.Request) -> web.Response:
     _meter_events.clear()
     return web.Response()
@@ -324,6 +332,7 @@ def _routes(app: web.Application) -> None:
     app.router.add_route("POST", "/v1/billing/meter_events", create_meter_event)
     app.router.add_route("GET", "/_ext/meter_events", list_meter_events)
     app.router.add_route("DELETE", "/_ext/meter_events", clear_meter_events)
+    app.router.add_route("DELETE", "/_config/webhooks/{id}", delete_webhook)
     app.router.add_route("POST", "/_ext/checkout/sessions/{id}/complete", complete_checkout)
 
 
