@@ -45,3 +45,13 @@ def _job(tenant: Tenant, owner: User) -> Any:
 
 FACTORIES["workloads.Service"] = _service
 FACTORIES["workloads.BatchJob"] = _job
+
+
+def _repository(tenant: Tenant, owner: User) -> Any:
+    # Repositories come into being from registry push events; a row is all the API needs.
+    from registry.models import Repository
+
+    return Repository.objects.create(tenant=tenant, name="sweep/app")
+
+
+FACTORIES["registry.Repository"] = _repository

@@ -170,29 +170,56 @@ def snapshot(tenant: Tenant) -> dict[str, list[dict[str, Any]]]:
     return state
 
 
-def values_for(route: Route, tenant: Tenant, owner: User) -> dict[str, str] | None:
-    """URL values addressing ``tenant``'s objects, or None when none could be found."""
-    values: dict[str, str] = {}
+#: Stand-ins for URL values the sweep cannot look up (a digest, a tag name…): the first one
+#: matching the route's own pattern is used, so the URL still resolves to the view.
+PLACEHOLDERS = ("424242", "sha256:" + "0" * 64, "latest", "x")
+
+
+def placeholder_for(route: Route, name: str) -> str:
+    for part in route.parts:
+        match = re.search(rf"\(\?P<{name}>([^)]*)\)", part)
+        if match:
+            for candidate in PLACEHOLDERS:
+                if re.fullmatch(match.group(1), candidate):
+                    return candidate
+    return PLACEHOLDERS[0]
+
+
+@dataclass
+class URLValues:
+    values: dict[str, str]
+    #: The route's object (its lookup kwarg) was found in the tenant.
+    object_found: bool
+    #: Every value is real (no placeholders): the view should find what the URL names.
+    exact: bool
+
+
+def values_for(route: Route, tenant: Tenant) -> URLValues:
+    """URL values addressing ``tenant`` and one of its objects of the view's model."""
     view = route.view_class
-    missing = False
+    model = route.model()
+    lookup_field = getattr(view, "lookup_field", "pk")
+    lookup_kwarg = getattr(view, "lookup_url_kwarg", None) or lookup_field
+    values: dict[str, str] = {}
+    object_found, exact = True, True
     for name in route.kwargs:
         if name == "tenant_slug":
             values[name] = tenant.slug
             continue
-        model = route.model()
-        lookup_field = getattr(view, "lookup_field", "pk")
-        lookup_kwarg = getattr(view, "lookup_url_kwarg", None) or lookup_field
         obj = None
         if model is not None and name == lookup_kwarg:
             queryset = model._default_manager.all()
             if hasattr(queryset, "for_tenant"):
                 obj = queryset.for_tenant(tenant).order_by("pk").first()
+            object_found = obj is not None
         if obj is None:
-            missing = True
-            values[name] = "424242"
+            exact = False
+            values[name] = placeholder_for(route, name)
         else:
             values[name] = str(getattr(obj, lookup_field))
-    return None if missing else values
+    if model is None and set(route.kwargs) - {"tenant_slug"}:
+        object_found = False
+    return URLValues(values, object_found, exact)
 
 
 def send(client: APIClient, method: str, url: str) -> Any:
@@ -245,17 +272,17 @@ def test_sweep_finds_the_tenant_routes() -> None:
 def test_other_tenant_is_invisible_and_untouchable(route: Route, world: World) -> None:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {world.admin_token}")
-    values = values_for(route, world.victim, world.victim_owner)
-    # Tenant-owned routes must answer 404 (as if nothing existed). Platform routes with
-    # ids (e.g. nodes, staff only) may refuse with 403 but never succeed or leak.
-    targets_victim = "tenant_slug" in route.kwargs or (bool(route.kwargs) and values is not None)
-    if values is None:
+    found = values_for(route, world.victim)
+    if not found.object_found:
         warnings.warn(
             f"sweep: no victim object for {route.template}; add a factory in "
             "tests/control/sweep_factories.py",
             stacklevel=1,
         )
-        values = {k: (world.victim.slug if k == "tenant_slug" else "424242") for k in route.kwargs}
+    values = found.values
+    # Tenant-owned routes must answer 404 (as if nothing existed). Platform routes with
+    # ids (e.g. nodes, staff only) may refuse with 403 but never succeed or leak.
+    targets_victim = "tenant_slug" in route.kwargs or (bool(route.kwargs) and found.object_found)
     url = route.render(values)
     before = snapshot(world.victim)
     for method in (*READ_METHODS, *WRITE_METHODS):
@@ -274,13 +301,10 @@ def test_other_tenant_is_invisible_and_untouchable(route: Route, world: World) -
 @override_settings(BERTH_API_RATE_LIMIT=0)
 @pytest.mark.parametrize("route", ROUTES, ids=[r.template for r in ROUTES])
 def test_read_scope_token_cannot_write(route: Route, world: World) -> None:
-    values = values_for(route, world.attacker, world.attacker_owner)
-    # A made-up id may not even match the route's pattern: then 404 is the right answer.
-    refusals = {403, 405} if values is not None else {403, 404, 405}
-    if values is None:
-        values = {
-            k: (world.attacker.slug if k == "tenant_slug" else "424242") for k in route.kwargs
-        }
+    found = values_for(route, world.attacker)
+    # With a placeholder in the URL the object may not exist: then 404 is right too.
+    refusals = {403, 405} if found.exact else {403, 404, 405}
+    values = found.values
     url = route.render(values)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {world.read_token}")
