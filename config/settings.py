@@ -122,6 +122,16 @@ BERTH_DEFAULT_NETWORK_MODE = env_str("BERTH_DEFAULT_NETWORK_MODE", "bridge")
 if BERTH_DEFAULT_NETWORK_MODE not in ("bridge", "none"):
     raise ConfigError("BERTH_DEFAULT_NETWORK_MODE must be bridge or none")
 BERTH_SECRETS_KEY = env_str("BERTH_SECRETS_KEY", "")
+# Builds: uploaded contexts are spooled here (never into the database), capped in size;
+# the last BERTH_BUILD_LOG_KEEP_BYTES of each build's log are kept.
+BERTH_BUILD_CONTEXT_DIR = Path(
+    env_str("BERTH_BUILD_CONTEXT_DIR", str(BASE_DIR / "var" / "build-contexts"))
+)
+BERTH_BUILD_CONTEXT_MAX_BYTES = env_int(
+    "BERTH_BUILD_CONTEXT_MAX_BYTES", 256 * 1024 * 1024, minimum=1024
+)
+BERTH_BUILD_LOG_KEEP_BYTES = env_int("BERTH_BUILD_LOG_KEEP_BYTES", 256 * 1024, minimum=1024)
+BERTH_BUILD_TIMEOUT_SECONDS = env_int("BERTH_BUILD_TIMEOUT_SECONDS", 3600, minimum=10)
 CELERY_BEAT_SCHEDULE = {
     "reconcile": {"task": "workloads.reconcile", "schedule": float(BERTH_RECONCILE_SECONDS)},
 }
@@ -139,6 +149,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
+
+# The dashboard (dashboard/) signs people in at /login/ and returns them where they were.
+LOGIN_URL = "dashboard:login"
+LOGIN_REDIRECT_URL = "dashboard:home"
 
 EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "berth@localhost")

@@ -27,6 +27,7 @@ urlpatterns = [
     path("registry/", include("registry.urls")),
     path("api/v1/tenants/<str:tenant_slug>/registry/", include("registry.api.urls")),
     path("api/v1/registry/", include("registry.api.platform_urls")),
+    path("", include("dashboard.urls")),
 ]
 
 handler400 = "tenants.api.errors.json_400"

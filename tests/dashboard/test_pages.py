@@ -1,0 +1,362 @@
+"""Dashboard pages through Django's test client on the real Postgres and Redis: role
+permissions as in the API, other tenants' objects are 404, bad input keeps what was typed,
+expired sessions come back after logging in, double submits act once, CSRF is enforced."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from tenants.choices import Role
+from tenants.models import APIToken, AuditLog, Invitation, Tenant, User
+from tests.dashboard.conftest import PASSWORD
+from workloads.models import BatchJob, Service
+
+pytestmark = pytest.mark.django_db
+
+TenantMaker = Callable[..., tuple[Tenant, User]]
+
+
+def _service(tenant: Tenant, name: str = "web") -> Service:
+    from tenants.services import Actor
+    from workloads.services.deploy import create_service
+
+    return create_service(
+        tenant, name=name, data={"image": "busybox"}, replicas=0, actor=Actor.for_system("t")
+    )
+
+
+def test_signup_creates_the_tenant_and_logs_in(make_tenant: TenantMaker) -> None:
+    client = Client()
+    page = client.get("/signup/")
+    assert page.status_code == 200
+    assert b'name="csrfmiddlewaretoken"' in page.content
+    idem = page.context["form"].initial["idem"]
+    response = client.post(
+        "/signup/",
+        {
+            "email": "Ann@Example.com",
+            "password": PASSWORD,
+            "organisation": "Ann's",
+            "slug": "anns",
+            "idem": idem,
+        },
+    )
+    assert response.status_code == 302
+    assert response["Location"] == "/t/anns/"
+    tenant = Tenant.objects.get(slug="anns")
+    assert tenant.plan.code == "free"
+    assert tenant.memberships.get().user.email == "ann@example.com"
+    assert client.get("/t/anns/").status_code == 200
+
+
+def test_signup_errors_are_inline_and_keep_the_input(make_tenant: TenantMaker) -> None:
+    make_tenant("taken")
+    response = Client().post(
+        "/signup/",
+        {
+            "email": "bob@example.com",
+            "password": "short",
+            "organisation": "Bob Co",
+            "slug": "taken",
+        },
+    )
+    assert response.status_code == 400
+    body = response.content.decode()
+    assert 'value="bob@example.com"' in body and 'value="Bob Co"' in body
+    assert "This password is too short" in body
+    assert 'aria-invalid="true"' in body
+    fixed = Client().post(
+        "/signup/",
+        {
+            "email": "bob@example.com",
+            "password": PASSWORD,
+            "organisation": "Bob Co",
+            "slug": "taken",
+        },
+    )
+    assert "slug &#x27;taken&#x27; is taken" in fixed.content.decode()
+    assert not User.objects.filter(email="bob@example.com").exists()
+
+
+def test_login_returns_to_next_after_an_expired_session(make_tenant: TenantMaker) -> None:
+    _tenant, _owner = make_tenant("acme")
+    client = Client()
+    response = client.get("/t/acme/services/")
+    assert response.status_code == 302
+    assert response["Location"] == "/login/?next=%2Ft%2Facme%2Fservices%2F"
+    # An htmx poll from a page whose session expired: the browser is sent to log in.
+    poll = client.get(
+        "/t/acme/services/web/status/",
+        HTTP_HX_REQUEST="true",
+        HTTP_HX_CURRENT_URL="http://testserver/t/acme/services/web/",
+    )
+    assert poll.status_code == 401
+    assert poll["HX-Redirect"] == "/login/?next=%2Ft%2Facme%2Fservices%2Fweb%2F"
+    back = client.post(
+        "/login/?next=/t/acme/services/",
+        {"username": "OWNER@acme.example", "password": PASSWORD, "next": "/t/acme/services/"},
+    )
+    assert back.status_code == 302
+    assert back["Location"] == "/t/acme/services/"
+
+
+@pytest.mark.parametrize(
+    ("role", "allowed"),
+    [
+        (Role.OWNER, True),
+        (Role.ADMIN, True),
+        (Role.DEVELOPER, True),
+        (Role.BILLING, False),
+        (Role.VIEWER, False),
+    ],
+)
+def test_deploying_follows_the_role_table(
+    make_tenant: TenantMaker,
+    member: Callable[..., User],
+    login: Callable[[User], Client],
+    role: str,
+    allowed: bool,
+) -> None:
+    tenant, owner = make_tenant("acme")
+    user = owner if role == Role.OWNER else member(tenant, role)
+    client = login(user)
+    _service(tenant)
+    detail = client.get("/t/acme/services/web/").content.decode()
+    assert ("Deploy a new image" in detail) is allowed
+    assert (">Restart<" in detail) is allowed
+    listing = client.get("/t/acme/services/").content.decode()
+    assert ("Deploy a service" in listing) is allowed
+    response = client.post("/t/acme/services/web/scale/", {"replicas": "0", "idem": "x1"})
+    if allowed:
+        assert response.status_code == 302
+    else:
+        assert response.status_code == 403
+        assert "does not allow this" in response.content.decode()
+    created = client.post(
+        "/t/acme/services/new/",
+        {
+            "name": "api",
+            "image": "busybox",
+            "replicas": "0",
+            "cpu_millicores": "100",
+            "memory_mib": "32",
+        },
+    )
+    assert (created.status_code == 302) is allowed
+    assert Service.objects.filter(tenant=tenant, name="api").exists() is allowed
+
+
+def test_other_tenants_objects_are_404(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    victim, victim_owner = make_tenant("victim")
+    _, intruder = make_tenant("intruder")
+    _service(victim)
+    from tenants.services import Actor, create_api_token, invite_member
+
+    token, _ = create_api_token(
+        victim, victim_owner, name="ci", scope="read", actor=Actor.for_system("t")
+    )
+    invitation, _ = invite_member(
+        victim, "x@victim.example", Role.VIEWER, actor=Actor.for_system("t"), actor_role=None
+    )
+    client = login(intruder)
+    for url in (
+        "/t/victim/",
+        "/t/victim/services/web/",
+        "/t/victim/billing/",
+        "/t/victim/members/",
+        "/t/victim/audit/",
+        "/t/nonexistent/",
+    ):
+        assert client.get(url).status_code == 404, url
+    for url, data in (
+        ("/t/victim/services/web/scale/", {"replicas": "3"}),
+        ("/t/victim/services/web/delete/", {}),
+        (f"/t/victim/tokens/{token.pk}/revoke/", {}),
+        (f"/t/victim/invitations/{invitation.pk}/revoke/", {}),
+    ):
+        assert client.post(url, data).status_code == 404, url
+    # Through the intruder's own slug, the victim's rows are not found either.
+    assert client.post(f"/t/intruder/tokens/{token.pk}/revoke/").status_code == 404
+    assert client.post(f"/t/intruder/invitations/{invitation.pk}/revoke/").status_code == 404
+    token.refresh_from_db()
+    invitation.refresh_from_db()
+    assert token.revoked_at is None and invitation.revoked_at is None
+    assert Service.objects.get(tenant=victim, name="web").state == "active"
+
+
+def test_a_double_submitted_form_acts_once(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    tenant, owner = make_tenant("acme")
+    client = login(owner)
+    form = {
+        "image": "busybox",
+        "command": "echo hi",
+        "array_size": "1",
+        "parallelism": "1",
+        "max_retries": "0",
+        "cpu_millicores": "100",
+        "memory_mib": "32",
+        "idem": "tok-1",
+    }
+    first = client.post("/t/acme/jobs/new/", form)
+    second = client.post("/t/acme/jobs/new/", form)
+    assert first.status_code == second.status_code == 302
+    assert second["Location"] == first["Location"]
+    assert BatchJob.objects.filter(tenant=tenant).count() == 1
+    # A new form (new token) submits a new job.
+    client.post("/t/acme/jobs/new/", {**form, "idem": "tok-2"})
+    assert BatchJob.objects.filter(tenant=tenant).count() == 2
+
+
+def test_invalid_job_keeps_input_and_frees_the_token(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    tenant, owner = make_tenant("acme")
+    client = login(owner)
+    bad = {
+        "image": "busybox",
+        "command": "echo 'unclosed",
+        "array_size": "0",
+        "parallelism": "1",
+        "max_retries": "0",
+        "cpu_millicores": "100",
+        "memory_mib": "999999999",
+        "idem": "tok-3",
+    }
+    response = client.post("/t/acme/jobs/new/", bad)
+    assert response.status_code == 400
+    body = response.content.decode()
+    assert "cannot split the command" in body
+    assert "greater than or equal to 1" in body
+    assert 'value="echo &#x27;unclosed"' in body
+    # Over quota is refused by the service, shown on the form, and nothing is created.
+    over = {**bad, "command": "echo hi", "array_size": "1"}
+    refused = client.post("/t/acme/jobs/new/", over)
+    assert refused.status_code == 400
+    assert "memory_mib" in refused.content.decode()
+    assert not BatchJob.objects.filter(tenant=tenant).exists()
+
+
+def test_token_secret_is_shown_once_and_revoke_works(
+    make_tenant: TenantMaker, member: Callable[..., User], login: Callable[[User], Client]
+) -> None:
+    tenant, owner = make_tenant("acme")
+    viewer = member(tenant, Role.VIEWER)
+    client = login(viewer)
+    too_much = client.post("/t/acme/tokens/new/", {"name": "ci", "scope": "write"})
+    assert too_much.status_code == 400
+    assert "up to scope" in too_much.content.decode()
+    created = client.post("/t/acme/tokens/new/", {"name": "ci", "scope": "read"}, follow=True)
+    token = APIToken.objects.get(tenant=tenant, user=viewer)
+    body = created.content.decode()
+    assert f'<code id="new-token" class="secret-value">{token.prefix}_' in body
+    again = client.get("/t/acme/tokens/").content.decode()
+    assert 'id="new-token"' not in again and token.prefix in again
+    # The viewer only sees and revokes its own tokens.
+    from tenants.services import Actor, create_api_token
+
+    other, _ = create_api_token(
+        tenant, owner, name="owner", scope="admin", actor=Actor.for_system("t")
+    )
+    assert other.prefix not in again
+    assert client.post(f"/t/acme/tokens/{other.pk}/revoke/").status_code == 404
+    assert client.post(f"/t/acme/tokens/{token.pk}/revoke/").status_code == 302
+    token.refresh_from_db()
+    assert token.state == "revoked"
+    assert AuditLog.objects.filter(tenant=tenant, action="token.revoke").count() == 1
+
+
+def test_invitation_accepted_by_a_new_account(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    tenant, owner = make_tenant("acme")
+    client = login(owner)
+    sent = client.post(
+        "/t/acme/members/invite/", {"email": "new@acme.example", "role": "viewer"}, follow=True
+    )
+    body = sent.content.decode()
+    link = body.split("Its link (shown once): ")[1].split("<")[0].strip()
+    assert link.startswith("http://testserver/invitations/inv_")
+    guest = Client()
+    path = link.removeprefix("http://testserver")
+    weak = guest.post(path, {"password": "123"})
+    assert weak.status_code == 400 and "too short" in weak.content.decode()
+    joined = guest.post(path, {"password": PASSWORD})
+    assert joined.status_code == 302 and joined["Location"] == "/t/acme/"
+    assert tenant.memberships.get(user__email="new@acme.example").role == "viewer"
+    assert Invitation.objects.get(tenant=tenant).state == "accepted"
+    assert guest.post(path, {"password": PASSWORD}).status_code == 410
+
+
+def test_billing_page_for_billing_roles_only(
+    make_tenant: TenantMaker, member: Callable[..., User], login: Callable[[User], Client]
+) -> None:
+    tenant, owner = make_tenant("acme", plan="team", seats=3)
+    page = login(owner).get("/t/acme/billing/").content.decode()
+    assert "Team" in page and "3 seats, 1 used" in page
+    assert login(member(tenant, Role.DEVELOPER)).get("/t/acme/billing/").status_code == 403
+    billing_member = login(member(tenant, Role.BILLING))
+    assert billing_member.get("/t/acme/billing/").status_code == 200
+    cap = billing_member.post("/t/acme/billing/cap/", {"cap_dollars": "1"})
+    assert cap.status_code == 400
+    assert "the cap must cover the seats" in cap.content.decode()
+    assert billing_member.post("/t/acme/billing/cap/", {"cap_dollars": "500"}).status_code == 302
+    assert "Open the billing portal" in billing_member.get("/t/acme/billing/").content.decode()
+    # Stripe's return URL lands on the page.
+    back = billing_member.get("/billing/acme/?checkout=success")
+    assert back["Location"] == "/t/acme/billing/?checkout=success"
+
+
+def test_nodes_only_for_platform_admins(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    _, owner = make_tenant("acme")
+    assert login(owner).get("/nodes/").status_code == 403
+    owner.is_staff = True
+    owner.save()
+    assert login(owner).get("/nodes/").status_code == 200
+
+
+def test_every_form_needs_csrf(make_tenant: TenantMaker) -> None:
+    tenant, owner = make_tenant("acme")
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(owner)
+    refused = client.post("/t/acme/tokens/new/", {"name": "ci", "scope": "read"})
+    assert refused.status_code == 403
+    assert not APIToken.objects.filter(tenant=tenant).exists()
+    for url in (
+        "/t/acme/",
+        "/t/acme/services/new/",
+        "/t/acme/jobs/new/",
+        "/t/acme/members/",
+        "/t/acme/tokens/",
+        "/t/acme/billing/",
+    ):
+        body = client.get(url).content.decode()
+        assert body.count('<form method="post"') <= body.count("csrfmiddlewaretoken"), url
+
+
+def _pages(client: Client, slug: str) -> list[Any]:
+    return [
+        client.get(f"/t/{slug}/{p}")
+        for p in ("", "services/", "jobs/", "images/", "members/", "tokens/", "billing/", "audit/")
+    ]
+
+
+def test_every_page_renders_for_the_owner(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    tenant, owner = make_tenant("acme")
+    _service(tenant)
+    client = login(owner)
+    for response in _pages(client, "acme"):
+        assert response.status_code == 200, response.request["PATH_INFO"]
+    assert client.get("/t/acme/services/web/").status_code == 200
+    assert "service.create" in client.get("/t/acme/audit/?action=service").content.decode()
