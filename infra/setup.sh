@@ -17,6 +17,7 @@ APT_PACKAGES=(
   runc conmon busybox-static nftables iproute2 iptables e2fsprogs uidmap kmod
   skopeo docker-registry docker.io zstd gettext-base openssl
   redis-server postgresql postgresql-client
+  chromium npm
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -39,6 +40,20 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[dev]'
   touch "$stamp"
+fi
+
+# The dashboard's htmx, from the npm registry through npm, served from dashboard/static
+# (git-ignored; no CDN at run time). Debian's chromium runs the Playwright browser tests.
+HTMX_VERSION=2.0.11
+vendor=dashboard/static/dashboard/vendor
+if [ "$(cat "$vendor/.htmx-version" 2>/dev/null)" != "$HTMX_VERSION" ]; then
+  log "htmx $HTMX_VERSION"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "htmx.org@$HTMX_VERSION" >/dev/null)
+  tar -xzf "$tmp/htmx.org-$HTMX_VERSION.tgz" -C "$tmp"
+  install -D -m 0644 "$tmp/package/dist/htmx.min.js" "$vendor/htmx.min.js"
+  echo "$HTMX_VERSION" > "$vendor/.htmx-version"
+  rm -rf "$tmp"
 fi
 
 # Debian's docker-registry unit and redis unit may start on install; Berth runs its own.
