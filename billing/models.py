@@ -256,13 +256,21 @@ class UsageReading(models.Model):
     memory_gib_hours_used = models.DecimalField(max_digits=20, decimal_places=6, default=0)
     gpu_hours_used = models.DecimalField(max_digits=20, decimal_places=6, default=0)
     storage_gib_hours_used = models.DecimalField(max_digits=20, decimal_places=6, default=0)
+    aggregated = models.BooleanField(default=False, help_text="Counted in the usage ledger.")
 
     class Meta:
         ordering = ["id"]
         constraints = [
             models.UniqueConstraint(fields=["source", "read_at"], name="usage_reading_once"),
         ]
-        indexes = [models.Index(fields=["tenant", "read_at"])]
+        indexes = [
+            models.Index(fields=["tenant", "read_at"]),
+            models.Index(
+                fields=["aggregated"],
+                condition=models.Q(aggregated=False),
+                name="usage_reading_pending",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.source} at {self.read_at:%Y-%m-%d %H:%M:%S}"
@@ -277,6 +285,7 @@ class BuildUsage(models.Model):
     build_id = models.CharField(max_length=100, unique=True)
     finished_at = models.DateTimeField()
     minutes = models.DecimalField(max_digits=20, decimal_places=6)
+    aggregated = models.BooleanField(default=False, help_text="Counted in the usage ledger.")
 
     class Meta:
         ordering = ["id"]

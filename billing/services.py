@@ -1096,6 +1096,28 @@ def aggregate_hour(tenant_id: int, hour: datetime) -> dict[str, Decimal]:
     return totals
 
 
+def aggregate_pending_usage(batch: int = 5000) -> int:
+    """Bring the usage ledger up to date: recompute every tenant-hour that has readings or
+    builds not counted yet (late ones and catch-up after downtime included), then mark
+    exactly those rows counted. Returns the number of tenant-hours recomputed."""
+    done = 0
+    for model, when in ((UsageReading, "read_at"), (BuildUsage, "finished_at")):
+        while True:
+            rows = list(
+                model.objects.filter(aggregated=False)
+                .order_by("id")
+                .values_list("id", "tenant_id", when)[:batch]
+            )
+            if not rows:
+                break
+            hours = sorted({(tenant_id, hour_start(at)) for _, tenant_id, at in rows})
+            for tenant_id, hour in hours:
+                aggregate_hour(tenant_id, hour)
+            model.objects.filter(id__in=[r[0] for r in rows]).update(aggregated=True)
+            done += len(hours)
+    return done
+
+
 def month_start(moment: datetime) -> datetime:
     return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 

@@ -8,7 +8,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from billing import services, stripe_api, webhooks
-from billing.models import BillingAccount, StripeEvent, UsageReading
+from billing.models import BillingAccount, StripeEvent
 
 _RETRY = {
     "autoretry_for": (stripe_api.StripeUnavailable,),
@@ -62,16 +62,8 @@ def enforce_dunning_task() -> dict[str, int]:
 
 @shared_task
 def aggregate_usage_task() -> int:
-    """Recompute the usage ledger for the current and previous hour of active tenants."""
-    now = timezone.now()
-    hours = [services.hour_start(now - timedelta(hours=1)), services.hour_start(now)]
-    tenant_ids = set(
-        UsageReading.objects.filter(read_at__gte=hours[0]).values_list("tenant_id", flat=True)
-    )
-    for tenant_id in tenant_ids:
-        for hour in hours:
-            services.aggregate_hour(tenant_id, hour)
-    return len(tenant_ids)
+    """Recompute the usage ledger hours that have new readings or builds."""
+    return services.aggregate_pending_usage()
 
 
 @shared_task

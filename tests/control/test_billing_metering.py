@@ -210,3 +210,28 @@ def test_concurrent_deliveries_of_readings_count_each_once() -> None:
     assert totals["cpu_seconds"] == Decimal(24)
     stored = list(UsageReading.objects.order_by("read_at").values_list("read_at", flat=True))
     assert len(stored) == len(set(stored))  # no reading twice
+
+
+def test_pending_usage_is_aggregated_once_including_late_readings(
+    make_tenant: Callable[..., Any],
+) -> None:
+    tenant, _ = make_tenant("acme", plan="pro", seats=1)
+    services.record_reading(tenant, "n/c1", metering.Reading(at(0), 0, GIB))
+    services.record_reading(tenant, "n/c1", metering.Reading(at(60), 6 * 10**9, GIB))
+    services.record_reading(tenant, "n/c2", metering.Reading(at(3700), 5 * 10**9, GIB))
+    end = HOUR + timedelta(hours=2)
+    services.record_build(tenant, "b1", started_at=end - timedelta(minutes=3), finished_at=end)
+
+    assert services.aggregate_pending_usage() == 3  # hours 10 and 11, and the build's hour 12
+    assert services.aggregate_pending_usage() == 0  # nothing new
+    # A container first reported late, for an hour already in the ledger.
+    services.record_reading(tenant, "n/c3", metering.Reading(at(120), 4 * 10**9, GIB))
+    assert services.aggregate_pending_usage() == 1
+
+    ledger = {
+        (e.hour.hour, e.metric): e.quantity for e in UsageLedgerEntry.objects.filter(tenant=tenant)
+    }
+    assert ledger[(10, "cpu_seconds")] == Decimal(10)
+    assert ledger[(11, "cpu_seconds")] == Decimal(5)
+    assert ledger[(12, "build_minutes")] == Decimal(3)
+    assert not UsageReading.objects.filter(aggregated=False).exists()
