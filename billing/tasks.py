@@ -78,4 +78,10 @@ def report_usage_task() -> int:
 
 @shared_task(**_RETRY)
 def report_tenant_usage_task(tenant_id: int) -> int:
-    return services.report_overage(tenant_id)
+    """Report this month's overage; on the 1st also settle the month that just ended."""
+    now = timezone.now()
+    reported = services.report_overage(tenant_id, now)
+    if now.day == 1:
+        last_second = services.month_start(now) - timedelta(seconds=1)
+        reported += services.report_overage(tenant_id, last_second)
+    return reported
