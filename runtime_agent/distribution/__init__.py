@@ -9,6 +9,7 @@ request retried with that token.
 from __future__ import annotations
 
 from runtime_agent.distribution.auth import Credentials, CredentialStore
+from runtime_agent.distribution.ensure import ensure_image
 from runtime_agent.distribution.errors import RegistryError
 from runtime_agent.distribution.pull import PullResult, pull
 from runtime_agent.distribution.push import PushResult, push
@@ -21,6 +22,7 @@ __all__ = [
     "PushResult",
     "Reference",
     "RegistryError",
+    "ensure_image",
     "parse_reference",
     "pull",
     "push",

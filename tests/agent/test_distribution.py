@@ -323,3 +323,20 @@ def test_dropped_connection_resumes_with_range(
     assert proxy.ranges and proxy.ranges[0].startswith("bytes=") and proxy.ranges[0] != "bytes=0-"
     assert victim in result.fetched
     assert agent.content.verify(victim)
+
+
+def test_ensure_image_uses_the_local_image_or_pulls_it(
+    agent: Agent, registry: RegistryProcess, tmp_path: Path
+) -> None:
+    from runtime_agent.distribution import ensure_image
+
+    digest = write_oci_layout(tmp_path / "img", busybox_layers())
+    skopeo_push(tmp_path / "img", f"{registry.host}/acme/ensure:1")
+    ref = f"{registry.host}/acme/ensure:1"
+
+    assert ensure_image(agent, "acme", ref).manifest_digest == digest  # pulled
+    registry_log_size = registry.log.stat().st_size
+    assert ensure_image(agent, "acme", ref).manifest_digest == digest  # local, no request
+    assert registry.log.stat().st_size == registry_log_size
+    with pytest.raises(NotFound):
+        ensure_image(agent, "acme", "not-pulled-anywhere:1")
