@@ -99,7 +99,7 @@ def run(agent: Agent, tenant: str, script: str, **spec: object) -> tuple[int, st
 
 def host_fetch(url: str) -> str | None:
     proc = subprocess.run(
-        ["timeout", "3", "busybox", "wget", "-q", "-O-", url], capture_output=True, text=True
+        ["timeout", "10", "busybox", "wget", "-q", "-O-", url], capture_output=True, text=True
     )
     return proc.stdout if proc.returncode == 0 else None
 
@@ -113,7 +113,7 @@ def test_containers_find_each_other_by_name_and_alias_only_within_their_tenant(
     code, out = run(
         node,
         "acme",
-        "timeout 5 wget -q -O- http://server/ && timeout 5 wget -q -O- http://api/",
+        "timeout 10 wget -q -O- http://server/ && timeout 10 wget -q -O- http://api/",
         networks=(NetworkAttachment("web"),),
     )
     assert code == 0
@@ -143,7 +143,7 @@ def test_default_network_published_ports_and_cleanup_on_remove(node: Agent) -> N
     code, out = run(
         node,
         "acme",
-        "cat /etc/resolv.conf; timeout 5 wget -q -O- http://web1/",
+        "cat /etc/resolv.conf; timeout 10 wget -q -O- http://web1/",
         networks=(NetworkAttachment("default"),),
     )
     assert code == 0 and "nameserver" in out and "hello-web1" in out
