@@ -171,6 +171,8 @@ class ContainerManager:
         if status is None:
             if process_start_time(record.pid) == record.pid_start or self._monitor_alive(paths):
                 return record
+            status = read_exit(paths)  # the monitor may have finished in between
+        if status is None:
             # Neither the container nor its monitor exists (node reboot, monitor killed).
             status_code, oom, finished = EXIT_UNKNOWN, False, time.time()
         else:
@@ -561,7 +563,8 @@ class ContainerManager:
             with contextlib.suppress(AgentError):
                 self.runc.resume(record.runc_id)
             self._wait_exit(record, 10.0)
-        self._cleanup(record)
+        with self.store.lock(record.tenant, record.id):  # an exit hook must not write meanwhile
+            self._cleanup(record)
 
     def _cleanup(self, record: ContainerRecord) -> None:
         """Undo everything create/start made, each step on its own so one failure
@@ -867,8 +870,9 @@ class ContainerManager:
         if record.status != st.STOPPED:
             return
         if record.auto_remove:
-            with contextlib.suppress(NotFound):
-                self._cleanup(record)
+            with self.store.lock(tenant, container_id):
+                if self.store.load(tenant, container_id) is not None:
+                    self._cleanup(record)
             return
         if not self._should_restart(record, daemon_start=False):
             return
