@@ -52,9 +52,18 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
         log.warning("refused a Stripe webhook: %s", exc)
         return _error(400, "bad_signature", "Stripe-Signature does not verify")
     event_id, event_type = event.get("id"), event.get("type")
-    if not isinstance(event_id, str) or not isinstance(event_type, str) or "created" not in event:
+    created_ts = event.get("created")
+    if (
+        not isinstance(event_id, str)
+        or not event_id
+        or len(event_id) > 255
+        or not isinstance(event_type, str)
+        or not isinstance(created_ts, int)
+        or isinstance(created_ts, bool)
+        or created_ts <= 0
+    ):
         return _error(400, "invalid", "not a Stripe event")
-    created = datetime.fromtimestamp(int(event["created"]), tz=UTC)
+    created = datetime.fromtimestamp(created_ts, tz=UTC)
     try:
         with transaction.atomic():
             row = StripeEvent.objects.create(

@@ -199,6 +199,14 @@ def test_malformed_bodies_get_clear_errors(client: Client, stripe_settings: Any,
     response = post_event(client, not_event)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid"
+    for bad in (
+        {"id": "evt_x", "type": "invoice.paid", "created": "yesterday"},
+        {"id": "", "type": "invoice.paid", "created": 1},
+        {"id": "evt_x", "type": 5, "created": 1},
+    ):
+        response = post_event(client, json.dumps(bad).encode())
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid"
     assert client.get("/billing/stripe/webhook").status_code == 405
     assert not StripeEvent.objects.exists()
 
