@@ -204,3 +204,54 @@ class NodeReport:
     full: bool = True
     capacity: dict[str, Any] = field(default_factory=dict)
     containers: tuple[ContainerReport, ...] = ()
+
+
+# ----------------------------------------------------------- volumes, networks, builds
+
+AGENT_REMOVE_VOLUME = "berth.agent.remove_volume"
+AGENT_REMOVE_NETWORK = "berth.agent.remove_network"
+#: Build an image: fetch the context from the control plane, build, report back.
+AGENT_BUILD = "berth.agent.build"
+AGENT_CANCEL_BUILD = "berth.agent.cancel_build"
+#: The agent sends a build's log (the kept tail, with a growing sequence number) and its
+#: result to these control-plane tasks, signed with the node credential.
+CONTROL_BUILD_LOG = "berth.control.build_log"
+CONTROL_BUILD_RESULT = "berth.control.build_result"
+#: HTTP headers a node authenticates with when it fetches a build context.
+NODE_ID_HEADER = "X-Berth-Node"
+NODE_CREDENTIAL_HEADER = "X-Berth-Node-Credential"
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What the control plane asks a node to build (task ``AGENT_BUILD``)."""
+
+    build_id: str
+    tenant: str
+    context_url: str  # path on the control plane; GET with the node headers -> a tar
+    tag: str
+    dockerfile: str = "Dockerfile"
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    no_cache: bool = False
+    log_keep_bytes: int = 256 * 1024
+    timeout_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """A build's log so far (``log`` is the kept tail; ``log_size`` counts every character
+    produced) or, with ``state`` set, its end: succeeded, failed or cancelled."""
+
+    build_id: str
+    node_id: str
+    credential: str
+    seq: int
+    log: str
+    log_size: int
+    state: str | None = None  # None while running
+    digest: str | None = None
+    reference: str | None = None
+    error: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None

@@ -55,6 +55,10 @@ class NodeWorker:
         self.app = self._make_app()
         self._report_now = threading.Event()
         self._stop = threading.Event()
+        # Builds running here (id -> cancel flag) and builds cancelled before they began.
+        self._builds: dict[str, threading.Event] = {}
+        self._cancelled_builds: set[str] = set()
+        self._builds_lock = threading.Lock()
 
     # ------------------------------------------------------------------ celery wiring
 
@@ -82,6 +86,10 @@ class NodeWorker:
             (protocol.AGENT_LOGS, self.container_logs),
             (protocol.AGENT_STATS, self.container_stats),
             (protocol.AGENT_REPORT, self.request_report),
+            (protocol.AGENT_REMOVE_VOLUME, self.remove_volume),
+            (protocol.AGENT_REMOVE_NETWORK, self.remove_network),
+            (protocol.AGENT_BUILD, self.build_image),
+            (protocol.AGENT_CANCEL_BUILD, self.cancel_build),
         ):
             app.task(name=name)(self._guarded(func))
         return app
@@ -128,6 +136,7 @@ class NodeWorker:
                 # control plane's restart is a fresh start, as in docker's restart policy.
                 containers.remove(tenant, name, force=True)
             self._ensure_networks(container_spec)
+            self._ensure_volumes(container_spec)
             created = containers.create(container_spec)
             started = containers.start(tenant, created.id)
             return {"state": started.state, "id": started.id}
@@ -145,6 +154,64 @@ class NodeWorker:
                 networks.inspect(spec.tenant, attachment.network)
             except NotFound:
                 networks.create(spec.tenant, attachment.network)
+
+    def _ensure_volumes(self, spec: protocol.ContainerSpec) -> None:
+        """Sized volumes are created with their size before a container first mounts them
+        (unsized ones are created by the runtime on first mount, like ``docker run -v``)."""
+        volumes = self.agent.volumes
+        for mount in spec.mounts:
+            if mount.kind != "volume" or mount.size_bytes is None:
+                continue
+            try:
+                volumes.get(spec.tenant, mount.source)
+            except NotFound:
+                volumes.create(spec.tenant, mount.source, size_bytes=mount.size_bytes)
+
+    def remove_volume(self, *, op_id: str, tenant: str, name: str) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            try:
+                self.agent.volumes.remove(tenant, name)
+            except NotFound:
+                pass
+            return {"state": "missing"}
+
+        return self._once(op_id, "remove_volume", run)
+
+    def remove_network(self, *, op_id: str, tenant: str, name: str) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            try:
+                self.agent.networks.remove(tenant, name)
+            except NotFound:
+                pass
+            return {"state": "missing"}
+
+        return self._once(op_id, "remove_network", run)
+
+    def build_image(self, *, op_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Fetch a build context from the control plane, build it into the tenant's image
+        store (tagged), streaming the log back; run once per ``op_id``."""
+        from runtime_agent.build_job import run_build
+
+        req = protocol.from_dict(protocol.BuildRequest, request)
+        cancel = threading.Event()
+        with self._builds_lock:
+            if req.build_id in self._cancelled_builds:
+                cancel.set()
+            self._builds[req.build_id] = cancel
+        try:
+            return self._once(op_id, "build", lambda: run_build(self, req, cancel))
+        finally:
+            with self._builds_lock:
+                self._builds.pop(req.build_id, None)
+
+    def cancel_build(self, *, build_id: str) -> dict[str, Any]:
+        with self._builds_lock:
+            flag = self._builds.get(build_id)
+            if flag is None:
+                self._cancelled_builds.add(build_id)
+            else:
+                flag.set()
+        return {"cancelled": flag is not None}
 
     def stop_container(
         self, *, op_id: str, tenant: str, name: str, timeout: int = 10

@@ -11,7 +11,7 @@ from django.db import transaction
 from runtime_agent import protocol
 from workloads.choices import ContainerState
 from workloads.models import Container
-from workloads.services import dispatch, jobs, placement, reconcile, reports
+from workloads.services import builds, dispatch, jobs, placement, reconcile, reports
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,16 @@ def dispatch_runs_task() -> int:
 @shared_task(name=protocol.CONTROL_NODE_REPORT)
 def node_report_task(report: dict[str, Any]) -> None:
     reports.handle_node_report(protocol.from_dict(protocol.NodeReport, report))
+
+
+@shared_task(name=protocol.CONTROL_BUILD_LOG)
+def build_log_task(report: dict[str, Any]) -> None:
+    builds.handle_build_report(protocol.from_dict(protocol.BuildReport, report))
+
+
+@shared_task(name=protocol.CONTROL_BUILD_RESULT)
+def build_result_task(report: dict[str, Any]) -> None:
+    builds.handle_build_report(protocol.from_dict(protocol.BuildReport, report))
 
 
 @shared_task(name="workloads.collect_run_logs")

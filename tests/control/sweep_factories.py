@@ -55,3 +55,29 @@ def _repository(tenant: Tenant, owner: User) -> Any:
 
 
 FACTORIES["registry.Repository"] = _repository
+
+
+def _volume(tenant: Tenant, owner: User) -> Any:
+    from tenants.services import Actor
+    from workloads.services.storage import create_volume
+
+    return create_volume(tenant, name="sweep-vol", actor=Actor.for_system("sweep"))
+
+
+def _network(tenant: Tenant, owner: User) -> Any:
+    from tenants.services import Actor
+    from workloads.services.storage import create_network
+
+    return create_network(tenant, name="sweep-net", actor=Actor.for_system("sweep"))
+
+
+def _build(tenant: Tenant, owner: User) -> Any:
+    # A queued build row (no node, no context file): all the API routes need.
+    from workloads.models import Build
+
+    return Build.objects.create(tenant=tenant, tag="sweep:1", reason="waiting for a ready node")
+
+
+FACTORIES["workloads.Volume"] = _volume
+FACTORIES["workloads.Network"] = _network
+FACTORIES["workloads.Build"] = _build

@@ -25,6 +25,12 @@ class HealthCheckSerializer(StrictSerializer):
     start_period = serializers.IntegerField(min_value=0, max_value=3600, default=0)
 
 
+class ServiceVolumeSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=63)
+    target = serializers.CharField(max_length=1000)
+    read_only = serializers.BooleanField(default=False)
+
+
 class ServiceSpecSerializer(StrictSerializer):
     """The deployable fields; every one optional on deploy (PATCH)."""
 
@@ -47,6 +53,8 @@ class ServiceSpecSerializer(StrictSerializer):
     )
     health_check = HealthCheckSerializer(required=False, allow_null=True)
     constraints = serializers.DictField(child=serializers.CharField(), required=False)
+    volumes = ServiceVolumeSerializer(many=True, required=False)
+    networks = serializers.ListField(child=serializers.CharField(max_length=63), required=False)
 
 
 class ServiceCreateSerializer(ServiceSpecSerializer):
@@ -123,6 +131,8 @@ class ServiceSerializer(serializers.ModelSerializer):
             "env",
             "secret_names",
             "ports",
+            "volumes",
+            "networks",
             "cpu_millicores",
             "memory_mib",
             "blkio_bps",

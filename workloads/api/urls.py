@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from workloads.api import views
+from workloads.api import storage_builds, views
 
 tenant_router = SimpleRouter()
 tenant_router.register("services", views.ServiceViewSet, basename="service")
 tenant_router.register("jobs", views.JobViewSet, basename="job")
+tenant_router.register("volumes", storage_builds.VolumeViewSet, basename="volume")
+tenant_router.register("networks", storage_builds.NetworkViewSet, basename="network")
+tenant_router.register("builds", storage_builds.BuildViewSet, basename="build")
 
 platform_router = SimpleRouter()
 platform_router.register("nodes", views.NodeViewSet, basename="node")
 
 tenant_urlpatterns = tenant_router.urls
-platform_urlpatterns = platform_router.urls
+platform_urlpatterns = [
+    path(
+        "nodes/builds/<uuid:build_id>/context/",
+        storage_builds.BuildContextView.as_view(),
+        name="build-context",
+    ),
+    *platform_router.urls,
+]

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+from workloads.models.builds import Build
 from workloads.models.jobs import BatchJob, JobRun
 from workloads.models.nodes import JoinToken, Node
 from workloads.models.services import Container, Deployment, Service
+from workloads.models.storage import Network, Volume
 
-__all__ = ["BatchJob", "Container", "Deployment", "JobRun", "JoinToken", "Node", "Service"]
+__all__ = [
+    "BatchJob",
+    "Build",
+    "Container",
+    "Deployment",
+    "JobRun",
+    "JoinToken",
+    "Network",
+    "Node",
+    "Service",
+    "Volume",
+]

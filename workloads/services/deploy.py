@@ -68,7 +68,7 @@ def create_service(
     tenant_services.ensure_active(tenant)
     if "image" not in data:
         raise InvalidInput("image is required")
-    fields = specs.service_fields(data)
+    fields = specs.service_fields(data, tenant)
     replicas = specs.validate_replicas(replicas)
     service = Service(tenant=tenant, name=name, replicas=replicas, **fields)
     service.full_clean(exclude=["tenant"], validate_unique=False, validate_constraints=False)
@@ -144,7 +144,7 @@ def deploy_service(service: Service, data: dict[str, Any], *, actor: Actor) -> D
     tenant_services.ensure_active(service.tenant)
     if service.deployments.filter(state=DeploymentState.IN_PROGRESS).exists():
         raise Conflict(f"a deployment of {service.name} is already in progress")
-    fields = specs.service_fields(data)
+    fields = specs.service_fields(data, service.tenant)
     previous_spec = service.spec()
     previous_generation = service.generation
     generation = (service.deployments.aggregate(m=Max("generation"))["m"] or 0) + 1

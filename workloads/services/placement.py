@@ -19,7 +19,8 @@ from workloads.choices import ContainerState, DesiredState, NodeState
 from workloads.models import Container, Node
 from workloads.scheduling import NodeCapacity, PlacementRequest, place
 from workloads.secrets import decrypt_secrets
-from workloads.services import dispatch
+from workloads.services import dispatch, storage
+from workloads.services.storage import NODE_ID_LABEL
 
 #: States in which a container holds capacity on its node.
 HOLDS_CAPACITY = (ContainerState.SCHEDULED, ContainerState.RUNNING, ContainerState.EXITED)
@@ -86,7 +87,9 @@ def _capacities(nodes: list[Node]) -> list[NodeCapacity]:
             cpu_millicores=max(0, node.cpu_millicores - used[node.pk]["cpu"]),
             memory_mib=max(0, node.memory_mib - used[node.pk]["mem"]),
             gpus=max(0, node.gpus - used[node.pk]["gpus"]),
-            labels=node.labels,
+            # Every node carries its id as a label, so a constraint on it pins work there
+            # (node-local volumes, images built on that node).
+            labels={**node.labels, NODE_ID_LABEL: str(node.pk)},
             group_counts=groups[node.pk],
             total_cpu_millicores=node.cpu_millicores,
             total_memory_mib=node.memory_mib,
@@ -118,6 +121,7 @@ def schedule_pending(*, limit: int = 1000) -> int:
             pending_reason="no ready node"
         )
         return 0
+    pins = storage.pin_constraints(pending)
     requests = [
         PlacementRequest(
             key=str(c.pk),
@@ -125,11 +129,18 @@ def schedule_pending(*, limit: int = 1000) -> int:
             cpu_millicores=c.cpu_millicores,
             memory_mib=c.memory_mib,
             gpus=c.gpus,
-            constraints=c.spec.get("constraints") or {},
+            constraints={
+                **(c.spec.get("constraints") or {}),
+                **pins.constraints.get(str(c.pk), {}),
+            },
         )
         for c in pending
+        if str(c.pk) not in pins.deferred
     ]
     result = place(requests, _capacities(nodes))
+    result.unplaced.update(pins.deferred)
+    if storage.pin_placed(pins, result.assignments) and pins.deferred:
+        schedule_soon()  # the containers waiting for those volumes can go now
     by_id = {str(n.pk): n for n in nodes}
     now = timezone.now()
     placed = 0

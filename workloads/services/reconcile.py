@@ -226,6 +226,9 @@ def reconcile(*, now: Any = None) -> dict[str, int]:
     if admitted:
         placed += placement.schedule_pending()
     to_check = advance_deployments(now=now)
+    from workloads.services.builds import reconcile_builds
+
+    builds_changed = reconcile_builds(now=now)
     if to_check:
         from workloads.tasks import health_check_task
 
@@ -238,4 +241,5 @@ def reconcile(*, now: Any = None) -> dict[str, int]:
         "timed_out": timed_out,
         "admitted": admitted,
         "health_checks": len(to_check),
+        "builds": builds_changed,
     }

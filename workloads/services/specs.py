@@ -10,8 +10,10 @@ from django.conf import settings
 
 from runtime_agent import protocol
 from tenants.errors import InvalidInput
+from tenants.models import Tenant
 from workloads.models import Container, Service
 from workloads.secrets import MAX_SECRET_BYTES, encrypt_secrets
+from workloads.services.storage import mounts_for
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_REPLICAS = 100
@@ -98,9 +100,18 @@ def validate_health_check(value: Any) -> dict[str, Any] | None:
     return clean
 
 
-def service_fields(data: dict[str, Any]) -> dict[str, Any]:
-    """Validate the deployable fields of a service; secrets come back encrypted."""
+def service_fields(data: dict[str, Any], tenant: Tenant | None = None) -> dict[str, Any]:
+    """Validate the deployable fields of a service; secrets come back encrypted.
+
+    With ``tenant``, the volumes and networks named must exist in it.
+    """
+    from workloads.services import storage
+
     fields: dict[str, Any] = {}
+    if "volumes" in data:
+        fields["volumes"] = storage.validate_service_volumes(tenant, data["volumes"])
+    if "networks" in data:
+        fields["networks"] = storage.validate_service_networks(tenant, data["networks"])
     if "image" in data:
         image = data["image"]
         if not isinstance(image, str) or not image.strip() or len(image) > 300:
@@ -207,6 +218,7 @@ def new_service_container(service: Service) -> Container:
             protocol.NetworkAttachment(network=n, aliases=(service.name,)) for n in service.networks
         ),
         ports=tuple(protocol.PortMapping(**p) for p in service.ports),
+        mounts=mounts_for(service.tenant, service.volumes or []),
     )
     container.spec = {
         **protocol.to_dict(spec),

@@ -1,0 +1,485 @@
+"""Volumes, networks and builds on the control plane, with real Postgres and Redis (what
+nodes receive is read from their real queues; what they send back is fed in as their
+reports). A build through a real agent is in tests/e2e/test_builds.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from django.test import override_settings
+from django.utils import timezone
+
+from billing.models import BuildUsage
+from runtime_agent import protocol
+from tenants.choices import Scope
+from tenants.models import Tenant, User
+from tests.control.test_workloads import SYSTEM, make_node, queued, used
+from workloads.models import Build, Node, Volume
+from workloads.services import builds, deploy, placement, reports, storage
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def broker() -> redis.Redis:
+    from django.conf import settings
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.flushdb()
+    return client
+
+
+@pytest.fixture
+def contexts(tmp_path: Path) -> Any:
+    with override_settings(BERTH_BUILD_CONTEXT_DIR=tmp_path / "ctx"):
+        yield tmp_path / "ctx"
+
+
+def context_tar(files: dict[str, bytes] | None = None) -> bytes:
+    files = files or {"Dockerfile": b"FROM busybox\nRUN echo hi\n"}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def api(
+    client_for: Callable[..., Any], make_token: Callable[..., str], tenant: Tenant, user: User
+) -> Any:
+    return client_for(make_token(tenant, user, Scope.WRITE))
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+def test_volume_lifecycle_reserves_and_releases_storage(
+    acme: tuple[Tenant, User],
+    make_token: Callable[..., str],
+    client_for: Callable[..., Any],
+    broker: redis.Redis,
+) -> None:
+    tenant, owner = acme
+    client = api(client_for, make_token, tenant, owner)
+    response = client.post(
+        "/api/v1/tenants/acme/volumes/", {"name": "data", "size_gib": 2}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    assert response.json()["node"] is None
+    assert used(tenant, "storage_gib") == 2
+    again = client.post("/api/v1/tenants/acme/volumes/", {"name": "data"}, format="json")
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "conflict"
+    bad = client.post("/api/v1/tenants/acme/volumes/", {"name": "Bad_Name"}, format="json")
+    assert bad.status_code == 400
+    listed = client.get("/api/v1/tenants/acme/volumes/").json()
+    names = [v["name"] for v in listed.get("results", listed)]
+    assert names == ["data"]
+
+    node, credential = make_node("n1")
+    service = deploy.create_service(
+        tenant,
+        name="db",
+        data={"image": "busybox", "volumes": [{"name": "data", "target": "/var/lib/db"}]},
+        replicas=1,
+        actor=SYSTEM,
+    )
+    refused = client.delete("/api/v1/tenants/acme/volumes/data/")
+    assert refused.status_code == 409
+    assert refused.json()["error"]["details"]["services"] == ["db"]
+    assert placement.schedule_pending() == 1
+    (op,) = queued(broker, node)
+    mounts = op["kwargs"]["spec"]["mounts"]
+    assert mounts == [
+        {
+            "kind": "volume",
+            "source": "data",
+            "target": "/var/lib/db",
+            "read_only": False,
+            "size_bytes": 2 * 1024**3,
+        }
+    ]
+    assert client.get("/api/v1/tenants/acme/volumes/data/").json()["node"] == "n1"
+
+    deploy.delete_service(service, actor=SYSTEM)
+    # The container is still being removed on the node: still refused.
+    assert client.delete("/api/v1/tenants/acme/volumes/data/").status_code == 409
+    container = service.containers.get()
+    reports.handle_node_report(
+        protocol.NodeReport(
+            node_id=str(node.pk),
+            credential=credential,
+            sent_at=timezone.now().isoformat(),
+            containers=(
+                protocol.ContainerReport(
+                    uid=str(container.pk), tenant="acme", name=container.agent_name, state="missing"
+                ),
+            ),
+        )
+    )
+    broker.delete(node.queue)
+    assert client.delete("/api/v1/tenants/acme/volumes/data/").status_code == 204
+    assert used(tenant, "storage_gib") == 0
+    (op,) = queued(broker, node)
+    assert op["task"] == protocol.AGENT_REMOVE_VOLUME
+    assert op["kwargs"]["name"] == "data"
+    assert not Volume.objects.filter(tenant=tenant).exists()
+
+
+def test_volume_over_storage_quota_is_refused_and_creates_nothing(
+    acme: tuple[Tenant, User], make_token: Callable[..., str], client_for: Callable[..., Any]
+) -> None:
+    tenant, owner = acme
+    client = api(client_for, make_token, tenant, owner)
+    limit = tenant.quota_limits()["storage_gib"]
+    response = client.post(
+        "/api/v1/tenants/acme/volumes/", {"name": "huge", "size_gib": limit + 1}, format="json"
+    )
+    assert response.status_code == 409, response.content
+    details = response.json()["error"]["details"]
+    assert (details["quota"], details["limit"], details["requested"]) == (
+        "storage_gib",
+        limit,
+        limit + 1,
+    )
+    assert not Volume.objects.exists()
+    assert used(tenant, "storage_gib") == 0
+
+
+def test_a_volume_pins_every_container_mounting_it_to_one_node(
+    acme: tuple[Tenant, User], broker: redis.Redis
+) -> None:
+    tenant, _ = acme
+    make_node("n1")
+    make_node("n2")
+    storage.create_volume(tenant, name="shared", actor=SYSTEM)
+    mount = [{"name": "shared", "target": "/data"}]
+    # Two replicas would spread over two nodes; the volume keeps them together.
+    web = deploy.create_service(
+        tenant, name="web", data={"image": "busybox", "volumes": mount}, replicas=2, actor=SYSTEM
+    )
+    assert placement.schedule_pending() == 1  # the second waits for the volume's node
+    waiting = web.containers.get(state="pending")
+    assert "waiting for another container to place volume shared" in waiting.pending_reason
+    assert placement.schedule_pending() == 1
+    volume = Volume.objects.get(name="shared")
+    assert {c.node_id for c in web.containers.all()} == {volume.node_id}
+    # A later service mounting it read-only lands there too, though the other node is empty.
+    other = deploy.create_service(
+        tenant,
+        name="reader",
+        data={"image": "busybox", "volumes": [{**mount[0], "read_only": True}]},
+        replicas=1,
+        actor=SYSTEM,
+    )
+    assert placement.schedule_pending() == 1
+    assert other.containers.get().node_id == volume.node_id
+    # When that node is gone, the work waits for it instead of starting with empty data.
+    Node.objects.filter(pk=volume.node_id).update(state="cordoned")
+    third = deploy.create_service(
+        tenant, name="third", data={"image": "busybox", "volumes": mount}, replicas=1, actor=SYSTEM
+    )
+    assert placement.schedule_pending() == 0
+    assert "berth.node.id" in third.containers.get().pending_reason
+
+
+def test_service_referencing_unknown_volume_or_network_is_refused(
+    acme: tuple[Tenant, User], make_token: Callable[..., str], client_for: Callable[..., Any]
+) -> None:
+    tenant, owner = acme
+    client = api(client_for, make_token, tenant, owner)
+    for extra, word in (
+        ({"volumes": [{"name": "nope", "target": "/d"}]}, "volume"),
+        ({"networks": ["nope"]}, "network"),
+    ):
+        response = client.post(
+            "/api/v1/tenants/acme/services/",
+            {"name": "s", "image": "busybox", **extra},
+            format="json",
+        )
+        assert response.status_code == 404, response.content
+        assert f"no {word} named 'nope'" in response.json()["error"]["message"]
+    bad_target = client.post(
+        "/api/v1/tenants/acme/services/",
+        {"name": "s", "image": "busybox", "volumes": [{"name": "x", "target": "rel"}]},
+        format="json",
+    )
+    assert bad_target.status_code == 400
+    assert not tenant.services.exists()
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def test_networks_attach_services_and_are_not_deleted_while_used(
+    acme: tuple[Tenant, User],
+    make_token: Callable[..., str],
+    client_for: Callable[..., Any],
+    broker: redis.Redis,
+) -> None:
+    tenant, owner = acme
+    client = api(client_for, make_token, tenant, owner)
+    node, _ = make_node("n1")
+    assert (
+        client.post(
+            "/api/v1/tenants/acme/networks/", {"name": "backend"}, format="json"
+        ).status_code
+        == 201
+    )
+    assert (
+        client.post(
+            "/api/v1/tenants/acme/networks/", {"name": "default"}, format="json"
+        ).status_code
+        == 400
+    )
+    response = client.post(
+        "/api/v1/tenants/acme/services/",
+        {"name": "api", "image": "busybox", "networks": ["backend"]},
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    assert response.json()["networks"] == ["backend"]
+    placement.schedule_pending()
+    (op,) = queued(broker, node)
+    assert op["kwargs"]["spec"]["networks"] == [
+        {"network": "backend", "aliases": ["api"], "ipv4_address": None}
+    ]
+    refused = client.delete("/api/v1/tenants/acme/networks/backend/")
+    assert refused.status_code == 409
+    assert "in use by service(s) api" in refused.json()["error"]["message"]
+    assert client.get("/api/v1/tenants/acme/networks/backend/").json()["services"] == ["api"]
+    assert client.delete("/api/v1/tenants/acme/services/api/").status_code == 204
+    broker.delete(node.queue)
+    assert client.delete("/api/v1/tenants/acme/networks/backend/").status_code == 204
+    ops = queued(broker, node)
+    assert [o["task"] for o in ops] == [protocol.AGENT_REMOVE_NETWORK]
+
+
+def test_other_tenants_cannot_see_or_touch_volumes_networks_builds(
+    acme: tuple[Tenant, User],
+    make_tenant: Callable[..., tuple[Tenant, User]],
+    make_token: Callable[..., str],
+    client_for: Callable[..., Any],
+    contexts: Path,
+) -> None:
+    tenant, owner = acme
+    storage.create_volume(tenant, name="data", actor=SYSTEM)
+    storage.create_network(tenant, name="net", actor=SYSTEM)
+    build = builds.create_build(
+        tenant, context=builds.store_context([context_tar()]), tag="app", actor=SYSTEM
+    )
+    other, other_owner = make_tenant("other")
+    outsider = client_for(make_token(other, other_owner, Scope.ADMIN))
+    for url in (
+        "/api/v1/tenants/acme/volumes/data/",
+        "/api/v1/tenants/acme/networks/net/",
+        f"/api/v1/tenants/acme/builds/{build.pk}/",
+        f"/api/v1/tenants/acme/builds/{build.pk}/logs/",
+    ):
+        assert outsider.get(url).status_code == 404, url
+    for url in ("/api/v1/tenants/acme/volumes/data/", "/api/v1/tenants/acme/networks/net/"):
+        assert outsider.delete(url).status_code == 404, url
+    assert outsider.post(f"/api/v1/tenants/acme/builds/{build.pk}/cancel/").status_code == 404
+    # Their own collections don't show acme's objects either.
+    for kind in ("volumes", "networks", "builds"):
+        body = outsider.get(f"/api/v1/tenants/other/{kind}/").json()
+        assert body.get("results", body) == []
+
+
+# --------------------------------------------------------------------------- builds
+
+
+def test_build_upload_dispatch_context_fetch_and_report(
+    acme: tuple[Tenant, User],
+    make_token: Callable[..., str],
+    client_for: Callable[..., Any],
+    broker: redis.Redis,
+    contexts: Path,
+) -> None:
+    tenant, owner = acme
+    client = api(client_for, make_token, tenant, owner)
+    node, credential = make_node("n1")
+    other_node, other_credential = make_node("n2")
+    tar = context_tar()
+    response = client.generic(
+        "POST",
+        "/api/v1/tenants/acme/builds/?tag=app:v1&build_arg=GREETING=hi&no_cache=1",
+        tar,
+        content_type="application/x-tar",
+    )
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["state"], body["tag"], body["context_size"]) == ("running", "app:v1", len(tar))
+    assert body["build_args"] == {"GREETING": "hi"}
+    assert used(tenant, "build_minutes_month") == 1  # one minute held while it runs
+    build = Build.objects.get(pk=body["id"])
+    assert Path(build.context_path).read_bytes() == tar
+    assert Path(build.context_path).parent == contexts
+    ops = [*queued(broker, node), *queued(broker, other_node)]
+    (op,) = ops
+    assert op["task"] == protocol.AGENT_BUILD
+    request = protocol.from_dict(protocol.BuildRequest, op["kwargs"]["request"])
+    assert (request.tenant, request.tag, request.no_cache) == ("acme", "app:v1", True)
+    build_node, build_credential = (
+        (node, credential) if build.node_id == node.pk else (other_node, other_credential)
+    )
+    wrong_node, wrong_credential = (
+        (other_node, other_credential) if build_node == node else (node, credential)
+    )
+
+    anonymous = client_for(None)
+    fetched = anonymous.get(
+        request.context_url,
+        HTTP_X_BERTH_NODE=str(build_node.pk),
+        HTTP_X_BERTH_NODE_CREDENTIAL=build_credential,
+    )
+    assert fetched.status_code == 200
+    assert b"".join(fetched.streaming_content) == tar
+    for headers in (
+        {"HTTP_X_BERTH_NODE": str(wrong_node.pk), "HTTP_X_BERTH_NODE_CREDENTIAL": wrong_credential},
+        {"HTTP_X_BERTH_NODE": str(build_node.pk), "HTTP_X_BERTH_NODE_CREDENTIAL": "bnc_wrong"},
+        {},
+    ):
+        assert anonymous.get(request.context_url, **headers).status_code == 403
+
+    def send(seq: int, log: str, size: int, **result: Any) -> None:
+        builds.handle_build_report(
+            protocol.BuildReport(
+                build_id=str(build.pk),
+                node_id=str(build_node.pk),
+                credential=build_credential,
+                seq=seq,
+                log=log,
+                log_size=size,
+                **result,
+            )
+        )
+
+    send(2, "Step 1/2 : FROM busybox\nStep 2/2 : RUN echo hi\n", 46)
+    send(1, "Step 1/2", 8)  # late, older: ignored
+    assert (
+        client.get(f"/api/v1/tenants/acme/builds/{build.pk}/logs/")
+        .json()["log"]
+        .endswith("RUN echo hi\n")
+    )
+    started = timezone.now() - timezone.timedelta(seconds=90)
+    send(
+        3,
+        "…hi\nSuccessfully built sha256:abc\n",
+        80,
+        state="succeeded",
+        digest="sha256:abc",
+        reference="app:v1",
+        started_at=started.isoformat(),
+        finished_at=timezone.now().isoformat(),
+    )
+    build.refresh_from_db()
+    assert (build.state, build.image_digest, build.image_reference) == (
+        "succeeded",
+        "sha256:abc",
+        "app:v1",
+    )
+    assert not Path(build.context_path).exists()
+    assert used(tenant, "build_minutes_month") == 2  # 90 s rounds up to two minutes
+    assert BuildUsage.objects.get(build_id=str(build.pk)).minutes > 1
+    # A redelivered result changes nothing.
+    send(3, "x", 80, state="failed", error="late", started_at=started.isoformat())
+    build.refresh_from_db()
+    assert build.state == "succeeded"
+    assert used(tenant, "build_minutes_month") == 2
+    follow = client.get(f"/api/v1/tenants/acme/builds/{build.pk}/logs/?follow=1")
+    lines = [json.loads(line) for line in b"".join(follow.streaming_content).splitlines()]
+    assert lines[-1]["state"] == "succeeded"
+    assert "Successfully built" in lines[0]["log"]
+
+    # A service using the image goes to the node holding it (the image was not pushed).
+    for _ in range(3):
+        service = deploy.create_service(
+            tenant, name=f"app{_}", data={"image": "app:v1"}, replicas=1, actor=SYSTEM
+        )
+        placement.schedule_pending()
+        assert service.containers.get().node_id == build_node.pk
+
+
+def test_build_bad_input_leaves_nothing_behind(
+    make_tenant: Callable[..., tuple[Tenant, User]],
+    make_token: Callable[..., str],
+    client_for: Callable[..., Any],
+    contexts: Path,
+) -> None:
+    tenant, owner = make_tenant("tiny", plan="free", seats=1)
+    client = api(client_for, make_token, tenant, owner)
+    url = "/api/v1/tenants/tiny/builds/"
+
+    def post(data: bytes, query: str = "?tag=app") -> Any:
+        return client.generic("POST", url + query, data, content_type="application/x-tar")
+
+    not_tar = post(b"this is not a tar archive" * 100)
+    assert not_tar.status_code == 400
+    assert "not a readable tar" in not_tar.json()["error"]["message"]
+    assert post(context_tar(), "?tag=Bad:Tag!").status_code == 400
+    assert post(context_tar(), "?tag=evil.example.com:5000/x/y").status_code == 400
+    with override_settings(BERTH_BUILD_CONTEXT_MAX_BYTES=4096):
+        big = post(context_tar({"Dockerfile": b"FROM busybox\n", "blob": b"x" * 10_000}))
+        assert big.status_code == 413
+        assert big.json()["error"]["code"] == "context_too_large"
+    multipart = client.post(
+        url,
+        {"context": io.BytesIO(context_tar()), "tag": "app:1", "build_args": '{"A": "b"}'},
+        format="multipart",
+    )
+    assert multipart.status_code == 201, multipart.content
+    assert multipart.json()["state"] == "queued"  # no node yet
+    assert multipart.json()["reason"] == "waiting for a ready node"
+    # Out of build minutes: refused with the quota's figures.
+    limit = tenant.quota_limits()["build_minutes_month"]
+    from tenants.models import QuotaUsage
+
+    QuotaUsage.objects.filter(tenant=tenant, quota="build_minutes_month").update(used=limit)
+    refused = post(context_tar())
+    assert refused.status_code == 409
+    details = refused.json()["error"]["details"]
+    assert (details["quota"], details["limit"], details["used"]) == (
+        "build_minutes_month",
+        limit,
+        limit,
+    )
+    assert Build.objects.count() == 1
+    assert sorted(p.name for p in contexts.iterdir()) == [f"{multipart.json()['id']}.tar"]
+    # Cancelling the queued build gives its held minute back and removes its context.
+    cancelled = client.post(f"{url}{multipart.json()['id']}/cancel/")
+    assert cancelled.json()["state"] == "cancelled"
+    assert used(tenant, "build_minutes_month") == limit - 1
+    assert list(contexts.iterdir()) == []
+    assert client.post(f"{url}{multipart.json()['id']}/cancel/").status_code == 409
+
+
+def test_running_build_cancel_reaches_its_node_and_node_loss_fails_it(
+    acme: tuple[Tenant, User], broker: redis.Redis, contexts: Path
+) -> None:
+    tenant, _ = acme
+    node, _ = make_node("n1")
+    first = builds.create_build(
+        tenant, context=builds.store_context([context_tar()]), tag="a", actor=SYSTEM
+    )
+    second = builds.create_build(
+        tenant, context=builds.store_context([context_tar()]), tag="b", actor=SYSTEM
+    )
+    broker.delete(node.queue)
+    builds.cancel_build(first, actor=SYSTEM)
+    (op,) = queued(broker, node)
+    assert (op["task"], op["kwargs"]) == (protocol.AGENT_CANCEL_BUILD, {"build_id": str(first.pk)})
+    Node.objects.filter(pk=node.pk).update(state="down")
+    assert builds.reconcile_builds() == 1
+    second.refresh_from_db()
+    assert (second.state, second.reason) == ("failed", "the build's node went down")
+    assert used(tenant, "build_minutes_month") == 2  # a minute each, counted once

@@ -1,0 +1,395 @@
+"""Image builds: a context tar uploaded through the API, built on a node.
+
+The context is streamed to disk under ``BERTH_BUILD_CONTEXT_DIR`` (never into the
+database), size-capped by ``BERTH_BUILD_CONTEXT_MAX_BYTES``. Admission holds one minute of
+the tenant's ``build_minutes_month`` quota (a tenant with no minutes left starts nothing);
+when the build ends that hold is released and the minutes actually used (rounded up) are
+added to the month's use, exactly once, and the build is recorded for billing
+(``billing.services.record_build``). The node the build is placed on fetches the context
+over HTTP with its node credential, builds with ``agent.builder`` and reports its log
+and result back (``handle_build_report``). The image stays in that node's store (node
+credentials may not push to the registry), so services using it are pinned there
+(``storage.pin_constraints``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import tarfile
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from runtime_agent import protocol
+from tenants import services as tenant_services
+from tenants.errors import BerthError, Conflict, InvalidInput, PermissionDenied
+from tenants.models import QuotaUsage, Tenant
+from tenants.services import Actor, record
+from workloads.choices import BuildState, NodeState
+from workloads.models import Build, Node
+from workloads.services import dispatch, nodes
+
+log = logging.getLogger(__name__)
+SYSTEM = Actor.for_system("builds")
+TERMINAL = (BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED)
+REPOSITORY_RE = re.compile(
+    r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
+)
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+ARG_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ContextTooLarge(BerthError):
+    status_code = 413
+    code = "context_too_large"
+
+
+def context_dir() -> Path:
+    path = Path(getattr(settings, "BERTH_BUILD_CONTEXT_DIR", "var/build-contexts"))
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def max_context_bytes() -> int:
+    return int(getattr(settings, "BERTH_BUILD_CONTEXT_MAX_BYTES", 256 * 1024**2))
+
+
+def log_keep_bytes() -> int:
+    return int(getattr(settings, "BERTH_BUILD_LOG_KEEP_BYTES", 256 * 1024))
+
+
+def build_timeout() -> int:
+    return int(getattr(settings, "BERTH_BUILD_TIMEOUT_SECONDS", 3600))
+
+
+# --------------------------------------------------------------------------- input
+
+
+def validate_tag(tag: Any) -> str:
+    """``repository[:tag]`` in the tenant's namespace -> ``repository:tag``."""
+    if not isinstance(tag, str) or not tag or len(tag) > 255:
+        raise InvalidInput("tag must be a repository[:tag] such as myapp:1.0")
+    repository, _, name = tag.partition(":") if "/" not in tag.rpartition(":")[2] else (tag, "", "")
+    name = name or "latest"
+    if "@" in tag or not REPOSITORY_RE.match(repository):
+        raise InvalidInput(
+            f"tag {tag!r}: the repository must be lowercase path components of letters, "
+            "digits and separators (no registry host: images go in your tenant's namespace)",
+            details={"field": "tag"},
+        )
+    if not TAG_RE.match(name):
+        raise InvalidInput(f"tag {tag!r}: {name!r} is not a valid tag", details={"field": "tag"})
+    return f"{repository}:{name}"
+
+
+def validate_build_args(value: Any) -> dict[str, str]:
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and ARG_RE.match(k) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidInput("build_args must be an object of NAME: string value")
+    if sum(len(k) + len(v) for k, v in value.items()) > 64 * 1024:
+        raise InvalidInput("build_args are too large (64 KiB at most)")
+    return dict(value)
+
+
+def validate_dockerfile(value: Any) -> str:
+    if value in (None, ""):
+        return "Dockerfile"
+    if (
+        not isinstance(value, str)
+        or len(value) > 500
+        or value.startswith("/")
+        or ".." in value.split("/")
+    ):
+        raise InvalidInput("dockerfile must be a relative path inside the context")
+    return value
+
+
+def store_context(
+    chunks: Iterable[bytes], *, declared_size: int | None = None
+) -> tuple[Path, int, str]:
+    """Spool an uploaded context to disk, capped, and check that it is a tar archive.
+
+    Returns ``(path, size, sha256)``; raises :class:`ContextTooLarge` or
+    :class:`InvalidInput` leaving no file behind.
+    """
+    limit = max_context_bytes()
+    if declared_size is not None and declared_size > limit:
+        raise ContextTooLarge(
+            f"the build context is {declared_size} bytes; at most {limit} are accepted",
+            details={"limit_bytes": limit, "size_bytes": declared_size},
+        )
+    path = context_dir() / f".upload-{uuid.uuid4().hex}.tar"
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with path.open("wb") as out:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise ContextTooLarge(
+                        f"the build context is over the {limit}-byte limit",
+                        details={"limit_bytes": limit},
+                    )
+                digest.update(chunk)
+                out.write(chunk)
+        if size == 0:
+            raise InvalidInput("the build context is empty: upload a tar of the build directory")
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                for _ in tar:
+                    pass
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise InvalidInput(f"the build context is not a readable tar archive: {exc}") from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, size, digest.hexdigest()
+
+
+def discard_context(path: str | Path) -> None:
+    if path:
+        Path(path).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def create_build(
+    tenant: Tenant,
+    *,
+    context: tuple[Path, int, str],
+    tag: str,
+    dockerfile: str | None = None,
+    build_args: dict[str, str] | None = None,
+    target: str | None = None,
+    no_cache: bool = False,
+    actor: Actor,
+) -> Build:
+    """Admit a build (one build minute must be left this month) and send it to a node.
+
+    The spooled context file is owned by the build from here: moved next to it, or
+    removed when admission fails (nothing else is left behind then either).
+    """
+    path, size, sha = context
+    final = path.with_name(f"{uuid.uuid4()}.tar")
+    try:
+        with transaction.atomic():
+            tenant_services.ensure_active(tenant)
+            clean_tag = validate_tag(tag)
+            clean_dockerfile = validate_dockerfile(dockerfile)
+            clean_args = validate_build_args(build_args)
+            if target is not None and (not isinstance(target, str) or len(target) > 128):
+                raise InvalidInput("target must be a stage name")
+            build = Build(
+                id=uuid.UUID(final.stem),
+                tenant=tenant,
+                tag=clean_tag,
+                dockerfile=clean_dockerfile,
+                build_args=clean_args,
+                target=target or "",
+                no_cache=bool(no_cache),
+                context_path=str(final),
+                context_size=size,
+                context_sha256=sha,
+            )
+            build.reservation = tenant_services.reserve(
+                tenant, {"build_minutes_month": 1}, actor=actor, reason=f"build {build.pk}"
+            )
+            build.save()
+            record(
+                actor,
+                "build.create",
+                tenant=tenant,
+                target=build,
+                details={"tag": clean_tag, "context_bytes": size},
+            )
+            _dispatch(build)
+            path.rename(final)  # before commit: the node fetches it once the task is sent
+    except BaseException:
+        discard_context(path)
+        discard_context(final)
+        raise
+    return build
+
+
+def _pick_node() -> Node | None:
+    """The ready node with the fewest builds running (builds are CPU-heavy)."""
+    return (
+        Node.objects.filter(state=NodeState.READY)
+        .annotate(running=Count("builds", filter=Q(builds__state=BuildState.RUNNING)))
+        .order_by("running", "name", "pk")
+        .first()
+    )
+
+
+def context_path_url(build: Build) -> str:
+    from django.urls import reverse
+
+    return reverse("build-context", kwargs={"build_id": build.pk})
+
+
+def _dispatch(build: Build) -> bool:
+    node = _pick_node()
+    if node is None:
+        if build.reason != "waiting for a ready node":
+            build.reason = "waiting for a ready node"
+            build.save(update_fields=["reason"])
+        return False
+    build.node = node
+    build.state = BuildState.RUNNING
+    build.started_at = timezone.now()
+    build.reason = ""
+    build.save(update_fields=["node", "state", "started_at", "reason"])
+    request = protocol.BuildRequest(
+        build_id=str(build.pk),
+        tenant=build.tenant.slug,
+        context_url=context_path_url(build),
+        tag=build.tag,
+        dockerfile=build.dockerfile,
+        build_args=dict(build.build_args),
+        target=build.target or None,
+        no_cache=build.no_cache,
+        log_keep_bytes=log_keep_bytes(),
+        timeout_seconds=build_timeout(),
+    )
+    dispatch.send_after_commit(
+        node, protocol.AGENT_BUILD, op_id=f"build:{build.pk}", request=protocol.to_dict(request)
+    )
+    return True
+
+
+def _finish(
+    build: Build, state: str, *, reason: str = "", finished_at: datetime | None = None
+) -> None:
+    """End a build: its minutes are counted exactly once, its context removed."""
+    now = timezone.now()
+    build.state = state
+    build.reason = reason[:1000]
+    build.finished_at = finished_at or now
+    if build.started_at is not None and build.finished_at < build.started_at:
+        build.finished_at = build.started_at
+    build.save()
+    if build.reservation_id is not None and tenant_services.release(
+        build.reservation_id, actor=SYSTEM, reason="build ended"
+    ):
+        if build.started_at is not None:
+            seconds = (build.finished_at - build.started_at).total_seconds()
+            minutes = max(1, math.ceil(seconds / 60))
+            QuotaUsage.objects.filter(
+                tenant_id=build.tenant_id, quota="build_minutes_month"
+            ).update(used=F("used") + minutes, updated_at=now)
+            from billing.services import record_build
+
+            record_build(
+                build.tenant,
+                str(build.pk),
+                started_at=build.started_at,
+                finished_at=build.finished_at,
+            )
+            record(
+                SYSTEM,
+                "build.minutes",
+                tenant=build.tenant,
+                target=build,
+                details={"minutes": minutes, "seconds": round(seconds, 3)},
+            )
+    path = build.context_path
+    transaction.on_commit(lambda: discard_context(path))
+
+
+@transaction.atomic
+def cancel_build(build: Build, *, actor: Actor) -> Build:
+    build = (
+        Build.objects.select_for_update(of=("self",))
+        .select_related("tenant", "node")
+        .get(pk=build.pk)
+    )
+    if build.state in TERMINAL:
+        raise Conflict(f"the build already ended ({build.state})", details={"state": build.state})
+    node = build.node if build.state == BuildState.RUNNING else None
+    _finish(build, BuildState.CANCELLED, reason="cancelled")
+    if node is not None:
+        dispatch.send_after_commit(node, protocol.AGENT_CANCEL_BUILD, build_id=str(build.pk))
+    record(actor, "build.cancel", tenant=build.tenant, target=build)
+    return build
+
+
+def authenticate_context_fetch(build_id: str, node_id: str, credential: str) -> Build:
+    """Only the node a running build was placed on may fetch its context."""
+    node = nodes.authenticate_node(node_id, credential)
+    build = Build.objects.filter(pk=build_id).first()
+    if build is None or build.node_id != node.pk or build.state != BuildState.RUNNING:
+        raise PermissionDenied("this node has no running build with that id")
+    return build
+
+
+@transaction.atomic
+def handle_build_report(report: protocol.BuildReport) -> None:
+    """Apply a node's log or result report (newest sequence wins; results end the build)."""
+    node = nodes.authenticate_node(report.node_id, report.credential)
+    build = (
+        Build.objects.select_for_update(of=("self",))
+        .select_related("tenant")
+        .filter(pk=report.build_id)
+        .first()
+    )
+    if build is None or build.node_id != node.pk:
+        log.warning("ignoring a build report of %s from node %s", report.build_id, node.name)
+        return
+    fields = []
+    if report.seq > build.log_seq:
+        build.log, build.log_size, build.log_seq = report.log, report.log_size, report.seq
+        fields = ["log", "log_size", "log_seq"]
+    if report.state is None or build.state in TERMINAL:
+        if fields:
+            build.save(update_fields=fields)
+        return
+    if report.state == BuildState.SUCCEEDED:
+        build.image_digest = report.digest or ""
+        build.image_reference = report.reference or build.tag
+    build.started_at = parse_datetime(report.started_at or "") or build.started_at
+    state = report.state if report.state in TERMINAL else BuildState.FAILED
+    _finish(
+        build,
+        state,
+        reason=report.error or "",
+        finished_at=parse_datetime(report.finished_at or "") or None,
+    )
+
+
+def reconcile_builds(*, now: datetime | None = None) -> int:
+    """Send queued builds to nodes; fail builds whose node went down or that ran over time."""
+    now = now or timezone.now()
+    changed = 0
+    with transaction.atomic():
+        for build in (
+            Build.objects.select_for_update(skip_locked=True, of=("self",))
+            .select_related("tenant", "node")
+            .filter(state__in=[BuildState.QUEUED, BuildState.RUNNING])
+        ):
+            if build.state == BuildState.QUEUED:
+                changed += _dispatch(build)
+            elif build.node is None or build.node.state == NodeState.DOWN:
+                _finish(build, BuildState.FAILED, reason="the build's node went down")
+                changed += 1
+            elif (
+                build.started_at
+                and (now - build.started_at).total_seconds() > build_timeout() + 120
+            ):
+                _finish(build, BuildState.FAILED, reason=f"no result within {build_timeout()}s")
+                changed += 1
+    return changed
