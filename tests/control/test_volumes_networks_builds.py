@@ -271,7 +271,7 @@ def test_other_tenants_cannot_see_or_touch_volumes_networks_builds(
     client_for: Callable[..., Any],
     contexts: Path,
 ) -> None:
-    tenant, owner = acme
+    tenant, _ = acme
     storage.create_volume(tenant, name="data", actor=SYSTEM)
     storage.create_network(tenant, name="net", actor=SYSTEM)
     build = builds.create_build(
