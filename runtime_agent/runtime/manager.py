@@ -199,10 +199,13 @@ class ContainerManager:
     def _monitor_alive(paths: MonitorPaths) -> bool:
         try:
             pid = int(paths.conmon_pid_file.read_text().strip())
-            with open(f"/proc/{pid}/comm") as fh:
-                return fh.read().strip() == "conmon"
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
         except (FileNotFoundError, ValueError, ProcessLookupError):
             return False
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        state = stat[stat.rfind(")") + 2 :].split(" ", 1)[0]
+        return name == "conmon" and state not in ("Z", "X")  # a zombie monitors nothing
 
     def _info(self, record: ContainerRecord) -> ContainerInfo:
         return ContainerInfo(

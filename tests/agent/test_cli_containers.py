@@ -121,3 +121,31 @@ def test_detached_container_commands(cli: Cli, agent_config: AgentConfig) -> Non
     assert cli("rm", "web").returncode == 0
     assert cli("inspect", "web").returncode == 125
     _nothing_left(cli, agent_config)
+
+
+def test_run_flags_become_the_container_spec() -> None:
+    from runtime_agent.cli.containers import spec_from_args
+    from runtime_agent.cli.main import build_parser
+
+    argv = [
+        "run", "--tenant", "acme", "--name", "db", "-e", "A=1", "-w", "/srv", "-u", "app",
+        "--entrypoint", "", "-m", "1.5g", "--cpus", "0.25", "-c", "512", "--pids-limit", "99",
+        "--device-read-bps", "/dev/sda:1mb", "--device-write-bps", "512k",
+        "--device-write-iops", "/dev/sda:300", "--read-only", "--restart", "on-failure:4",
+        "--tmpfs", "/run:size=8m", "--network", "none", "--stop-signal", "SIGINT",
+        "busybox", "ls", "-l",
+    ]  # fmt: skip
+    args = build_parser(argv).parse_args(argv)
+    spec = spec_from_args(args)
+    assert (spec.tenant, spec.name, spec.image) == ("acme", "db", "busybox")
+    assert spec.command == ("ls", "-l") and spec.entrypoint == ()
+    assert (spec.env, spec.workdir, spec.user) == ({"A": "1"}, "/srv", "app")
+    limits = spec.limits
+    assert limits.memory_bytes == 1536 * 1024 * 1024
+    assert (limits.cpus, limits.cpu_shares, limits.pids) == (0.25, 512, 99)
+    assert (limits.device_read_bps, limits.device_write_bps) == (1 << 20, 512 << 10)
+    assert limits.device_write_iops == 300
+    assert spec.read_only_rootfs and spec.network_mode == "none"
+    assert (spec.restart.name, spec.restart.max_retries) == ("on-failure", 4)
+    assert spec.mounts[0].kind == "tmpfs" and spec.mounts[0].target == "/run"
+    assert spec.stop_signal == "SIGINT"

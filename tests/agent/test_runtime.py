@@ -307,3 +307,24 @@ def test_logs_are_size_capped_and_follow_survives_rotation(
     assert 100 < len(kept) < 20000
     assert followed[-1] == 19999
     assert followed == sorted(followed)  # rotation never replays or reorders lines
+
+
+def test_recover_after_the_monitor_and_container_vanished(rt: Agent) -> None:
+    """What a node reboot leaves: no monitor, no process, no exit file. A fresh agent
+    reports the container exited (255) and recover() restarts an always-policy one."""
+    c = rt.containers
+    info = c.run(spec("sleep 300", restart=RestartPolicy("always")))
+    plain = c.run(spec("sleep 300"))
+    for container in (info, plain):
+        monitor_dir = rt.config.containers_dir / "default" / container.id / "monitor"
+        conmon_pid = int((monitor_dir / "conmon.pid").read_text())
+        os.kill(conmon_pid, signal.SIGKILL)
+        os.kill(c.inspect("default", container.id)["State"]["Pid"], signal.SIGKILL)
+    fresh = Agent(rt.config)
+    until(lambda: fresh.containers.inspect("default", plain.id)["State"]["Status"] == "exited")
+    assert fresh.containers.inspect("default", plain.id)["State"]["ExitCode"] == 255
+    fresh.containers.recover()
+    assert fresh.containers.inspect("default", info.id)["State"]["Status"] == "running"
+    assert fresh.containers.inspect("default", info.id)["RestartCount"] == 1
+    assert fresh.containers.inspect("default", plain.id)["State"]["Status"] == "exited"
+    assert fresh.containers.exec_capture("default", info.id, ["true"])[0] == 0
