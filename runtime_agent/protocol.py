@@ -153,7 +153,7 @@ def _coerce(tp: Any, value: Any) -> Any:
             if arg is type(None):
                 continue
             if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                return from_dict(arg, value)
+                return from_dict(arg, value)  # type: ignore[arg-type]
             if typing.get_origin(arg) is tuple and isinstance(value, list):
                 return _coerce(arg, value)
         return value
