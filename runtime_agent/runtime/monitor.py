@@ -9,8 +9,8 @@ an ``oom`` file when the memory cgroup killed it. None of that depends on the ag
 process, so exit codes and OOM flags survive the agent exiting; ``ContainerManager``
 reads these files whenever it looks at a container.
 
-runc is always driven with its cgroupfs manager (conmon gets no ``--systemd-cgroup``,
-runc no ``--systemd-cgroup``) and ``linux.cgroupsPath`` in cgroupfs form (``/a/b/c``).
+runc is always driven with its cgroupfs manager (``--systemd-cgroup=false`` on every runc
+call, conmon without ``--systemd-cgroup``) and ``linux.cgroupsPath`` in cgroupfs form.
 """
 
 from __future__ import annotations
@@ -81,10 +81,12 @@ class Runc:
         self.config = config
         self.binary = _which(config.runc)
         self.root = str(config.runc_root)
+        # cgroupfs, said explicitly: cgroupsPath is in cgroupfs form ("/a/b/c").
+        self.global_args = ["--root", self.root, "--systemd-cgroup=false"]
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [self.binary, "--root", self.root, *args],
+            [self.binary, *self.global_args, *args],
             capture_output=True,
             text=True,
             check=False,
@@ -134,7 +136,7 @@ class Runc:
         additional_gids: tuple[int, ...] = (),
     ) -> list[str]:
         """The argv of ``runc exec`` (the caller runs it, streaming or capturing)."""
-        command = [self.binary, "--root", self.root, "exec", "--cwd", cwd, "--user", f"{uid}:{gid}"]
+        command = [self.binary, *self.global_args, "exec", "--cwd", cwd, "--user", f"{uid}:{gid}"]
         for gid_extra in additional_gids:
             command += ["--additional-gids", str(gid_extra)]
         for item in env:
@@ -210,6 +212,7 @@ def launch_monitor(
         "--persist-dir", str(monitor),
         "--socket-dir-path", str(socket_dir),
         "--runtime-arg", f"--root={runc.root}",
+        "--runtime-arg", "--systemd-cgroup=false",
         "--runtime-arg", f"--log={paths.runc_log}",
         "--runtime-arg", "--log-format=json",
         "--no-sync-log",
