@@ -1,0 +1,123 @@
+"""A build through the REST API on a real agent, then a service running the image."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.test import override_settings
+from rest_framework.test import APIClient
+
+from tests.e2e.conftest import Cluster, wait_for
+from tests.e2e.test_dispatch import _client, _running_nodes, _service
+from workloads.models import Build
+
+pytestmark = [pytest.mark.privileged, pytest.mark.timeout(600)]
+
+DOCKERFILE = b"""FROM busybox
+ARG GREETING=unset
+RUN echo "built with $GREETING" > /built.txt
+COPY hello.txt /srv/hello.txt
+CMD ["sh", "-c", "cat /srv/hello.txt /built.txt; exec sleep 100000"]
+"""
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def contexts(tmp_path: Path) -> Iterator[Path]:
+    with override_settings(BERTH_BUILD_CONTEXT_DIR=tmp_path / "ctx"):
+        yield tmp_path / "ctx"
+
+
+def _follow(client: APIClient, slug: str, build_id: str) -> list[dict[str, Any]]:
+    response = client.get(f"/api/v1/tenants/{slug}/builds/{build_id}/logs/?follow=1&seconds=240")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/x-ndjson"
+    return [json.loads(line) for line in b"".join(response.streaming_content).splitlines()]
+
+
+def test_build_on_an_agent_then_run_the_image(cluster: Cluster, contexts: Path) -> None:
+    client = _client("e2eb")
+    context = _tar({"Dockerfile": DOCKERFILE, "hello.txt": b"hello from the context\n"})
+    created = client.generic(
+        "POST",
+        "/api/v1/tenants/e2eb/builds/?tag=app:v1&build_arg=GREETING=berth",
+        context,
+        content_type="application/x-tar",
+    )
+    assert created.status_code == 201, created.content
+    build_id = created.json()["id"]
+
+    lines = _follow(client, "e2eb", build_id)
+    log = "".join(line.get("log", "") for line in lines)
+    build = client.get(f"/api/v1/tenants/e2eb/builds/{build_id}/").json()
+    assert lines[-1]["state"] == "succeeded", (build, log)
+    assert "Step 1/5 : FROM busybox" in log
+    assert "Step 3/5 : RUN" in log
+    assert "Successfully tagged app:v1" in log
+    assert build["image_digest"].startswith("sha256:")
+    assert build["node"] in ("n1", "n2")
+    assert build["pushed"] is False
+    assert build["duration_seconds"] > 0
+    kept = client.get(f"/api/v1/tenants/e2eb/builds/{build_id}/logs/").json()
+    assert "Successfully built" in kept["log"]
+    assert not list(contexts.iterdir())  # the context is gone once the build ended
+
+    # A service of the image runs on the node that built it.
+    response = client.post(
+        "/api/v1/tenants/e2eb/services/",
+        {"name": "app", "image": "app:v1", "replicas": 1, "memory_mib": 32},
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    try:
+        nodes = wait_for(lambda: _running_nodes(client, "e2eb", "app"), timeout=60, what="app")
+    except AssertionError:
+        raise AssertionError(f"not running: {_service(client, 'e2eb', 'app')}") from None
+    assert nodes == [build["node"]]
+
+    def output() -> str | None:
+        lines = client.get("/api/v1/tenants/e2eb/services/app/logs/").json()["lines"]
+        text = "".join(line["line"] for line in lines)
+        return text if "built with berth" in text else None
+
+    text = wait_for(output, timeout=30, what="the service's output")
+    assert "hello from the context" in text
+
+
+def test_a_running_build_is_cancelled_on_its_agent(cluster: Cluster, contexts: Path) -> None:
+    client = _client("e2ec")
+    context = _tar({"Dockerfile": b"FROM busybox\nRUN echo started; sleep 6\nRUN echo never-ran\n"})
+    created = client.generic(
+        "POST", "/api/v1/tenants/e2ec/builds/?tag=slow", context, content_type="application/x-tar"
+    )
+    assert created.status_code == 201, created.content
+    build_id = created.json()["id"]
+    wait_for(lambda: "Step 2/3" in Build.objects.get(pk=build_id).log, timeout=60, what="step 2")
+    cancelled = client.post(f"/api/v1/tenants/e2ec/builds/{build_id}/cancel/")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["state"] == "cancelled"
+    # The agent stops the build once its current RUN step ends (the builder can't
+    # interrupt a step) and says so; the next step never starts, the build stays cancelled.
+    wait_for(
+        lambda: "cancelled" in Build.objects.get(pk=build_id).log,
+        timeout=60,
+        what="the agent's cancellation",
+    )
+    build = Build.objects.get(pk=build_id)
+    assert build.state == "cancelled"
+    assert "Step 3/3" not in build.log
