@@ -25,7 +25,7 @@ from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
-from django.db.models import F, Value
+from django.db.models import BigIntegerField, Case, F, Value, When
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
@@ -721,6 +721,37 @@ def _validate_amounts(amounts: Mapping[str, int]) -> dict[str, int]:
     return clean
 
 
+def _lock_usage_rows(tenant_id: int, quotas: Mapping[str, int]) -> dict[str, QuotaUsage]:
+    """Lock the tenant's usage rows of ``quotas`` (in name order: no deadlocks between
+    callers), creating missing ones first."""
+
+    def locked() -> dict[str, QuotaUsage]:
+        return {
+            row.quota: row
+            for row in QuotaUsage.objects.select_for_update()
+            .filter(tenant_id=tenant_id, quota__in=sorted(quotas))
+            .order_by("quota")
+        }
+
+    rows = locked()
+    if len(rows) < len(quotas):
+        QuotaUsage.objects.bulk_create(
+            [QuotaUsage(tenant_id=tenant_id, quota=q) for q in quotas if q not in rows],
+            ignore_conflicts=True,
+        )
+        rows = locked()
+    return rows
+
+
+def _per_quota(amounts: Mapping[str, int]) -> Case:
+    """An SQL expression worth ``amounts[quota]`` on each usage row (one UPDATE for all)."""
+    return Case(
+        *[When(quota=name, then=Value(amount)) for name, amount in amounts.items()],
+        default=Value(0),
+        output_field=BigIntegerField(),
+    )
+
+
 @transaction.atomic
 def reserve(
     tenant: Tenant, amounts: Mapping[str, int], *, actor: Actor, reason: str
@@ -735,18 +766,7 @@ def reserve(
     """
     clean = _validate_amounts(amounts)
     pooled = {q: a for q, a in clean.items() if q not in PER_CONTAINER_QUOTAS and a > 0}
-    if pooled:
-        QuotaUsage.objects.bulk_create(
-            [QuotaUsage(tenant_id=tenant.pk, quota=q) for q in pooled], ignore_conflicts=True
-        )
-        rows = {
-            row.quota: row
-            for row in QuotaUsage.objects.select_for_update()
-            .filter(tenant_id=tenant.pk, quota__in=sorted(pooled))
-            .order_by("quota")
-        }
-    else:
-        rows = {}
+    rows = _lock_usage_rows(tenant.pk, pooled) if pooled else {}
     # Read the tenant after taking the locks so a plan change committed meanwhile counts.
     fresh = Tenant.objects.select_related("plan").get(pk=tenant.pk)
     ensure_active(fresh)
@@ -760,9 +780,10 @@ def reserve(
                 raise QuotaExceeded(name, limits[name], 0, amount)
         elif amount and rows[name].used + amount > limits[name]:
             raise QuotaExceeded(name, limits[name], rows[name].used, amount)
-    now = timezone.now()
-    for name, amount in pooled.items():
-        QuotaUsage.objects.filter(pk=rows[name].pk).update(used=F("used") + amount, updated_at=now)
+    if pooled:
+        QuotaUsage.objects.filter(pk__in=[rows[q].pk for q in pooled]).update(
+            used=F("used") + _per_quota(pooled), updated_at=timezone.now()
+        )
     reservation = QuotaReservation.objects.create(
         tenant_id=tenant.pk, amounts=pooled, reason=reason[:200]
     )
@@ -792,10 +813,14 @@ def release(
             raise NotFound(f"no quota reservation {pk}")
         return False
     held = QuotaReservation.objects.select_related("tenant").get(pk=pk)
-    for name in sorted(held.amounts):
-        QuotaUsage.objects.filter(tenant_id=held.tenant_id, quota=name).update(
+    amounts = {name: int(amount) for name, amount in held.amounts.items()}
+    if amounts:
+        # Lock in name order first, as reserve does: a multi-row UPDATE alone would lock
+        # in scan order and deadlock against concurrent reservations.
+        rows = _lock_usage_rows(held.tenant_id, amounts)
+        QuotaUsage.objects.filter(pk__in=[row.pk for row in rows.values()]).update(
             # Never below zero: a monthly quota may have been reset since the reservation.
-            used=Greatest(F("used") - int(held.amounts[name]), Value(0)),
+            used=Greatest(F("used") - _per_quota(amounts), Value(0)),
             updated_at=now,
         )
     record(
