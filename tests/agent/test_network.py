@@ -921,3 +921,52 @@ def test_published_udp_port_answers_on_loopback_and_host_address(net: NetworkMan
         stop.set()
         thread.join()
         server.close()
+
+
+def test_bandwidth_limit_shapes_real_traffic(net: NetworkManager) -> None:
+    net.create("acme", "web")
+    sink = net.attach("acme", cid(), "sink", [NetworkAttachment("web")], name="sink")
+    limited = net.attach(
+        "acme", cid(), "slow", [NetworkAttachment("web")], name="slow", egress_bps=16_000_000
+    )
+    free = net.attach("acme", cid(), "fast", [NetworkAttachment("web")], name="fast")
+    assert sink.netns_path and limited.netns_path and free.netns_path
+    sink_ip = ip_of(sink, "web")
+    payload = b"x" * (3 * 1024 * 1024)  # 25 Mbit: >= 1.5 s at 16 Mbit/s
+
+    def listener() -> socket.socket:
+        s = socket.socket()
+        s.bind((sink_ip, 9000))
+        s.listen(2)
+        return s
+
+    server = run_in_netns(Path(sink.netns_path), listener)
+
+    def drain() -> None:
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                while conn.recv(1 << 16):
+                    pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+
+    def send_from(setup: NetworkSetup) -> float:
+        client = run_in_netns(Path(str(setup.netns_path)), socket.socket)
+        with client:
+            client.connect((sink_ip, 9000))
+            start = time.monotonic()
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+            client.recv(1)  # wait for the sink to close: everything arrived
+            return time.monotonic() - start
+
+    try:
+        fast = send_from(free)
+        slow = send_from(limited)
+    finally:
+        reader.join(timeout=30)
+        server.close()
+    assert slow >= 1.2, f"16 Mbit/s limit let 25 Mbit through in {slow:.2f}s"
+    assert fast < slow / 2
