@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -106,16 +107,35 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
 
 
 @pytest.fixture
-def screenshot(page: Any) -> Callable[[str], Path]:
-    """Save a full-page screenshot of the current page under artifacts/screenshots/."""
+def screenshot(page: Any) -> Callable[..., Path]:
+    """Save a full-page screenshot (of ``page``, or another one given) under
+    artifacts/screenshots/<name>.png."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
-    def take(name: str) -> Path:
+    def take(name: str, of: Any = None) -> Path:
         path = ARTIFACTS / f"{name}.png"
-        page.screenshot(path=str(path), full_page=True)
+        (of or page).screenshot(path=str(path), full_page=True)
         return path
 
     return take
+
+
+def _off_the_event_loop(fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn`` in a fresh thread: Playwright's sync API keeps an asyncio loop running in
+    this one, and the agent's clean-up code (pyroute2) runs its own loop."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:  # handed back to the caller below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
@@ -192,6 +212,6 @@ def one_node(live_server: Any, transactional_db: None) -> Iterator[Any]:
         os.killpg(control.pid, signal.SIGKILL)
         control.wait(timeout=10)
         for agent in agents:
-            remove_all_containers(agent)
+            _off_the_event_loop(remove_all_containers, agent)
             if os.environ.get("BERTH_KEEP_E2E_STATE") != "1":
                 shutil.rmtree(agent.root, ignore_errors=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import uuid
+
 import pytest
 from django.test import Client
 
@@ -130,7 +132,9 @@ def test_deploying_follows_the_role_table(
     assert (">Restart<" in detail) is allowed
     listing = client.get("/t/acme/services/").content.decode()
     assert ("Deploy a service" in listing) is allowed
-    response = client.post("/t/acme/services/web/scale/", {"replicas": "0", "idem": "x1"})
+    response = client.post(
+        "/t/acme/services/web/scale/", {"replicas": "0", "idem": uuid.uuid4().hex}
+    )
     if allowed:
         assert response.status_code == 302
     else:
@@ -203,7 +207,7 @@ def test_a_double_submitted_form_acts_once(
         "max_retries": "0",
         "cpu_millicores": "100",
         "memory_mib": "32",
-        "idem": "tok-1",
+        "idem": uuid.uuid4().hex,  # tokens live in Redis: unique across test runs
     }
     first = client.post("/t/acme/jobs/new/", form)
     second = client.post("/t/acme/jobs/new/", form)
@@ -211,7 +215,7 @@ def test_a_double_submitted_form_acts_once(
     assert second["Location"] == first["Location"]
     assert BatchJob.objects.filter(tenant=tenant).count() == 1
     # A new form (new token) submits a new job.
-    client.post("/t/acme/jobs/new/", {**form, "idem": "tok-2"})
+    client.post("/t/acme/jobs/new/", {**form, "idem": uuid.uuid4().hex})
     assert BatchJob.objects.filter(tenant=tenant).count() == 2
 
 
@@ -228,7 +232,7 @@ def test_invalid_job_keeps_input_and_frees_the_token(
         "max_retries": "0",
         "cpu_millicores": "100",
         "memory_mib": "999999999",
-        "idem": "tok-3",
+        "idem": uuid.uuid4().hex,
     }
     response = client.post("/t/acme/jobs/new/", bad)
     assert response.status_code == 400

@@ -1,0 +1,22 @@
+"""Template filters of the dashboard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import template
+
+register = template.Library()
+
+
+@register.filter
+def money(cents: Any, currency: str = "usd") -> str:
+    """Integer cents as an amount: 4500 → "$45.00" (other currencies: "45.00 EUR")."""
+    if cents is None or cents == "":
+        return "—"
+    value = int(cents)
+    sign = "-" if value < 0 else ""
+    amount = f"{abs(value) // 100:,}.{abs(value) % 100:02d}"
+    if str(currency).lower() == "usd":
+        return f"{sign}${amount}"
+    return f"{sign}{amount} {str(currency).upper()}"
