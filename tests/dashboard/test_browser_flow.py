@@ -63,10 +63,10 @@ def test_team_flow_in_a_real_browser(
     secret = page.locator("#new-token").inner_text().strip()
     assert re.fullmatch(r"brt_[a-z0-9]{8}_\S+", secret)
     screenshot("tokens")
-    request = urllib.request.Request(
+    request = urllib.request.Request(  # noqa: S310 (the live server's http URL)
         f"{base}/api/v1/me/", headers={"Authorization": f"Bearer {secret}"}
     )
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (live server)
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
         assert response.status == 200
     page.reload()
     expect(page.locator("#new-token")).to_have_count(0)
@@ -151,7 +151,8 @@ def test_team_flow_in_a_real_browser(
     # ... and is refused when posting anyway (with a valid CSRF token).
     status = viewer.evaluate(
         """async () => {
-            const csrf = document.cookie.split('; ').find(c => c.startsWith('csrftoken=')).split('=')[1];
+            const csrf = document.cookie.split('; ')
+                .find(c => c.startsWith('csrftoken=')).split('=')[1];
             const body = new URLSearchParams({replicas: '5', csrfmiddlewaretoken: csrf});
             const r = await fetch('/t/lovelace/services/web/scale/', {method: 'POST', body});
             return r.status;

@@ -4,10 +4,9 @@ expired sessions come back after logging in, double submits act once, CSRF is en
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
-
-import uuid
 
 import pytest
 from django.test import Client
