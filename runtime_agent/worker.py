@@ -322,9 +322,10 @@ class NodeWorker:
 
     def run(self, *, concurrency: int = 4) -> None:
         """Recover containers, start the reporter, and consume the node's queue."""
-        recover = getattr(self.agent.containers, "recover", None)
-        if recover is not None:
-            recover()
+        # Whatever a crash left half-done: containers re-attached to their monitors, build
+        # steps' mounts and runc state removed.
+        self.agent.containers.recover()
+        self.agent.builder.recover()
         reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         reporter.start()
         try:

@@ -30,13 +30,25 @@ COMMAND_MODULES = (
     "runtime_agent.cli.node",
 )
 
-# Container commands load only their own module: `berth-agent run` is on the hot path
-# (benchmarked against `docker run`), and the other modules import heavy libraries.
-FAST_COMMANDS = dict.fromkeys(
-    ("run", "create", "start", "ps", "logs", "exec", "stop", "kill", "pause", "unpause",
-     "rm", "inspect", "stats", "wait"),
-    "runtime_agent.cli.containers",
-)  # fmt: skip
+# Each command loads only the module that defines it: `berth-agent run` and `build` are on
+# hot paths (benchmarked against docker), and the other modules import heavy libraries.
+# tests/agent/test_cli_main.py checks this table against what the modules register.
+FAST_COMMANDS: dict[str, str] = {
+    **dict.fromkeys(
+        ("run", "create", "start", "ps", "logs", "exec", "stop", "kill", "pause", "unpause",
+         "rm", "inspect", "stats", "wait"),
+        "runtime_agent.cli.containers",
+    ),
+    **dict.fromkeys(
+        ("images", "import", "load", "save", "rmi", "tag", "bootstrap", "image", "system"),
+        "runtime_agent.cli.images",
+    ),
+    "volume": "runtime_agent.cli.volumes",
+    "network": "runtime_agent.cli.networks",
+    "build": "runtime_agent.cli.build",
+    **dict.fromkeys(("pull", "push", "login", "logout"), "runtime_agent.cli.registry"),
+    **dict.fromkeys(("join", "worker"), "runtime_agent.cli.node"),
+}  # fmt: skip
 
 EXIT_AGENT_ERROR = 125
 EXIT_NOT_RUNNABLE = 126

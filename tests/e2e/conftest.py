@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from django.conf import settings
 from django.db import connection
 
 from tests.control.conftest import seed_plans
@@ -97,6 +99,9 @@ def cluster(live_server: Any, transactional_db: None) -> Iterator[Cluster]:
     from workloads.services.nodes import create_join_token
 
     seed_plans()
+    # Tasks other tests enqueued for workers that never ran (the broker is a real Redis)
+    # would otherwise keep this cluster's control worker busy with ghosts.
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
     token = secrets.token_hex(3)
     base_env = {
         **os.environ,
