@@ -120,14 +120,15 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         mounts += [parse_volume_flag(v) for v in args.volume or []]
         mounts += [parse_tmpfs_flag(t) for t in args.tmpfs or []]
     restart_name, retries = parse_restart(args.restart)
-    network_mode = "bridge"
+    network_mode = args.network or "bridge"
     networks: tuple[Any, ...] = ()
-    if args.network in ("none", "host", "bridge"):
-        network_mode = args.network
-    elif args.network:
-        from runtime_agent.protocol import NetworkAttachment
+    ports: tuple[Any, ...] = ()
+    if args.publish or args.network_alias or network_mode not in ("bridge", "none", "host"):
+        # The network package pulls in pyroute2: only for the flags that need it.
+        from runtime_agent.network.flags import network_flags, parse_publish_flags
 
-        networks = (NetworkAttachment(network=args.network),)
+        network_mode, networks = network_flags(args.network, args.network_alias)
+        ports = parse_publish_flags(args.publish)
     labels = {}
     for item in args.label or []:
         key, _, value = item.partition("=")
@@ -149,6 +150,7 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         restart=RestartPolicy(name=restart_name, max_retries=retries),  # type: ignore[arg-type]
         network_mode=network_mode,  # type: ignore[arg-type]
         networks=networks,
+        ports=ports,
         auto_remove=args.rm,
         user_namespace=args.userns == "private",
         stop_timeout=args.stop_timeout,
@@ -198,11 +200,19 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _stream_logs(
-    agent: Agent, tenant: str, ref: str, *, follow: bool, tail: int | None, timestamps: bool
+    agent: Agent,
+    tenant: str,
+    ref: str,
+    *,
+    follow: bool,
+    tail: int | None,
+    timestamps: bool,
+    since: str | None = None,
 ) -> None:
     out = sys.stdout.buffer
     err = sys.stderr.buffer
-    for entry in agent.containers.logs(tenant, ref, tail=tail, follow=follow):
+    entries = agent.containers.logs(tenant, ref, tail=tail, follow=follow, since=since)
+    for entry in entries:
         target = err if entry.stream == "stderr" else out
         if timestamps:
             target.write(entry.time.encode() + b" ")
@@ -281,7 +291,7 @@ def _logs(args: argparse.Namespace, config: AgentConfig) -> int:
     tail = None if args.tail in (None, "all") else parse_int(args.tail, "--tail", 0)
     _stream_logs(
         _agent(config), args.tenant, args.container, follow=args.follow, tail=tail,
-        timestamps=args.timestamps,
+        timestamps=args.timestamps, since=args.since,
     )  # fmt: skip
     return 0
 
@@ -425,7 +435,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
     p.add_argument("--hostname", help="container host name")
     p.add_argument("-l", "--label", action="append", help="set metadata on a container")
-    p.add_argument("--network", help="connect to a network (bridge, none or a network name)")
+    p.add_argument("--network", help="connect to a network (bridge, none, host or a name)")
+    p.add_argument("--network-alias", action="append", help="DNS alias on the network")
+    p.add_argument(
+        "-p", "--publish", action="append", help="publish a port ([ip:][host:]container[/udp])"
+    )
     p.add_argument(
         "--userns",
         choices=("host", "private"),
@@ -483,6 +497,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="follow log output")
     p.add_argument("-n", "--tail", help="number of lines to show from the end (or all)")
     p.add_argument("-t", "--timestamps", action="store_true", help="show timestamps")
+    p.add_argument("--since", help="only lines at or after this RFC 3339 time")
     p.add_argument("container")
 
     p = add("exec", _exec, "run a command in a running container")

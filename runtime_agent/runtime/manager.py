@@ -758,7 +758,10 @@ class ContainerManager:
             fresh = self.store.load(record.tenant, record.id)
             return fresh is None or self._observe(fresh).status not in (st.RUNNING, st.PAUSED)
 
-        return follow_logs(path, tail=tail, done=done)
+        entries = follow_logs(path, tail=tail, done=done)
+        if since:
+            return (e for e in entries if e.time >= since)
+        return entries
 
     def stats(self, tenant: str, ref: str) -> ContainerStats:
         record = self._observe(self._find(tenant, ref))

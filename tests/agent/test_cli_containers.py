@@ -12,7 +12,7 @@ import pytest
 
 from runtime_agent.agent import Agent
 from runtime_agent.config import AgentConfig
-from tests.agent.test_runtime_fixtures import cleanup_agent, needs_runtime
+from tests.agent.test_runtime_fixtures import cleanup_agent, needs_runtime, until
 
 pytestmark = needs_runtime
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -90,15 +90,20 @@ def test_foreground_run_streams_output_and_passes_the_exit_code(cli: Cli) -> Non
 def test_detached_container_commands(cli: Cli, agent_config: AgentConfig) -> None:
     assert cli("bootstrap").returncode == 0
     started = cli("run", "-d", "--name", "web", "--network", "none", "busybox", "sh", "-c",
-                  "echo one; echo two; sleep 300")  # fmt: skip
+                  "echo one; sleep 0.3; echo two; sleep 300")  # fmt: skip
     assert started.returncode == 0, started.stderr
     container_id = started.stdout.strip()
     assert len(container_id) == 64
+    until(lambda: cli("logs", "web").stdout == "one\ntwo\n")
     ps = cli("ps").stdout.splitlines()
     assert ps[0].split()[:2] == ["CONTAINER", "ID"]
     assert container_id[:12] in ps[1] and ps[1].endswith("web") and "Up " in ps[1]
     assert cli("run", "-d", "--name", "web", "busybox", "true").returncode == 125
     assert cli("logs", "--tail", "1", "web").stdout == "two\n"
+    stamped = cli("logs", "-t", "web").stdout.splitlines()
+    assert [line.split(" ", 1)[1] for line in stamped] == ["one", "two"]
+    assert cli("logs", "--since", stamped[1].split(" ", 1)[0], "web").stdout == "two\n"
+    assert cli("logs", "--since", "2999-01-01T00:00:00Z", "web").stdout == ""
     assert cli("exec", "web", "sh", "-c", "exit 3").returncode == 3
     assert cli("exec", "web", "nosuch").returncode == 127
     [data] = json.loads(cli("inspect", "web").stdout)
@@ -149,3 +154,11 @@ def test_run_flags_become_the_container_spec() -> None:
     assert (spec.restart.name, spec.restart.max_retries) == ("on-failure", 4)
     assert spec.mounts[0].kind == "tmpfs" and spec.mounts[0].target == "/run"
     assert spec.stop_signal == "SIGINT"
+    publish = ["run", "-p", "127.0.0.1:8080:80", "--network", "web", "--network-alias", "api",
+               "busybox"]  # fmt: skip
+    spec = spec_from_args(build_parser(publish).parse_args(publish))
+    assert spec.network_mode == "bridge"
+    assert [(n.network, n.aliases) for n in spec.networks] == [("web", ("api",))]
+    assert [(p.host_ip, p.host_port, p.container_port) for p in spec.ports] == [
+        ("127.0.0.1", 8080, 80)
+    ]
