@@ -1,6 +1,11 @@
 """Network benchmark: what Berth's networking adds to a container start, and throughput.
 
     sudo .venv/bin/python benchmarks/bench_network.py [--starts 40] [--bytes 2000000000]
+    sudo chrt -f 10 .venv/bin/python benchmarks/bench_network.py --attach-only
+
+On a machine busy with other work, wall times measure the scheduler more than Berth: the
+CPU time column and ``--attach-only`` under ``chrt`` (as if the machine were idle) show
+what attach itself costs.
 
 Start cost (target: networking adds <= 10 ms at p50):
   * a whole container start through the agent (``agent.containers.run``, runc + conmon)
@@ -154,6 +159,12 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=40)
     parser.add_argument("--docker-starts", type=int, default=10)
     parser.add_argument("--bytes", type=int, default=2_000_000_000)
+    parser.add_argument(
+        "--attach-only",
+        action="store_true",
+        help="only time attach/detach (e.g. under `chrt -f 10` on a busy machine: runc "
+        "can't join cgroups as a real-time task)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, runc)", file=sys.stderr)
@@ -187,6 +198,13 @@ def main() -> int:
             t2 = time.perf_counter()
             attach_ms.append((t1 - t0) * 1000)
             detach_ms.append((t2 - t1) * 1000)
+
+        if args.attach_only:
+            print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs")
+            print(f"  berth attach (netns+veth+addr+route+DNS) {fmt(attach_ms)}")
+            print(f"  berth attach, CPU time of the agent      {fmt(attach_cpu_ms)}")
+            print(f"  berth detach                              {fmt(detach_ms)}")
+            return 0
 
         # -- runc start, empty netns vs Berth network
         spec = runc_bundle(work / "bundle", rootfs)
