@@ -88,10 +88,14 @@ def ensure_netns_dir(directory: Path) -> None:
 
 
 def release_netns_dir(directory: Path) -> None:
-    """Undo ``ensure_netns_dir`` (after every namespace in it is gone); idempotent."""
+    """Undo ``ensure_netns_dir`` once no namespace is mounted in it; idempotent.
+
+    A plain (not lazy) unmount: while another thread or process has just mounted a new
+    namespace in the directory it fails with EBUSY and the directory stays as it is,
+    rather than detaching that namespace's mount along with it.
+    """
     if _is_mountpoint(directory):
-        with contextlib.suppress(OSError):
-            _umount(str(directory))
+        _libc.umount2(str(directory).encode(), 0)
 
 
 def _is_mountpoint(path: Path) -> bool:
