@@ -274,15 +274,18 @@ def test_networks_are_tenant_objects_with_their_own_bridge_and_subnet(
     assert [n.name for n in net.list("acme")] == ["web"]
 
 
-def test_bad_network_requests_are_refused_without_partial_state(net: NetworkManager) -> None:
+def test_bad_network_requests_are_refused_without_partial_state(
+    net: NetworkManager, outside: Outside
+) -> None:
     net.create("acme", "web", subnet="10.213.10.0/24")
     before = owned_links(net.prefix)
     with pytest.raises(AlreadyExists):
         net.create("acme", "web")
     with pytest.raises(AlreadyExists, match="overlaps network 'web'"):
         net.create("acme", "web2", subnet="10.213.10.128/25")
+    routed = outside.uplink.rsplit(".", 1)[0] + ".0/24"  # the uplink's /30 is inside it
     with pytest.raises(FailedPrecondition, match="already routed"):
-        net.create("acme", "clash", subnet="172.17.0.0/24")  # docker0's subnet
+        net.create("acme", "clash", subnet=routed)
     with pytest.raises(InvalidArgument):
         net.create("acme", "bad", subnet="10.213.11.1/24")
     with pytest.raises(InvalidArgument):
