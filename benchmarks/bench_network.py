@@ -232,7 +232,7 @@ def main() -> int:
             bootstrap_busybox(agent)
             for _ in range(args.starts // 2):
                 for mode, bucket in (("none", agent_none), ("bridge", agent_bridge)):
-                    spec = ContainerSpec(
+                    container_spec = ContainerSpec(
                         tenant="bench",
                         image="busybox",
                         command=("sleep", "30"),
@@ -240,7 +240,7 @@ def main() -> int:
                         networks=(NetworkAttachment("bench"),) if mode == "bridge" else (),
                     )
                     t0 = time.perf_counter()
-                    info = agent.containers.run(spec)
+                    info = agent.containers.run(container_spec)
                     bucket.append((time.perf_counter() - t0) * 1000)
                     agent.containers.remove("bench", info.id, force=True)
         finally:
