@@ -46,7 +46,8 @@ def service_logs(service: Service, *, tail: int = 200) -> tuple[list[dict[str, A
             continue
         try:
             for line in _container_logs(container, tail=tail, since=None):
-                lines.append({**line, "replica": container.agent_name})
+                text = str(line.get("line", "")).rstrip("\n")
+                lines.append({**line, "line": text, "replica": container.agent_name})
         except BerthError as exc:
             problems.append(f"{container.agent_name}: {exc.message}")
     lines.sort(key=lambda line: line.get("time", ""))
@@ -67,7 +68,8 @@ def job_logs(job: BatchJob, index: int) -> dict[str, Any]:
         lines = _container_logs(container, tail=1000, since=None)
     except BerthError as exc:
         return {"run": run, "text": "", "problem": exc.message}
-    return {"run": run, "text": "\n".join(line.get("line", "") for line in lines), "problem": ""}
+    text = "\n".join(str(line.get("line", "")).rstrip("\n") for line in lines)
+    return {"run": run, "text": text, "problem": ""}
 
 
 @dataclass
@@ -118,7 +120,11 @@ class Chart:
 
 
 def usage_charts(service: Service, *, minutes: int = 30) -> tuple[Chart, Chart]:
-    """CPU (millicores, from the cumulative counter's slope) and memory (MiB) per replica."""
+    """CPU (millicores, from the cumulative counter's slope) and memory (MiB) per replica.
+
+    The time axis runs from the first reading in the window (at most ``minutes`` ago, at
+    least one minute wide) to now, so a young service's lines are not squeezed to the edge.
+    """
     end = timezone.now()
     start = end - timedelta(minutes=minutes)
     containers = list(
@@ -154,6 +160,8 @@ def usage_charts(service: Service, *, minutes: int = 30) -> tuple[Chart, Chart]:
         mem_series.append(Series(label, colour, mem_points))
         cpu_peak = max([cpu_peak, *(v for _, v in cpu_points)])
         mem_peak = max([mem_peak, *(v for _, v in mem_points)])
+    first = min((s.points[0][0] for s in mem_series if s.points), default=start)
+    start = min(max(start, first), end - timedelta(minutes=1))
     return (
         Chart("CPU", "millicores", cpu_series, start, end, cpu_peak),
         Chart("Memory", "MiB", mem_series, start, end, mem_peak),

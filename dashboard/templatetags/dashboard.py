@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from django import template
@@ -20,3 +21,9 @@ def money(cents: Any, currency: str = "usd") -> str:
     if str(currency).lower() == "usd":
         return f"{sign}${amount}"
     return f"{sign}{amount} {str(currency).upper()}"
+
+
+@register.filter
+def shell(argv: Any) -> str:
+    """An argv list as one shell-quoted line (what the command field takes back)."""
+    return shlex.join(str(a) for a in argv) if argv else ""

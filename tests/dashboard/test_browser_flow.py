@@ -174,3 +174,12 @@ def test_team_flow_in_a_real_browser(
     page.get_by_role("link", name="Audit log").click()
     expect(page.get_by_text("invitation.accept")).to_be_visible()
     screenshot("audit")
+
+    # An expired session goes to log in and comes back to the page it was on.
+    page.context.clear_cookies()
+    page.goto(f"{base}/t/lovelace/services/web/")
+    expect(page).to_have_url(re.compile(r"/login/\?next=%2Ft%2Flovelace%2Fservices%2Fweb%2F$"))
+    page.get_by_label("Email").fill("ada@lovelace.example")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(f"{base}/t/lovelace/services/web/")

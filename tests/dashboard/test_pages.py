@@ -363,3 +363,37 @@ def test_every_page_renders_for_the_owner(
         assert response.status_code == 200, response.request["PATH_INFO"]
     assert client.get("/t/acme/services/web/").status_code == 200
     assert "service.create" in client.get("/t/acme/audit/?action=service").content.decode()
+
+
+def test_graphs_are_drawn_from_stored_readings(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from billing.services import record_container_usage
+    from tenants.services import Actor
+    from workloads.services.deploy import create_service
+
+    tenant, owner = make_tenant("acme")
+    service = create_service(
+        tenant, name="web", data={"image": "busybox"}, replicas=1, actor=Actor.for_system("t")
+    )
+    container = service.containers.get()
+    start = timezone.now() - timedelta(minutes=5)
+    # 0.5 CPU-seconds per 10 s (50 millicores); memory 64 MiB then 96 MiB.
+    for step, mib in enumerate([64, 64, 96]):
+        record_container_usage(
+            tenant,
+            node_id="n1",
+            container_id=str(container.pk),
+            at=start + timedelta(seconds=10 * step),
+            cpu_seconds=0.5 * step,
+            memory_bytes=mib * 1024 * 1024,
+        )
+    body = login(owner).get("/t/acme/services/web/charts/").content.decode()
+    assert f"{container.agent_name} latest 50 millicores" in body
+    assert f"{container.agent_name} latest 96 MiB; peak 96 MiB" in body
+    assert body.count("<polyline") == 2
+    assert 'points=""' not in body
