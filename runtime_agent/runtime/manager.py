@@ -422,8 +422,7 @@ class ContainerManager:
         from runtime_agent.snapshots.mount import is_mounted
 
         if not is_mounted(rootfs):  # after a reboot: mount the snapshot again
-            image = self.agent.images.resolve(record.tenant, record.image_id)
-            self.agent.snapshots.prepare(record.snapshot_key, image)
+            self.agent.snapshots.ensure_mounted(record.snapshot_key)  # image may be untagged
             if record.spec.get("user_namespace"):
                 from runtime_agent.runtime.security import user_namespace_for
 

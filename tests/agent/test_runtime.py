@@ -328,3 +328,16 @@ def test_recover_after_the_monitor_and_container_vanished(rt: Agent) -> None:
     assert fresh.containers.inspect("default", info.id)["RestartCount"] == 1
     assert fresh.containers.inspect("default", plain.id)["State"]["Status"] == "exited"
     assert fresh.containers.exec_capture("default", info.id, ["true"])[0] == 0
+
+
+def test_stopped_container_restarts_after_its_rootfs_was_unmounted(rt: Agent) -> None:
+    """After a reboot the snapshot isn't mounted; start mounts it again from its records."""
+    from runtime_agent.snapshots.mount import unmount
+
+    c = rt.containers
+    info = c.run(spec("echo run >> /runs; cat /runs"))
+    assert c.wait("default", info.id, timeout=20) == 0
+    unmount(rt.config.snapshots_dir / "active" / info.id / "merged")
+    c.start("default", info.id)
+    assert c.wait("default", info.id, timeout=20) == 0
+    assert [e.line for e in c.logs("default", info.id)][-2:] == [b"run", b"run"]
