@@ -206,7 +206,7 @@ def main() -> None:
                     .values("state", "started_at", "pending_reason")
                     .first()
                 )
-                if row and row["state"] == "running":
+                if row and row["state"] == "running" and row["started_at"] is not None:
                     return row["started_at"].timestamp(), time.time()
                 time.sleep(0.005)
             raise SystemExit(f"{name} did not run within {timeout}s: {row}; see {logs}")

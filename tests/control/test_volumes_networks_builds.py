@@ -8,6 +8,7 @@ import io
 import json
 import tarfile
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,7 @@ def test_a_volume_pins_every_container_mounting_it_to_one_node(
     assert placement.schedule_pending() == 1
     assert other.containers.get().node_id == volume.node_id
     # When that node is gone, the work waits for it instead of starting with empty data.
+    assert volume.node_id is not None
     Node.objects.filter(pk=volume.node_id).update(state="cordoned")
     third = deploy.create_service(
         tenant, name="third", data={"image": "busybox", "volumes": mount}, replicas=1, actor=SYSTEM
@@ -371,7 +373,7 @@ def test_build_upload_dispatch_context_fetch_and_report(
         .json()["log"]
         .endswith("RUN echo hi\n")
     )
-    started = timezone.now() - timezone.timedelta(seconds=90)
+    started = timezone.now() - timedelta(seconds=90)
     send(
         3,
         "…hi\nSuccessfully built sha256:abc\n",

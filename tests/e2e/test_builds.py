@@ -47,7 +47,8 @@ def _follow(client: APIClient, slug: str, build_id: str) -> list[dict[str, Any]]
     response = client.get(f"/api/v1/tenants/{slug}/builds/{build_id}/logs/?follow=1&seconds=240")
     assert response.status_code == 200
     assert response["Content-Type"] == "application/x-ndjson"
-    return [json.loads(line) for line in b"".join(response.streaming_content).splitlines()]
+    body = b"".join(response.streaming_content)  # type: ignore[attr-defined]
+    return [json.loads(line) for line in body.splitlines()]
 
 
 def test_build_on_an_agent_then_run_the_image(cluster: Cluster, contexts: Path) -> None:
@@ -56,7 +57,7 @@ def test_build_on_an_agent_then_run_the_image(cluster: Cluster, contexts: Path) 
     created = client.generic(
         "POST",
         "/api/v1/tenants/e2eb/builds/?tag=app:v1&build_arg=GREETING=berth",
-        context,
+        context,  # type: ignore[arg-type]
         content_type="application/x-tar",
     )
     assert created.status_code == 201, created.content
@@ -103,7 +104,10 @@ def test_a_running_build_is_cancelled_on_its_agent(cluster: Cluster, contexts: P
     client = _client("e2ec")
     context = _tar({"Dockerfile": b"FROM busybox\nRUN echo started; sleep 6\nRUN echo never-ran\n"})
     created = client.generic(
-        "POST", "/api/v1/tenants/e2ec/builds/?tag=slow", context, content_type="application/x-tar"
+        "POST",
+        "/api/v1/tenants/e2ec/builds/?tag=slow",
+        context,  # type: ignore[arg-type]
+        content_type="application/x-tar",
     )
     assert created.status_code == 201, created.content
     build_id = created.json()["id"]

@@ -97,15 +97,19 @@ class BuildSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class BuildUploadSerializer(serializers.Serializer):
-    """Documentation of the upload (the view reads the fields itself, see ``create``)."""
-
-    context = serializers.FileField(help_text="the build context, a tar (or tar.gz)")
-    tag = serializers.CharField(help_text="repository[:tag] in the tenant's namespace")
-    dockerfile = serializers.CharField(required=False)
-    build_args = serializers.CharField(required=False, help_text="JSON object")
-    target = serializers.CharField(required=False)
-    no_cache = serializers.BooleanField(required=False)
+#: The multipart upload, for the schema (the view reads the fields itself, see ``create``).
+BUILD_UPLOAD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["context", "tag"],
+    "properties": {
+        "context": {"type": "string", "format": "binary", "description": "a tar (or tar.gz)"},
+        "tag": {"type": "string", "description": "repository[:tag] in the tenant's namespace"},
+        "dockerfile": {"type": "string"},
+        "build_args": {"type": "string", "description": "a JSON object"},
+        "target": {"type": "string"},
+        "no_cache": {"type": "boolean"},
+    },
+}
 
 
 class TarParser(BaseParser):
@@ -196,7 +200,10 @@ class BuildViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScope
     parser_classes = [MultiPartParser, TarParser, JSONParser]
 
     @extend_schema(
-        request={"multipart/form-data": BuildUploadSerializer, "application/x-tar": bytes},
+        request={
+            "multipart/form-data": BUILD_UPLOAD_SCHEMA,
+            "application/x-tar": {"type": "string", "format": "binary"},
+        },
         parameters=[
             OpenApiParameter("tag", str, description="with a raw tar body: repository[:tag]"),
             OpenApiParameter("dockerfile", str, description="with a raw tar body"),

@@ -338,13 +338,13 @@ def pin_constraints(pending: list[Container]) -> Pins:
         nodes: dict[str, str] = {}  # node id -> why
         unpinned: list[Volume] = []
         for name in volume_names(container):
-            volume = volumes.get((container.tenant_id, name))
-            if volume is None:
+            found = volumes.get((container.tenant_id, name))
+            if found is None:
                 continue  # deleted meanwhile: the agent will create it empty
-            if volume.node_id is not None:
-                nodes[str(volume.node_id)] = f"volume {name}"
+            if found.node_id is not None:
+                nodes[str(found.node_id)] = f"volume {name}"
             else:
-                unpinned.append(volume)
+                unpinned.append(found)
         image_node = built.get(
             (container.tenant_id, normalize_image(container.spec.get("image") or ""))
         )
