@@ -486,3 +486,27 @@ def test_report_readings_are_metered_once(acme: tuple[Tenant, User], broker: red
     (row,) = UsageReading.objects.filter(tenant=tenant)
     assert row.cpu_usage_ns == 12_500_000_000
     assert row.memory_bytes == 32 * 1024 * 1024
+
+
+@pytest.mark.django_db(transaction=True)
+def test_spend_cap_refuses_new_work_but_not_scaling_down(
+    acme: tuple[Tenant, User], broker: redis.Redis
+) -> None:
+    from billing.services import SpendCapReached, set_spend_cap
+
+    tenant, _ = acme
+    service = deploy.create_service(
+        tenant, name="web", data={"image": "busybox"}, replicas=2, actor=SYSTEM
+    )
+    # The lowest cap allowed is the seats' own price: the month's bill has reached it.
+    set_spend_cap(tenant, tenant.plan.seat_price_cents * tenant.seats, actor=SYSTEM)
+    with pytest.raises(SpendCapReached, match="spend cap"):
+        deploy.create_service(
+            tenant, name="api", data={"image": "busybox"}, replicas=1, actor=SYSTEM
+        )
+    with pytest.raises(SpendCapReached):
+        deploy.scale_service(service, 3, actor=SYSTEM)
+    with pytest.raises(SpendCapReached):
+        jobs.submit_job(tenant, {"image": "busybox"}, actor=SYSTEM)
+    deploy.scale_service(service, 1, actor=SYSTEM)  # shrinking is always allowed
+    assert deploy.live_containers(service).count() == 1

@@ -19,6 +19,13 @@ from workloads.models import Container, Deployment, Service
 from workloads.services import placement, specs
 
 
+def admit_new_usage(tenant: Tenant, kind: str) -> None:
+    """New work needs an active tenant under its spend cap (running work is never touched)."""
+    from billing.services import check_new_usage_allowed
+
+    check_new_usage_allowed(tenant, kind)
+
+
 def _reserve_replica(service: Service, container: Container, *, actor: Actor) -> None:
     amounts = {
         "cpu_millicores": service.cpu_millicores,
@@ -65,7 +72,7 @@ def create_service(
     tenant: Tenant, *, name: str, data: dict[str, Any], replicas: int, actor: Actor
 ) -> Service:
     """Create a service and its replicas; all or nothing (a quota refusal creates nothing)."""
-    tenant_services.ensure_active(tenant)
+    admit_new_usage(tenant, "service")
     if "image" not in data:
         raise InvalidInput("image is required")
     fields = specs.service_fields(data, tenant)
@@ -111,12 +118,12 @@ def retire(container: Container) -> None:
 @transaction.atomic
 def scale_service(service: Service, replicas: int, *, actor: Actor) -> Service:
     service = _lock(service)
-    tenant_services.ensure_active(service.tenant)
     replicas = specs.validate_replicas(replicas)
     current = list(
         live_containers(service).filter(generation=service.generation).order_by("-created_at")
     )
     if replicas > len(current) and service.state == ServiceState.ACTIVE:
+        admit_new_usage(service.tenant, "replicas")  # scaling down is always allowed
         _add_replicas(service, replicas - len(current), actor=actor)
     elif replicas < len(current):
         for container in current[: len(current) - replicas]:
@@ -141,7 +148,7 @@ def deploy_service(service: Service, data: dict[str, Any], *, actor: Actor) -> D
     retired only once every new replica runs (and passes its health check). If a new
     replica fails, the reconciler rolls back (see ``reconcile.advance_deployments``)."""
     service = _lock(service)
-    tenant_services.ensure_active(service.tenant)
+    admit_new_usage(service.tenant, "deploy")
     if service.deployments.filter(state=DeploymentState.IN_PROGRESS).exists():
         raise Conflict(f"a deployment of {service.name} is already in progress")
     fields = specs.service_fields(data, service.tenant)
@@ -187,7 +194,7 @@ def stop_service(service: Service, *, actor: Actor) -> Service:
 @transaction.atomic
 def start_service(service: Service, *, actor: Actor) -> Service:
     service = _lock(service)
-    tenant_services.ensure_active(service.tenant)
+    admit_new_usage(service.tenant, "service start")
     if service.state != ServiceState.STOPPED:
         raise Conflict(f"service {service.name} is not stopped")
     service.state = ServiceState.ACTIVE

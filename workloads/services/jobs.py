@@ -26,7 +26,7 @@ from tenants.models import Tenant
 from tenants.services import Actor, record
 from workloads.choices import ContainerState, DesiredState, JobState, RunState
 from workloads.models import BatchJob, Container, JobRun
-from workloads.services import placement, specs
+from workloads.services import deploy, placement, specs
 
 SYSTEM = Actor.for_system("job-dispatcher")
 MAX_ARRAY_SIZE = 10_000
@@ -47,7 +47,7 @@ def _int(data: dict[str, Any], key: str, default: int, low: int, high: int) -> i
 
 @transaction.atomic
 def submit_job(tenant: Tenant, data: dict[str, Any], *, actor: Actor) -> BatchJob:
-    tenant_services.ensure_active(tenant)
+    deploy.admit_new_usage(tenant, "job")
     fields = specs.service_fields(
         {
             k: data[k]
