@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = 60
 
 
+def _now() -> float:
+    """The clock windows are cut from (a seam so tests can pin it)."""
+    return time.time()
+
+
 @cache
 def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -45,7 +50,7 @@ class TokenRateThrottle(BaseThrottle):
         limit = int(settings.BERTH_API_RATE_LIMIT)
         if limit <= 0:
             return True
-        now = time.time()
+        now = _now()
         window = int(now // WINDOW_SECONDS)
         key = f"berth:ratelimit:{rate_key(request)}:{window}"
         try:

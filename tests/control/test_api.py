@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import pytest
@@ -197,7 +198,10 @@ def test_cursor_pagination_walks_every_row_once(acme, make_token, client_for, ow
 
 
 @override_settings(BERTH_API_RATE_LIMIT=3)
-def test_rate_limit_per_token(acme, make_token, client_for):
+def test_rate_limit_per_token(acme, make_token, client_for, monkeypatch):
+    # Pin the clock inside one window so a minute boundary cannot reset the count mid-test.
+    pinned = (time.time() // 60) * 60 + 30
+    monkeypatch.setattr("tenants.api.throttling._now", lambda: pinned)
     tenant, owner = acme
     first, second = make_token(tenant, owner, "read"), make_token(tenant, owner, "read")
     codes = [client_for(first).get(f"{V1}/me/").status_code for _ in range(4)]
