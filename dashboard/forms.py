@@ -275,3 +275,45 @@ class SpendCapForm(IdemForm):
         label="Monthly spend cap (USD)",
         help_text="Empty: no cap.",
     )
+
+
+NAME_FIELD_ERRORS = {
+    "invalid": "Lowercase letters, digits and '-', starting and ending with a letter or digit."
+}
+
+
+class VolumeForm(IdemForm):
+    name = forms.RegexField(
+        regex=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        max_length=63,
+        error_messages=NAME_FIELD_ERRORS,
+    )
+    size_gib = forms.IntegerField(min_value=1, initial=1, label="Size (GiB)")
+
+
+class NetworkForm(IdemForm):
+    name = forms.RegexField(
+        regex=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        max_length=63,
+        error_messages=NAME_FIELD_ERRORS,
+    )
+
+
+class BuildForm(IdemForm):
+    context = forms.FileField(
+        label="Build context (tar)",
+        help_text="A tar of the build directory, e.g. tar -cf ctx.tar -C ./app .",
+    )
+    tag = forms.CharField(max_length=255, help_text="repository[:tag], e.g. web:1.0")
+    dockerfile = forms.CharField(max_length=500, initial="Dockerfile")
+    build_args = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        label="Build arguments",
+        help_text="NAME=value, one per line.",
+    )
+    target = forms.CharField(max_length=128, required=False, help_text="Optional stage name.")
+    no_cache = forms.BooleanField(required=False, label="Do not use the layer cache")
+
+    def clean_build_args(self) -> dict[str, str]:
+        return parse_pairs(self.cleaned_data["build_args"], what="build arguments")

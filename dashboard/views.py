@@ -36,8 +36,8 @@ from tenants.errors import BerthError
 from tenants.models import APIToken, AuditLog, Invitation, Membership, Tenant
 from tenants.services import Actor
 from workloads.choices import ContainerState, JobState, ServiceState
-from workloads.models import BatchJob, Node, Service
-from workloads.services import deploy, jobs
+from workloads.models import BatchJob, Build, Network, Node, Service, Volume
+from workloads.services import builds, deploy, jobs, storage
 
 # --------------------------------------------------------------------------- helpers
 
@@ -430,7 +430,10 @@ def job(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
 def job_live(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
     item = _job(tenant, pk)
     context = {"tenant": tenant, **_job_context(item, _index(request, item))}
-    return render(request, "dashboard/partials/job_live.html", context)
+    response = render(request, "dashboard/partials/job_live.html", context)
+    if context["finished"]:
+        response.status_code = 286  # htmx: swap this last state, then stop polling
+    return response
 
 
 @tenant_page(perms.WORKLOADS_MANAGE, methods=("POST",))
@@ -802,3 +805,194 @@ def refused(request: HttpRequest, exception: Exception | None = None) -> HttpRes
         {"message": str(exception) if exception else "You may not do this."},
         status=403,
     )
+
+
+# --------------------------------------------------------------------------- volumes, networks
+
+
+def _storage_page(
+    request: HttpRequest,
+    tenant: Tenant,
+    *,
+    volume_form: Any = None,
+    network_form: Any = None,
+    status: int = 200,
+) -> HttpResponse:
+    volumes = [
+        (v, storage.services_using(tenant, volume=v.name))
+        for v in Volume.objects.for_tenant(tenant).select_related("node").order_by("name")
+    ]
+    networks = [
+        (n, storage.services_using(tenant, network=n.name))
+        for n in Network.objects.for_tenant(tenant).order_by("name")
+    ]
+    return _page(
+        request,
+        "dashboard/storage.html",
+        {
+            "volumes": volumes,
+            "networks": networks,
+            "volume_form": volume_form or _form(f.VolumeForm),
+            "network_form": network_form or _form(f.NetworkForm),
+            "idem": new_idem(),
+        },
+        status,
+    )
+
+
+@tenant_page(perms.WORKLOADS_VIEW)
+def storage_page(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    return _storage_page(request, tenant)
+
+
+@tenant_page(perms.WORKLOADS_MANAGE, methods=("POST",))
+@once
+def volume_create(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    form = f.VolumeForm(request.POST)
+    if form.is_valid():
+        try:
+            volume = storage.create_volume(
+                tenant,
+                name=form.cleaned_data["name"],
+                size_gib=form.cleaned_data["size_gib"],
+                actor=request.actor,  # type: ignore[attr-defined]
+            )
+        except BerthError as exc:
+            f.add_service_error(form, exc)
+        else:
+            messages.success(request, f"Volume {volume.name} created ({volume.size_gib} GiB).")
+            return redirect(_t("storage", tenant))
+    return _storage_page(request, tenant, volume_form=_refresh_idem(form), status=400)
+
+
+@tenant_page(perms.WORKLOADS_MANAGE, methods=("POST",))
+@once
+def network_create(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    form = f.NetworkForm(request.POST)
+    if form.is_valid():
+        try:
+            network = storage.create_network(
+                tenant,
+                name=form.cleaned_data["name"],
+                actor=request.actor,  # type: ignore[attr-defined]
+            )
+        except BerthError as exc:
+            f.add_service_error(form, exc)
+        else:
+            messages.success(request, f"Network {network.name} created.")
+            return redirect(_t("storage", tenant))
+    return _storage_page(request, tenant, network_form=_refresh_idem(form), status=400)
+
+
+@tenant_page(perms.WORKLOADS_MANAGE, methods=("POST",))
+@once
+def volume_delete(request: HttpRequest, tenant: Tenant, name: str) -> HttpResponse:
+    volume = get_object_or_404(Volume.objects.for_tenant(tenant), name=name)
+    try:
+        storage.delete_volume(volume, actor=request.actor)  # type: ignore[attr-defined]
+    except BerthError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Volume {name} deleted.")
+    return redirect(_t("storage", tenant))
+
+
+@tenant_page(perms.WORKLOADS_MANAGE, methods=("POST",))
+@once
+def network_delete(request: HttpRequest, tenant: Tenant, name: str) -> HttpResponse:
+    network = get_object_or_404(Network.objects.for_tenant(tenant), name=name)
+    try:
+        storage.delete_network(network, actor=request.actor)  # type: ignore[attr-defined]
+    except BerthError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Network {name} deleted.")
+    return redirect(_t("storage", tenant))
+
+
+# --------------------------------------------------------------------------- builds
+
+
+def _build(tenant: Tenant, pk: str) -> Build:
+    return get_object_or_404(Build.objects.for_tenant(tenant), pk=pk)
+
+
+def _builds_page(
+    request: HttpRequest, tenant: Tenant, *, form: Any = None, status: int = 200
+) -> HttpResponse:
+    rows = Build.objects.for_tenant(tenant).order_by("-created_at")[:100]
+    return _page(
+        request,
+        "dashboard/builds.html",
+        {"builds": rows, "form": form or _form(f.BuildForm)},
+        status,
+    )
+
+
+@tenant_page(perms.WORKLOADS_VIEW)
+def build_list(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    return _builds_page(request, tenant)
+
+
+@tenant_page(perms.WORKLOADS_MANAGE, methods=("POST",))
+@once
+def build_create(request: HttpRequest, tenant: Tenant) -> HttpResponse:
+    form = f.BuildForm(request.POST, request.FILES)
+    if form.is_valid():
+        upload = form.cleaned_data["context"]
+        d = form.cleaned_data
+        try:
+            context = builds.store_context(upload.chunks(), declared_size=upload.size)
+            build = builds.create_build(
+                tenant,
+                context=context,
+                tag=d["tag"],
+                dockerfile=d["dockerfile"] or None,
+                build_args=d["build_args"],
+                target=d["target"] or None,
+                no_cache=d["no_cache"],
+                actor=request.actor,  # type: ignore[attr-defined]
+            )
+        except BerthError as exc:
+            f.add_service_error(form, exc)
+        else:
+            messages.success(request, f"Build of {build.tag} queued.")
+            return redirect(_t("build", tenant, build.pk))
+    return _builds_page(request, tenant, form=_refresh_idem(form), status=400)
+
+
+@tenant_page(perms.WORKLOADS_VIEW)
+def build(request: HttpRequest, tenant: Tenant, pk: str) -> HttpResponse:
+    item = _build(tenant, pk)
+    return _page(
+        request,
+        "dashboard/build.html",
+        {"build": item, "finished": item.state in builds.TERMINAL, "cancel_idem": new_idem()},
+    )
+
+
+@tenant_page(perms.WORKLOADS_VIEW)
+def build_live(request: HttpRequest, tenant: Tenant, pk: str) -> HttpResponse:
+    """htmx fragment: state and the kept tail of the log; polling stops once it ended."""
+    item = _build(tenant, pk)
+    response = render(
+        request,
+        "dashboard/partials/build_live.html",
+        {"tenant": tenant, "build": item, "finished": item.state in builds.TERMINAL},
+    )
+    if item.state in builds.TERMINAL:
+        response.status_code = 286  # htmx: stop polling
+    return response
+
+
+@tenant_page(perms.WORKLOADS_MANAGE, methods=("POST",))
+@once
+def build_cancel(request: HttpRequest, tenant: Tenant, pk: str) -> HttpResponse:
+    item = _build(tenant, pk)
+    try:
+        builds.cancel_build(item, actor=request.actor)  # type: ignore[attr-defined]
+    except BerthError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, "Build cancelled.")
+    return redirect(_t("build", tenant, item.pk))

@@ -397,3 +397,85 @@ def test_graphs_are_drawn_from_stored_readings(
     assert f"{container.agent_name} latest 96 MiB; peak 96 MiB" in body
     assert body.count("<polyline") == 2
     assert 'points=""' not in body
+
+
+def test_volumes_and_networks(
+    make_tenant: TenantMaker, member: Callable[..., User], login: Callable[[User], Client]
+) -> None:
+    from workloads.models import Network, Volume
+
+    tenant, owner = make_tenant("acme", plan="team", seats=2)
+    client = login(owner)
+    too_big = client.post("/t/acme/volumes/new/", {"name": "data", "size_gib": "100000"})
+    assert too_big.status_code == 400
+    assert 'value="data"' in too_big.content.decode()
+    assert not Volume.objects.filter(tenant=tenant).exists()
+    assert client.post("/t/acme/volumes/new/", {"name": "data", "size_gib": "2"}).status_code == 302
+    assert client.post("/t/acme/networks/new/", {"name": "backend"}).status_code == 302
+    page = client.get("/t/acme/storage/").content.decode()
+    assert "data" in page and "2 GiB" in page and "backend" in page
+    from tenants.services import quota_report
+
+    usage = {row["quota"]: row["used"] for row in quota_report(tenant)}
+    assert usage["storage_gib"] == 2
+    viewer = login(member(tenant, Role.VIEWER))
+    assert "Create volume" not in viewer.get("/t/acme/storage/").content.decode()
+    assert viewer.post("/t/acme/volumes/data/delete/").status_code == 403
+    _, other_owner = make_tenant("other")
+    assert login(other_owner).post("/t/other/volumes/data/delete/").status_code == 404
+    assert client.post("/t/acme/volumes/data/delete/").status_code == 302
+    assert client.post("/t/acme/networks/backend/delete/").status_code == 302
+    assert not Volume.objects.filter(tenant=tenant).exists()
+    assert not Network.objects.filter(tenant=tenant).exists()
+
+
+def test_build_upload_and_live_log(
+    make_tenant: TenantMaker, login: Callable[[User], Client], tmp_path: Any, settings: Any
+) -> None:
+    import io
+    import tarfile
+
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from workloads.models import Build
+
+    settings.BERTH_BUILD_CONTEXT_DIR = str(tmp_path)
+    tenant, owner = make_tenant("acme")
+    client = login(owner)
+    not_a_tar = client.post(
+        "/t/acme/builds/new/",
+        {
+            "tag": "web:1",
+            "dockerfile": "Dockerfile",
+            "context": SimpleUploadedFile("ctx.tar", b"not a tar at all"),
+        },
+    )
+    assert not_a_tar.status_code == 400
+    assert "not a readable tar archive" in not_a_tar.content.decode()
+    assert 'value="web:1"' in not_a_tar.content.decode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        data = b"FROM busybox\nRUN echo built\n"
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    created = client.post(
+        "/t/acme/builds/new/",
+        {
+            "tag": "web:1",
+            "dockerfile": "Dockerfile",
+            "context": SimpleUploadedFile("ctx.tar", buffer.getvalue()),
+        },
+    )
+    assert created.status_code == 302
+    build = Build.objects.get(tenant=tenant)
+    assert created["Location"] == f"/t/acme/builds/{build.pk}/"
+    Build.objects.filter(pk=build.pk).update(log="Step 1/2 : FROM busybox\n")
+    live = client.get(f"/t/acme/builds/{build.pk}/live/", HTTP_HX_REQUEST="true")
+    assert live.status_code == 200 and "Step 1/2" in live.content.decode()
+    _, other_owner = make_tenant("other")
+    assert login(other_owner).get(f"/t/other/builds/{build.pk}/").status_code == 404
+    assert client.post(f"/t/acme/builds/{build.pk}/cancel/").status_code == 302
+    ended = client.get(f"/t/acme/builds/{build.pk}/live/", HTTP_HX_REQUEST="true")
+    assert ended.status_code == 286  # htmx stops polling
+    assert "cancelled" in ended.content.decode()
