@@ -41,11 +41,15 @@ def node(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
     try:
         yield agent
     finally:
-        for info in agent.containers.list_all():
-            agent.containers.remove(info.tenant, info.id, force=True)
-        agent.networks.teardown()
-        agent.snapshots.remove_all_mounts()
-        agent.containers.cgroups.remove_all()
+        try:
+            for info in agent.containers.list_all():
+                agent.containers.remove(info.tenant, info.id, force=True)
+        finally:
+            try:
+                agent.networks.teardown()
+            finally:
+                agent.snapshots.remove_all_mounts()
+                agent.containers.cgroups.remove_all()
 
 
 def serve(agent: Agent, tenant: str, name: str, **spec: object) -> str:
