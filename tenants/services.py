@@ -169,8 +169,14 @@ def ensure_active(tenant: Tenant) -> None:
 
 
 def _lock_tenant(tenant: Tenant) -> Tenant:
-    """Re-read the tenant row under a row lock (serialises seat and membership changes)."""
-    return Tenant.objects.select_for_update().select_related("plan").get(pk=tenant.pk)
+    """Re-read the tenant row under a row lock (serialises seat and membership changes).
+
+    The lock is taken without a join: Postgres re-checks a locked row that a concurrent
+    transaction changed, and with the plan joined a concurrent plan change made the row
+    vanish from the result (``Tenant.DoesNotExist``). The plan is read after the lock.
+    """
+    Tenant.objects.select_for_update().filter(pk=tenant.pk).values_list("pk", flat=True).get()
+    return Tenant.objects.select_related("plan").get(pk=tenant.pk)
 
 
 def get_or_create_user(email: str, *, password: str | None = None) -> tuple[User, bool]:
