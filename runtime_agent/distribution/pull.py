@@ -11,14 +11,12 @@ completed. Finally the image is recorded under the reference in the tenant's nam
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import requests
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -46,7 +44,6 @@ MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # pull 500 MB ~1.5x faster than 4).
 PARALLEL_BLOBS = max(2, min(4, os.cpu_count() or 2))
 READ_CHUNK = 1024 * 1024
-WRITEBACK_STEP = 16 * 1024 * 1024
 MAX_RESUMES = 5
 
 
@@ -198,69 +195,19 @@ def fetch_blob(
 ) -> int:
     """Stream one blob into the content store, verified; return the bytes fetched.
 
-    The content store's writer hashes as it writes and publishes the blob only if digest
-    and size match (after an fsync). While the body streams in, written ranges are
-    handed to the kernel for writeback early, so that final fsync finds little left to do
-    and disk writes overlap the network transfer instead of following it.
+    The content store's writer hashes as it writes and publishes the blob (after an
+    fsync) only if its digest and size match; otherwise the temporary file is dropped.
     """
     digest = str(descriptor["digest"])
     size = int(descriptor["size"]) if descriptor.get("size") is not None else None
     body = _ResumingBody(client, ref, digest, size)
     try:
-        with agent.content.writer() as writer, _EarlyWriteback(writer.temp_path) as writeback:
-            limit = None if size is None else size + 1  # one more byte reveals a longer body
-            while limit is None or writer.size < limit:
-                want = READ_CHUNK if limit is None else min(READ_CHUNK, limit - writer.size)
-                chunk = body.read(want)
-                if not chunk:
-                    break
-                writer.write(chunk)
-                writeback.advance(writer.size)
-            _, written = writer.commit(digest, size)
+        _, written = agent.content.ingest(
+            cast(BinaryIO, body), expected_digest=digest, expected_size=size
+        )
     finally:
         body.close()
     return int(written)
-
-
-class _EarlyWriteback:
-    """Starts asynchronous writeback (``sync_file_range(SYNC_FILE_RANGE_WRITE)``) of each
-    ``WRITEBACK_STEP`` bytes written; a no-op where the call is unavailable."""
-
-    _libc: Any = None
-
-    def __init__(self, path: Path) -> None:
-        self.fd = -1
-        self.done = 0
-        if _EarlyWriteback._libc is None:
-            try:
-                _EarlyWriteback._libc = ctypes.CDLL(None, use_errno=True)
-                _EarlyWriteback._libc.sync_file_range.argtypes = [
-                    ctypes.c_int,
-                    ctypes.c_int64,
-                    ctypes.c_int64,
-                    ctypes.c_uint,
-                ]
-            except (OSError, AttributeError):
-                _EarlyWriteback._libc = False
-        if _EarlyWriteback._libc:
-            try:
-                self.fd = os.open(path, os.O_WRONLY)
-            except OSError:
-                self.fd = -1
-
-    def advance(self, written: int) -> None:
-        if self.fd < 0 or written - self.done < WRITEBACK_STEP:
-            return
-        # The writer buffers; flush-by-size is approximate, which is fine for a hint.
-        _EarlyWriteback._libc.sync_file_range(self.fd, self.done, written - self.done, 2)
-        self.done = written
-
-    def __enter__(self) -> _EarlyWriteback:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
 
 
 def _check_descriptor(descriptor: Any, what: str) -> dict[str, Any]:
