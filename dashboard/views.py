@@ -399,8 +399,10 @@ def job_new(request: HttpRequest, tenant: Tenant) -> HttpResponse:
     return _page(request, "dashboard/job_new.html", {"form": form})
 
 
-def _job_context(job: BatchJob, index: int) -> dict[str, Any]:
+def _job_context(request: HttpRequest, job: BatchJob, index: int) -> dict[str, Any]:
     return {
+        "can_manage": can(request, perms.WORKLOADS_MANAGE),
+        "cancel_idem": new_idem(),
         "job": job,
         "counts": jobs.job_counts(job),
         "runs": job.runs.order_by("index", "-attempt")[:200],
@@ -421,15 +423,14 @@ def _index(request: HttpRequest, job: BatchJob) -> int:
 @tenant_page(perms.WORKLOADS_VIEW)
 def job(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
     item = _job(tenant, pk)
-    context = _job_context(item, _index(request, item))
-    context["cancel_idem"] = new_idem()
+    context = _job_context(request, item, _index(request, item))
     return _page(request, "dashboard/job.html", context)
 
 
 @tenant_page(perms.WORKLOADS_VIEW)
 def job_live(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
     item = _job(tenant, pk)
-    context = {"tenant": tenant, **_job_context(item, _index(request, item))}
+    context = {"tenant": tenant, **_job_context(request, item, _index(request, item))}
     response = render(request, "dashboard/partials/job_live.html", context)
     if context["finished"]:
         response.status_code = 286  # htmx: swap this last state, then stop polling
@@ -961,13 +962,22 @@ def build_create(request: HttpRequest, tenant: Tenant) -> HttpResponse:
     return _builds_page(request, tenant, form=_refresh_idem(form), status=400)
 
 
+def _build_context(request: HttpRequest, item: Build) -> dict[str, Any]:
+    return {
+        "build": item,
+        "finished": item.state in builds.TERMINAL,
+        "can_manage": can(request, perms.WORKLOADS_MANAGE),
+        "cancel_idem": new_idem(),
+    }
+
+
 @tenant_page(perms.WORKLOADS_VIEW)
 def build(request: HttpRequest, tenant: Tenant, pk: str) -> HttpResponse:
     item = _build(tenant, pk)
     return _page(
         request,
         "dashboard/build.html",
-        {"build": item, "finished": item.state in builds.TERMINAL, "cancel_idem": new_idem()},
+        _build_context(request, item),
     )
 
 
@@ -978,7 +988,7 @@ def build_live(request: HttpRequest, tenant: Tenant, pk: str) -> HttpResponse:
     response = render(
         request,
         "dashboard/partials/build_live.html",
-        {"tenant": tenant, "build": item, "finished": item.state in builds.TERMINAL},
+        {"tenant": tenant, **_build_context(request, item)},
     )
     if item.state in builds.TERMINAL:
         response.status_code = 286  # htmx: stop polling

@@ -5,14 +5,16 @@ Screenshots of the main pages go to artifacts/screenshots/ on every run."""
 
 from __future__ import annotations
 
+import io
 import re
+import tarfile
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, FilePayload, Page, expect
 
 from billing import services as billing
 from tenants.models import Tenant
@@ -25,6 +27,16 @@ pytestmark = [pytest.mark.browser, pytest.mark.privileged, pytest.mark.timeout(6
 COMMAND = (
     "sh -c 'echo hello from $HOSTNAME; i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done'"
 )
+
+
+def _context_tar() -> bytes:
+    dockerfile = b"FROM busybox\nRUN echo built by berth > /built.txt\n"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile))
+    return buffer.getvalue()
 
 
 def _submit(page: Page, button: str) -> None:
@@ -40,6 +52,9 @@ def test_team_flow_in_a_real_browser(
 
     # Sign up; a bad slug is refused inline and the rest of what was typed stays.
     page.goto(f"{base}/signup/")
+    # Keyboard first: Tab reaches the skip link, which moves focus to the content.
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
     page.get_by_label("Email").fill("ada@lovelace.example")
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_label("Organisation name").fill("Lovelace Labs")
@@ -117,6 +132,25 @@ def test_team_flow_in_a_real_browser(
     page.reload()
     expect(page.locator("pre.logs")).to_contain_text("job says 0", timeout=30_000)
     screenshot("job")
+
+    # A build from an uploaded context, its log live until it ends.
+    page.get_by_role("link", name="Builds").click()
+    page.get_by_label("Build context (tar)").set_input_files(
+        files=[FilePayload(name="ctx.tar", mimeType="application/x-tar", buffer=_context_tar())]
+    )
+    page.get_by_label("Tag").fill("hello:v1")
+    _submit(page, "Upload and build")
+    expect(page.get_by_test_id("build-state")).to_have_text("succeeded", timeout=120_000)
+    expect(page.locator("pre.logs")).to_contain_text("Successfully tagged hello:v1")
+    screenshot("build")
+
+    # A volume and a network.
+    page.get_by_role("link", name="Volumes & networks").click()
+    page.get_by_label("Size (GiB)").fill("1")
+    page.locator("#vol-h").locator("..").get_by_label("Name:").fill("data")
+    _submit(page, "Create volume")
+    expect(page.get_by_text("Volume data created (1 GiB).")).to_be_visible()
+    screenshot("storage")
 
     # More seats (a platform admin comps the Team plan: Free has one seat), then invite.
     tenant = Tenant.objects.get(slug="lovelace")
