@@ -2,7 +2,8 @@
 the registry protocols, not Berth's API format).
 
 ``GET /registry/token``   docker's token endpoint: Basic credentials, ``service`` and
-                           ``scope`` parameters → a signed bearer token.
+                           ``scope`` parameters → a signed bearer token (also the OAuth2
+                           password-grant POST containerd tries first).
 ``POST /registry/events/`` the registry's notifications, authenticated with the shared
                            secret from ``notify.secret``.
 """
@@ -37,16 +38,35 @@ def _error(status: int, code: str, message: str) -> JsonResponse:
 
 
 @csrf_exempt
-@require_http_methods(["GET"])
+@require_http_methods(["GET", "POST"])
 def token(request: HttpRequest) -> HttpResponse:
-    """Issue a registry token for the requested scopes (docker uses GET + Basic auth)."""
-    service = request.GET.get("service", "")
+    """Issue a registry token for the requested scopes.
+
+    docker, skopeo and podman use GET with Basic auth and ``service``/``scope`` query
+    parameters; containerd first tries the OAuth2 form (POST ``grant_type=password`` with
+    ``username``, ``password``, space-separated ``scope``), which is answered the same way.
+    """
+    if request.method == "POST":
+        params = request.POST
+        if params.get("grant_type") != "password":
+            return _error(400, "UNSUPPORTED", "only grant_type=password is supported")
+        credentials: tuple[str, str] | None = (
+            params.get("username", ""),
+            params.get("password", ""),
+        )
+        scopes = params.get("scope", "").split()
+    else:
+        params = request.GET
+        credentials = None
+        scopes = params.getlist("scope")
+    service = params.get("service", "")
     if service and service != settings.BERTH_REGISTRY_SERVICE:
         return _error(400, "INVALID_REQUEST", f"unknown service {service!r}")
     try:
-        credentials = services.parse_basic_auth(request.META.get("HTTP_AUTHORIZATION", ""))
+        if credentials is None:
+            credentials = services.parse_basic_auth(request.META.get("HTTP_AUTHORIZATION", ""))
         principal = services.authenticate(credentials, ip=request.META.get("REMOTE_ADDR"))
-        issued = services.token_for(principal, request.GET.getlist("scope"))
+        issued = services.token_for(principal, scopes)
     except RegistryAuthError as exc:
         return _error(401, "UNAUTHORIZED", exc.message)
     except RegistryDenied as exc:

@@ -284,3 +284,51 @@ def test_node_credential_command_prints_a_secret_that_authenticates(db: None) ->
     call_command("registry_node_credential", "node-7", "--revoke", stderr=io.StringIO())
     with pytest.raises(RegistryAuthError):
         services.authenticate(("node-node-7", secret))
+
+
+def test_token_endpoint_get_and_oauth_post(
+    acme_repo: Tenant, make_token: Callable[..., str], client: Any, settings: Any, tmp_path: Any
+) -> None:
+    import base64
+    import subprocess
+
+    key = tmp_path / "token.key"
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    settings.BERTH_REGISTRY_DIR = tmp_path
+    owner = User.objects.get(email="owner@acme.example")
+    secret = make_token(acme_repo, owner, Scope.WRITE)
+    basic = "Basic " + base64.b64encode(f"me:{secret}".encode()).decode()
+
+    got = client.get(
+        "/registry/token",
+        {"service": "berth-registry", "scope": "repository:acme/web:pull,push"},
+        HTTP_AUTHORIZATION=basic,
+    )
+    assert got.status_code == 200
+    assert set(got.json()) == {"token", "access_token", "expires_in", "issued_at"}
+
+    posted = client.post(
+        "/registry/token",
+        {
+            "grant_type": "password",
+            "username": "me",
+            "password": secret,
+            "service": "berth-registry",
+            "scope": "repository:acme/web:pull repository:acme/x:push",
+        },
+    )
+    assert posted.status_code == 200
+    payload = posted.json()["access_token"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert [(a["name"], a["actions"]) for a in claims["access"]] == [
+        ("acme/web", ["pull"]),
+        ("acme/x", ["push"]),
+    ]
+    assert claims["aud"] == "berth-registry" and claims["iss"] == "berth"
+
+    refused = client.post(
+        "/registry/token", {"grant_type": "password", "username": "me", "password": "brt_nope"}
+    )
+    assert refused.status_code == 401 and refused.json()["errors"][0]["code"] == "UNAUTHORIZED"
+    assert client.post("/registry/token", {"grant_type": "refresh_token"}).status_code == 400
+    assert client.get("/registry/token", {"service": "other"}).status_code == 400
