@@ -231,8 +231,17 @@ class JobForm(IdemForm):
 
 
 class InviteForm(IdemForm):
+    """Offers only the roles the inviting member may hand out (only owners make owners)."""
+
     email = forms.EmailField()
     role = forms.ChoiceField(choices=Role.choices, initial=Role.DEVELOPER)
+
+    def __init__(self, *args: Any, roles: list[tuple[str, str]] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if roles is not None:
+            field = self.fields["role"]
+            assert isinstance(field, forms.ChoiceField)
+            field.choices = roles
 
 
 class RoleForm(IdemForm):

@@ -482,19 +482,24 @@ def _members_page(
     invitations = Invitation.objects.for_tenant(tenant).filter(
         accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=timezone.now()
     )
-    assignable = perms.ASSIGNABLE_ROLES.get(request.role, frozenset())  # type: ignore[attr-defined]
+    roles = _assignable(request)
     return _page(
         request,
         "dashboard/members.html",
         {
             "members": members,
             "invitations": invitations,
-            "invite_form": invite_form or _form(f.InviteForm),
-            "roles": [(value, label) for value, label in Role.choices if value in assignable],
+            "invite_form": invite_form or _form(f.InviteForm, roles=roles),
+            "roles": roles,
             "idem": new_idem(),
         },
         status,
     )
+
+
+def _assignable(request: HttpRequest) -> list[tuple[str, str]]:
+    allowed = perms.ASSIGNABLE_ROLES.get(request.role, frozenset())  # type: ignore[attr-defined]
+    return [(value, label) for value, label in Role.choices if value in allowed]
 
 
 @tenant_page(perms.MEMBERS_VIEW)
@@ -505,7 +510,7 @@ def members(request: HttpRequest, tenant: Tenant) -> HttpResponse:
 @tenant_page(perms.INVITATIONS_MANAGE, methods=("POST",))
 @once
 def invite(request: HttpRequest, tenant: Tenant) -> HttpResponse:
-    form = f.InviteForm(request.POST)
+    form = f.InviteForm(request.POST, roles=_assignable(request))
     if form.is_valid():
         try:
             invitation, key = tenant_services.invite_member(

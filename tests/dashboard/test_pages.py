@@ -479,3 +479,71 @@ def test_build_upload_and_live_log(
     ended = client.get(f"/t/acme/builds/{build.pk}/live/", HTTP_HX_REQUEST="true")
     assert ended.status_code == 286  # htmx stops polling
     assert "cancelled" in ended.content.decode()
+
+
+def test_password_reset_and_logout(make_tenant: TenantMaker) -> None:
+    from django.core import mail
+
+    make_tenant("acme")
+    client = Client()
+    sent = client.post("/password-reset/", {"email": "owner@acme.example"})
+    assert sent.status_code == 302 and sent["Location"] == "/password-reset/sent/"
+    assert len(mail.outbox) == 1
+    link = next(line for line in mail.outbox[0].body.splitlines() if "/password-reset/" in line)
+    path = link.strip().split("testserver", 1)[1]
+    form = client.get(path, follow=True)
+    assert "Choose a new password" in form.content.decode()
+    done = client.post(
+        form.redirect_chain[-1][0],
+        {"new_password1": "an0ther-Long-passw0rd", "new_password2": "an0ther-Long-passw0rd"},
+    )
+    assert done.status_code == 302 and done["Location"] == "/password-reset/complete/"
+    logged_in = client.post(
+        "/login/", {"username": "owner@acme.example", "password": "an0ther-Long-passw0rd"}
+    )
+    assert logged_in.status_code == 302
+    assert client.get("/t/acme/").status_code == 200
+    assert client.post("/logout/")["Location"] == "/login/"
+    assert client.get("/t/acme/").status_code == 302
+
+
+def test_switcher_lists_only_my_organisations(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    _, owner = make_tenant("first")
+    second, _ = make_tenant("second")
+    make_tenant("stranger")
+    from tenants.models import Membership
+
+    Membership.objects.create(tenant=second, user=owner, role=Role.DEVELOPER)
+    page = login(owner).get("/t/second/").content.decode()
+    switcher = page.split('id="tenant-switcher"')[1].split("</select>")[0]
+    assert 'value="/t/first/"' in switcher and 'value="/t/second/" selected' in switcher
+    assert "stranger" not in switcher
+    assert "developer" in page  # the role in this organisation
+
+
+def test_roles_are_changed_within_what_the_actor_may_assign(
+    make_tenant: TenantMaker, member: Callable[..., User], login: Callable[[User], Client]
+) -> None:
+    from tenants.models import Membership
+
+    tenant, owner = make_tenant("acme")
+    admin = member(tenant, Role.ADMIN)
+    developer = member(tenant, Role.DEVELOPER)
+    dev_membership = Membership.objects.get(tenant=tenant, user=developer)
+    as_admin = login(admin)
+    page = as_admin.get("/t/acme/members/").content.decode()
+    assert '<option value="owner"' not in page  # admins cannot hand out owner
+    refused = as_admin.post(
+        f"/t/acme/members/{dev_membership.pk}/role/", {"role": "owner"}, follow=True
+    )
+    assert "owner" not in Membership.objects.get(pk=dev_membership.pk).role
+    assert refused.status_code == 200
+    as_admin.post(f"/t/acme/members/{dev_membership.pk}/role/", {"role": "viewer"})
+    assert Membership.objects.get(pk=dev_membership.pk).role == "viewer"
+    # A developer manages nobody.
+    as_dev = login(developer)
+    assert "Change role" not in as_dev.get("/t/acme/members/").content.decode()
+    owner_membership = Membership.objects.get(tenant=tenant, user=owner)
+    assert as_dev.post(f"/t/acme/members/{owner_membership.pk}/remove/").status_code == 403
