@@ -14,6 +14,7 @@ services using it to this node.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import threading
@@ -31,6 +32,7 @@ from runtime_agent.errors import AgentError
 if TYPE_CHECKING:
     from runtime_agent.worker import NodeWorker
 
+logger = logging.getLogger("berth.agent.build")
 LOG_INTERVAL = 0.5
 FETCH_TIMEOUT = 60
 
@@ -54,17 +56,37 @@ class BuildLog:
         self.seq = 0
         self.sent_at = 0.0
         self.dirty = False
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
 
     def write(self, text: str) -> None:
         if not text:
             return
-        self.size += len(text)
-        self.tail = (self.tail + text)[-self.req.log_keep_bytes :]
-        self.dirty = True
-        if time.monotonic() - self.sent_at >= LOG_INTERVAL:
-            self.send()
+        with self.lock:
+            self.size += len(text)
+            self.tail = (self.tail + text)[-self.req.log_keep_bytes :]
+            self.dirty = True
+            if time.monotonic() - self.sent_at >= LOG_INTERVAL:
+                self._send()
+
+    def flush_periodically(self) -> None:
+        """Send what a quiet step wrote (a long RUN prints once, then works for minutes)."""
+        while not self.stopped.wait(LOG_INTERVAL):
+            with self.lock:
+                if self.dirty and time.monotonic() - self.sent_at >= LOG_INTERVAL:
+                    try:
+                        self._send()
+                    except Exception as exc:  # the next write or the result tries again
+                        logger.warning(
+                            "sending the log of build %s failed: %s", self.req.build_id, exc
+                        )
 
     def send(self, **result: Any) -> None:
+        with self.lock:
+            self.stopped.set()
+            self._send(**result)
+
+    def _send(self, **result: Any) -> None:
         self.seq += 1
         report = protocol.BuildReport(
             build_id=self.req.build_id,
@@ -105,6 +127,7 @@ def run_build(
     """Run one build to its end; always reports the result to the control plane."""
     started = _now()
     log = BuildLog(worker, req)
+    threading.Thread(target=log.flush_periodically, name="build-log", daemon=True).start()
     deadline = time.monotonic() + req.timeout_seconds
     digest = reference = error = None
     state = "failed"

@@ -13,7 +13,7 @@ import pytest
 from django.test import override_settings
 from rest_framework.test import APIClient
 
-from tests.e2e.conftest import Cluster, wait_for
+from tests.e2e.conftest import Cluster, agent_api, wait_for
 from tests.e2e.test_dispatch import _client, _running_nodes, _service
 from workloads.models import Build
 
@@ -100,9 +100,9 @@ def test_build_on_an_agent_then_run_the_image(cluster: Cluster, contexts: Path) 
     assert "hello from the context" in text
 
 
-def test_a_running_build_is_cancelled_on_its_agent(cluster: Cluster, contexts: Path) -> None:
+def test_cancelled_and_failing_builds_on_an_agent(cluster: Cluster, contexts: Path) -> None:
     client = _client("e2ec")
-    context = _tar({"Dockerfile": b"FROM busybox\nRUN echo started; sleep 6\nRUN echo never-ran\n"})
+    context = _tar({"Dockerfile": b"FROM busybox\nRUN echo started; sleep 8\nRUN echo never-ran\n"})
     created = client.generic(
         "POST",
         "/api/v1/tenants/e2ec/builds/?tag=slow",
@@ -113,10 +113,10 @@ def test_a_running_build_is_cancelled_on_its_agent(cluster: Cluster, contexts: P
     build_id = created.json()["id"]
     wait_for(lambda: "Step 2/3" in Build.objects.get(pk=build_id).log, timeout=60, what="step 2")
     cancelled = client.post(f"/api/v1/tenants/e2ec/builds/{build_id}/cancel/")
-    assert cancelled.status_code == 200
+    assert cancelled.status_code == 200, (cancelled.json(), Build.objects.get(pk=build_id).log)
     assert cancelled.json()["state"] == "cancelled"
-    # The agent stops the build once its current RUN step ends (the builder can't
-    # interrupt a step) and says so; the next step never starts, the build stays cancelled.
+    # The agent stops the build at the next step boundary (the builder can't interrupt a
+    # running step) and says so; nothing is tagged, the build stays cancelled.
     wait_for(
         lambda: "cancelled" in Build.objects.get(pk=build_id).log,
         timeout=60,
@@ -124,4 +124,26 @@ def test_a_running_build_is_cancelled_on_its_agent(cluster: Cluster, contexts: P
     )
     build = Build.objects.get(pk=build_id)
     assert build.state == "cancelled"
-    assert "Step 3/3" not in build.log
+    assert build.node is not None
+    references = agent_api(cluster.agent_named(build.node.name)).images.references("e2ec")
+    assert not any(ref.startswith("slow") for ref in references), references
+
+    # A failing step fails the build with the step's exit code, leaves no tag behind and
+    # still counts its minute.
+    failing = client.generic(
+        "POST",
+        "/api/v1/tenants/e2ec/builds/?tag=broken",
+        _tar({"Dockerfile": b"FROM busybox\nRUN echo about to fail; exit 3\n"}),  # type: ignore[arg-type]
+        content_type="application/x-tar",
+    )
+    assert failing.status_code == 201, failing.content
+    lines = _follow(client, "e2ec", failing.json()["id"])
+    assert lines[-1]["state"] == "failed", lines
+    assert "3" in lines[-1]["reason"]
+    log = "".join(line.get("log", "") for line in lines)
+    assert "about to fail" in log
+    from tenants.models import QuotaUsage
+
+    used = QuotaUsage.objects.get(tenant__slug="e2ec", quota="build_minutes_month").used
+    assert used == 2  # the cancelled build's minute and the failed one's
+    assert not list(contexts.iterdir())
