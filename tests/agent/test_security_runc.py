@@ -348,3 +348,50 @@ def test_user_namespace_joining_a_prepared_netns(
     assert lines[1] == "0"
     assert "wrote-sys" not in result.stdout and "ok" in lines
     assert "Read-only file system" in result.stderr
+
+
+X32_PROBE = """
+    import ctypes, errno, json, os, signal, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    X32 = 0x40000000
+    out = {}
+    for name, nr in (("getpid", 39), ("x32_getpid", X32 | 39), ("x32_read", X32 | 0),
+                     ("x32_mount", X32 | 165), ("x32_unshare", X32 | 272)):
+        pid = os.fork()  # each probe in a child: a filter may kill the caller
+        if pid == 0:
+            ctypes.set_errno(0)
+            rc = libc.syscall(nr, ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+            os._exit(0 if rc >= 0 else min(ctypes.get_errno(), 200))
+        status = os.waitpid(pid, 0)[1]
+        if os.WIFSIGNALED(status):
+            out[name] = signal.Signals(os.WTERMSIG(status)).name
+        else:
+            code = os.WEXITSTATUS(status)
+            out[name] = 0 if code == 0 else errno.errorcode[code]
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not HOST_PYTHON.exists(), reason="needs /usr/bin/python3 on the host")
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x32 is an x86_64 ABI")
+def test_x32_system_calls_never_run(run_container: RunFn) -> None:
+    """Whether or not the profile lists x32 (it doesn't on kernels without the x32 ABI),
+    an x32 system call is refused: an error when the filter knows x32, the calling
+    process killed (SIGSYS) when it doesn't. Native calls are unaffected."""
+    from runtime_agent.runtime.seccomp import host_has_x32_abi
+
+    result = run_container(X32_PROBE, python=True)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["getpid"] == 0
+    refused = ("SIGSYS", "ENOSYS", "EPERM")
+    assert seen["x32_mount"] in refused
+    assert seen["x32_unshare"] in refused
+    if not host_has_x32_abi():
+        assert seen == {
+            "getpid": 0,
+            "x32_getpid": "SIGSYS",
+            "x32_read": "SIGSYS",
+            "x32_mount": "SIGSYS",
+            "x32_unshare": "SIGSYS",
+        }
