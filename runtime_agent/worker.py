@@ -13,6 +13,7 @@ A reporter thread sends a full :class:`~runtime_agent.protocol.NodeReport` every
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -26,7 +27,7 @@ from celery import Celery
 
 from runtime_agent import protocol
 from runtime_agent.agent import Agent
-from runtime_agent.errors import AgentError, NotFound
+from runtime_agent.errors import AgentError, AlreadyExists, NotFound
 from runtime_agent.node import NodeIdentity, capacity
 from runtime_agent.oplog import OperationLog
 
@@ -153,7 +154,9 @@ class NodeWorker:
             try:
                 networks.inspect(spec.tenant, attachment.network)
             except NotFound:
-                networks.create(spec.tenant, attachment.network)
+                # Another operation may be creating it right now: that's as good.
+                with contextlib.suppress(AlreadyExists):
+                    networks.create(spec.tenant, attachment.network)
 
     def _ensure_volumes(self, spec: protocol.ContainerSpec) -> None:
         """Sized volumes are created with their size before a container first mounts them
@@ -325,6 +328,7 @@ class NodeWorker:
         # Whatever a crash left half-done: containers re-attached to their monitors, build
         # steps' mounts and runc state removed.
         self.agent.containers.recover()
+        self.agent.networks.recover(r.id for r in self.agent.containers.all_records())
         self.agent.builder.recover()
         reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
         reporter.start()
