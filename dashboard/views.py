@@ -66,6 +66,19 @@ def _page(
     return render(request, template, base, status=status)
 
 
+#: Session key of a secret to show once (a new token, an invitation link): popped by the
+#: next page of the same tenant that renders it, never put in a cookie or a message.
+NEW_SECRET_KEY = "dashboard_new_secret"  # noqa: S105 (a session key name, not a secret)
+
+
+def _pop_secret(request: HttpRequest, tenant: Tenant, kind: str) -> str | None:
+    held = request.session.get(NEW_SECRET_KEY)
+    if not held or held.get("tenant") != tenant.slug or kind not in held:
+        return None
+    del request.session[NEW_SECRET_KEY]
+    return str(held[kind])
+
+
 def _form(cls: type[f.IdemForm], request: HttpRequest | None = None, **kwargs: Any) -> Any:
     """A form bound to the POST (keeps what was typed) or fresh with a new idem token."""
     if request is not None and request.method == "POST":
@@ -491,6 +504,7 @@ def _members_page(
             "invitations": invitations,
             "invite_form": invite_form or _form(f.InviteForm, roles=roles),
             "roles": roles,
+            "new_invitation_link": _pop_secret(request, tenant, "invitation"),
             "idem": new_idem(),
         },
         status,
@@ -524,11 +538,8 @@ def invite(request: HttpRequest, tenant: Tenant) -> HttpResponse:
             f.add_service_error(form, exc)
         else:
             link = request.build_absolute_uri(reverse("dashboard:accept", args=[key]))
-            messages.success(
-                request,
-                f"Invitation sent to {invitation.email}. Its link (shown once): {link}",
-                extra_tags="secret",
-            )
+            request.session[NEW_SECRET_KEY] = {"tenant": tenant.slug, "invitation": link}
+            messages.success(request, f"Invitation sent to {invitation.email}.")
             return redirect(_t("members", tenant))
     return _members_page(request, tenant, invite_form=_refresh_idem(form), status=400)
 
@@ -605,6 +616,7 @@ def _tokens_page(
             "tokens": _visible_tokens(request, tenant)[:200],
             "form": form or _form(f.TokenForm),
             "max_scope": perms.MAX_TOKEN_SCOPE[request.role],  # type: ignore[attr-defined]
+            "new_token": _pop_secret(request, tenant, "token"),
             "idem": new_idem(),
         },
         status,
@@ -634,8 +646,9 @@ def token_create(request: HttpRequest, tenant: Tenant) -> HttpResponse:
         except BerthError as exc:
             f.add_service_error(form, exc)
         else:
-            # Shown once: a session message is consumed by the next page that renders it.
-            messages.success(request, secret, extra_tags=f"token {token.prefix}")
+            # Shown once: kept server-side in the session until the next tokens page pops it.
+            request.session[NEW_SECRET_KEY] = {"tenant": tenant.slug, "token": secret}
+            messages.success(request, f"Token {token.prefix}… created.")
             return redirect(_t("tokens", tenant))
     return _tokens_page(request, tenant, form=_refresh_idem(form), status=400)
 

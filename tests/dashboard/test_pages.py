@@ -260,6 +260,7 @@ def test_token_secret_is_shown_once_and_revoke_works(
     token = APIToken.objects.get(tenant=tenant, user=viewer)
     body = created.content.decode()
     assert f'<code id="new-token" class="secret-value">{token.prefix}_' in body
+    assert all(token.prefix + "_" not in m.value for m in client.cookies.values())
     again = client.get("/t/acme/tokens/").content.decode()
     assert 'id="new-token"' not in again and token.prefix in again
     # The viewer only sees and revokes its own tokens.
@@ -285,7 +286,8 @@ def test_invitation_accepted_by_a_new_account(
         "/t/acme/members/invite/", {"email": "new@acme.example", "role": "viewer"}, follow=True
     )
     body = sent.content.decode()
-    link = body.split("Its link (shown once): ")[1].split("<")[0].strip()
+    link = body.split('<code id="invitation-link" class="secret-value">')[1].split("<")[0]
+    assert "invitation-link" not in client.get("/t/acme/members/").content.decode()
     assert link.startswith("http://testserver/invitations/inv_")
     guest = Client()
     path = link.removeprefix("http://testserver")
