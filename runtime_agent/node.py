@@ -105,7 +105,7 @@ def join(
         raise InvalidArgument(
             f"control plane URL must start with http:// or https://: {control_url}"
         )
-    body = {
+    body: dict[str, Any] = {
         "token": token,
         "name": name or platform.node(),
         "labels": labels or {},

@@ -17,7 +17,7 @@ class NodeAdmin(admin.ModelAdmin):
 
 class ContainerInline(admin.TabularInline):
     model = Container
-    fields = ["name", "node", "generation", "desired_state", "state", "exit_code", "started_at"]
+    fields = ("name", "node", "generation", "desired_state", "state", "exit_code", "started_at")
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -49,7 +49,7 @@ class DeploymentAdmin(admin.ModelAdmin):
 
 class JobRunInline(admin.TabularInline):
     model = JobRun
-    fields = ["index", "attempt", "state", "exit_code", "started_at", "finished_at"]
+    fields = ("index", "attempt", "state", "exit_code", "started_at", "finished_at")
     readonly_fields = fields
     extra = 0
     can_delete = False

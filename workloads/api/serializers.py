@@ -159,7 +159,7 @@ class ServiceSerializer(serializers.ModelSerializer):
 
     def get_latest_deployment(self, service: Service) -> dict[str, Any] | None:
         deployment = service.deployments.order_by("-generation").first()
-        return DeploymentSerializer(deployment).data if deployment else None  # type: ignore[return-value]
+        return DeploymentSerializer(deployment).data if deployment else None
 
 
 class JobCreateSerializer(StrictSerializer):

@@ -228,6 +228,7 @@ def dispatch_runs(*, now: Any = None) -> int:
 
 
 def run_started(container: Container) -> None:
+    assert container.job_run_id is not None
     JobRun.objects.filter(pk=container.job_run_id, started_at__isnull=True).update(
         started_at=container.started_at or timezone.now()
     )
@@ -235,6 +236,7 @@ def run_started(container: Container) -> None:
 
 def run_finished(container: Container, *, cpu_seconds: float | None, memory: int | None) -> None:
     """The run's container exited: settle the run, maybe retry, collect logs, clean up."""
+    assert container.job_run_id is not None
     run = JobRun.objects.select_for_update().select_related("job").get(pk=container.job_run_id)
     if run.state == RunState.RUNNING:
         run.state = RunState.SUCCEEDED if container.exit_code == 0 else RunState.FAILED

@@ -75,12 +75,12 @@ def _capacities(nodes: list[Node]) -> list[NodeCapacity]:
     ):
         used[row["node_id"]] = {"cpu": row["cpu"], "mem": row["mem"], "gpus": row["gpus"]}
     groups: dict[Any, dict[str, int]] = defaultdict(dict)
-    for row in (
+    for group_row in (
         Container.objects.filter(node__in=nodes, state__in=HOLDS_CAPACITY, service__isnull=False)
         .values("node_id", "service_id")
         .annotate(n=Count("id"))
     ):
-        groups[row["node_id"]][f"svc{row['service_id']}"] = row["n"]
+        groups[group_row["node_id"]][f"svc{group_row['service_id']}"] = group_row["n"]
     return [
         NodeCapacity(
             id=str(node.pk),
