@@ -208,6 +208,12 @@ def role_of(tenant: Tenant, user: Any) -> str | None:
     )
 
 
+def seats_full(tenant: Tenant) -> bool:
+    """Members plus open invitations already fill the paid seats."""
+    fresh = Tenant.objects.get(pk=tenant.pk)
+    return fresh.memberships.count() + _pending_invitations(fresh) >= fresh.seats
+
+
 def _pending_invitations(tenant: Tenant) -> int:
     return Invitation.objects.filter(
         tenant=tenant,

@@ -103,6 +103,11 @@ class InvitationSerializer(StrictModelSerializer):
 class InvitationCreateSerializer(StrictSerializer):
     email = serializers.EmailField()
     role = serializers.ChoiceField(choices=Role.choices, default=Role.DEVELOPER)
+    buy_seat = serializers.BooleanField(
+        default=False,
+        help_text="When every paid seat is taken, buy one more (owners, admins and billing "
+        "members; the subscription is updated with proration) instead of refusing.",
+    )
 
 
 class InvitationCreatedSerializer(InvitationSerializer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import Http404
 from drf_spectacular.utils import extend_schema
@@ -260,13 +261,20 @@ class InvitationViewSet(
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         body = InvitationCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        invitation, key = services.invite_member(
-            self.tenant,
-            body.validated_data["email"],
-            body.validated_data["role"],
-            actor=self.actor,
-            actor_role=self.acting_role,
-        )
+        with transaction.atomic():
+            if body.validated_data["buy_seat"] and services.seats_full(self.tenant):
+                from billing.services import add_seat_for_invitation
+
+                add_seat_for_invitation(
+                    self.tenant, actor=self.actor, actor_role=self.acting_role or "owner"
+                )
+            invitation, key = services.invite_member(
+                self.tenant,
+                body.validated_data["email"],
+                body.validated_data["role"],
+                actor=self.actor,
+                actor_role=self.acting_role,
+            )
         invitation.key = key  # type: ignore[attr-defined]
         return Response(
             InvitationCreatedSerializer(invitation).data, status=status.HTTP_201_CREATED
