@@ -17,8 +17,11 @@ APT_PACKAGES=(
   runc conmon busybox-static nftables iproute2 iptables e2fsprogs uidmap kmod
   skopeo docker-registry docker.io zstd gettext-base openssl
   redis-server postgresql postgresql-client
-  chromium npm
+  chromium
 )
+# npm: Debian's package, unless the machine already has Node.js with its own npm (Debian's
+# npm conflicts with NodeSource-style nodejs packages).
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
