@@ -191,7 +191,10 @@ def test_a_volume_pins_every_container_mounting_it_to_one_node(
         tenant, name="third", data={"image": "busybox", "volumes": mount}, replicas=1, actor=SYSTEM
     )
     assert placement.schedule_pending() == 0
-    assert "berth.node.id" in third.containers.get().pending_reason
+    node_name = Node.objects.get(pk=volume.node_id).name
+    assert third.containers.get().pending_reason == (
+        f"pinned to node {node_name} by its volume shared: node {node_name} is cordoned"
+    )
 
 
 def test_service_referencing_unknown_volume_or_network_is_refused(

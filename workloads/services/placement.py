@@ -138,6 +138,7 @@ def schedule_pending(*, limit: int = 1000) -> int:
         if str(c.pk) not in pins.deferred
     ]
     result = place(requests, _capacities(nodes))
+    pins.explain(result.unplaced)
     result.unplaced.update(pins.deferred)
     if storage.pin_placed(pins, result.assignments) and pins.deferred:
         schedule_soon()  # the containers waiting for those volumes can go now

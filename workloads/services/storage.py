@@ -295,6 +295,27 @@ class Pins:
         self.deferred: dict[str, str] = {}
         #: container pk -> volumes it pins to its node once placed
         self.claims: dict[str, list[Volume]] = {}
+        #: container pk -> what pins it ("volume data", "image app:v1 (built there)")
+        self.why: dict[str, str] = {}
+
+    def explain(self, unplaced: dict[str, str]) -> None:
+        """Say in the reasons of pinned containers that could not be placed where they are
+        pinned, instead of the bare node-id label the scheduler reports."""
+        pinned = {k: c[NODE_ID_LABEL] for k, c in self.constraints.items() if k in unplaced}
+        if not pinned:
+            return
+        nodes = {
+            str(pk): (name, state)
+            for pk, name, state in Node.objects.filter(pk__in=set(pinned.values())).values_list(
+                "pk", "name", "state"
+            )
+        }
+        for key, node_id in pinned.items():
+            name, state = nodes.get(node_id, (node_id, "gone"))
+            reason = unplaced[key]
+            if state != NodeState.READY:
+                reason = f"node {name} is {state}"
+            unplaced[key] = f"pinned to node {name} by its {self.why[key]}: {reason}"
 
 
 def pin_constraints(pending: list[Container]) -> Pins:
@@ -364,7 +385,9 @@ def pin_constraints(pending: list[Container]) -> Pins:
         if unpinned:
             pins.claims[key] = unpinned
         if nodes:
-            pins.constraints[key] = {NODE_ID_LABEL: next(iter(nodes))}
+            node_id, why = next(iter(nodes.items()))
+            pins.constraints[key] = {NODE_ID_LABEL: node_id}
+            pins.why[key] = why
     return pins
 
 
