@@ -99,7 +99,8 @@ def tenant_page(permission: str, *, methods: tuple[str, ...] = ("GET",)) -> Call
             request.tenant = tenant  # type: ignore[attr-defined]
             request.role = role  # type: ignore[attr-defined]
             request.actor = Actor.from_request(request)  # type: ignore[attr-defined]
-            request.session["dashboard_tenant"] = tenant.slug
+            if request.session.get("dashboard_tenant") != tenant.slug:  # no write per poll
+                request.session["dashboard_tenant"] = tenant.slug
             return view(request, tenant, *args, **kwargs)
 
         return wrapper

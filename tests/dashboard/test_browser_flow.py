@@ -178,7 +178,7 @@ def test_team_flow_in_a_real_browser(
     # ... sees the service but no way to change it ...
     viewer.goto(f"{base}/t/lovelace/services/web/")
     expect(viewer.get_by_test_id("replicas").locator(".state.running")).to_have_count(2)
-    for name in ("Deploy", "Scale", "Restart", "Stop"):
+    for name in ("Deploy", "Scale", "Restart", "Stop", "Delete"):
         expect(viewer.get_by_role("button", name=name, exact=True)).to_have_count(0)
     viewer.goto(f"{base}/t/lovelace/services/")
     expect(viewer.get_by_role("link", name="Deploy a service")).to_have_count(0)

@@ -549,3 +549,28 @@ def test_roles_are_changed_within_what_the_actor_may_assign(
     assert "Change role" not in as_dev.get("/t/acme/members/").content.decode()
     owner_membership = Membership.objects.get(tenant=tenant, user=owner)
     assert as_dev.post(f"/t/acme/members/{owner_membership.pk}/remove/").status_code == 403
+
+
+def test_service_stop_start_and_delete(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    tenant, owner = make_tenant("acme")
+    _service(tenant)
+    client = login(owner)
+    assert client.post("/t/acme/services/web/stop/").status_code == 302
+    assert Service.objects.get(tenant=tenant, name="web").state == "stopped"
+    again = client.post("/t/acme/services/web/stop/", follow=True)
+    assert again.status_code == 200
+    assert client.post("/t/acme/services/web/start/").status_code == 302
+    conflict = client.post("/t/acme/services/web/start/", follow=True).content.decode()
+    assert "is not stopped" in conflict
+    assert client.post("/t/acme/services/web/explode/").status_code == 404
+    deleted = client.post("/t/acme/services/web/delete/")
+    assert deleted["Location"] == "/t/acme/services/"
+    assert client.get("/t/acme/services/web/").status_code == 404
+    actions = list(
+        AuditLog.objects.filter(tenant=tenant, action__startswith="service.")
+        .order_by("id")
+        .values_list("action", flat=True)
+    )
+    assert actions[-3:] == ["service.stop", "service.start", "service.delete"]
