@@ -294,7 +294,8 @@ class ContainerManager:
         from runtime_agent.runtime.security import apply_security_defaults
 
         directory = self.store.dir(record.tenant, record.id)
-        rootfs = self.agent.snapshots.prepare(record.snapshot_key, image)
+        # --rm: a disposable rootfs, mounted volatile so removing it needn't sync the disk.
+        rootfs = self.agent.snapshots.prepare(record.snapshot_key, image, volatile=spec.auto_remove)
         ids = None
         if spec.user_namespace:
             from runtime_agent.runtime.security import ensure_traversable, user_namespace_for

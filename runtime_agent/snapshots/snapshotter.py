@@ -34,11 +34,9 @@ from typing import TYPE_CHECKING, Any
 from runtime_agent.config import AgentConfig
 from runtime_agent.content.store import ContentStore, parse_digest
 from runtime_agent.errors import AlreadyExists, DigestMismatch, InvalidArgument, NotFound
-from runtime_agent.images.media import OCI_LAYER, open_uncompressed
 from runtime_agent.snapshots import mount
 from runtime_agent.snapshots.device import block_device_of
-from runtime_agent.snapshots.diff import write_layer
-from runtime_agent.snapshots.unpack import remove_tree, unpack_layer
+from runtime_agent.snapshots.tree import remove_tree
 
 if TYPE_CHECKING:
     from runtime_agent.images.store import Image
@@ -94,6 +92,9 @@ class Snapshotter:
         tmp = self.layers_dir / f".tmp-{secrets.token_hex(8)}"
         (tmp / "fs").mkdir(parents=True)
         try:
+            from runtime_agent.images.media import open_uncompressed
+            from runtime_agent.snapshots.unpack import unpack_layer  # tar code: only to unpack
+
             with self.content.open(desc["digest"]) as raw, open_uncompressed(raw) as stream:
                 result = unpack_layer(stream, tmp / "fs")
             if result.diff_id != diff_id:
@@ -134,8 +135,13 @@ class Snapshotter:
         *,
         read_only: bool = False,
         size_bytes: int | None = None,
+        volatile: bool = False,
     ) -> Path:
         """Mount a writable (or read-only) root filesystem of ``image`` for ``key``.
+
+        ``volatile``: the overlay never syncs its writable layer (see
+        ``mount.mount_overlay``), for disposable root filesystems such as ``--rm``
+        containers'; remembered in the snapshot's records for re-mounts.
 
         With ``size_bytes`` the writable layer lives on its own loop-mounted ext4 file
         of that size: writes beyond it fail with ENOSPC, and the loop device is a block
@@ -173,6 +179,7 @@ class Snapshotter:
             "chain_ids": image.chain_ids,
             "read_only": read_only,
             "size_bytes": size_bytes,
+            "volatile": volatile,
             "created": datetime.now(UTC).isoformat(),
         }
         try:
@@ -234,7 +241,14 @@ class Snapshotter:
             mount.mount_overlay(lowers, None, None, merged)
         else:
             upper, work = self._writable_dirs(sdir, meta)
-            mount.mount_overlay(lowers, upper, work, merged)
+            volatile = bool(meta.get("volatile"))
+            if volatile:
+                # Left by the previous volatile mount; its owner (a disposable --rm
+                # container, not yet started before a reboot) accepts losing writes.
+                marker = mount.volatile_marker(work)
+                if marker.exists():
+                    remove_tree(marker)
+            mount.mount_overlay(lowers, upper, work, merged, volatile=volatile)
         return merged
 
     def _writable_dirs(self, sdir: Path, meta: dict[str, Any]) -> tuple[Path, Path]:
@@ -279,6 +293,9 @@ class Snapshotter:
 
         Returns the layer descriptor (its digest is also its diff id).
         """
+        from runtime_agent.images.media import OCI_LAYER
+        from runtime_agent.snapshots.diff import write_layer
+
         upper = self.upper_dir(key)
         if not upper.is_dir():
             raise NotFound(f"snapshot {key} not found (or not mounted)", key=key)

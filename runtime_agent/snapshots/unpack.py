@@ -25,9 +25,7 @@ import errno
 import hashlib
 import os
 import secrets
-import shutil
 import stat
-import subprocess
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from runtime_agent.errors import AgentError, InvalidArchive, ResourceExhausted
+from runtime_agent.snapshots.tree import remove_tree as remove_tree  # re-exported
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -206,21 +205,6 @@ class _Tree:
             os.rename(base, str(self._trashed), src_dir_fd=parent_fd, dst_dir_fd=self._trash_fd)
         else:
             os.unlink(base, dir_fd=parent_fd)
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a directory tree of any depth; absent is fine.
-
-    ``shutil.rmtree`` recurses once per level (Python's recursion limit); a deeper tree,
-    which a tenant can create, goes to ``rm``, which walks it iteratively, and never
-    crosses into another mount.
-    """
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        return
-    except RecursionError:
-        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False)
 
 
 def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:

@@ -103,6 +103,40 @@ def test_remount_after_unmount(agent: Agent) -> None:
         agent.snapshots.remove("k")
 
 
+def _mount_options(target: Path) -> set[str]:
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            if fields[4] == str(target):
+                return set(line.split(" - ", 1)[1].split()[2].split(","))
+    raise AssertionError(f"{target} is not mounted")
+
+
+def _volatile(target: Path) -> bool:
+    options = _mount_options(target)
+    return "volatile" in options or "fsync=volatile" in options  # 6.x kernels show the latter
+
+
+def test_volatile_snapshot_skips_syncs_and_remounts(agent: Agent) -> None:
+    """--rm containers' rootfs: mounted `volatile` (no sync at unmount); a re-mount after
+    an unmount (a reboot before the container started) clears overlayfs' marker."""
+    image = bootstrap_busybox(agent)
+    try:
+        rootfs = agent.snapshots.prepare("v", image, volatile=True)
+        assert _volatile(rootfs)
+        assert _sh(rootfs, "echo kept > /root/note").returncode == 0
+        subprocess.run(["umount", str(rootfs)], check=True)
+        assert agent.snapshots.ensure_mounted("v") == rootfs
+        assert _volatile(rootfs)
+        assert _sh(rootfs, "cat /root/note").stdout == "kept\n"
+        plain = agent.snapshots.prepare("p", image)
+        assert not _volatile(plain)
+    finally:
+        agent.snapshots.remove("v")
+        agent.snapshots.remove("p")
+    assert mounts_under(agent.snapshots.active_dir) == []
+
+
 @pytest.mark.parametrize("key", ["", "../x", "a/b", ".hidden"])
 def test_bad_keys(agent: Agent, key: str) -> None:
     image = bootstrap_busybox(agent)
