@@ -14,7 +14,8 @@ each) and measures, per service:
 - *visible as running*: until the API's database shows it running (the node's report has
   reached the control plane).
 
-Prints p50 / p95 / max of each and the ratio of the p50 to the target. Uses database
+Prints p50 / p95 / max of each and the ratio of the p50 to the target. On failure the
+state directory with the processes' logs is kept (and named). Uses database
 ``berth_bench`` (``BENCH_DATABASE_URL``) and Redis db 14 (``BENCH_REDIS_URL``) unless told
 otherwise; everything it started is stopped and removed at the end.
 """
@@ -138,6 +139,7 @@ def main() -> None:
         "BERTH_AGENT_NAME": f"bb{token}",
     }
     base = f"http://127.0.0.1:{port}"
+    finished = False
     try:
         start("web", [python, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"])
         start(
@@ -247,6 +249,7 @@ def main() -> None:
             f"target: p50 request -> running under {TARGET_P50_MS:.0f} ms: {p50:.0f} ms "
             f"({p50 / TARGET_P50_MS:.2f}x the target, {verdict})"
         )
+        finished = True
     finally:
         for process in processes:
             if process.poll() is None:
@@ -257,10 +260,10 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        _cleanup_agent(agent_env, state)
+        _cleanup_agent(agent_env, state, keep=not finished)
 
 
-def _cleanup_agent(agent_env: dict[str, str], state: Path) -> None:
+def _cleanup_agent(agent_env: dict[str, str], state: Path, *, keep: bool) -> None:
     """Remove the agent's containers and networks, unmount what is left, drop its state."""
     try:
         from runtime_agent.agent import Agent
@@ -284,7 +287,9 @@ def _cleanup_agent(agent_env: dict[str, str], state: Path) -> None:
         ]
         for mountpoint in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", mountpoint], check=False)
-        if os.environ.get("BENCH_KEEP_STATE") != "1":
+        if keep or os.environ.get("BENCH_KEEP_STATE") == "1":
+            print(f"kept the state and logs in {state}", file=sys.stderr)
+        else:
             shutil.rmtree(state, ignore_errors=True)
 
 
