@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from io import StringIO
-from typing import Any
 
 import pytest
 import requests
@@ -27,7 +26,7 @@ def test_upgrade_through_checkout_then_invoices_and_portal(
     eager_celery: None,
 ) -> None:
     call_command("sync_stripe_plans", stdout=StringIO())
-    tenant, owner = make_tenant("acme", plan="free", seats=1)
+    _tenant, owner = make_tenant("acme", plan="free", seats=1)
     client = login(owner)
     page = client.get("/t/acme/billing/").content.decode()
     assert "Free" in page and "Continue to checkout" in page
