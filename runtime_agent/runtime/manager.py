@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import os
 import re
 import secrets
+import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -471,18 +473,34 @@ class ContainerManager:
         record = self._find(tenant, ref)
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.0005
-        while True:
-            record = self._observe(record)
-            if record.status in (st.STOPPED, st.CREATED):
-                return record.exit_code if record.exit_code is not None else 0
-            if deadline is not None and time.monotonic() >= deadline:
-                raise FailedPrecondition(f"container {record.name} still running after {timeout}s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-            fresh = self.store.load(record.tenant, record.id)
-            if fresh is None:
-                raise NotFound(f"No such container: {ref}")
-            record = fresh
+        monitor = None  # a pidfd of the container's conmon: readable once it has exited
+        try:
+            while True:
+                record = self._observe(record)
+                if record.status in (st.STOPPED, st.CREATED):
+                    return record.exit_code if record.exit_code is not None else 0
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise FailedPrecondition(
+                        f"container {record.name} still running after {timeout}s"
+                    )
+                if monitor is None:
+                    monitor = _monitor_pidfd(self._paths(record))
+                if monitor is not None and monitor >= 0:
+                    # conmon writes the exit file, then exits: wake up at once instead of
+                    # at the next poll (which backs off to 50 ms).
+                    if select.select([monitor], [], [], delay)[0]:
+                        os.close(monitor)
+                        monitor = -1  # gone: plain polling from here (a killed conmon)
+                else:
+                    time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+                fresh = self.store.load(record.tenant, record.id)
+                if fresh is None:
+                    raise NotFound(f"No such container: {ref}")
+                record = fresh
+        finally:
+            if monitor is not None and monitor >= 0:
+                os.close(monitor)
 
     def _wait_exit(self, record: ContainerRecord, timeout: float) -> bool:
         paths = self._paths(record)
@@ -937,6 +955,25 @@ class ContainerManager:
                             self._start_locked(fresh, watch_exit=True)
             except AgentError:
                 continue
+
+
+def _monitor_pidfd(paths: MonitorPaths) -> int:
+    """A pidfd for the container's conmon, or -1 (no pid file, gone, not conmon)."""
+    try:
+        pid = int(paths.conmon_pid_file.read_text().strip())
+        fd = os.pidfd_open(pid)
+    except (OSError, ValueError, AttributeError):
+        return -1
+    # The pid may have been reused since conmon wrote its file: keep the fd only if the
+    # process behind it (checked after opening, so it can't change any more) is conmon.
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            if fh.read().strip() == "conmon":
+                return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return -1
 
 
 def _random_name(container_id: str) -> str:
