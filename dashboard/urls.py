@@ -47,6 +47,7 @@ urlpatterns = [
     ),
     path("invitations/<str:key>/", views.accept_invitation, name="accept"),
     path("nodes/", views.nodes, name="nodes"),
+    path("nodes/<uuid:pk>/state/", views.node_state, name="node_state"),
     path("billing/<str:slug>/", views.billing_return, name="billing_return"),
     path("t/<str:slug>/", views.overview, name="overview"),
     path("t/<str:slug>/services/", views.services, name="services"),

@@ -21,6 +21,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.http import require_POST
 
 from billing import services as billing
 from billing import stripe_api
@@ -38,6 +39,7 @@ from tenants.services import Actor
 from workloads.choices import ContainerState, JobState, ServiceState
 from workloads.models import BatchJob, Build, Network, Node, Service, Volume
 from workloads.services import builds, deploy, jobs, storage
+from workloads.services import nodes as nodes_service
 
 # --------------------------------------------------------------------------- helpers
 
@@ -482,7 +484,30 @@ def nodes(request: HttpRequest) -> HttpResponse:
     rows = Node.objects.annotate(
         running=Count("containers", filter=Q(containers__state=ContainerState.RUNNING))
     ).order_by("name")
-    return _page(request, "dashboard/nodes.html", {"nodes": rows})
+    return _page(
+        request,
+        "dashboard/nodes.html",
+        {"nodes": rows, "transitions": nodes_service.ADMIN_TRANSITIONS, "idem": new_idem()},
+    )
+
+
+@signed_in
+@require_POST
+@once
+def node_state(request: HttpRequest, pk: str) -> HttpResponse:
+    """Cordon, drain or make ready (platform admins), through ``set_node_state``."""
+    if not request.user.is_staff:
+        return refused(request, PermissionDenied("Nodes are for platform admins only."))
+    node = get_object_or_404(Node, pk=pk)
+    try:
+        nodes_service.set_node_state(
+            node, request.POST.get("state", ""), actor=Actor.from_request(request)
+        )
+    except BerthError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Node {node.name} is now {request.POST['state']}.")
+    return redirect("dashboard:nodes")
 
 
 # --------------------------------------------------------------------------- members

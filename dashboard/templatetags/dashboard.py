@@ -27,3 +27,10 @@ def money(cents: Any, currency: str = "usd") -> str:
 def shell(argv: Any) -> str:
     """An argv list as one shell-quoted line (what the command field takes back)."""
     return shlex.join(str(a) for a in argv) if argv else ""
+
+
+@register.filter
+def get_item(mapping: Any, key: Any) -> Any:
+    """``mapping[key]`` in a template, sorted when it is a set (empty when missing)."""
+    value = mapping.get(key, ()) if hasattr(mapping, "get") else ()
+    return sorted(value) if isinstance(value, (set, frozenset)) else value

@@ -574,3 +574,29 @@ def test_service_stop_start_and_delete(
         .values_list("action", flat=True)
     )
     assert actions[-3:] == ["service.stop", "service.start", "service.delete"]
+
+
+def test_platform_admin_cordons_a_node(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    from tenants.services import Actor
+    from workloads.models import Node
+    from workloads.services.nodes import create_join_token, join_node
+
+    _, secret = create_join_token(actor=Actor.for_system("t"))
+    node, _ = join_node(
+        secret, name="n1", capacity={"cpu_millicores": 1000, "memory_mib": 1024}, labels={}
+    )
+    _, owner = make_tenant("acme")
+    client = login(owner)
+    assert client.post(f"/nodes/{node.pk}/state/", {"state": "cordoned"}).status_code == 403
+    owner.is_staff = True
+    owner.save()
+    client = login(owner)
+    page = client.get("/nodes/").content.decode()
+    assert 'Cordoned<span class="sr-only"> n1</span>' in page
+    assert 'Draining<span class="sr-only"> n1</span>' in page
+    assert client.post(f"/nodes/{node.pk}/state/", {"state": "cordoned"}).status_code == 302
+    assert Node.objects.get(pk=node.pk).state == "cordoned"
+    bad = client.post(f"/nodes/{node.pk}/state/", {"state": "down"}, follow=True)
+    assert "cannot become down" in bad.content.decode()
