@@ -297,7 +297,10 @@ class ContainerManager:
 
         directory = self.store.dir(record.tenant, record.id)
         # --rm: a disposable rootfs, mounted volatile so removing it needn't sync the disk.
-        rootfs = self.agent.snapshots.prepare(record.snapshot_key, image, volatile=spec.auto_remove)
+        # Not with a user namespace: idmap_snapshot re-mounts the same upper without the
+        # flag, which overlayfs refuses once a volatile mount left its marker.
+        volatile = spec.auto_remove and not spec.user_namespace
+        rootfs = self.agent.snapshots.prepare(record.snapshot_key, image, volatile=volatile)
         ids = None
         if spec.user_namespace:
             from runtime_agent.runtime.security import ensure_traversable, user_namespace_for

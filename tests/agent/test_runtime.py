@@ -289,6 +289,22 @@ def test_user_namespace_makes_container_root_an_unprivileged_host_user(rt: Agent
     assert leftovers(rt, "default", info.id) == []
 
 
+def test_rm_containers_rootfs_is_volatile_except_with_a_user_namespace(rt: Agent) -> None:
+    """--rm rootfs skip overlayfs' syncs; a user-namespaced one is re-mounted idmapped,
+    which overlayfs would refuse after a volatile mount, so it stays a plain overlay."""
+    c = rt.containers
+    for userns in (False, True):
+        info = c.run(
+            spec("touch /w && echo ok", auto_remove=True, user_namespace=userns), watch_exit=False
+        )
+        assert c.wait("default", info.id) == 0
+        assert [e.line for e in c.logs("default", info.id)] == [b"ok"]
+        meta = (rt.snapshots.active_dir / info.id / "meta.json").read_text()
+        assert json.loads(meta)["volatile"] is (not userns)
+        c.remove("default", info.id)
+        assert leftovers(rt, "default", info.id) == []
+
+
 def test_logs_are_size_capped_and_follow_survives_rotation(
     rt: Agent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
