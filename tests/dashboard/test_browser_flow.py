@@ -210,9 +210,10 @@ def test_team_flow_in_a_real_browser(
     expect(page.get_by_text("invitation.accept")).to_be_visible()
     screenshot("audit")
 
-    # An expired session goes to log in and comes back to the page it was on.
-    page.context.clear_cookies()
+    # A session that expires while a page polls: the next poll sends the browser to log
+    # in, and logging in comes back to the page it was on.
     page.goto(f"{base}/t/lovelace/services/web/")
+    page.context.clear_cookies()
     expect(page).to_have_url(re.compile(r"/login/\?next=%2Ft%2Flovelace%2Fservices%2Fweb%2F$"))
     page.get_by_label("Email").fill("ada@lovelace.example")
     page.get_by_label("Password").fill(PASSWORD)
