@@ -141,7 +141,7 @@ def _signup_post(request: HttpRequest) -> HttpResponse:
                 name=d["organisation"],
                 owner_email=d["email"],
                 owner_password=d["password"],
-                actor=Actor(ip=request.META.get("REMOTE_ADDR")),
+                actor=Actor(system="signup", ip=request.META.get("REMOTE_ADDR")),
             )
         except BerthError as exc:
             f.add_service_error(form, exc)

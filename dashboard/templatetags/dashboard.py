@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from typing import Any
 
@@ -34,3 +35,14 @@ def get_item(mapping: Any, key: Any) -> Any:
     """``mapping[key]`` in a template, sorted when it is a set (empty when missing)."""
     value = mapping.get(key, ()) if hasattr(mapping, "get") else ()
     return sorted(value) if isinstance(value, (set, frozenset)) else value
+
+
+@register.filter
+def pairs(details: Any) -> str:
+    """Audit details as ``key: value`` pairs; nested values compact JSON."""
+    if not isinstance(details, dict):
+        return str(details)
+    return "; ".join(
+        f"{key}: {value if isinstance(value, (str, int, float)) else json.dumps(value)}"
+        for key, value in details.items()
+    )
