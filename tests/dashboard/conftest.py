@@ -31,6 +31,7 @@ SYSTEM = services.Actor.for_system("tests")
 PASSWORD = "a-Long-test-passw0rd"
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
+HTMX = Path(__file__).resolve().parents[2] / "dashboard/static/dashboard/vendor/htmx.min.js"
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +92,8 @@ __all__ = ["PASSWORD", "Role"]
 def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} missing: infra/setup.sh installs Debian's chromium")
+    if not HTMX.exists():
+        pytest.fail(f"{HTMX} missing: infra/setup.sh installs htmx (npm pack htmx.org)")
     return {
         **browser_type_launch_args,
         "executable_path": CHROMIUM,

@@ -600,3 +600,25 @@ def test_platform_admin_cordons_a_node(
     assert Node.objects.get(pk=node.pk).state == "cordoned"
     bad = client.post(f"/nodes/{node.pk}/state/", {"state": "down"}, follow=True)
     assert "cannot become down" in bad.content.decode()
+
+
+def test_a_signed_in_invitee_accepts_with_one_click(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    from tenants.services import Actor, invite_member
+
+    tenant, _ = make_tenant("acme")
+    _, someone = make_tenant("other")  # owner@other.example has an account already
+    _, key = invite_member(
+        tenant, someone.email, Role.DEVELOPER, actor=Actor.for_system("t"), actor_role=None
+    )
+    stranger = login(make_tenant("third")[1])
+    wrong = stranger.get(f"/invitations/{key}/").content.decode()
+    assert 'name="password"' in wrong  # not the invitee: must prove the invited account
+    client = login(someone)
+    page = client.get(f"/invitations/{key}/").content.decode()
+    assert "Join acme" in page and 'name="password"' not in page
+    joined = client.post(f"/invitations/{key}/")
+    assert joined["Location"] == "/t/acme/"
+    assert tenant.memberships.get(user=someone).role == "developer"
+    assert Client().get("/invitations/inv_unknown/").status_code == 404
