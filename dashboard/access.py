@@ -25,6 +25,7 @@ from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import resolve_url
+from django.utils.http import url_has_allowed_host_and_scheme
 
 from tenants.models import Tenant
 from tenants.permissions import has_permission
@@ -131,7 +132,7 @@ def once(view: View) -> View:
         key = _once_key(request, token)
         if not cache.add(key, "", ONCE_TTL_SECONDS):
             messages.info(request, "That form was already submitted; it was not sent twice.")
-            return HttpResponseRedirect(cache.get(key) or request.path)
+            return HttpResponseRedirect(cache.get(key) or _back(request))
         try:
             response = view(request, *args, **kwargs)
         except BaseException:
@@ -144,6 +145,16 @@ def once(view: View) -> View:
         return response
 
     return wrapper
+
+
+def _back(request: HttpRequest) -> str:
+    """Where a repeat of a form still being handled goes: the page the form was on."""
+    referer = request.META.get("HTTP_REFERER", "")
+    if url_has_allowed_host_and_scheme(
+        referer, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return referer
+    return "/"
 
 
 def can(request: HttpRequest, permission: str) -> bool:

@@ -622,3 +622,25 @@ def test_a_signed_in_invitee_accepts_with_one_click(
     assert joined["Location"] == "/t/acme/"
     assert tenant.memberships.get(user=someone).role == "developer"
     assert Client().get("/invitations/inv_unknown/").status_code == 404
+
+
+def test_a_repeat_while_the_first_is_in_flight_goes_back_to_the_form(
+    make_tenant: TenantMaker, login: Callable[[User], Client]
+) -> None:
+    from django.core.cache import cache
+
+    tenant, owner = make_tenant("acme")
+    client = login(owner)
+    token = uuid.uuid4().hex
+    cache.add(f"dashboard:once:{owner.pk}:{token}", "", 60)  # the first is still running
+    repeat = client.post(
+        "/t/acme/jobs/new/",
+        {"image": "busybox", "idem": token},
+        HTTP_REFERER="http://testserver/t/acme/jobs/new/",
+    )
+    assert repeat["Location"] == "http://testserver/t/acme/jobs/new/"
+    assert not BatchJob.objects.filter(tenant=tenant).exists()
+    elsewhere = client.post(
+        "/t/acme/jobs/new/", {"image": "busybox", "idem": token}, HTTP_REFERER="http://evil/"
+    )
+    assert elsewhere["Location"] == "/"
