@@ -78,9 +78,10 @@ def fsync_tree(root: Path) -> None:
 def measure(who: str, workdir: Path, source: Agent, layout: Path) -> tuple[float, float, float]:
     """(push s, pull s, pull s until durable) of one side against a fresh registry.
 
-    The agent's content store fsyncs every blob before publishing it; skopeo's OCI
-    layout destination leaves the blobs in the page cache. The third figure adds an
-    fsync of every file skopeo wrote, for a like-for-like durable pull."""
+    Between push and pull the page cache is flushed (``sync``, untimed) so the pull never
+    pays for writeback the push left behind. The agent's content store fsyncs every blob
+    before publishing it; the third figure adds an fsync of every file skopeo wrote, for
+    a like-for-like durable pull."""
     registry = start_registry(workdir / "registry", auth=False)
     ref = f"{registry.host}/bench/app:1"
     try:
@@ -89,22 +90,26 @@ def measure(who: str, workdir: Path, source: Agent, layout: Path) -> tuple[float
             dest = Agent(AgentConfig(root=workdir / "dest", run_root=workdir / "run", name="bbreg"))
             start = time.perf_counter()
             push(source, "bench", ref)
-            middle = time.perf_counter()
+            push_s = time.perf_counter() - start
+            os.sync()
+            start = time.perf_counter()
             pull(dest, "bench", ref)
-            end = durable = time.perf_counter()
+            pull_s = durable_s = time.perf_counter() - start
         else:
             start = time.perf_counter()
             pushed = skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}", f"docker://{ref}")
-            middle = time.perf_counter()
+            push_s = time.perf_counter() - start
+            assert pushed.returncode == 0, pushed.stderr
+            os.sync()
+            start = time.perf_counter()
             pulled = skopeo(
                 "copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{workdir / 'dest'}"
             )
-            end = time.perf_counter()
-            assert pushed.returncode == 0, pushed.stderr
+            pull_s = time.perf_counter() - start
             assert pulled.returncode == 0, pulled.stderr
             fsync_tree(workdir / "dest")
-            durable = time.perf_counter()
-        return middle - start, end - middle, durable - middle
+            durable_s = time.perf_counter() - start
+        return push_s, pull_s, durable_s
     finally:
         registry.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -39,10 +38,9 @@ if TYPE_CHECKING:
     from runtime_agent.agent import Agent
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-# Concurrent blob downloads: one per core, two to four. Each stream hashes and writes at
-# full speed, so more streams than cores only contend (measured: on 2 cores, 2 streams
-# pull 500 MB ~1.5x faster than 4).
-PARALLEL_BLOBS = max(2, min(4, os.cpu_count() or 2))
+# Concurrent blob downloads, docker's default (max-concurrent-downloads). Commits (fsync,
+# rename) run beside them. Measured on 2 cores, 500 MB in 5 layers: 3 streams beat 2 and 5.
+PARALLEL_BLOBS = 3
 READ_CHUNK = 1024 * 1024
 MAX_RESUMES = 5
 
@@ -191,23 +189,30 @@ class _ResumingBody:
 
 
 def fetch_blob(
-    agent: Agent, client: RegistryClient, ref: Reference, descriptor: dict[str, Any]
-) -> int:
-    """Stream one blob into the content store, verified; return the bytes fetched.
+    agent: Agent,
+    client: RegistryClient,
+    ref: Reference,
+    descriptor: dict[str, Any],
+    committer: Executor,
+) -> Future[tuple[str, int]]:
+    """Stream one blob into a content-store writer; return the future of its commit.
 
-    The content store's writer hashes as it writes and publishes the blob (after an
-    fsync) only if its digest and size match; otherwise the temporary file is dropped.
+    The writer hashes as it writes. The commit (digest and size check, fsync, rename)
+    runs on ``committer`` so this thread can start the next download while the disk
+    flushes; a blob whose digest or size is wrong is dropped there, never published.
     """
     digest = str(descriptor["digest"])
     size = int(descriptor["size"]) if descriptor.get("size") is not None else None
     body = _ResumingBody(client, ref, digest, size)
+    writer = agent.content.writer()
     try:
-        _, written = agent.content.ingest(
-            cast(BinaryIO, body), expected_digest=digest, expected_size=size
-        )
+        writer.copy_from(cast(BinaryIO, body), None if size is None else size + 1)
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         body.close()
-    return int(written)
+    return committer.submit(writer.commit, digest, size)
 
 
 def _check_descriptor(descriptor: Any, what: str) -> dict[str, Any]:
@@ -267,8 +272,19 @@ def pull(
             todo.append(descriptor)
     # Largest first so the long transfers start early.
     todo.sort(key=lambda desc: -int(desc.get("size") or 0))
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        sizes = list(pool.map(lambda desc: fetch_blob(agent, client, reference, desc), todo))
+    # The committer is entered first so it shuts down last: downloads still running when
+    # one fails can hand over their commits.
+    with (
+        ThreadPoolExecutor(max_workers=max(1, parallel)) as committer,
+        ThreadPoolExecutor(max_workers=max(1, parallel)) as pool,
+    ):
+        downloads = [
+            pool.submit(fetch_blob, agent, client, reference, desc, committer) for desc in todo
+        ]
+        # Every commit is awaited (the first failure re-raised after the others settle),
+        # so no writer is left behind half-committed.
+        commits = [download.result() for download in downloads]
+        sizes = [commit.result()[1] for commit in commits]
     result.fetched = [str(d["digest"]) for d in todo]
     result.bytes_fetched = sum(sizes)
 
