@@ -12,8 +12,17 @@ import os
 import pytest
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Privileged tests need root; skip them loudly elsewhere instead of failing obscurely."""
+    """Browser tests run last; privileged tests are skipped loudly when not root.
+
+    Playwright's sync API keeps an asyncio loop running in the main thread until the end
+    of the session, and pyroute2 (the agent's netlink library) cannot run its own loop
+    there after that. This hook runs after pytest-django's reordering.
+    """
+    items[:] = [i for i in items if "browser" not in i.keywords] + [
+        i for i in items if "browser" in i.keywords
+    ]
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root (cgroups, mounts, network namespaces)")
