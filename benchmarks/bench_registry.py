@@ -2,6 +2,7 @@
 agent's distribution client, side by side with skopeo against the same registry.
 
     sudo .venv/bin/python benchmarks/bench_registry.py [--mb 500] [--layers 5] [--runs 5]
+        [--workdir /var/tmp]
 
 The image has ``--layers`` gzip tar layers of random (incompressible) data.
 Each measurement gets a fresh docker-registry process (filesystem storage, no auth) on a
@@ -120,12 +121,18 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=500)
     parser.add_argument("--layers", type=int, default=5)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--workdir",
+        default="/var/tmp",
+        help="where the registry storage, the agent's stores and skopeo's output live "
+        "(e.g. /dev/shm to take the disk out of the comparison)",
+    )
     args = parser.parse_args()
     if shutil.which("skopeo") is None or shutil.which("docker-registry") is None:
         print("needs skopeo and docker-registry")
         return 1
 
-    base = Path(tempfile.mkdtemp(prefix="berth-bench-registry-", dir="/var/tmp"))
+    base = Path(tempfile.mkdtemp(prefix="berth-bench-registry-", dir=args.workdir))
     try:
         layers = make_layers(base, args.mb, args.layers)
         layout = oci_layout(base, layers)
