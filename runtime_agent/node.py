@@ -137,4 +137,11 @@ def join(
         labels=body["labels"],
     )
     save_identity(config, identity)
+    registry = data.get("registry")
+    if registry:
+        from runtime_agent.distribution.auth import Credentials, CredentialStore
+
+        CredentialStore(config.root / "registry-auth.json").set(
+            registry["host"], Credentials(registry["username"], registry["password"])
+        )
     return identity

@@ -27,6 +27,7 @@ from celery import Celery
 
 from runtime_agent import protocol
 from runtime_agent.agent import Agent
+from runtime_agent.distribution.ensure import ensure_image
 from runtime_agent.errors import AgentError, AlreadyExists, NotFound
 from runtime_agent.node import NodeIdentity, capacity
 from runtime_agent.oplog import OperationLog
@@ -138,6 +139,9 @@ class NodeWorker:
                 containers.remove(tenant, name, force=True)
             self._ensure_networks(container_spec)
             self._ensure_volumes(container_spec)
+            # The image from the node's store, or pulled from the registry with the
+            # node's login (into the tenant's namespace; every blob verified).
+            ensure_image(self.agent, tenant, container_spec.image)
             created = containers.create(container_spec)
             started = containers.start(tenant, created.id)
             return {"state": started.state, "id": started.id}
@@ -311,6 +315,10 @@ class NodeWorker:
             protocol.CONTROL_NODE_REPORT,
             kwargs={"report": protocol.to_dict(report)},
             queue=protocol.CONTROL_QUEUE,
+            # Nobody waits for a report's result: without this the result backend
+            # subscribes to every report's result channel, from this thread, inside a
+            # running worker (see tests/e2e and benchmarks/bench_dispatch.py).
+            ignore_result=True,
         )
 
     def _report_loop(self) -> None:

@@ -452,6 +452,8 @@ def test_join_token_is_single_use(client_for: Callable[..., Any], plans: None) -
     first = client.post("/api/v1/nodes/join/", body, format="json")
     assert first.status_code == 201, first.content
     assert first.json()["queue"] == f"node.{first.json()['node_id']}"
+    registry = first.json()["registry"]  # the node's pull-only registry login, shown once
+    assert registry["username"] == "node-n1" and registry["password"].startswith("brn_")
     again = client.post("/api/v1/nodes/join/", body, format="json")
     assert again.status_code == 403
     assert BatchJob.objects.count() == 0

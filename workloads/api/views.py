@@ -328,6 +328,7 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, GenericViewS
             {
                 "node_id": str(node.pk),
                 "credential": credential,
+                "registry": nodes.registry_login(node),
                 "queue": node.queue,
                 "broker_url": getattr(settings, "BERTH_AGENT_BROKER_URL", "") or settings.REDIS_URL,
             },

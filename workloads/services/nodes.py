@@ -58,7 +58,9 @@ def _validate_capacity(capacity: dict[str, Any]) -> dict[str, Any]:
 def join_node(
     token: str, *, name: str, capacity: dict[str, Any], labels: dict[str, str]
 ) -> tuple[Node, str]:
-    """Exchange a join token for a node identity and its credential (returned once)."""
+    """Exchange a join token for a node identity and its credential (returned once).
+
+    The node also gets its registry login (see :func:`registry_login`)."""
     now = timezone.now()
     join = JoinToken.objects.select_for_update().filter(token_hash=hash_secret(token)).first()
     if join is None or join.used_at is not None or join.expires_at <= now:
@@ -83,6 +85,21 @@ def join_node(
     join.save(update_fields=["used_at", "node"])
     record(Actor.for_system(f"node:{node.name}"), "node.join", tenant=None, target=node)
     return node, credential
+
+
+def registry_login(node: Node) -> dict[str, str]:
+    """Mint the node's registry credential: it may pull any tenant's images, nothing else
+    (registry.services). Returned once, with the host the agent logs in to."""
+    from django.conf import settings
+
+    from registry.services import create_node_credential
+
+    _, secret = create_node_credential(node.name, actor=Actor.for_system(f"node:{node.name}"))
+    return {
+        "host": settings.BERTH_REGISTRY_HOST,
+        "username": f"node-{node.name}",
+        "password": secret,
+    }
 
 
 def authenticate_node(node_id: str, credential: str) -> Node:
