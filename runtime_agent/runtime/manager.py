@@ -51,6 +51,8 @@ from runtime_agent.runtime.monitor import (
 from runtime_agent.runtime.state import ContainerRecord, RecordStore
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from runtime_agent.agent import Agent
     from runtime_agent.cgroups import CgroupDriver, CgroupStats
 
@@ -615,7 +617,10 @@ class ContainerManager:
         socket_dir = self.config.run_root / "conmon" / record.runc_id
         attempt(shutil.rmtree, socket_dir, True)
         if not errors:
-            attempt(shutil.rmtree, self.store.dir(record.tenant, record.id))
+            # conmon writes the exit file, then removes its attach socket and fifos from
+            # this directory and exits: let it finish before deleting under it.
+            _await_monitor_exit(self._paths(record), timeout=5.0)
+            attempt(_remove_dir, self.store.dir(record.tenant, record.id))
         if errors:
             raise errors[0]
 
@@ -958,6 +963,28 @@ class ContainerManager:
                             self._start_locked(fresh, watch_exit=True)
             except AgentError:
                 continue
+
+
+def _await_monitor_exit(paths: MonitorPaths, timeout: float) -> None:
+    """Wait (up to ``timeout``) for the container's conmon to exit, if it still runs."""
+    fd = _monitor_pidfd(paths)
+    if fd < 0:
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    """rmtree that tolerates entries vanishing meanwhile (a monitor cleaning up late)."""
+    import shutil
+
+    def onerror(_func: Any, _path: str, exc_info: Any) -> None:
+        if not issubclass(exc_info[0], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(path, onerror=onerror)
 
 
 def _monitor_pidfd(paths: MonitorPaths) -> int:
