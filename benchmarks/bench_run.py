@@ -9,6 +9,9 @@ Measures, over ``--runs`` runs each (default 50):
            ``runc run`` of a default ``runc spec`` bundle on the same rootfs
   memory   host memory per idle container: PSS of each container's conmon, vs the PSS
            of docker's containerd-shim per container
+  floor    what any Python CLI pays before doing anything: this venv's interpreter
+           starting (``python -c pass``, site hooks included) and importing the modules
+           ``run`` needs, for reading the CLI figures
 
 and prints p50/p95 and the ratios against the targets (CLI <= 1/5 of docker, API within
 1.5x of bare runc, <= 2 MB per idle container). Run as root: ``python benchmarks/bench_run.py``.
@@ -39,6 +42,12 @@ from runtime_agent.images.bootstrap import bootstrap_busybox, busybox_rootfs_tar
 from runtime_agent.protocol import ContainerSpec  # noqa: E402
 
 DOCKER_IMAGE = "berth-bench/busybox:latest"
+# What `berth-agent run` imports before it touches a container.
+RUN_PATH_IMPORTS = (
+    "import runtime_agent.cli.main, runtime_agent.cli.containers, runtime_agent.agent,"
+    " runtime_agent.runtime.manager, runtime_agent.runtime.spec, runtime_agent.runtime.security,"
+    " runtime_agent.images.store, runtime_agent.snapshots.snapshotter, runtime_agent.cgroups.v1"
+)
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -169,6 +178,8 @@ def main() -> int:
             "cli_none": lambda: check(
                 [*berth, "run", "--rm", "--network", "none", "busybox", "true"], env
             ),
+            "python": lambda: check([sys.executable, "-c", "pass"], env),
+            "imports": lambda: check([sys.executable, "-c", RUN_PATH_IMPORTS], env),
         }
         if docker:
             variants["docker"] = lambda: check(["docker", "run", "--rm", DOCKER_IMAGE, "true"])
@@ -189,6 +200,9 @@ def main() -> int:
                                   samples["cli_none"])  # fmt: skip
         if docker:
             results["docker"] = row("docker run --rm busybox true", samples["docker"])
+        print("Floor of any Python CLI here:")
+        results["python"] = row("python -c pass (this venv, site hooks)", samples["python"])
+        results["imports"] = row("python -c 'import <run path modules>'", samples["imports"])
 
         print(f"Host memory per idle container ({args.idle} idle `sleep` containers):")
         ids = [
@@ -232,6 +246,8 @@ def main() -> int:
             cli_none = results["cli_none"][0] / results["docker"][0]
             print(f"  berth-agent run --rm / docker run --rm, p50  {cli:5.2f}    (<= 0.20)")
             print(f"  same with --network none, p50                {cli_none:5.2f}    (<= 0.20)")
+            floor = results["imports"][0] / results["docker"][0]
+            print(f"  interpreter + imports alone / docker, p50    {floor:5.2f}")
         print(f"  host memory per idle container               {berth_kib / 1024:5.2f} MiB (<= 2)")
         if docker_kib:
             print(f"  berth / docker idle memory                   {berth_kib / docker_kib:5.2f}")
