@@ -91,7 +91,14 @@ def create_service(
 
 
 def _lock(service: Service) -> Service:
-    locked = Service.objects.select_for_update().select_related("tenant").get(pk=service.pk)
+    # NO KEY UPDATE: writers of a service still exclude each other, but rows referencing
+    # it (their foreign-key checks take KEY SHARE at commit, e.g. a node report's) don't
+    # wait for us; a plain FOR UPDATE deadlocked a service delete with a report.
+    locked = (
+        Service.objects.select_for_update(no_key=True)
+        .select_related("tenant")
+        .get(pk=service.pk)
+    )
     if locked.state == ServiceState.DELETED:
         raise Conflict(f"service {locked.name} is deleted")
     return locked
