@@ -589,6 +589,10 @@ class ContainerManager:
             with contextlib.suppress(AgentError):
                 self.runc.resume(record.runc_id)
             self._wait_exit(record, 10.0)
+        # conmon writes the exit file, then runs its exit command (if any: it takes this
+        # container's lock, so wait before taking it), removes its attach socket and fifos
+        # from the container's directory and exits: let it finish first.
+        _await_monitor_exit(self._paths(record), timeout=5.0)
         with self.store.lock(record.tenant, record.id):  # an exit hook must not write meanwhile
             self._cleanup(record)
 
@@ -616,10 +620,7 @@ class ContainerManager:
         attempt(self.agent.snapshots.remove, record.snapshot_key)
         socket_dir = self.config.run_root / "conmon" / record.runc_id
         attempt(shutil.rmtree, socket_dir, True)
-        if not errors:
-            # conmon writes the exit file, then removes its attach socket and fifos from
-            # this directory and exits: let it finish before deleting under it.
-            _await_monitor_exit(self._paths(record), timeout=5.0)
+        if not errors:  # entries conmon removes meanwhile are fine (see remove())
             attempt(_remove_dir, self.store.dir(record.tenant, record.id))
         if errors:
             raise errors[0]
@@ -966,7 +967,16 @@ class ContainerManager:
 
 
 def _await_monitor_exit(paths: MonitorPaths, timeout: float) -> None:
-    """Wait (up to ``timeout``) for the container's conmon to exit, if it still runs."""
+    """Wait (up to ``timeout``) for the container's conmon to exit, if it still runs.
+
+    Not when we are conmon's exit command (detached ``--rm``, restart policies): conmon
+    waits for that before exiting.
+    """
+    try:
+        if int(paths.conmon_pid_file.read_text().strip()) == os.getppid():
+            return
+    except (OSError, ValueError):
+        return
     fd = _monitor_pidfd(paths)
     if fd < 0:
         return
