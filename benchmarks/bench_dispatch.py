@@ -49,12 +49,14 @@ def _free_port() -> int:
 
 
 def _ensure_database(url: str) -> None:
+    """A fresh database each run: nodes left "ready" by an earlier run would otherwise get
+    containers placed on them that no agent ever takes."""
     import psycopg
 
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def _percentile(values: list[float], q: float) -> float:
