@@ -26,6 +26,8 @@ class Limits:
     device_write_bps: int | None = None
     device_read_iops: int | None = None
     device_write_iops: int | None = None
+    network_ingress_bps: int | None = None  # bits/s into the container (tc on the host veth)
+    network_egress_bps: int | None = None  # bits/s out of the container (tc inside its netns)
 
 
 @dataclass(frozen=True)

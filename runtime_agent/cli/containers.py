@@ -112,6 +112,12 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         device_write_bps=_last_rate(args.device_write_bps, "--device-write-bps"),
         device_read_iops=_last_rate(args.device_read_iops, "--device-read-iops", iops=True),
         device_write_iops=_last_rate(args.device_write_iops, "--device-write-iops", iops=True),
+        network_ingress_bps=parse_bits(args.network_ingress, "--network-ingress")
+        if args.network_ingress
+        else None,
+        network_egress_bps=parse_bits(args.network_egress, "--network-egress")
+        if args.network_egress
+        else None,
     )
     mounts: list[MountSpec] = []
     if args.volume or args.tmpfs:
@@ -161,6 +167,22 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
 def _entrypoint(text: str) -> tuple[str, ...]:
     """docker: --entrypoint "" clears the image's entrypoint; otherwise one program."""
     return (text,) if text else ()
+
+
+_BITS_RE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)(?:bit|bps)?$", re.IGNORECASE)
+
+
+def parse_bits(text: str, flag: str) -> int:
+    """A network rate in bits per second: 1000000, 500kbit, 10mbit, 1gbit (decimal, as tc)."""
+    match = _BITS_RE.match(text.strip())
+    if not match:
+        raise InvalidArgument(f'invalid argument "{text}" for "{flag}" flag: use e.g. 10mbit')
+    value = int(
+        float(match.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match.group(2).lower()]
+    )
+    if value < 8000:
+        raise InvalidArgument(f'invalid argument "{text}" for "{flag}" flag: at least 8kbit')
+    return value
 
 
 def _last_rate(values: list[str] | None, flag: str, *, iops: bool = False) -> int | None:
@@ -428,6 +450,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
             action="append",
             metavar="[DEVICE:]RATE",
             help=f"limit {flag.replace('-', ' ')} on the container's storage device",
+        )
+    for direction in ("ingress", "egress"):
+        p.add_argument(
+            f"--network-{direction}",
+            metavar="RATE",
+            help=f"limit the container's {direction} bandwidth, bits/s (e.g. 10mbit, 500kbit)",
         )
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
     p.add_argument("--restart", default="no", help="restart policy (no, on-failure[:N], always, "

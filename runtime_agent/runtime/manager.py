@@ -351,6 +351,8 @@ class ContainerManager:
                     name=record.name,
                     mode=spec.network_mode,
                     privileged_caller=spec.privileged_caller,
+                    ingress_bps=spec.limits.network_ingress_bps,
+                    egress_bps=spec.limits.network_egress_bps,
                 )
             except OSError as exc:  # netlink/kernel failures below the network manager
                 raise RuntimeFailure(f"attaching the container's network failed: {exc}") from exc

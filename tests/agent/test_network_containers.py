@@ -19,7 +19,7 @@ import pytest
 
 from runtime_agent.agent import Agent
 from runtime_agent.protocol import ContainerSpec, NetworkAttachment, PortMapping
-from tests.agent.test_network import host_addresses
+from tests.agent.test_network import host_addresses, veths
 
 pytestmark = [
     pytest.mark.privileged,
@@ -201,3 +201,40 @@ def test_a_container_that_fails_to_be_created_leaves_no_networking(node: Agent) 
     assert node.networks.inspect("acme", "web").containers == ()
     netns_dir = node.config.netns_dir
     assert not netns_dir.exists() or list(netns_dir.iterdir()) == []
+
+
+def test_bandwidth_limits_from_the_container_spec_reach_tc(node: Agent) -> None:
+    from runtime_agent.cli.containers import parse_bits
+    from runtime_agent.errors import InvalidArgument
+    from runtime_agent.protocol import Limits
+
+    info = node.containers.run(
+        ContainerSpec(
+            tenant="acme",
+            image="busybox",
+            name="shaped",
+            command=("sleep", "60"),
+            limits=Limits(
+                network_ingress_bps=parse_bits("8mbit", "--network-ingress"),
+                network_egress_bps=parse_bits("4mbit", "--network-egress"),
+            ),
+        )
+    )
+    endpoint = node.networks.endpoint("acme", info.id)
+    assert endpoint is not None
+    inside = subprocess.run(
+        ["nsenter", f"--net={endpoint.netns_path}", "tc", "qdisc", "show", "dev", "eth0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "tbf" in inside and "4Mbit" in inside  # egress: shaped where it leaves
+    host = subprocess.run(
+        ["tc", "qdisc", "show", "dev", veths(node.networks)[0]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "tbf" in host and "8Mbit" in host  # ingress: shaped on the way in
+    with pytest.raises(InvalidArgument, match="network-egress"):
+        parse_bits("fast", "--network-egress")
