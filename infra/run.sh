@@ -50,7 +50,7 @@ if ! node_known; then
   token=$(python manage.py create_join_token | tail -n 1)
   berth-agent join http://127.0.0.1:8000 "$token" --name "$(hostname)-local"
 fi
-# The node's registry login: a node credential that pulls any tenant's images.
+# The node's registry login: it pulls the images of the containers placed on the node.
 python manage.py registry_node_credential "$(hostname)-local" |
   berth-agent login 127.0.0.1:5000 -u "node-$(hostname)-local" --password-stdin >/dev/null ||
   echo "warning: the node could not log in to the registry (see var/log/registry.log)" >&2

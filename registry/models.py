@@ -169,8 +169,9 @@ class RegistryEvent(models.Model):
 class NodeCredential(models.Model):
     """A node's registry login: ``node-<node_name>`` / a ``brn_`` secret (only its hash kept).
 
-    It may pull any tenant's repository — nodes pull the images of the containers
-    scheduled on them — and nothing else (no push, delete or catalog). The dispatch code
+    It may pull a tenant's repository only while a container placed on that node uses
+    it (:func:`registry.services.node_runs_repository`), and nothing else (no push,
+    delete or catalog). The dispatch code
     creates one per node with :func:`registry.services.create_node_credential` and hands
     the secret to the agent (``berth-agent login``).
     """

@@ -4,7 +4,8 @@ storage accounting against the tenant's ``storage_gib`` quota, deletes, retentio
 Repository names are ``<tenant-slug>/<path>``: the first component is the tenant and
 decides everything. A tenant API token reaches only its own tenant's repositories (pull
 with scope ``read``; push and delete with ``write`` and a role allowed to manage
-workloads); a node credential pulls any tenant's repository; anyone pulls a repository
+workloads); a node credential pulls a repository only while a container placed on that
+node uses it; anyone pulls a repository
 marked public.
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 import requests
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef, Sum
+from django.db.models import Exists, OuterRef, Q, Sum
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -246,7 +247,11 @@ def grant(principal: Principal, scopes: Iterable[str]) -> list[Access]:
             allowed.add("pull")
         if own and _may(principal, perms.WORKLOADS_MANAGE, Scope.WRITE):
             allowed |= {"push", "delete"}
-        if principal.kind in ("node", "system"):
+        if principal.kind == "system" or (
+            principal.kind == "node"
+            and principal.node is not None
+            and node_runs_repository(principal.node.node_name, tenant_slug, path)
+        ):
             allowed.add("pull")
         if principal.kind == "system":
             allowed |= {"push", "delete"}
@@ -270,6 +275,23 @@ def grant(principal: Principal, scopes: Iterable[str]) -> list[Access]:
         if actions:
             granted.append(Access("repository", requested.name, tuple(sorted(actions))))
     return granted
+
+
+def node_runs_repository(node_name: str, tenant_slug: str, path: str) -> bool:
+    """A node may pull a repository only for a container placed on it that uses it."""
+    from workloads.models import Container
+
+    image = f"{settings.BERTH_REGISTRY_HOST}/{tenant_slug}/{path}"
+    return (
+        Container.objects.filter(node__name=node_name, tenant__slug=tenant_slug)
+        .exclude(state__in=["removed", "lost"])
+        .filter(
+            Q(spec__image=image)
+            | Q(spec__image__startswith=image + ":")
+            | Q(spec__image__startswith=image + "@")
+        )
+        .exists()
+    )
 
 
 def token_for(principal: Principal, scopes: Iterable[str]) -> IssuedToken:

@@ -13,6 +13,7 @@ from rest_framework.test import APIClient
 
 from registry import services
 from registry.models import Manifest, RegistryEvent, RegistryUsage, Repository, Tag
+from tenants import services as tenant_services
 from tenants.choices import Role, Scope
 from tenants.models import QuotaUsage, Tenant, User
 
@@ -265,7 +266,9 @@ def test_admin_pages_render(acme_repo: Tenant, admin_client: Any) -> None:
     assert b"acme/web" in admin_client.get("/admin/registry/repository/").content
 
 
-def test_node_credential_command_prints_a_secret_that_authenticates(db: None) -> None:
+def test_node_credential_command_prints_a_secret_that_authenticates(
+    plans: None, settings: Any
+) -> None:
     import io
 
     from django.core.management import call_command
@@ -278,6 +281,24 @@ def test_node_credential_command_prints_a_secret_that_authenticates(db: None) ->
     assert secret.startswith("brn_")
     principal = services.authenticate(("node-node-7", secret))
     assert principal.kind == "node"
+    # Pull only, and only for an image a container placed on the node uses; never push.
+    assert services.grant(principal, ["repository:any/thing:pull,push"]) == []
+    tenant, _ = tenant_services.create_tenant(
+        slug="any",
+        owner_email="o@any.example",
+        plan_code="team",
+        seats=2,
+        actor=tenant_services.Actor.for_system("tests"),
+    )
+    from workloads.models import Container, Node
+
+    node = Node.objects.create(name="node-7", credential_hash="x" * 64)
+    Container.objects.create(
+        tenant=tenant,
+        name="svc",
+        node=node,
+        spec={"image": f"{settings.BERTH_REGISTRY_HOST}/any/thing:1"},
+    )
     assert [a.actions for a in services.grant(principal, ["repository:any/thing:pull,push"])] == [
         ("pull",)
     ]

@@ -273,7 +273,19 @@ def test_public_repository_allows_anonymous_pull_only(
     assert skopeo_push(src, f"{reg.host}/{tenant.slug}/pub:2", None).returncode != 0
 
 
-def test_node_credential_pulls_any_tenant_and_nothing_else(
+def _place(tenant: Tenant, node_name: str, image: str) -> None:
+    """A container of ``tenant`` using ``image``, placed on the node ``node_name``."""
+    from workloads.models import Container, Node
+
+    node, _ = Node.objects.get_or_create(
+        name=node_name, defaults={"credential_hash": secrets.token_hex(32)}
+    )
+    Container.objects.create(
+        tenant=tenant, name="svc", node=node, state="scheduled", spec={"image": image}
+    )
+
+
+def test_node_credential_pulls_only_images_of_its_containers(
     reg: RegistryProcess,
     tenant_with_token: Callable[..., tuple[Tenant, str]],
     tmp_path: Path,
@@ -288,7 +300,14 @@ def test_node_credential_pulls_any_tenant_and_nothing_else(
     _, secret = services.create_node_credential("node-1", actor=SYSTEM)
     node = Credentials("node-node-1", secret)
 
+    # Nothing placed on node-1 uses either image yet: no pull.
+    with pytest.raises((RegistryUnauthorized, AgentDenied)):
+        pull(agent, a.slug, f"{reg.host}/{a.slug}/svc:1", node)
+    _place(a, "node-1", f"{reg.host}/{a.slug}/svc:1")
     assert pull(agent, a.slug, f"{reg.host}/{a.slug}/svc:1", node).digest == digest_a
+    with pytest.raises((RegistryUnauthorized, AgentDenied)):
+        pull(agent, b.slug, f"{reg.host}/{b.slug}/svc:1", node)  # b's image: not here
+    _place(b, "node-1", f"{reg.host}/{b.slug}/svc@{digest_b}")
     assert pull(agent, b.slug, f"{reg.host}/{b.slug}/svc:1", node).digest == digest_b
     agent.images.tag(a.slug, f"{reg.host}/{a.slug}/svc:1", f"{reg.host}/{a.slug}/svc:2")
     with pytest.raises((RegistryUnauthorized, AgentDenied)):

@@ -88,8 +88,9 @@ def join_node(
 
 
 def registry_login(node: Node) -> dict[str, str]:
-    """Mint the node's registry credential: it may pull any tenant's images, nothing else
-    (registry.services). Returned once, with the host the agent logs in to."""
+    """Mint the node's registry credential: it may pull the images of containers placed
+    on it, nothing else (``registry.services.node_runs_repository``). Returned once, with
+    the host the agent logs in to."""
     from django.conf import settings
 
     from registry.services import create_node_credential
