@@ -305,9 +305,7 @@ def cancel_job(job: BatchJob, *, actor: Actor) -> BatchJob:
         run.save(update_fields=["state", "reason"])
         container = Container.objects.filter(job_run=run).select_related("tenant").first()
         if container is not None:
-            from workloads.services.deploy import retire
-
-            retire(container)
+            deploy.retire(container)
     job.state = JobState.CANCELLED
     job.finished_at = timezone.now()
     job.save(update_fields=["state", "finished_at"])

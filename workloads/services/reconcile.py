@@ -107,10 +107,7 @@ def restart_exited(*, now: Any = None) -> int:
 
 
 def _rollback(deployment: Deployment, service: Service, reason: str) -> None:
-    new = deploy.live_containers(service).filter(generation=deployment.generation)
-    for container in new.select_related("tenant", "node"):
-        deploy.retire(container)
-    # Containers of the new generation that already exited are retired too.
+    # Every container of the new generation still wanted goes: running or already exited.
     for container in service.containers.filter(
         generation=deployment.generation, desired_state=DesiredState.RUNNING
     ).select_related("tenant", "node"):
