@@ -37,12 +37,15 @@ if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   python3 -m venv .venv
 fi
+# editable_mode=compat installs the project as a plain path in a .pth file: setuptools'
+# default import-hook finder costs every Python process here ~25 ms at start-up, which
+# every `berth-agent` command would pay.
 stamp=.venv/.berth-deps
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != compat ]; then
   log "pip install -e .[dev]"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
-  touch "$stamp"
+  .venv/bin/pip install -q -e '.[dev]' --config-settings editable_mode=compat
+  echo compat > "$stamp"
 fi
 
 # The dashboard's htmx, from the npm registry through npm, served from dashboard/static

@@ -1,1 +1,25 @@
-"""berth-agent: the docker-like local CLI."""
+"""berth-agent: the docker-like local CLI.
+
+``entry_point`` is the console script. When the node's agent runs its CLI server
+(``berth-agent serve``, started by ``berth-agent worker`` too), the command runs there,
+in a process that has the agent imported already (see ``runtime_agent.cliserver``);
+otherwise it runs here, in-process (``runtime_agent.cli.main.main``). Both give the same
+output and exit status. This module imports as little as it can: it is on the path of
+every command.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def entry_point() -> int:
+    from runtime_agent.cliserver import forward
+
+    argv = sys.argv[1:]
+    code = forward(argv)
+    if code is None:
+        from runtime_agent.cli.main import main as run_in_process
+
+        code = run_in_process(argv)
+    return code

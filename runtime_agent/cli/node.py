@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 from runtime_agent.config import AgentConfig
@@ -34,7 +35,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--report-interval", type=float, default=5.0, help="seconds between heartbeats (5)"
     )
+    worker.add_argument(
+        "--no-cli-server",
+        action="store_true",
+        help="don't run the CLI server (berth-agent serve) beside the worker",
+    )
     worker.set_defaults(func=_worker)
+
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve berth-agent commands from a warm resident process",
+        description="Listen on <run root>/cli.sock (BERTH_RUN_ROOT, default /run/berth; "
+        "root only) and run each berth-agent command there, in a forked process that has "
+        "the agent imported already: the same command, output and exit status, without "
+        "Python's start-up and import time. `berth-agent worker` runs one too. Stop with "
+        "SIGTERM; restart after upgrading the agent.",
+    )
+    serve.set_defaults(func=_serve)
 
 
 def _labels(items: list[str]) -> dict[str, str]:
@@ -65,7 +82,36 @@ def _worker(args: argparse.Namespace, config: AgentConfig) -> int:
     if args.report_interval <= 0:
         raise InvalidArgument("--report-interval must be positive")
     identity = load_identity(config)
-    NodeWorker(Agent(config), identity, report_interval=args.report_interval).run(
-        concurrency=args.concurrency
-    )
+    server = None if args.no_cli_server else _start_cli_server(config)
+    try:
+        NodeWorker(Agent(config), identity, report_interval=args.report_interval).run(
+            concurrency=args.concurrency
+        )
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
     return 0
+
+
+def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
+    from runtime_agent.cliserver import serve
+
+    serve(config.run_root)
+    return 0
+
+
+def _start_cli_server(config: AgentConfig) -> subprocess.Popen[bytes]:
+    """``berth-agent serve`` as a child that dies with the worker (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    def die_with_parent() -> None:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "runtime_agent.cliserver", "--run-root", str(config.run_root)],
+        preexec_fn=die_with_parent,
+        stdin=subprocess.DEVNULL,
+    )

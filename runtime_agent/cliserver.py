@@ -1,0 +1,400 @@
+"""The agent's CLI server: ``berth-agent`` commands run in a warm, resident process.
+
+A ``berth-agent`` command spends most of its life starting Python and importing the
+agent (pyroute2 alone costs over 100 ms), not running the container. docker solves this
+with a thin client and a daemon; Berth does the same without a second API: the resident
+server has every module imported and, for each command, forks a child that becomes the
+command. The client (``berth-agent`` itself, see :func:`forward`) connects to the
+server's unix socket and hands over
+
+* its stdin, stdout and stderr as file descriptors (``SCM_RIGHTS``): the child writes
+  straight to the user's terminal or pipe and reads its stdin (``build -``, ``load``,
+  ``exec -i``), with no copying and with ``isatty`` telling the truth;
+* its argv, working directory, umask and environment: the child applies them before it
+  runs ``main(argv)``, so a command behaves exactly as it would have in the client
+  (relative paths, ``BERTH_*`` settings, ``--tenant``), exit codes included.
+
+The child sends its pid first, so the client forwards SIGINT/SIGTERM/SIGHUP to it, and
+its exit status last. The server itself holds no state and no threads: it only imports
+modules before it forks (which keeps the fork safe) and never opens netlink sockets,
+locks or files the children could share. Kernel objects and state are the children's,
+through the same code and locks as a command run in-process.
+
+With no server listening (``berth-agent serve`` not running, or a different
+``BERTH_RUN_ROOT``) the client runs the command in its own process, as before. Only root
+(the server's own uid) may connect: the socket is mode 0600 and the peer's credentials
+are checked. After upgrading the agent, restart the server (as with any daemon): it runs
+the code it imported.
+"""
+
+from __future__ import annotations
+
+# The client half runs on every command: only modules built into the interpreter here.
+import _signal
+import _socket
+import os
+import sys
+
+TYPE_CHECKING = False  # typing itself costs ~3 ms, paid by every command
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
+    from pathlib import Path
+
+SOCKET_NAME = "cli.sock"
+# Commands that must not run inside the server: the server itself and long-lived
+# processes with their own lifecycle (a Celery worker; join gains nothing there).
+NOT_FORWARDED = frozenset({"serve", "worker", "join"})
+# What a command may import; importing all of it up front is the point of the server.
+PRELOAD = (
+    "runtime_agent.cli.main",
+    "runtime_agent.cli.containers",
+    "runtime_agent.cli.images",
+    "runtime_agent.cli.volumes",
+    "runtime_agent.cli.networks",
+    "runtime_agent.cli.build",
+    "runtime_agent.cli.registry",
+    "runtime_agent.agent",
+    "runtime_agent.protocol",
+    "runtime_agent.runtime.manager",
+    "runtime_agent.runtime.spec",
+    "runtime_agent.runtime.security",
+    "runtime_agent.runtime.seccomp",
+    "runtime_agent.runtime.logs",
+    "runtime_agent.runtime.monitor",
+    "runtime_agent.cgroups",
+    "runtime_agent.cgroups.v1",
+    "runtime_agent.cgroups.v2",
+    "runtime_agent.images.store",
+    "runtime_agent.images.archive",
+    "runtime_agent.snapshots.snapshotter",
+    "runtime_agent.snapshots.mount",
+    "runtime_agent.volumes.manager",
+    "runtime_agent.volumes.flags",
+    "runtime_agent.network.manager",
+    "runtime_agent.network.flags",
+    "runtime_agent.devices.cdi",
+    "runtime_agent.build.builder",
+    "runtime_agent.distribution",
+    "pyroute2",
+)
+PROTOCOL = b"berth-cli/1"
+MAX_REQUEST = 4 << 20  # argv + environment; far beyond ARG_MAX-sized command lines
+RELAYED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
+
+
+def socket_path(run_root: str | os.PathLike[str] | None = None) -> str:
+    """Where the server for this run root listens (same default as AgentConfig)."""
+    root = run_root if run_root is not None else os.environ.get("BERTH_RUN_ROOT", "/run/berth")
+    return os.path.join(root, SOCKET_NAME)
+
+
+# ---- the request: NUL-separated bytes (argv and environment never contain NUL) ----------
+
+
+def encode_request(argv: list[str], cwd: str, umask: int, env: dict[str, str]) -> bytes:
+    fields = [PROTOCOL, os.fsencode(cwd), b"%o" % umask, b"%d" % len(argv)]
+    fields += [os.fsencode(a) for a in argv]
+    fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+    body = b"\0".join(fields)
+    return b"%d\n" % len(body) + body
+
+
+def decode_request(body: bytes) -> tuple[list[str], str, int, dict[str, str]]:
+    fields = body.split(b"\0")
+    if len(fields) < 4 or fields[0] != PROTOCOL:
+        raise ValueError("not a berth-cli/1 request")
+    cwd, umask, count = os.fsdecode(fields[1]), int(fields[2], 8), int(fields[3])
+    if count < 0 or len(fields) < 4 + count:
+        raise ValueError("malformed request")
+    argv = [os.fsdecode(a) for a in fields[4 : 4 + count]]
+    env = {}
+    for item in fields[4 + count :]:
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[os.fsdecode(key)] = os.fsdecode(value)
+    return argv, cwd, umask, env
+
+
+# ---- client -----------------------------------------------------------------------------
+
+
+def _first_command(argv: list[str]) -> str | None:
+    return next((a for a in argv if a[:1] != "-"), None)
+
+
+def forward(argv: list[str]) -> int | None:
+    """Run ``berth-agent argv`` in the resident server; None when there is none.
+
+    Returns the command's exit status. Signals the user sends to this process go to the
+    command (a Ctrl-C stops ``run`` or ``logs -f`` as it would in-process).
+    """
+    if os.environ.get("BERTH_NO_SERVER") or _first_command(argv) in NOT_FORWARDED:
+        return None
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        conn.connect(socket_path())
+    except OSError:
+        conn.close()
+        return None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        try:
+            cwd = os.getcwd()
+        except OSError:
+            cwd = "/"
+        request = encode_request(argv, cwd, umask, dict(os.environ))
+        fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
+        try:
+            sent = conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+            if sent < len(request):
+                conn.sendall(request[sent:])
+        except OSError:
+            return None  # the server went away between connect and send: run in-process
+        return _await_child(conn)
+    finally:
+        conn.close()
+
+
+def _read_line(conn: _socket.socket, pending: bytearray) -> bytes | None:
+    while b"\n" not in pending:
+        chunk = conn.recv(64)
+        if not chunk:
+            return None
+        pending += chunk
+    line, _, rest = bytes(pending).partition(b"\n")
+    pending[:] = rest
+    return line
+
+
+def _await_child(conn: _socket.socket) -> int:
+    pending = bytearray()
+    first = _read_line(conn, pending)
+    if not first:
+        sys.stderr.write("berth-agent: the agent's CLI server refused the command\n")
+        return 125
+    pid = int(first)
+
+    def relay(signum: int, _frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in RELAYED_SIGNALS:
+        _signal.signal(signum, relay)
+    last = _read_line(conn, pending)
+    if not last:
+        sys.stderr.write("berth-agent: the command ended without an exit status (killed?)\n")
+        return 125
+    return int(last)
+
+
+# ---- server -----------------------------------------------------------------------------
+
+
+def serve(run_root: Path, *, ready: Callable[[], None] | None = None) -> None:
+    """Listen on ``run_root/cli.sock`` and run each command in a forked child. Blocks.
+
+    SIGTERM or SIGINT stops listening; commands already running go on to their end.
+    """
+    import importlib
+    import signal
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    from runtime_agent.cli.main import prepare
+
+    prepare()
+    run_root.mkdir(parents=True, exist_ok=True)
+    path = run_root / SOCKET_NAME
+    listener, inode = _listen(path)
+    # Children are reaped by the kernel; each child restores SIGCHLD before running a
+    # command (runc and conmon are its own children, waited for by subprocess).
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    listener.settimeout(0.5)  # how soon a stop signal is noticed
+    if ready is not None:
+        ready()
+    try:
+        while not stopping:
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, InterruptedError):
+                continue
+            try:
+                _spawn(conn, listener)
+            except Exception as exc:  # one bad request must not stop the server
+                sys.stderr.write(f"berth-agent serve: {exc}\n")
+            finally:
+                conn.close()
+    finally:
+        listener.close()
+        try:
+            if path.stat().st_ino == inode:  # not a newer server's socket
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _listen(path: Path) -> tuple[socket.socket, int]:
+    import errno
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+            raise
+    else:
+        raise OSError(errno.EADDRINUSE, f"a CLI server already listens on {path}")
+    finally:
+        probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    old = os.umask(0o177)  # the socket is 0600: only root reaches the server
+    try:
+        listener.bind(str(tmp))
+    finally:
+        os.umask(old)
+    os.rename(tmp, path)  # replaces a stale socket of a server that died
+    listener.listen(64)
+    return listener, path.stat().st_ino
+
+
+def _peer_allowed(conn: socket.socket) -> bool:
+    import socket
+    import struct
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.getuid()
+
+
+def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The request body and the three descriptors, or ValueError (fds closed)."""
+    import socket
+
+    conn.settimeout(5)
+    data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 3)
+    try:
+        header, sep, body = data.partition(b"\n")
+        if len(fds) != 3 or not sep or not header.isdigit():
+            raise ValueError("malformed request (expected a length and 3 descriptors)")
+        size = int(header)
+        if size > MAX_REQUEST:
+            raise ValueError(f"request of {size} bytes is too large")
+        buffer = bytearray(body)
+        while len(buffer) < size:
+            chunk = conn.recv(min(size - len(buffer), 1 << 20))
+            if not chunk:
+                raise ValueError("client went away mid-request")
+            buffer += chunk
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    conn.settimeout(None)
+    return bytes(buffer), fds
+
+
+def _spawn(conn: socket.socket, listener: socket.socket) -> None:
+    if not _peer_allowed(conn):
+        return  # the client sees EOF and reports the refusal
+    body, fds = _receive(conn)
+    try:
+        pid = os.fork()
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    if pid == 0:  # the child: becomes the command, never returns
+        code = 125
+        try:
+            listener.close()
+            code = _child(conn, body, fds)
+        except BaseException as exc:
+            try:
+                os.write(2, f"berth-agent: {exc}\n".encode())
+            except OSError:
+                pass
+        finally:
+            try:
+                conn.sendall(b"%d\n" % code)
+            except OSError:
+                pass
+            os._exit(code)
+    for fd in fds:
+        os.close(fd)
+
+
+def _child(conn: socket.socket, body: bytes, fds: list[int]) -> int:
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.setsid()  # out of the server's session and process group
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    argv, cwd, umask, env = decode_request(body)
+    os.environ.clear()
+    os.environ.update(env)
+    os.umask(umask)
+    # Fresh stdio objects over the client's descriptors: buffering and isatty are theirs.
+    sys.stdin = open(0, closefd=False)  # the process's own stdio, kept open to the end
+    sys.stdout = open(1, "w", closefd=False)
+    sys.stderr = open(2, "w", closefd=False, buffering=1)
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        sys.stderr.write(f"berth-agent: working directory {cwd}: {exc.strerror}\n")
+        return 125
+    conn.sendall(b"%d\n" % os.getpid())
+    sys.argv = ["berth-agent", *argv]
+    from runtime_agent.cli.main import main as run_command
+
+    try:
+        code = run_command(argv)
+    except SystemExit as exc:  # argparse's --help and usage errors
+        if isinstance(exc.code, str):
+            sys.stderr.write(exc.code + "\n")
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+    return code & 0xFF
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime_agent.cliserver",
+        description="Serve berth-agent commands from a warm process (see `berth-agent serve`).",
+    )
+    parser.add_argument("--run-root", default=os.environ.get("BERTH_RUN_ROOT", "/run/berth"))
+    args = parser.parse_args(argv)
+    serve(Path(args.run_root))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

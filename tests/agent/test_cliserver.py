@@ -1,0 +1,238 @@
+"""``berth-agent`` commands served by the resident CLI server (``berth-agent serve``).
+
+The command a user types must behave exactly as it does in-process: same output on the
+same streams, same exit codes, stdin and working directory honoured, Ctrl-C handled;
+and the client must really hand the command over instead of running it itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime_agent import cliserver
+from runtime_agent.agent import Agent
+from runtime_agent.config import AgentConfig
+from tests.agent.test_runtime_fixtures import cleanup_agent, needs_runtime, until
+
+pytestmark = needs_runtime
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+# The console script, as installed: runtime_agent.cli:entry_point.
+CLIENT = "import sys, runtime_agent.cli as c; sys.exit(c.entry_point())"
+
+
+@pytest.fixture
+def env(agent_config: AgentConfig) -> dict[str, str]:
+    env = dict(
+        os.environ,
+        BERTH_ROOT=str(agent_config.root),
+        BERTH_RUN_ROOT=str(agent_config.run_root),
+        BERTH_AGENT_NAME=agent_config.name,
+    )
+    env.pop("BERTH_NO_SERVER", None)
+    return env
+
+
+@pytest.fixture
+def server(agent_config: AgentConfig, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runtime_agent.cli.main", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    sock = Path(cliserver.socket_path(agent_config.run_root))
+    try:
+        until(lambda: sock.exists() or process.poll() is not None, timeout=30)
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        cleanup_agent(Agent(agent_config))
+
+
+@pytest.fixture
+def cli(env: dict[str, str], server: subprocess.Popen[bytes]) -> Cli:
+    def run(
+        *args: str, timeout: float = 60, input: str | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", CLIENT, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            input=input,
+            cwd=cwd,
+        )
+
+    assert run("bootstrap").returncode == 0
+    return run
+
+
+def test_the_client_hands_the_command_over(env: dict[str, str], cli: Cli) -> None:
+    probe = (
+        "import sys, runtime_agent.cli as c; sys.argv = ['berth-agent', 'images'];"
+        " code = c.entry_point(); sys.stdout.flush();"
+        " print('in-process' if 'runtime_agent.cli.main' in sys.modules else 'served', code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.stdout.splitlines()[-1] == "served 0", result.stderr
+    assert "busybox" in result.stdout  # the listing the server's command wrote to our stdout
+    fallback = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env, "BERTH_NO_SERVER": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert fallback.stdout.splitlines()[-1] == "in-process 0", fallback.stderr
+
+
+def test_streams_and_exit_codes_are_the_commands(cli: Cli) -> None:
+    result = cli("run", "--rm", "busybox", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
+    cases = [
+        (["run", "--rm", "--memory", "32m", "busybox", "tail", "/dev/zero"], 137, ""),
+        (["run", "--rm", "--memory", "10q", "busybox", "true"], 125, '"10q"'),
+        (["run", "--rm", "busybox", "nosuchcommand"], 127, "not found"),
+        (["run", "--rm", "busybox", "/etc/passwd"], 126, "permission denied"),
+        (["nosuchcommand"], 125, "invalid choice"),
+    ]
+    for args, code, reason in cases:
+        result = cli(*args)
+        assert result.returncode == code, (args, result.stderr)
+        assert reason in result.stderr, (args, result.stderr)
+    assert cli("ps", "-a", "-q").stdout == ""
+    helped = cli("run", "--help")
+    assert helped.returncode == 0 and "--memory" in helped.stdout
+
+
+def test_stdin_and_working_directory_are_the_clients(cli: Cli, tmp_path: Path) -> None:
+    assert cli("run", "-d", "--name", "box", "busybox", "sleep", "60").returncode == 0
+    result = cli("exec", "-i", "box", "sh", "-c", "tr a-z A-Z", input="piped through\n")
+    assert (result.returncode, result.stdout) == (0, "PIPED THROUGH\n"), result.stderr
+    # A relative build context is resolved in the client's working directory.
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text("FROM busybox\nCOPY hello /hello\n")
+    (tmp_path / "ctx" / "hello").write_text("from the context\n")
+    built = cli("build", "-t", "hello:1", "ctx", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    shown = cli("run", "--rm", "hello:1", "cat", "/hello")
+    assert shown.stdout == "from the context\n"
+
+
+def test_build_context_on_stdin(env: dict[str, str], cli: Cli, tmp_path: Path) -> None:
+    archive = tmp_path / "ctx.tar"
+    with tarfile.open(archive, "w") as tar:
+        data = tmp_path / "Dockerfile"
+        data.write_text("FROM busybox\nRUN echo built > /marker\n")
+        tar.add(data, arcname="Dockerfile")
+    with archive.open("rb") as stdin:
+        piped = subprocess.run(
+            [sys.executable, "-c", CLIENT, "build", "-t", "piped:1", "-"],
+            env=env,
+            stdin=stdin,
+            capture_output=True,
+            check=False,
+        )
+    assert piped.returncode == 0, piped.stderr
+    assert cli("run", "--rm", "piped:1", "cat", "/marker").stdout == "built\n"
+
+
+def test_ctrl_c_reaches_the_command(env: dict[str, str], cli: Cli) -> None:
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, "run", "--rm", "--name", "sleeper", "busybox", "sleep", "9"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    until(lambda: "sleeper" in cli("ps").stdout, timeout=30)
+    started = time.monotonic()
+    client.send_signal(signal.SIGINT)
+    assert client.wait(timeout=30) == 130
+    assert time.monotonic() - started < 20
+    assert cli("ps", "-a", "-q").stdout == ""  # --rm still removed it
+
+
+def test_a_killed_command_is_reported_not_hung(
+    env: dict[str, str], server: subprocess.Popen[bytes], cli: Cli
+) -> None:
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, "run", "--rm", "--name", "victim", "busybox", "sleep", "9"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    until(lambda: "victim" in cli("ps").stdout, timeout=30)
+    # The command runs in a child the server forked (not in the client).
+    (command,) = [
+        p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == server.pid
+    ]
+    os.kill(int(command.name), signal.SIGKILL)
+    assert client.wait(timeout=30) == 125
+    assert "without an exit status" in (client.stderr.read() if client.stderr else "")
+    assert cli("rm", "-f", "victim").returncode == 0
+
+
+def test_only_the_servers_uid_may_connect(agent_config: AgentConfig, cli: Cli) -> None:
+    path = cliserver.socket_path(agent_config.run_root)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 3
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+            code = 0
+        except PermissionError:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1
+
+
+def test_stopping_the_server_falls_back_in_process(
+    agent_config: AgentConfig, server: subprocess.Popen[bytes], cli: Cli
+) -> None:
+    server.terminate()
+    assert server.wait(timeout=10) == 0
+    assert not Path(cliserver.socket_path(agent_config.run_root)).exists()
+    result = cli("run", "--rm", "busybox", "echo", "still works")
+    assert (result.returncode, result.stdout) == (0, "still works\n")
+
+
+def test_request_encoding_round_trips_odd_text() -> None:
+    argv = ["run", "-e", "A=b=c", "--", "sh", "-c", "echo 'x y'\n", "\udcff", ""]
+    env = {"K": "v=w", "EMPTY": "", "NON_UTF8": "\udcfe"}
+    raw = cliserver.encode_request(argv, "/tmp/a b", 0o027, env)
+    header, _, body = raw.partition(b"\n")
+    assert int(header) == len(body)
+    assert cliserver.decode_request(body) == (argv, "/tmp/a b", 0o027, env)
+    with pytest.raises(ValueError):
+        cliserver.decode_request(b"other/1\0/\0022\0" + b"0")
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
