@@ -3,7 +3,10 @@
 Measures, over ``--runs`` runs each (default 50):
 
   cli      whole ``berth-agent run --rm busybox true`` commands (default bridge network,
-           and ``--network none``) vs ``docker run --rm <same busybox> true``
+           and ``--network none``) vs ``docker run --rm <same busybox> true``: served by
+           the agent's resident CLI server (``berth-agent serve``, as on a node where the
+           worker runs; docker's CLI likewise needs dockerd running), and cold, in-process
+           (``BERTH_NO_SERVER=1``: Python start-up and every import paid by the command)
   api      the Python API: ``agent.containers.run(spec)`` until the container is running
            (start-to-running) and until ``wait`` returns (run-to-exit), vs bare
            ``runc run`` of a default ``runc spec`` bundle on the same rootfs
@@ -105,11 +108,19 @@ def main() -> int:
     env = dict(os.environ, BERTH_ROOT=str(config.root), BERTH_RUN_ROOT=str(config.run_root),
                BERTH_AGENT_NAME=config.name)  # fmt: skip
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # a deployed agent has its bytecode cached
+    env.pop("BERTH_NO_SERVER", None)
+    cold_env = dict(env, BERTH_NO_SERVER="1")
     berth = [str(Path(sys.executable).with_name("berth-agent"))]
     docker = shutil.which("docker") and not args.no_docker
     scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=state))
     results: dict[str, tuple[float, float]] = {}
+    server = subprocess.Popen([*berth, "serve"], env=env, stderr=subprocess.DEVNULL)
     try:
+        deadline = time.monotonic() + 30
+        while not (config.run_root / "cli.sock").exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("berth-agent serve did not start")
+            time.sleep(0.05)
         rootfs_tar = scratch / "rootfs.tar"
         with open(rootfs_tar, "wb") as out:
             busybox_rootfs_tar(find_busybox(), out)
@@ -178,6 +189,10 @@ def main() -> int:
             "cli_none": lambda: check(
                 [*berth, "run", "--rm", "--network", "none", "busybox", "true"], env
             ),
+            "cold": lambda: check([*berth, "run", "--rm", "busybox", "true"], cold_env),
+            "cold_none": lambda: check(
+                [*berth, "run", "--rm", "--network", "none", "busybox", "true"], cold_env
+            ),
             "python": lambda: check([sys.executable, "-c", "pass"], env),
             "imports": lambda: check([sys.executable, "-c", RUN_PATH_IMPORTS], env),
         }
@@ -194,10 +209,12 @@ def main() -> int:
         results["runc_same"] = row("runc run (bare, Berth's config.json)", samples["runc_same"])
         results["api_start"] = row("agent.containers.run() start-to-running", api_start)
         results["api_exit"] = row("agent.containers.run() + wait() run-to-exit", api_exit)
-        print("Whole commands:")
+        print("Whole commands (berth-agent served by `berth-agent serve`):")
         results["cli"] = row("berth-agent run --rm busybox true", samples["cli"])
         results["cli_none"] = row("berth-agent run --rm --network none busybox true",
                                   samples["cli_none"])  # fmt: skip
+        results["cold"] = row("same, cold (in-process)", samples["cold"])
+        results["cold_none"] = row("same with --network none, cold", samples["cold_none"])
         if docker:
             results["docker"] = row("docker run --rm busybox true", samples["docker"])
         print("Floor of any Python CLI here:")
@@ -244,14 +261,20 @@ def main() -> int:
         if docker:
             cli = results["cli"][0] / results["docker"][0]
             cli_none = results["cli_none"][0] / results["docker"][0]
+            cold = results["cold"][0] / results["docker"][0]
+            cold_none = results["cold_none"][0] / results["docker"][0]
             print(f"  berth-agent run --rm / docker run --rm, p50  {cli:5.2f}    (<= 0.20)")
             print(f"  same with --network none, p50                {cli_none:5.2f}    (<= 0.20)")
+            print(f"  cold (no server) / docker, p50               {cold:5.2f}")
+            print(f"  cold with --network none / docker, p50       {cold_none:5.2f}")
             floor = results["imports"][0] / results["docker"][0]
             print(f"  interpreter + imports alone / docker, p50    {floor:5.2f}")
         print(f"  host memory per idle container               {berth_kib / 1024:5.2f} MiB (<= 2)")
         if docker_kib:
             print(f"  berth / docker idle memory                   {berth_kib / docker_kib:5.2f}")
     finally:
+        server.terminate()
+        server.wait(timeout=10)
         from tests.agent.test_runtime_fixtures import cleanup_agent
 
         cleanup_agent(agent)

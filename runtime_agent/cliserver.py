@@ -207,6 +207,16 @@ def serve(run_root: Path, *, ready: Callable[[], None] | None = None) -> None:
     from runtime_agent.cli.main import prepare
 
     prepare()
+    # fork() keeps only the calling thread: a preloaded module that started threads (a Go
+    # runtime, a pool) would leave its state broken in every child. Refuse to serve.
+    threads = thread_count()
+    if threads != 1:
+        raise RuntimeError(
+            f"the CLI server has {threads} threads after preloading; forking is unsafe"
+        )
+    import gc
+
+    gc.freeze()  # preloaded objects stay out of the children's collections (fewer COW copies)
     run_root.mkdir(parents=True, exist_ok=True)
     path = run_root / SOCKET_NAME
     listener, inode = _listen(path)
@@ -243,6 +253,14 @@ def serve(run_root: Path, *, ready: Callable[[], None] | None = None) -> None:
                 path.unlink()
         except FileNotFoundError:
             pass
+
+
+def thread_count() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _listen(path: Path) -> tuple[socket.socket, int]:

@@ -11,10 +11,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-import dockerfile as _bk
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from runtime_agent.errors import InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    import dockerfile as _bk
+
+
+def _buildkit() -> ModuleType:
+    """BuildKit's parser, loaded on first use: loading it starts a Go runtime and its
+    threads, which the agent's CLI server (it forks) must not have (cliserver.py)."""
+    import dockerfile
+
+    return dockerfile
+
 
 KNOWN = {
     "ADD",
@@ -172,7 +184,7 @@ def _instruction(cmd: _bk.Command, filename: str, escape: str) -> Instruction:
         if sub in ("ONBUILD", "FROM", "MAINTAINER"):
             raise InvalidArgument(f"{where}: {sub} isn't allowed as an ONBUILD trigger")
         body = re.sub(r"^\s*onbuild\s+", "", cmd.original, count=1, flags=re.IGNORECASE)
-        parsed = _bk.parse_string(body)
+        parsed = _buildkit().parse_string(body)
         trigger = _instruction(parsed[0], filename, escape)
         trigger = Instruction(
             trigger.cmd,
@@ -244,11 +256,12 @@ def _validate(i: Instruction) -> None:
 def _error_line(text: str, message: str) -> int | None:
     """The parser's errors carry no line: find the first prefix of the file that fails
     the same way (only runs on a syntax error)."""
+    bk = _buildkit()
     lines = text.splitlines(keepends=True)
     for end in range(1, len(lines) + 1):
         try:
-            _bk.parse_string("".join(lines[:end]))
-        except _bk.GoParseError as exc:
+            bk.parse_string("".join(lines[:end]))
+        except bk.GoParseError as exc:
             if str(exc) == message:
                 return end
     return None
@@ -257,9 +270,10 @@ def _error_line(text: str, message: str) -> int | None:
 def parse(text: str, filename: str = "Dockerfile") -> Dockerfile:
     """Parse and validate a Dockerfile; raise ``InvalidArgument`` naming file and line."""
     escape = _escape_token(text)
+    bk = _buildkit()
     try:
-        commands = _bk.parse_string(text)
-    except _bk.GoParseError as exc:
+        commands = bk.parse_string(text)
+    except bk.GoParseError as exc:
         line = _error_line(text, str(exc))
         where = f"{filename}:{line}" if line else filename
         raise InvalidArgument(f"{where}: syntax error: {exc}", line=line) from exc

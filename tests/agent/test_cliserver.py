@@ -190,6 +190,18 @@ def test_a_killed_command_is_reported_not_hung(
     assert cli("rm", "-f", "victim").returncode == 0
 
 
+def test_the_server_forks_from_a_single_thread(
+    server: subprocess.Popen[bytes], cli: Cli, tmp_path: Path
+) -> None:
+    # fork() keeps only the calling thread; BuildKit's parser (a Go runtime) must load in
+    # the child, after a build has run too.
+    dockerfile = "FROM busybox\nENV A=1\n"
+    built = cli("build", "-t", "x:1", "-f", "-", str(tmp_path), input=dockerfile)
+    assert built.returncode == 0, built.stderr
+    status = Path(f"/proc/{server.pid}/status").read_text()
+    assert "\nThreads:\t1\n" in status
+
+
 def test_only_the_servers_uid_may_connect(agent_config: AgentConfig, cli: Cli) -> None:
     path = cliserver.socket_path(agent_config.run_root)
     assert os.stat(path).st_mode & 0o777 == 0o600
