@@ -8,7 +8,7 @@ request retried with that token.
 
 from __future__ import annotations
 
-from runtime_agent.distribution.auth import Credentials, CredentialStore
+from runtime_agent.distribution.auth import BearerToken, Credentials, CredentialStore
 from runtime_agent.distribution.ensure import ensure_image
 from runtime_agent.distribution.errors import RegistryError
 from runtime_agent.distribution.pull import PullResult, pull
@@ -16,6 +16,7 @@ from runtime_agent.distribution.push import PushResult, push
 from runtime_agent.distribution.reference import Reference, parse_reference
 
 __all__ = [
+    "BearerToken",
     "CredentialStore",
     "Credentials",
     "PullResult",

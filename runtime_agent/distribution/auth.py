@@ -4,6 +4,10 @@ Credentials are a username and a secret (a tenant's API token, or the node crede
 ``node-<node-name>`` / per-node secret the control plane issues). They are only ever sent
 to the registry's token realm (Basic auth), never to the registry itself.
 
+A :class:`BearerToken` is a registry token the control plane already minted (a build's
+push token, scoped to one repository): it goes straight to the registry, with no round
+trip to the realm, and is never stored.
+
 ``CredentialStore`` keeps logins per registry host in ``<root>/registry-auth.json``
 (mode 0600), like docker's ``config.json``.
 """
@@ -24,6 +28,16 @@ class Credentials:
 
     def __repr__(self) -> str:  # never print the secret
         return f"Credentials(username={self.username!r}, password=***)"
+
+
+@dataclass(frozen=True)
+class BearerToken:
+    """A pre-issued registry bearer token (a JWT from the control plane's token server)."""
+
+    token: str
+
+    def __repr__(self) -> str:  # never print the secret
+        return "BearerToken(***)"
 
 
 class CredentialStore:

@@ -4,6 +4,10 @@ A request goes out with the token cached for its scope (or none); on 401 the
 ``WWW-Authenticate: Bearer realm=...,service=...,scope=...`` challenge is answered by
 fetching a token from the realm (GET, Basic auth when credentials are known), and the
 request is retried once. Tokens are cached per scope until shortly before they expire.
+
+Given a pre-issued :class:`~runtime_agent.distribution.auth.BearerToken` instead, every
+request carries it and nothing is fetched from the realm: a 401 then means the token does
+not grant the request (another repository, or it expired) and is raised as is.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import requests
 
-from runtime_agent.distribution.auth import Credentials
+from runtime_agent.distribution.auth import BearerToken, Credentials
 from runtime_agent.distribution.errors import (
     RegistryError,
     RegistryUnauthorized,
@@ -58,10 +62,11 @@ class RegistryClient:
     token cache is shared under a lock so parallel layer transfers reuse one token.
     """
 
-    def __init__(self, registry: str, credentials: Credentials | None = None) -> None:
+    def __init__(self, registry: str, credentials: Credentials | BearerToken | None = None) -> None:
         self.registry = registry
         self.base = registry_base_url(registry)
-        self.credentials = credentials
+        self.bearer = credentials if isinstance(credentials, BearerToken) else None
+        self.credentials = credentials if isinstance(credentials, Credentials) else None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._tokens: dict[str, tuple[str, float]] = {}
@@ -105,7 +110,7 @@ class RegistryClient:
                 response = self.session.request(method, self.url(path), headers=hdrs, **kwargs)
             except requests.RequestException as exc:
                 raise RegistryError(f"{what or path}: cannot reach {self.registry}: {exc}") from exc
-            if response.status_code == 401 and attempt == 0:
+            if response.status_code == 401 and attempt == 0 and self.bearer is None:
                 challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
                 response.close()
                 if challenge is None or "realm" not in challenge:
@@ -118,6 +123,15 @@ class RegistryClient:
                 if start is not None:
                     data.seek(start)  # type: ignore[union-attr]
                 continue
+            if response.status_code == 401 and self.bearer is not None:
+                challenge = parse_challenge(response.headers.get("WWW-Authenticate", "")) or {}
+                response.close()
+                raise RegistryUnauthorized(
+                    f"{what or path}: {self.registry} refused the pre-issued token "
+                    f"(UNAUTHORIZED {challenge.get('error') or 'for this request'})",
+                    status=401,
+                    registry_code="UNAUTHORIZED",
+                )
             if response.status_code not in expected:
                 body = response.content if not kwargs.get("stream") else response.raw.read(65536)
                 response.close()
@@ -126,6 +140,8 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     def _cached_token(self, scope: str) -> str | None:
+        if self.bearer is not None:
+            return self.bearer.token
         with self._lock:
             entry = self._tokens.get(scope)
         if entry and entry[1] > time.monotonic():

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 import requests
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from runtime_agent.distribution.auth import Credentials, CredentialStore
+from runtime_agent.distribution.auth import BearerToken, Credentials, CredentialStore
 from runtime_agent.distribution.client import RegistryClient
 from runtime_agent.distribution.errors import RegistryError
 from runtime_agent.distribution.media import (
@@ -227,7 +227,7 @@ def pull(
     agent: Agent,
     tenant: str,
     ref: str,
-    auth: Credentials | None = None,
+    auth: Credentials | BearerToken | None = None,
     *,
     platform: Platform | None = None,
     parallel: int = PARALLEL_BLOBS,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from runtime_agent.distribution.auth import Credentials, CredentialStore
+from runtime_agent.distribution.auth import BearerToken, Credentials, CredentialStore
 from runtime_agent.distribution.client import RegistryClient
 from runtime_agent.distribution.errors import RegistryError
 from runtime_agent.distribution.media import OCI_MANIFEST
@@ -97,14 +97,16 @@ def push(
     agent: Agent,
     tenant: str,
     ref: str,
-    auth: Credentials | None = None,
+    auth: Credentials | BearerToken | None = None,
     *,
     source: str | None = None,
     parallel: int = PARALLEL_UPLOADS,
 ) -> PushResult:
     """Push the tenant's image ``source`` (default: ``ref`` itself) to ``ref``.
 
-    ``ref`` is ``host/repo[:tag]``; ``auth`` defaults to the node's stored login.
+    ``ref`` is ``host/repo[:tag]``; ``auth`` defaults to the node's stored login. With a
+    pre-issued :class:`BearerToken` (scoped to ``ref``'s repository alone) no blob is
+    mounted from another repository: the token could not read it.
     """
     reference = parse_reference(ref)
     if reference.digest:
@@ -128,7 +130,7 @@ def push(
         size=len(manifest_bytes) + sum(agent.content.size(d) for d in blobs),
     )
 
-    sources = _mount_sources(agent, tenant, reference)
+    sources = {} if isinstance(auth, BearerToken) else _mount_sources(agent, tenant, reference)
 
     def send(digest: str) -> int:
         if _blob_exists(client, reference, digest):
