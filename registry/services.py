@@ -5,8 +5,9 @@ Repository names are ``<tenant-slug>/<path>``: the first component is the tenant
 decides everything. A tenant API token reaches only its own tenant's repositories (pull
 with scope ``read``; push and delete with ``write`` and a role allowed to manage
 workloads); a node credential pulls a repository only while a container placed on that
-node uses it; anyone pulls a repository
-marked public.
+node uses it; anyone pulls a repository marked public. A build's push token
+(:func:`repository_push_token`, handed to the building node by the control plane) pulls
+and pushes its one repository.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def notify_secret() -> str:
         return (registry_dir() / "notify.secret").read_text().strip()
     except FileNotFoundError:
         return ""
+
+
+def registry_configured() -> bool:
+    """Whether this control plane has a registry to issue tokens for (``registry.sh
+    setup`` wrote the token signing key under ``BERTH_REGISTRY_DIR``)."""
+    return Path(signing_key_path()).is_file()
 
 
 def storage_root() -> Path:
@@ -302,6 +309,31 @@ def token_for(principal: Principal, scopes: Iterable[str]) -> IssuedToken:
         subject=principal.label,
         access=grant(principal, scopes),
         lifetime=settings.BERTH_REGISTRY_TOKEN_TTL,
+    )
+
+
+def repository_push_token(
+    tenant: Tenant, repository: str, *, subject: str, lifetime: int
+) -> IssuedToken:
+    """A bearer token that may pull and push ``<tenant>/<repository>`` and nothing else.
+
+    The control plane hands it to the node building an image for the tenant (a node's
+    own credential may only pull). Refused like a tenant's own push would be at token
+    time: a suspended tenant, or its storage quota used up (RegistryDenied).
+    """
+    name = f"{tenant.slug}/{repository}"
+    split_repository(name)
+    tenant.refresh_from_db()
+    if not tenant.is_active:
+        raise RegistryDenied(f"tenant {tenant.slug} is suspended: pushing is disabled")
+    check_push_quota(tenant)
+    return issue_token(
+        key_path=signing_key_path(),
+        issuer=settings.BERTH_REGISTRY_ISSUER,
+        service=settings.BERTH_REGISTRY_SERVICE,
+        subject=subject,
+        access=[Access("repository", name, ("pull", "push"))],
+        lifetime=lifetime,
     )
 
 

@@ -7,9 +7,13 @@ tenant's image store under the requested tag, and the log is streamed back as
 kept tail of the log with a growing sequence number (the control plane keeps the newest),
 at most every ``LOG_INTERVAL`` seconds, and a last one carrying the result.
 
-The image is not pushed to the registry: a node's registry credential may pull only
-(docs/registry.md), so the image stays in this node's store and the control plane pins
-services using it to this node.
+With ``push_to`` in the request, a built image is then pushed to the tenant's registry
+with the bearer token the control plane minted for that one repository (the node's own
+registry login may only pull): the result carries the pushed reference and the manifest
+digest, and a push that fails fails the build (the local tag goes back to what it was,
+so no half-pushed build is left looking like a success). Without ``push_to`` (a control
+plane with no registry) the image stays in this node's store and the control plane pins
+services using it here.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from runtime_agent import protocol
 from runtime_agent.build.steps import BuildLimits
+from runtime_agent.distribution.auth import BearerToken
+from runtime_agent.distribution.push import push
 from runtime_agent.errors import AgentError
+from runtime_agent.images.reference import parse_reference
 
 if TYPE_CHECKING:
     from runtime_agent.worker import NodeWorker
@@ -121,19 +128,63 @@ def fetch_context(worker: NodeWorker, req: protocol.BuildRequest, into: Any) -> 
     return int(into.tell())
 
 
+class PushFailed(AgentError):
+    """The image was built but could not be pushed to the tenant's registry."""
+
+    code = "push_failed"
+
+
+def push_image(worker: NodeWorker, req: protocol.BuildRequest, log: BuildLog) -> tuple[str, str]:
+    """Push the built image to ``req.push_to`` with the request's token.
+
+    Returns ``(pushed reference, manifest digest)``; raises :class:`PushFailed`.
+    """
+    assert req.push_to is not None
+    if not req.push_token:
+        raise PushFailed(f"cannot push to {req.push_to}: the build request carries no token")
+    log.write(f"Pushing {req.push_to}\n")
+    try:
+        result = push(
+            worker.agent, req.tenant, req.push_to, BearerToken(req.push_token), source=req.tag
+        )
+    except (AgentError, OSError) as exc:
+        raise PushFailed(f"pushing {req.push_to} failed: {exc}") from exc
+    log.write(
+        f"Pushed {result.reference}: {len(result.uploaded)} blob(s) uploaded "
+        f"({result.bytes_uploaded} bytes), {len(result.existing)} already there; "
+        f"digest: {result.digest}\n"
+    )
+    return result.reference, result.digest
+
+
+def _restore_tag(worker: NodeWorker, tenant: str, tag: str, previous: str | None) -> None:
+    """Point ``tag`` back where it was before a build whose push failed (or drop it)."""
+    images = worker.agent.images
+    try:
+        if previous is not None:
+            images.set_reference(tenant, tag, previous)
+        else:
+            images.remove(tenant, tag)
+    except AgentError as exc:
+        logger.warning("could not restore tag %s of %s after a failed push: %s", tag, tenant, exc)
+
+
 def run_build(
     worker: NodeWorker, req: protocol.BuildRequest, cancel: threading.Event
 ) -> dict[str, Any]:
-    """Run one build to its end; always reports the result to the control plane."""
+    """Run one build to its end (and its push, when asked); always reports the result to
+    the control plane."""
     started = _now()
     log = BuildLog(worker, req)
     threading.Thread(target=log.flush_periodically, name="build-log", daemon=True).start()
     deadline = time.monotonic() + req.timeout_seconds
-    digest = reference = error = None
+    digest = reference = error = pushed_reference = manifest_digest = None
     state = "failed"
     spool = worker.agent.config.root / "build-contexts"
     spool.mkdir(parents=True, exist_ok=True)
     try:
+        tag_key = parse_reference(req.tag).tagged
+        previous = worker.agent.images.references(req.tenant).get(tag_key)
         with tempfile.TemporaryFile(dir=spool) as context:
             try:
                 size = fetch_context(worker, req, context)
@@ -162,6 +213,15 @@ def run_build(
                         digest, reference = event.digest, event.reference
             finally:
                 events.close()
+        if req.push_to:
+            try:
+                if cancel.is_set():
+                    raise _Stop("cancelled")
+                pushed_reference, manifest_digest = push_image(worker, req, log)
+            except (_Stop, PushFailed):
+                _restore_tag(worker, req.tenant, tag_key, previous)
+                digest = reference = None
+                raise
         state = "succeeded"
     except _Stop as exc:
         state = "cancelled" if str(exc) == "cancelled" else "failed"
@@ -178,6 +238,8 @@ def run_build(
         "state": state,
         "digest": digest,
         "reference": reference,
+        "pushed_reference": pushed_reference,
+        "manifest_digest": manifest_digest,
         "error": error,
         "started_at": started,
         "finished_at": _now(),

@@ -226,7 +226,14 @@ NODE_CREDENTIAL_HEADER = "X-Berth-Node-Credential"
 
 @dataclass(frozen=True)
 class BuildRequest:
-    """What the control plane asks a node to build (task ``AGENT_BUILD``)."""
+    """What the control plane asks a node to build (task ``AGENT_BUILD``).
+
+    With ``push_to`` (``<registry-host>/<tenant>/<repo>:<tag>``) the node pushes the built
+    image there, presenting ``push_token``: a registry bearer token the control plane
+    minted for exactly that repository (pull and push), valid for the build's time limit
+    plus a margin. The token is a secret: it is left out of ``repr`` so it never reaches
+    a log line, and the agent never stores it.
+    """
 
     build_id: str
     tenant: str
@@ -238,6 +245,8 @@ class BuildRequest:
     no_cache: bool = False
     log_keep_bytes: int = 256 * 1024
     timeout_seconds: int = 3600
+    push_to: str | None = None
+    push_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -252,8 +261,12 @@ class BuildReport:
     log: str
     log_size: int
     state: str | None = None  # None while running
-    digest: str | None = None
-    reference: str | None = None
+    digest: str | None = None  # the image's config digest (its id)
+    reference: str | None = None  # the tag in the tenant's store on the node
+    #: When the request said ``push_to``: where the image was pushed, and the manifest
+    #: digest the registry stored it under. A build whose push failed is ``failed``.
+    pushed_reference: str | None = None
+    manifest_digest: str | None = None
     error: str | None = None
     started_at: str | None = None
     finished_at: str | None = None

@@ -25,7 +25,7 @@ from registry.models import Manifest, RegistryEvent, RegistryUsage, Repository, 
 from registry.tokens import Access, issue_token
 from runtime_agent.agent import Agent
 from runtime_agent.config import AgentConfig
-from runtime_agent.distribution import Credentials, pull, push
+from runtime_agent.distribution import BearerToken, Credentials, pull, push
 from runtime_agent.distribution.errors import RegistryDenied as AgentDenied
 from runtime_agent.distribution.errors import RegistryError, RegistryUnauthorized
 from tenants import services as tenant_services
@@ -556,6 +556,59 @@ def test_bad_credentials_expired_tokens_and_bad_content_get_registry_errors(
 def _claims(token: str) -> dict[str, Any]:
     payload = token.split(".")[1]
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def test_a_builds_push_token_pushes_its_repository_and_nothing_else(
+    reg: RegistryProcess,
+    tenant_with_token: Callable[..., tuple[Tenant, str]],
+    tmp_path: Path,
+    agent: Agent,
+) -> None:
+    """The token the control plane mints for a build (workloads.services.builds) against
+    the real registry: its one repository, pull and push; every other push refused."""
+    tenant, token = tenant_with_token()
+    other, other_token = tenant_with_token()
+    src, digest = layout(tmp_path)
+    assert skopeo_push(src, f"{reg.host}/{tenant.slug}/base:1", f"x:{token}").returncode == 0
+    pull(agent, tenant.slug, f"{reg.host}/{tenant.slug}/base:1", Credentials("x", token))
+    agent.images.tag(tenant.slug, f"{reg.host}/{tenant.slug}/base:1", "app:v1")  # as built
+
+    issued = services.repository_push_token(
+        tenant, "app", subject="build b1 on node n1", lifetime=600
+    )
+    bearer = BearerToken(issued.token)
+    assert issued.token not in repr(bearer)
+    pushed = push(agent, tenant.slug, f"{reg.host}/{tenant.slug}/app:v1", bearer, source="app:v1")
+    assert pushed.digest == digest
+    # The base layers could be mounted from base, but the token cannot read base: sent.
+    assert pushed.mounted == [] and len(pushed.uploaded) == 3
+    tag = wait_for(
+        lambda: Tag.objects.filter(repository__tenant=tenant, repository__name="app").first(),
+        "the pushed tag's record",
+    )
+    assert tag.manifest.digest == digest
+    again = pull(agent, tenant.slug, f"{reg.host}/{tenant.slug}/app@{digest}", bearer)
+    assert again.digest == digest
+
+    for target in (
+        f"{reg.host}/{other.slug}/app:v1",  # another tenant's repository of the same name
+        f"{reg.host}/{tenant.slug}/base:2",  # another repository of the same tenant
+    ):
+        with pytest.raises((RegistryUnauthorized, AgentDenied)):
+            push(agent, tenant.slug, target, bearer, source="app:v1")
+    with pytest.raises((RegistryUnauthorized, AgentDenied)):
+        pull(agent, tenant.slug, f"{reg.host}/{tenant.slug}/base:1", bearer)
+    refused = skopeo_pull(f"{reg.host}/{other.slug}/app:v1", tmp_path / "o", f"x:{other_token}")
+    assert refused.returncode != 0  # nothing reached the other tenant's namespace
+    assert not Repository.objects.filter(tenant=other).exists()
+
+    # A tenant that may not push gets no token: over its storage quota.
+    from tenants.models import QuotaUsage
+
+    limit = tenant.quota_limits()["storage_gib"]
+    QuotaUsage.objects.filter(tenant=tenant, quota="storage_gib").update(used=limit + 1)
+    with pytest.raises(services.RegistryDenied, match="quota storage_gib exceeded"):
+        services.repository_push_token(tenant, "app", subject="build b2", lifetime=600)
 
 
 def test_agent_errors_for_wrong_credentials(

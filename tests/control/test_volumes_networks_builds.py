@@ -37,6 +37,33 @@ def broker() -> redis.Redis:
     return client
 
 
+@pytest.fixture(autouse=True)
+def no_registry(tmp_path: Path, settings: Any) -> None:
+    """No registry unless a test sets one up (whatever var/registry holds on this machine)."""
+    settings.BERTH_REGISTRY_DIR = tmp_path / "no-registry"
+
+
+@pytest.fixture
+def registry_key(tmp_path: Path, settings: Any) -> Path:
+    """A registry set up as far as the control plane is concerned: its token signing key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    directory = tmp_path / "registry"
+    directory.mkdir()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (directory / "token.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    settings.BERTH_REGISTRY_DIR = directory
+    settings.BERTH_REGISTRY_HOST = "registry.test:5000"
+    return directory
+
+
 @pytest.fixture
 def contexts(tmp_path: Path) -> Any:
     with override_settings(BERTH_BUILD_CONTEXT_DIR=tmp_path / "ctx"):
@@ -413,6 +440,149 @@ def test_build_upload_dispatch_context_fetch_and_report(
         )
         placement.schedule_pending()
         assert service.containers.get().node_id == build_node.pk
+
+
+def _rows_containing(text: str) -> list[str]:
+    """Tables with a row whose text form contains ``text`` (every column, JSON included)."""
+    from django.db import connection
+
+    found = []
+    with connection.cursor() as cursor:
+        for table in connection.introspection.table_names():
+            cursor.execute(
+                f'SELECT 1 FROM "{table}" t WHERE t::text LIKE %s LIMIT 1',  # noqa: S608
+                [f"%{text}%"],
+            )
+            if cursor.fetchone():
+                found.append(table)
+    return found
+
+
+def test_build_with_a_registry_pushes_with_a_token_for_its_repository_alone(
+    acme: tuple[Tenant, User],
+    broker: redis.Redis,
+    contexts: Path,
+    registry_key: Path,
+    settings: Any,
+) -> None:
+    import jwt
+
+    from registry.tokens import load_signing_key
+
+    tenant, _ = acme
+    node, credential = make_node("n1")
+    build = builds.create_build(
+        tenant, context=builds.store_context([context_tar()]), tag="team/app:v1", actor=SYSTEM
+    )
+    (op,) = queued(broker, node)
+    request = protocol.from_dict(protocol.BuildRequest, op["kwargs"]["request"])
+    assert request.push_to == "registry.test:5000/acme/team/app:v1"
+    assert request.push_token and request.push_token not in repr(request)
+    assert protocol.from_dict(protocol.BuildRequest, protocol.to_dict(request)) == request
+    key, _ = load_signing_key(str(registry_key / "token.key"))
+    claims = jwt.decode(
+        request.push_token,
+        key.public_key(),
+        algorithms=["RS256"],
+        audience=settings.BERTH_REGISTRY_SERVICE,
+        issuer=settings.BERTH_REGISTRY_ISSUER,
+    )
+    assert claims["access"] == [
+        {"type": "repository", "name": "acme/team/app", "actions": ["pull", "push"]}
+    ]
+    assert (
+        claims["exp"] - claims["iat"] == builds.build_timeout() + settings.BERTH_REGISTRY_TOKEN_TTL
+    )
+    # The token travels in the task message only: nothing in the database holds it.
+    assert _rows_containing(request.push_token.rsplit(".", 1)[-1]) == []
+
+    manifest = "sha256:" + "a" * 64
+
+    def finish(target: Build, **result: Any) -> Build:
+        builds.handle_build_report(
+            protocol.BuildReport(
+                build_id=str(target.pk),
+                node_id=str(node.pk),
+                credential=credential,
+                seq=1,
+                log="Pushed\n",
+                log_size=7,
+                state="succeeded",
+                digest="sha256:cfg",
+                reference="team/app:v1",
+                manifest_digest=manifest,
+                **result,
+            )
+        )
+        target.refresh_from_db()
+        return target
+
+    build = finish(build, pushed_reference=request.push_to)
+    assert (build.state, build.pushed, build.image_reference) == (
+        "succeeded",
+        True,
+        f"registry.test:5000/acme/team/app@{manifest}",
+    )
+    # The registry reference runs on any node (spread over both); the bare tag is the
+    # build node's local name, so a service naming it stays pinned there.
+    other, _ = make_node("n2")
+    pulled = deploy.create_service(
+        tenant, name="pulled", data={"image": build.image_reference}, replicas=2, actor=SYSTEM
+    )
+    local = deploy.create_service(
+        tenant, name="local", data={"image": "team/app:v1"}, replicas=2, actor=SYSTEM
+    )
+    placement.schedule_pending()
+    assert {c.node_id for c in pulled.containers.all()} == {node.pk, other.pk}
+    assert {c.node_id for c in local.containers.all()} == {node.pk}
+
+    # A node claiming a push somewhere else fails the build.
+    stray = builds.create_build(
+        tenant, context=builds.store_context([context_tar()]), tag="team/app:v2", actor=SYSTEM
+    )
+    Build.objects.filter(pk=stray.pk).update(node=node)
+    stray = finish(stray, pushed_reference="registry.test:5000/acme/elsewhere:v2")
+    assert (stray.state, stray.pushed, stray.image_reference) == ("failed", False, "")
+    assert "not to registry.test:5000/acme/team/app:v2" in stray.reason
+
+
+def test_build_is_refused_when_its_push_would_be(
+    acme: tuple[Tenant, User],
+    make_token: Callable[..., str],
+    client_for: Callable[..., Any],
+    broker: redis.Redis,
+    contexts: Path,
+    registry_key: Path,
+) -> None:
+    from tenants.models import QuotaUsage
+
+    tenant, owner = acme
+    client = api(client_for, make_token, tenant, owner)
+    queued_build = builds.create_build(
+        tenant, context=builds.store_context([context_tar()]), tag="app", actor=SYSTEM
+    )
+    assert queued_build.state == "queued"  # no node yet
+    make_node("n1")
+    limit = tenant.quota_limits()["storage_gib"]
+    QuotaUsage.objects.update_or_create(
+        tenant=tenant, quota="storage_gib", defaults={"used": limit}
+    )
+    refused = client.generic(
+        "POST",
+        "/api/v1/tenants/acme/builds/?tag=app",
+        context_tar(),
+        content_type="application/x-tar",
+    )
+    assert refused.status_code == 403, refused.content
+    assert "quota storage_gib exceeded" in refused.json()["error"]["message"]
+    assert Build.objects.filter(tenant=tenant).count() == 1
+    assert [p.name for p in contexts.iterdir()] == [Path(queued_build.context_path).name]
+    # The queued build meets the same refusal when a node turns up: failed, minute released.
+    assert builds.reconcile_builds() == 1
+    queued_build.refresh_from_db()
+    assert queued_build.state == "failed"
+    assert queued_build.reason.startswith("cannot push the image: quota storage_gib exceeded")
+    assert used(tenant, "build_minutes_month") == 0
 
 
 def test_build_bad_input_leaves_nothing_behind(

@@ -1,6 +1,9 @@
 """A whole Berth on this machine: the control plane (live server + a Celery worker with
 the reconciler's beat) and two node agents as separate processes with their own state
-directories, queues and kernel-object prefixes — real Postgres, Redis, runc, cgroups."""
+directories, queues and kernel-object prefixes — real Postgres, Redis, runc, cgroups.
+
+``cluster`` has no image registry (builds stay on their node); ``registry_cluster`` adds a
+real docker-registry whose token realm and notifications are the live server."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from django.conf import settings
 from django.db import connection
 
 from tests.control.conftest import seed_plans
+from tests.registry_process import RegistryProcess, start_registry
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = Path("/var/lib/berth-test")
@@ -78,6 +82,7 @@ class Cluster:
     url: str
     agents: list[AgentProcess]
     control: subprocess.Popen[bytes]
+    registry: RegistryProcess | None = None
 
     def agent_named(self, name: str) -> AgentProcess:
         return next(a for a in self.agents if a.name == name)
@@ -94,7 +99,39 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str) -> Any:
 
 
 @pytest.fixture
-def cluster(live_server: Any, transactional_db: None) -> Iterator[Cluster]:
+def cluster(
+    live_server: Any, transactional_db: None, tmp_path: Path, settings: Any
+) -> Iterator[Cluster]:
+    settings.BERTH_REGISTRY_DIR = tmp_path / "no-registry"
+    yield from _run_cluster(live_server, {"BERTH_REGISTRY_DIR": str(settings.BERTH_REGISTRY_DIR)})
+
+
+@pytest.fixture
+def registry_cluster(
+    live_server: Any, transactional_db: None, tmp_path: Path, settings: Any
+) -> Iterator[Cluster]:
+    registry = start_registry(
+        tmp_path / "registry",
+        realm=f"{live_server.url}/registry/token",
+        notify_url=f"{live_server.url}/registry/events/",
+    )
+    settings.BERTH_REGISTRY_DIR = registry.directory
+    settings.BERTH_REGISTRY_HOST = registry.host
+    settings.BERTH_REGISTRY_URL = registry.url
+    env = {
+        "BERTH_REGISTRY_DIR": str(registry.directory),
+        "BERTH_REGISTRY_HOST": registry.host,
+        "BERTH_REGISTRY_URL": registry.url,
+    }
+    try:
+        yield from _run_cluster(live_server, env, registry)
+    finally:
+        registry.stop()
+
+
+def _run_cluster(
+    live_server: Any, extra_env: dict[str, str], registry: RegistryProcess | None = None
+) -> Iterator[Cluster]:
     from tenants.services import Actor
     from workloads.services.nodes import create_join_token
 
@@ -109,6 +146,7 @@ def cluster(live_server: Any, transactional_db: None) -> Iterator[Cluster]:
         "BERTH_NODE_TIMEOUT_SECONDS": "6",
         "BERTH_RECONCILE_SECONDS": "1",
         "PYTHONPATH": str(ROOT),
+        **extra_env,
     }
     control_log = STATE / f"control-{token}.log"
     control_log.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +196,7 @@ def cluster(live_server: Any, transactional_db: None) -> Iterator[Cluster]:
             agent.cli("join", live_server.url, secret, "--name", name)
             agent.start()
             agents.append(agent)
-        yield Cluster(live_server.url, agents, control)
+        yield Cluster(live_server.url, agents, control, registry)
     finally:
         for agent in agents:
             agent.kill()

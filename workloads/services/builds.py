@@ -7,9 +7,18 @@ when the build ends that hold is released and the minutes actually used (rounded
 added to the month's use, exactly once, and the build is recorded for billing
 (``billing.services.record_build``). The node the build is placed on fetches the context
 over HTTP with its node credential, builds with ``agent.builder`` and reports its log
-and result back (``handle_build_report``). The image stays in that node's store (node
-credentials may not push to the registry), so services using it are pinned there
-(``storage.pin_constraints``).
+and result back (``handle_build_report``).
+
+The built image goes to the tenant's registry: the build request carries the target
+``<registry-host>/<tenant>/<repo>:<tag>`` and a bearer token minted for exactly that
+repository (pull, push), valid for the build's time limit plus the registry token TTL
+(a node's own registry credential may only pull). The token travels in the task message
+only; it is never logged or saved. A build succeeds only once its image is pushed, and
+records it as ``<registry-host>/<tenant>/<repo>@<manifest digest>``, which services pull
+on any node. A control plane without a registry (``registry_configured()`` false) keeps
+the image in the build node's store, and services using it are pinned to that node
+(``storage.pin_constraints``), as are services naming a build's bare tag, which exists
+only there.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from django.db.models import Count, F, Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from registry import services as registry_services
+from registry.errors import RegistryDenied
 from runtime_agent import protocol
 from tenants import services as tenant_services
 from tenants.errors import BerthError, Conflict, InvalidInput, PermissionDenied
@@ -242,13 +253,38 @@ def context_path_url(build: Build) -> str:
     return reverse("build-context", kwargs={"build_id": build.pk})
 
 
+def push_target(build: Build) -> str:
+    """Where a build's image goes: ``<registry-host>/<tenant>/<repo>:<tag>``."""
+    repository, _, tag = build.tag.rpartition(":")
+    return f"{settings.BERTH_REGISTRY_HOST}/{build.tenant.slug}/{repository}:{tag}"
+
+
+def _push_grant(build: Build, node: Node) -> tuple[str | None, str | None]:
+    """(target, bearer token) for the build's push; (None, None) without a registry.
+
+    Raises RegistryDenied when the tenant may not push now (suspended, storage full).
+    """
+    if not registry_services.registry_configured():
+        return None, None
+    repository = build.tag.rpartition(":")[0]
+    issued = registry_services.repository_push_token(
+        build.tenant,
+        repository,
+        subject=f"build {build.pk} on node {node.name}",
+        lifetime=build_timeout() + int(settings.BERTH_REGISTRY_TOKEN_TTL),
+    )
+    return push_target(build), issued.token
+
+
 def _dispatch(build: Build) -> bool:
+    """Send the build to a node (raises RegistryDenied when its push would be refused)."""
     node = _pick_node()
     if node is None:
         if build.reason != "waiting for a ready node":
             build.reason = "waiting for a ready node"
             build.save(update_fields=["reason"])
         return False
+    push_to, push_token = _push_grant(build, node)
     build.node = node
     build.state = BuildState.RUNNING
     build.started_at = timezone.now()
@@ -265,6 +301,8 @@ def _dispatch(build: Build) -> bool:
         no_cache=build.no_cache,
         log_keep_bytes=log_keep_bytes(),
         timeout_seconds=build_timeout(),
+        push_to=push_to,
+        push_token=push_token,
     )
     dispatch.send_after_commit(
         node, protocol.AGENT_BUILD, op_id=f"build:{build.pk}", request=protocol.to_dict(request)
@@ -358,17 +396,37 @@ def handle_build_report(report: protocol.BuildReport) -> None:
         if fields:
             build.save(update_fields=fields)
         return
-    if report.state == BuildState.SUCCEEDED:
-        build.image_digest = report.digest or ""
-        build.image_reference = report.reference or build.tag
-    build.started_at = parse_datetime(report.started_at or "") or build.started_at
     state = report.state if report.state in TERMINAL else BuildState.FAILED
+    reason = report.error or ""
+    pushed = _pushed_image(build, report) if report.pushed_reference is not None else None
+    if state == BuildState.SUCCEEDED and report.pushed_reference is not None and pushed is None:
+        state = BuildState.FAILED
+        reason = (
+            f"the node reported a push to {report.pushed_reference} "
+            f"({report.manifest_digest}), not to {push_target(build)}"
+        )
+    if state == BuildState.SUCCEEDED:
+        build.image_digest = report.digest or ""
+        build.image_reference = pushed or report.reference or build.tag
+        build.pushed = pushed is not None
+    build.started_at = parse_datetime(report.started_at or "") or build.started_at
     _finish(
         build,
         state,
-        reason=report.error or "",
+        reason=reason,
         finished_at=parse_datetime(report.finished_at or "") or None,
     )
+
+
+def _pushed_image(build: Build, report: protocol.BuildReport) -> str | None:
+    """``<host>/<tenant>/<repo>@<manifest digest>`` when the node pushed where it was
+    told to, with a well-formed digest; None otherwise."""
+    digest = report.manifest_digest or ""
+    if report.pushed_reference != push_target(build) or not registry_services.DIGEST_RE.match(
+        digest
+    ):
+        return None
+    return f"{push_target(build).rpartition(':')[0]}@{digest}"
 
 
 def reconcile_builds(*, now: datetime | None = None) -> int:
@@ -382,7 +440,11 @@ def reconcile_builds(*, now: datetime | None = None) -> int:
             .filter(state__in=[BuildState.QUEUED, BuildState.RUNNING])
         ):
             if build.state == BuildState.QUEUED:
-                changed += _dispatch(build)
+                try:
+                    changed += _dispatch(build)
+                except RegistryDenied as exc:
+                    _finish(build, BuildState.FAILED, reason=f"cannot push the image: {exc}")
+                    changed += 1
             elif build.node is None or build.node.state == NodeState.DOWN:
                 _finish(build, BuildState.FAILED, reason="the build's node went down")
                 changed += 1

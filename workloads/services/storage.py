@@ -325,9 +325,13 @@ def pin_constraints(pending: list[Container]) -> Pins:
     - Of the containers mounting a volume that lives nowhere yet, the oldest is placed
       this round (and pins the volume); the others wait for the next round.
     - A container whose image was built on a node and not pushed to a registry must go
-      to that node (the image exists only there).
+      to that node (the image exists only there), and so must one naming a build's bare
+      tag (``app:v1``: the node's local name for it). A pushed build's registry
+      reference (``<host>/<tenant>/app@sha256:…``) is pulled by whichever node runs it.
     Must run inside the scheduler's transaction (it locks the volumes' rows).
     """
+    from django.db.models import Q
+
     from workloads.models import Build
 
     pins = Pins()
@@ -340,19 +344,20 @@ def pin_constraints(pending: list[Container]) -> Pins:
             volumes[(volume.tenant_id, volume.name)] = volume
     images = {(c.tenant_id, normalize_image(c.spec.get("image") or "")) for c in pending}
     built: dict[tuple[int, str], str] = {}
-    if images:
+    names = {i for _, i in images if i}
+    if names:
         for build in (
             Build.objects.filter(
+                Q(pushed=False, image_reference__in=names) | Q(tag__in=names),
                 tenant_id__in={t for t, _ in images},
-                image_reference__in={i for _, i in images if i},
                 state="succeeded",
-                pushed=False,
                 node__isnull=False,
             )
             .order_by("finished_at")
-            .values("tenant_id", "image_reference", "node_id")
+            .values("tenant_id", "tag", "image_reference", "pushed", "node_id")
         ):
-            built[(build["tenant_id"], build["image_reference"])] = str(build["node_id"])
+            local = build["tag"] if build["pushed"] else build["image_reference"]
+            built[(build["tenant_id"], local)] = str(build["node_id"])
     claimed: set[int] = set()
     for container in pending:
         key = str(container.pk)
