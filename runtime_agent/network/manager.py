@@ -74,6 +74,9 @@ NETWORK_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 ALIAS_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9_.-]{0,253}[a-zA-Z0-9])?$")
 CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{12,64}$")
 SUBNET_LOCK = Path("/run/lock/berth-network-subnets.lock")
+# How long the kernel gets to delete the veth pair of a deleted netns before a later
+# operation deletes the host end itself (something still holds the netns).
+DOOMED_GRACE = 5.0
 LOCAL_RESOLV = "options ndots:0\n"
 
 
@@ -395,6 +398,7 @@ class NetworkManager:
                     f"network {name!r} has containers attached: {', '.join(sorted(users))}; "
                     "remove or disconnect them first"
                 )
+            self._reap_doomed(state, wait=True)
             with self._host() as ipr:
                 _delete_link(ipr, record.bridge)
             del state.networks[record.id]
@@ -536,6 +540,7 @@ class NetworkManager:
         with self.store.locked(durable=False) as state:
             if container_id in state.endpoints:
                 raise AlreadyExists(f"container {container_id[:12]} already has networking")
+            self._reap_doomed(state)
             networks = [self._get(state, tenant, a.network) for a in attachments]
             endpoint = EndpointRecord(
                 container_id=container_id,
@@ -744,7 +749,8 @@ class NetworkManager:
             if endpoint is not None and endpoint.tenant != tenant:
                 raise NotFound(f"container {container_id[:12]} not found for tenant {tenant!r}")
             had_ports = bool(endpoint and endpoint.ports)
-            self._teardown_endpoint(state, container_id, endpoint)
+            self._reap_doomed(state)
+            self._teardown_endpoint(state, container_id, endpoint, wait=False)
             if not state.endpoints:
                 self._release_netns_dir()
         if endpoint is None:
@@ -759,18 +765,68 @@ class NetworkManager:
         self._netns_dir_ready = False
 
     def _teardown_endpoint(
-        self, state: State, container_id: str, endpoint: EndpointRecord | None
+        self,
+        state: State,
+        container_id: str,
+        endpoint: EndpointRecord | None,
+        *,
+        wait: bool = True,
     ) -> None:
-        """Delete host veths explicitly (a dying netns can linger), then the netns."""
+        """Delete a container's netns and host veths.
+
+        Deleting a veth is synchronous and slow (an RCU grace period: ~15 ms each here).
+        With ``wait=False`` (``detach``, on every container removal) only the netns is
+        deleted: once nothing holds it, the kernel destroys it and the veth pairs in it
+        in the background, and the host ends are noted as doomed. A later operation
+        deletes any that outlived ``DOOMED_GRACE`` (a stray process keeping the netns
+        alive), ``remove``/``teardown`` wait for them, ``recover`` deletes them.
+        """
+        path = self.netns_path(container_id)
         if endpoint is not None:
-            with self._host() as ipr:
+            if wait:
+                with self._host() as ipr:
+                    for iface in endpoint.interfaces:
+                        with contextlib.suppress(NetlinkError):
+                            _delete_link(ipr, iface.host_veth)
+            else:
+                delete_netns(path)
+                now = time.time()
                 for iface in endpoint.interfaces:
-                    with contextlib.suppress(NetlinkError):
-                        _delete_link(ipr, iface.host_veth)
+                    state.doomed[iface.host_veth] = now
             self._release(state, endpoint)
             state.endpoints.pop(container_id, None)
-        path = self.netns_path(container_id)
         delete_netns(path)
+
+    def _reap_doomed(self, state: State, *, wait: bool = False) -> None:
+        """Forget doomed veths the kernel has deleted; delete those past their grace.
+
+        ``wait=True`` gives the rest up to ``DOOMED_GRACE`` to go before deleting them
+        (for operations that must leave no link behind, such as removing the bridge).
+        """
+        if not state.doomed:
+            return
+        deadline = time.monotonic() + DOOMED_GRACE
+        delay = 0.001
+        while True:
+            now = time.time()
+            for name, since in list(state.doomed.items()):
+                if not _link_exists(name):
+                    del state.doomed[name]
+                elif now - since > DOOMED_GRACE:
+                    with self._host() as ipr, contextlib.suppress(NetlinkError):
+                        _delete_link(ipr, name)
+                    del state.doomed[name]
+            if not wait or not state.doomed:
+                return
+            if time.monotonic() >= deadline:
+                with self._host() as ipr:
+                    for name in list(state.doomed):
+                        with contextlib.suppress(NetlinkError):
+                            _delete_link(ipr, name)
+                state.doomed.clear()
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def connect(
         self,
@@ -1004,6 +1060,7 @@ class NetworkManager:
                 if not alive:
                     self._teardown_endpoint(state, cid, endpoint)
                     report["endpoints"].append(cid)
+            state.doomed.clear()  # deleted below with the other unknown links, if still there
             known_links = {n.bridge for n in state.networks.values()}
             known_links |= {i.host_veth for e in state.endpoints.values() for i in e.interfaces}
             with self._host() as ipr:
@@ -1039,6 +1096,7 @@ class NetworkManager:
         with self.store.locked() as state:
             for cid, endpoint in list(state.endpoints.items()):
                 self._teardown_endpoint(state, cid, endpoint)
+            self._reap_doomed(state, wait=True)
             with self._host() as ipr:
                 for network in list(state.networks.values()):
                     with contextlib.suppress(NetlinkError):
@@ -1185,6 +1243,11 @@ def _owned_link(ifname: str, prefix: str) -> bool:
         and rest[0] in "bvc"
         and all(c in "0123456789abcdef" for c in rest[1:])
     )
+
+
+def _link_exists(ifname: str) -> bool:
+    """Whether the host has this link (sysfs: no netlink round trip)."""
+    return os.path.exists(f"/sys/class/net/{ifname}")
 
 
 def _link_index(ipr: IPRoute, ifname: str) -> int | None:

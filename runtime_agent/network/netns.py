@@ -185,8 +185,9 @@ def run_in_netns(path: Path, fn: Callable[[], T]) -> T:
 def delete_netns(path: Path) -> None:
     """Unmount and remove a netns file; idempotent.
 
-    The kernel frees the namespace once nothing holds it; interfaces inside go with it,
-    asynchronously, which is why callers delete the host-side veth explicitly first.
+    The kernel frees the namespace once nothing holds it; interfaces inside (and the
+    host ends of their veth pairs) go with it, asynchronously: see
+    ``NetworkManager._teardown_endpoint``.
     """
     try:
         _umount(str(path))

@@ -88,6 +88,9 @@ class State:
     next_bridge: int = 1
     networks: dict[str, NetworkRecord] = field(default_factory=dict)  # id -> record
     endpoints: dict[str, EndpointRecord] = field(default_factory=dict)  # container id -> record
+    # Host veths of removed containers that the kernel deletes along with their netns
+    # (asynchronously): name -> epoch seconds of the removal (see NetworkManager.detach).
+    doomed: dict[str, float] = field(default_factory=dict)
     saved_text: str = field(default="", compare=False, repr=False)  # as last read or written
 
     def network(self, tenant: str, name: str) -> NetworkRecord | None:
@@ -109,6 +112,7 @@ class State:
             "next_bridge": self.next_bridge,
             "networks": {k: dict(vars(v)) for k, v in self.networks.items()},
             "endpoints": endpoints,
+            "doomed": dict(self.doomed),
         }
 
     @classmethod
@@ -125,6 +129,7 @@ class State:
             next_bridge=int(data.get("next_bridge", 1)),
             networks={k: NetworkRecord(**v) for k, v in data.get("networks", {}).items()},
             endpoints=endpoints,
+            doomed={str(k): float(v) for k, v in data.get("doomed", {}).items()},
         )
 
 

@@ -33,9 +33,11 @@ from runtime_agent.errors import (
     ResourceExhausted,
 )
 from runtime_agent.network import NetworkManager, NetworkSetup, firewall
+from runtime_agent.network import manager as manager_module
 from runtime_agent.network.daemon import is_running
 from runtime_agent.network.netns import create_netns, delete_netns, run_in_netns
 from runtime_agent.protocol import NetworkAttachment, PortMapping
+from tests.agent.test_runtime_fixtures import until
 
 pytestmark = pytest.mark.privileged
 
@@ -671,6 +673,53 @@ def test_nothing_is_left_after_removal(net: NetworkManager, procs: Procs, www: P
     with IPRoute() as ipr:
         addresses = {str(a.get("address")) for a in ipr.get_addr(family=socket.AF_INET)}
     assert not any(a.startswith("10.213.") for a in addresses)
+
+
+def test_removed_containers_veths_go_with_their_netns(
+    net: NetworkManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """detach deletes the netns only; the kernel removes the veth pair in the background,
+    and a pair whose netns something still holds is deleted by a later operation."""
+    net.create("acme", "web")
+    first, held, later = cid(), cid(), cid()
+    for container in (first, held):
+        net.attach("acme", container, "h", [NetworkAttachment("web")], name=container[:8])
+    endpoints = net.store.load().endpoints
+    first_veth = endpoints[first].interfaces[0].host_veth
+    held_veth = endpoints[held].interfaces[0].host_veth
+    net.detach("acme", first)
+    assert not net.netns_path(first).exists()
+    until(lambda: first_veth not in veths(net), timeout=5)  # no further call needed
+    # A process inside the namespace keeps it (and the pair) alive past the detach ...
+    keeper = subprocess.Popen(["nsenter", f"--net={net.netns_path(held)}", "sleep", "60"])
+    try:
+        until(lambda: _netns_of(keeper.pid) == _netns_of_path(net.netns_path(held)), timeout=5)
+        net.detach("acme", held)
+        time.sleep(0.2)
+        assert held_veth in veths(net)
+        assert held_veth in net.store.load().doomed
+        # ... until the grace is over: the next operation deletes the host end itself.
+        monkeypatch.setattr(manager_module, "DOOMED_GRACE", 0.0)
+        net.attach("acme", later, "h", [NetworkAttachment("web")], name="later")
+        assert held_veth not in veths(net)
+        assert net.store.load().doomed == {}
+    finally:
+        keeper.kill()
+        keeper.wait()
+    net.detach("acme", later)
+    net.remove("acme", "web")  # waits for the last pair instead of leaving it behind
+    assert owned_links(net.prefix) == []
+
+
+def _netns_of(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return ""
+
+
+def _netns_of_path(path: Path) -> str:
+    return f"net:[{os.stat(path).st_ino}]"
 
 
 def test_recover_keeps_live_attachments_and_removes_orphans(
