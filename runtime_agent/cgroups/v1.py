@@ -22,6 +22,7 @@ class CgroupV1:
     def __init__(self, parent: str, root: Path) -> None:
         self.parent = parent
         self.root = root
+        self._found: list[Path] = []
 
     def cgroups_path(self, tenant: str, container_id: str) -> str:
         return f"/{self.parent}/{tenant}/{container_id}"
@@ -34,8 +35,14 @@ class CgroupV1:
         """Each mounted hierarchy once (``cpu`` and ``cpuacct`` may be one mount).
 
         Includes the hybrid layout's ``unified`` (v2) tree: runc makes the container's
-        path there too, so removal must cover it.
+        path there too, so removal must cover it. Looked up once per driver (the mounts
+        don't change under a running agent; every container removal asks).
         """
+        if not self._found:
+            self._found = self._find_hierarchies()
+        return list(self._found)
+
+    def _find_hierarchies(self) -> list[Path]:
         seen: set[str] = set()
         result = []
         try:

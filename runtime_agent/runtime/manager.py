@@ -646,6 +646,9 @@ class ContainerManager:
                     self.cgroups.remove(record.tenant, record.id)
                 except OSError:
                     self.runc.delete(record.runc_id)
+                else:
+                    shutil.rmtree(state_dir, ignore_errors=True)
+                    return
                 shutil.rmtree(state_dir, ignore_errors=True)
         self.cgroups.remove(record.tenant, record.id)
 
