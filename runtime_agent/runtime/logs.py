@@ -68,10 +68,13 @@ def follow_logs(
     tail: int | None = None,
     done: Callable[[], bool],
     poll_interval: float = 0.05,  # the longest wait between reads
+    pause: Callable[[float], None] = time.sleep,
 ) -> Iterator[LogEntry]:
     """Yield the log's lines, then new ones as they come, until ``done()`` and drained.
 
     A rotation (the file replaced by a new, shorter one) is followed onto the new file.
+    ``pause(seconds)`` waits between reads; it may return early (the container's
+    monitor exiting: then ``done()`` is checked at once instead of after the back-off).
     """
     position = 0
     inode = None
@@ -110,5 +113,5 @@ def follow_logs(
         if done():
             finished = True  # one more read drains what conmon wrote before exiting
             continue
-        time.sleep(delay)
+        pause(delay)
         delay = min(delay * 2, poll_interval)

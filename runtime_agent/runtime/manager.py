@@ -790,7 +790,30 @@ class ContainerManager:
             fresh = self.store.load(record.tenant, record.id)
             return fresh is None or self._observe(fresh).status not in (st.RUNNING, st.PAUSED)
 
-        entries = follow_logs(path, tail=tail, done=done)
+        paths = self._paths(record)
+
+        def following() -> Iterator[LogEntry]:
+            # conmon exits once the container has and its output is written: wake up then
+            # rather than at the next back-off step (a foreground `run` ends sooner).
+            monitor = _monitor_pidfd(paths)
+
+            def pause(seconds: float) -> None:
+                nonlocal monitor
+                if monitor < 0:
+                    time.sleep(seconds)
+                elif select.select([monitor], [], [], seconds)[0]:
+                    # That conmon is gone (a restart policy may start another): plain
+                    # back-off from here, never a busy loop on a readable pidfd.
+                    os.close(monitor)
+                    monitor = -1
+
+            try:
+                yield from follow_logs(path, tail=tail, done=done, pause=pause)
+            finally:
+                if monitor >= 0:
+                    os.close(monitor)
+
+        entries = following()
         if since:
             return (e for e in entries if e.time >= since)
         return entries

@@ -190,6 +190,19 @@ def test_logs_follow_streams_until_exit(rt: Agent) -> None:
     assert lines == [b"line1", b"line2", b"line3"]
 
 
+def test_logs_follow_waits_without_spinning_and_ends_with_the_container(rt: Agent) -> None:
+    """The follower backs off while the container is silent and wakes as soon as the
+    container's monitor exits (no poll interval to sit out)."""
+    c = rt.containers
+    info = c.run(spec("echo start; sleep 1; echo end"))
+    started, cpu = time.monotonic(), time.process_time()
+    lines = [e.line for e in c.logs("default", info.id, follow=True)]
+    assert lines == [b"start", b"end"]
+    assert time.process_time() - cpu < 0.3  # a second of waiting, not of spinning
+    assert time.monotonic() - started < 5
+    assert c.inspect("default", info.id)["State"]["Status"] == "exited"
+
+
 def test_state_survives_the_agent_process_being_killed(rt: Agent) -> None:
     """An agent process starts a container and is SIGKILLed; the container keeps running
     and a fresh Agent reports its true state and, later, its exit code."""
