@@ -7,12 +7,19 @@ import hmac
 import json
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
+import requests
 from django.test import Client
+
+from billing import services
+from billing.models import BillingAccount
+from tenants.models import Tenant
 
 WEBHOOK_SECRET = "whsec_test_berth"
 SECRET_KEY = "sk_test_berth"
+CUSTOMER = services.Actor.for_system("tests")
 
 
 def free_port() -> int:
@@ -49,3 +56,33 @@ def post_event(client: Client, payload: bytes, signature: str | None = None) -> 
         content_type="application/json",
         HTTP_STRIPE_SIGNATURE=signature if signature is not None else sign(payload),
     )
+
+
+def stripe_get(url: str, path: str, **params: Any) -> Any:
+    """What localstripe holds at ``path`` (e.g. ``/v1/subscriptions/<id>``)."""
+    response = requests.get(f"{url}{path}", params=params, auth=(SECRET_KEY, ""), timeout=5)
+    response.raise_for_status()
+    return response.json()
+
+
+def subscribe(
+    tenant: Tenant, plan: str, seats: int, localstripe: str, deliver: Callable[..., list[str]]
+) -> BillingAccount:
+    """What a customer does: open Checkout, pay on Stripe's page, Stripe calls the webhook."""
+    session = services.start_checkout(
+        tenant,
+        plan,
+        seats,
+        actor=CUSTOMER,
+        success_url="http://127.0.0.1:8000/ok",
+        cancel_url="http://127.0.0.1:8000/cancel",
+    )
+    assert session["url"].startswith(localstripe)
+    done = requests.post(
+        f"{localstripe}/_ext/checkout/sessions/{session['id']}/complete",
+        auth=(SECRET_KEY, ""),
+        timeout=5,
+    )
+    assert done.status_code == 200, done.text
+    deliver()
+    return BillingAccount.objects.get(tenant=tenant)

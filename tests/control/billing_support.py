@@ -12,13 +12,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from django.core.management import call_command
 from django.test import Client
 
+from billing.models import PlanPrice
 from config.celery import app as celery_app
 from tests.control.billing_helpers import (
     SECRET_KEY,
@@ -115,3 +118,11 @@ def deliver_stripe_events(
         return delivered
 
     return deliver
+
+
+@pytest.fixture
+def stripe_plans(localstripe: str, db: None) -> dict[str, PlanPrice]:
+    """The paid plans' products and prices in localstripe (``sync_stripe_plans``; the plans
+    themselves are seeded for every database test)."""
+    call_command("sync_stripe_plans", stdout=StringIO())
+    return {p.plan.code: p for p in PlanPrice.objects.filter(plan__isnull=False) if p.plan}

@@ -15,49 +15,13 @@ from celery.exceptions import Retry
 from django.core.management import call_command
 
 from billing import metering, services, stripe_api
-from billing.models import BillingAccount, PlanPrice, SeatLedgerEntry, StripeEvent, UsageReport
+from billing.models import PlanPrice, SeatLedgerEntry, StripeEvent, UsageReport
 from billing.tasks import sweep_billing_task, sync_subscription_task
-from tenants.models import Tenant
-from tests.control.billing_helpers import SECRET_KEY, free_port
+from tests.control.billing_helpers import SECRET_KEY, free_port, stripe_get, subscribe
 
 pytest_plugins = ["tests.control.billing_support"]
 
 OWNER = services.Actor.for_system("tests")
-
-
-def _stripe_get(url: str, path: str, **params: Any) -> Any:
-    response = requests.get(f"{url}{path}", params=params, auth=(SECRET_KEY, ""), timeout=5)
-    response.raise_for_status()
-    return response.json()
-
-
-@pytest.fixture
-def stripe_plans(localstripe: str, plans: None) -> dict[str, PlanPrice]:
-    call_command("sync_stripe_plans", stdout=StringIO())
-    return {p.plan.code: p for p in PlanPrice.objects.filter(plan__isnull=False) if p.plan}
-
-
-def _subscribe(
-    tenant: Tenant, plan: str, seats: int, localstripe: str, deliver: Callable[..., list[str]]
-) -> BillingAccount:
-    """What a customer does: open Checkout, pay on Stripe's page, Stripe calls the webhook."""
-    session = services.start_checkout(
-        tenant,
-        plan,
-        seats,
-        actor=OWNER,
-        success_url="http://127.0.0.1:8000/ok",
-        cancel_url="http://127.0.0.1:8000/cancel",
-    )
-    assert session["url"].startswith(localstripe)
-    done = requests.post(
-        f"{localstripe}/_ext/checkout/sessions/{session['id']}/complete",
-        auth=(SECRET_KEY, ""),
-        timeout=5,
-    )
-    assert done.status_code == 200, done.text
-    deliver()
-    return BillingAccount.objects.get(tenant=tenant)
 
 
 def test_sync_stripe_plans_is_idempotent(localstripe: str, plans: None) -> None:
@@ -69,14 +33,14 @@ def test_sync_stripe_plans_is_idempotent(localstripe: str, plans: None) -> None:
 
     assert first == second
     assert "created" in out1.getvalue() and "created" not in out2.getvalue()
-    prices = _stripe_get(localstripe, "/v1/prices", limit=100)["data"]
+    prices = stripe_get(localstripe, "/v1/prices", limit=100)["data"]
     assert len(prices) == 4  # pro, team, business per seat + the overage meter price
     by_key = {p["lookup_key"]: p for p in prices}
     team = by_key["berth_team_seat_monthly_usd_1500"]
     assert team["unit_amount"] == 1500
     assert team["recurring"]["interval"] == "month"
     assert by_key["berth_overage_cents_usd"]["recurring"]["usage_type"] == "metered"
-    products = _stripe_get(localstripe, "/v1/products", limit=100)["data"]
+    products = stripe_get(localstripe, "/v1/products", limit=100)["data"]
     assert sorted(p["id"] for p in products) == [
         "berth_plan_business",
         "berth_plan_pro",
@@ -94,7 +58,7 @@ def test_checkout_subscribes_and_sets_plan_seats_and_quotas(
 ) -> None:
     tenant, _ = make_tenant("acme", plan="free", seats=1)
 
-    account = _subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
+    account = subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
 
     tenant.refresh_from_db()
     assert (tenant.plan.code, tenant.seats) == ("team", 3)
@@ -106,7 +70,7 @@ def test_checkout_subscribes_and_sets_plan_seats_and_quotas(
     assert [(e.kind, e.plan_code, e.seats, e.previous_plan_code) for e in ledger] == [
         ("stripe", "team", 3, "free")
     ]
-    customer = _stripe_get(localstripe, f"/v1/customers/{account.stripe_customer_id}")
+    customer = stripe_get(localstripe, f"/v1/customers/{account.stripe_customer_id}")
     assert customer["metadata"]["tenant_slug"] == "acme"
     invoices = stripe_api.list_invoices(str(account.stripe_customer_id))
     assert [(i["status"], i["total"]) for i in invoices] == [("paid", 3 * 1500)]
@@ -121,14 +85,14 @@ def test_seat_change_updates_the_stripe_quantity_with_proration(
     django_capture_on_commit_callbacks: Callable[..., Any],
 ) -> None:
     tenant, _ = make_tenant("acme", plan="free", seats=1)
-    account = _subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
+    account = subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
 
     with django_capture_on_commit_callbacks(execute=True):
         services.change_seats(tenant, 5, actor=OWNER)
 
     account.refresh_from_db()
     assert not account.sync_pending and account.synced_quantity == 5
-    sub = _stripe_get(localstripe, f"/v1/subscriptions/{account.stripe_subscription_id}")
+    sub = stripe_get(localstripe, f"/v1/subscriptions/{account.stripe_subscription_id}")
     assert sub["quantity"] == 5
     preview = stripe_api.preview_invoice(
         str(account.stripe_customer_id), str(account.stripe_subscription_id)
@@ -153,7 +117,7 @@ def test_stripe_outage_during_seat_change_loses_nothing(
     stripe_settings: Any,
 ) -> None:
     tenant, _ = make_tenant("acme", plan="free", seats=1)
-    account = _subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
+    account = subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
     stripe_settings.STRIPE_API_BASE = f"http://127.0.0.1:{free_port()}"  # Stripe is down
 
     services.change_seats(tenant, 4, actor=OWNER)  # committed although Stripe is down
@@ -173,7 +137,7 @@ def test_stripe_outage_during_seat_change_loses_nothing(
     assert sweep_billing_task.apply().get() == {"subscriptions": 1, "events": 0}
     account.refresh_from_db()
     assert not account.sync_pending and account.synced_quantity == 4 and not account.sync_error
-    sub = _stripe_get(localstripe, f"/v1/subscriptions/{account.stripe_subscription_id}")
+    sub = stripe_get(localstripe, f"/v1/subscriptions/{account.stripe_subscription_id}")
     assert sub["quantity"] == 4
 
 
@@ -186,7 +150,7 @@ def test_downgrade_to_free_cancels_the_subscription(
     django_capture_on_commit_callbacks: Callable[..., Any],
 ) -> None:
     tenant, _ = make_tenant("acme", plan="free", seats=1)
-    account = _subscribe(tenant, "pro", 2, localstripe, deliver_stripe_events)
+    account = subscribe(tenant, "pro", 2, localstripe, deliver_stripe_events)
     sub_id = account.stripe_subscription_id
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -194,7 +158,7 @@ def test_downgrade_to_free_cancels_the_subscription(
 
     account.refresh_from_db()
     assert account.stripe_subscription_id is None and not account.sync_pending
-    sub = _stripe_get(localstripe, f"/v1/subscriptions/{sub_id}")
+    sub = stripe_get(localstripe, f"/v1/subscriptions/{sub_id}")
     assert sub["status"] == "canceled"
     deliver_stripe_events()  # customer.subscription.deleted: nothing left to change
     tenant.refresh_from_db()
@@ -209,7 +173,7 @@ def test_overage_is_reported_once_as_metered_usage(
     eager_celery: None,
 ) -> None:
     tenant, _ = make_tenant("acme", plan="free", seats=1)
-    account = _subscribe(tenant, "pro", 1, localstripe, deliver_stripe_events)
+    account = subscribe(tenant, "pro", 1, localstripe, deliver_stripe_events)
     now = datetime(2026, 11, 20, 10, 30, tzinfo=UTC)
     # 100 vCPU-hours are included per Pro seat; this container burns 101.
     start = now - timedelta(minutes=20)
@@ -228,7 +192,7 @@ def test_overage_is_reported_once_as_metered_usage(
     # identifier and Stripe counts it once.
     UsageReport.objects.filter(tenant=tenant).update(reported_cents=0, pending_cents=4)
     assert services.report_overage(tenant.pk, now) == 4
-    events = _stripe_get(localstripe, "/_ext/meter_events", customer=account.stripe_customer_id)
+    events = stripe_get(localstripe, "/_ext/meter_events", customer=account.stripe_customer_id)
     assert [(e["event_name"], e["payload"]["value"]) for e in events["data"]] == [
         ("berth_overage_cents", "4")
     ]
@@ -309,9 +273,9 @@ def test_same_second_subscription_events_use_stripes_current_state(
     from tests.control.billing_helpers import make_event, post_event
 
     tenant, _ = make_tenant("acme", plan="free", seats=1)
-    account = _subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
+    account = subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
     assert account.subscription_event_at is not None
-    stale = _stripe_get(localstripe, f"/v1/subscriptions/{account.stripe_subscription_id}")
+    stale = stripe_get(localstripe, f"/v1/subscriptions/{account.stripe_subscription_id}")
     stale["quantity"] = 9
     stale["items"]["data"][0]["quantity"] = 9  # a payload claiming 9 seats, same second
     payload = make_event(
@@ -338,12 +302,12 @@ def test_plan_change_moves_the_subscription_to_the_new_price(
     django_capture_on_commit_callbacks: Callable[..., Any],
 ) -> None:
     tenant, _ = make_tenant("acme", plan="free", seats=1)
-    account = _subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
+    account = subscribe(tenant, "team", 3, localstripe, deliver_stripe_events)
 
     with django_capture_on_commit_callbacks(execute=True):
         services.change_plan(tenant, "business", seats=5, actor=OWNER)
 
-    sub = _stripe_get(localstripe, f"/v1/subscriptions/{account.stripe_subscription_id}")
+    sub = stripe_get(localstripe, f"/v1/subscriptions/{account.stripe_subscription_id}")
     assert sub["plan"]["id"] == stripe_plans["business"].stripe_price_id
     assert sub["quantity"] == 5
     deliver_stripe_events()
