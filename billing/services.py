@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import partial
@@ -45,7 +46,7 @@ from billing.plans import PER_CONTAINER_QUOTAS, QUOTA_UNITS
 from tenants import services as tenant_services
 from tenants.choices import Role, TenantStatus
 from tenants.errors import BerthError, InvalidInput, NotFound, PermissionDenied
-from tenants.models import QuotaUsage, Tenant
+from tenants.models import Membership, QuotaUsage, Tenant
 from tenants.services import Actor, record
 
 log = logging.getLogger(__name__)
@@ -281,27 +282,94 @@ def add_seats(tenant: Tenant, count: Any, *, actor: Actor, reason: str = "") -> 
     return change_seats(tenant, tenant.seats + count, actor=actor, reason=reason)
 
 
+#: Roles whose member-management actions may also change what the tenant pays: buying a
+#: seat for an invitation, or dropping the seat a removed member freed.
+SEAT_CHANGING_ROLES = frozenset({Role.OWNER, Role.ADMIN, Role.BILLING})
+
+
+def may_change_seats(role: str | None) -> bool:
+    """Whether a member with ``role`` may buy or release seats while managing members."""
+    return role in SEAT_CHANGING_ROLES
+
+
 @transaction.atomic
 def add_seat_for_invitation(tenant: Tenant, *, actor: Actor, actor_role: str | None) -> Tenant:
     """Buy one more seat so an invitation beyond the current count can go out.
 
     Only owners, admins and billing members may spend money this way.
     """
-    if actor_role not in (Role.OWNER, Role.ADMIN, Role.BILLING):
+    if not may_change_seats(actor_role):
         raise PermissionDenied("only owners, admins and billing members can buy seats")
     return add_seats(tenant, 1, actor=actor, reason="seat bought for invitation")
 
 
+def _seat_floor(tenant: Tenant, account: BillingAccount, *, members: int) -> int:
+    """The fewest seats the tenant may have with ``members`` members: those members, the
+    open invitations, and the plan minimum on top of the comped seats."""
+    used = members + tenant_services._pending_invitations(tenant)
+    return max(used, tenant.plan.min_seats + account.comp_seats)
+
+
 @transaction.atomic
-def release_seat_after_removal(tenant: Tenant, *, actor: Actor) -> Tenant:
+def release_seat_after_removal(
+    tenant: Tenant, *, actor: Actor, reason: str = "member removed"
+) -> Tenant:
     """After a member left: drop one seat if it is now unused (never below the plan minimum)."""
     tenant = _lock_usage_then_tenant(tenant)
     account = _locked_account(tenant)
-    used = tenant.memberships.count() + tenant_services._pending_invitations(tenant)
-    target = max(used, tenant.plan.min_seats + account.comp_seats)
-    if target >= tenant.seats:
+    if _seat_floor(tenant, account, members=tenant.memberships.count()) >= tenant.seats:
         return tenant
-    return change_seats(tenant, tenant.seats - 1, actor=actor, reason="member removed")
+    return change_seats(tenant, tenant.seats - 1, actor=actor, reason=reason)
+
+
+def seats_after_releasing_one_member(tenant: Tenant) -> int:
+    """What the seat count would become if one member were removed with their seat
+    released: one fewer, or unchanged when the plan minimum, comped seats or open
+    invitations hold it (a preview for the dashboard; nothing is locked)."""
+    floor = _seat_floor(tenant, account_for(tenant), members=tenant.memberships.count() - 1)
+    return tenant.seats if floor >= tenant.seats else tenant.seats - 1
+
+
+@dataclass(frozen=True)
+class SeatRelease:
+    """The outcome of :func:`remove_member_releasing_seat`."""
+
+    previous_seats: int
+    seats: int
+
+    @property
+    def released(self) -> bool:
+        return self.seats < self.previous_seats
+
+
+@transaction.atomic
+def remove_member_releasing_seat(
+    membership: Membership, *, actor: Actor, actor_role: str | None
+) -> SeatRelease:
+    """Remove a member and drop the seat they freed, both or neither.
+
+    The caller must be allowed to change billing (owners, admins, billing members;
+    ``actor_role`` None is a platform admin); otherwise nothing is removed. The seat goes
+    through :func:`release_seat_after_removal` (never below the plan minimum plus comped
+    seats, nor below members plus open invitations) and :func:`change_seats` (ledger, quota
+    check): if that refuses, the removal is rolled back with it. Stripe's quantity follows
+    after the commit, like every seat change (``sync_pending`` until Stripe confirms).
+    """
+    if actor_role is not None and not may_change_seats(actor_role):
+        raise PermissionDenied(
+            f"a {actor_role} cannot change the seats: only owners, admins and billing members "
+            "can release the freed seat; remove the member without releasing it"
+        )
+    # Lock order of seat changes (usage rows, tenant, account) before remove_member locks
+    # the tenant row, so this never deadlocks with a quota reservation.
+    tenant = _lock_usage_then_tenant(membership.tenant)
+    previous_seats = tenant.seats
+    email = membership.user.email
+    tenant_services.remove_member(membership, actor=actor, actor_role=actor_role)
+    tenant = release_seat_after_removal(
+        tenant, actor=actor, reason=f"seat freed by removing {email}"
+    )
+    return SeatRelease(previous_seats=previous_seats, seats=tenant.seats)
 
 
 @transaction.atomic

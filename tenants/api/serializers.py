@@ -86,6 +86,29 @@ class MembershipSerializer(StrictModelSerializer):
         read_only_fields = ["id", "user", "created_at"]
 
 
+class MemberRemoveQuerySerializer(serializers.Serializer):
+    """Query parameters of ``DELETE …/members/<id>/`` (not strict: ``?format=`` is DRF's)."""
+
+    release_seat = serializers.BooleanField(
+        default=False,
+        help_text="Also drop the seat the member frees (owners, admins and billing members; "
+        "the subscription quantity follows with proration). Never below the plan minimum "
+        "plus comped seats, nor below members plus open invitations. If the seat change is "
+        "refused, the member is not removed either.",
+    )
+
+
+class MemberRemovedSerializer(serializers.Serializer):
+    """The answer to a removal with ``release_seat=true``."""
+
+    seat_released = serializers.BooleanField(
+        source="released",
+        help_text="False when the plan minimum, comped seats or open invitations kept it"
+    )
+    previous_seats = serializers.IntegerField()
+    seats = serializers.IntegerField()
+
+
 class RoleChangeSerializer(StrictSerializer):
     role = serializers.ChoiceField(choices=Role.choices)
 

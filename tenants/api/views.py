@@ -32,6 +32,8 @@ from tenants.api.serializers import (
     InvitationCreatedSerializer,
     InvitationCreateSerializer,
     InvitationSerializer,
+    MemberRemovedSerializer,
+    MemberRemoveQuerySerializer,
     MembershipSerializer,
     MeSerializer,
     QuotaListSerializer,
@@ -237,8 +239,27 @@ class MembershipViewSet(
         )
         return Response(MembershipSerializer(membership).data)
 
-    def perform_destroy(self, instance: Membership) -> None:
-        services.remove_member(instance, actor=self.actor, actor_role=self.acting_role)
+    @extend_schema(
+        parameters=[MemberRemoveQuerySerializer],
+        responses={204: None, 200: MemberRemovedSerializer},
+    )
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Remove the member (204). With ``release_seat=true`` also drop the seat they
+        freed, atomically with the removal, and answer 200 with the seat counts."""
+        # A plain dict, not the QueryDict: DRF reads an empty form value as "not given",
+        # and "?release_seat=" must be refused rather than remove without releasing.
+        query = MemberRemoveQuerySerializer(data=request.query_params.dict())
+        query.is_valid(raise_exception=True)
+        membership = self.get_object()
+        if not query.validated_data["release_seat"]:
+            services.remove_member(membership, actor=self.actor, actor_role=self.acting_role)
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        from billing.services import remove_member_releasing_seat
+
+        outcome = remove_member_releasing_seat(
+            membership, actor=self.actor, actor_role=self.acting_role
+        )
+        return Response(MemberRemovedSerializer(outcome).data)
 
 
 # --------------------------------------------------------------------------- invitations
