@@ -248,6 +248,10 @@ class RoleForm(IdemForm):
     role = forms.ChoiceField(choices=Role.choices)
 
 
+class MemberRemoveForm(IdemForm):
+    release_seat = forms.BooleanField(required=False)
+
+
 class TokenForm(IdemForm):
     name = forms.CharField(max_length=100)
     scope = forms.ChoiceField(choices=Scope.choices, initial=Scope.WRITE)

@@ -530,10 +530,20 @@ def _members_page(
             "invite_form": invite_form or _form(f.InviteForm, roles=roles),
             "roles": roles,
             "new_invitation_link": _pop_secret(request, tenant, "invitation"),
+            "seats_after_release": _seats_after_release(request, tenant),
             "idem": new_idem(),
         },
         status,
     )
+
+
+def _seats_after_release(request: HttpRequest, tenant: Tenant) -> int | None:
+    """The seat count the remove form's "drop the freed seat" box leads to; None hides
+    the box (the role may not change billing, or no seat would be dropped)."""
+    if not billing.may_change_seats(request.role):  # type: ignore[attr-defined]
+        return None
+    after = billing.seats_after_releasing_one_member(tenant)
+    return after if after < tenant.seats else None
 
 
 def _assignable(request: HttpRequest) -> list[tuple[str, str]]:
@@ -607,17 +617,33 @@ def member_role(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
 @tenant_page(perms.MEMBERS_MANAGE, methods=("POST",))
 @once
 def member_remove(request: HttpRequest, tenant: Tenant, pk: int) -> HttpResponse:
+    """Remove a member; with the "drop the freed seat" box ticked, also release their seat
+    (both or neither, as ``DELETE …/members/<id>/?release_seat=true``)."""
     membership = get_object_or_404(Membership.objects.for_tenant(tenant), pk=pk)
+    form = f.MemberRemoveForm(request.POST)
+    release = form.is_valid() and form.cleaned_data["release_seat"]
+    actor, role = request.actor, request.role  # type: ignore[attr-defined]
+    email = membership.user.email
     try:
-        tenant_services.remove_member(
-            membership,
-            actor=request.actor,  # type: ignore[attr-defined]
-            actor_role=request.role,  # type: ignore[attr-defined]
-        )
+        if release:
+            outcome = billing.remove_member_releasing_seat(membership, actor=actor, actor_role=role)
+        else:
+            tenant_services.remove_member(membership, actor=actor, actor_role=role)
     except BerthError as exc:
         messages.error(request, exc.message)
     else:
-        messages.success(request, f"{membership.user.email} removed.")
+        if not release:
+            messages.success(request, f"{email} removed.")
+        elif outcome.released:
+            messages.success(
+                request, f"{email} removed; seats {outcome.previous_seats} → {outcome.seats}."
+            )
+        else:
+            messages.success(
+                request,
+                f"{email} removed; seats stay at {outcome.seats} (the plan minimum, comped "
+                "seats or open invitations need them).",
+            )
     return redirect(_t("members", tenant))
 
 
