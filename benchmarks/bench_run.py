@@ -275,9 +275,11 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=10)
+        from runtime_agent.network.manager import NetworkManager
         from tests.agent.test_runtime_fixtures import cleanup_agent
 
         cleanup_agent(agent)
+        NetworkManager(config).teardown()  # the CLI runs' default network, its daemon and rules
         shutil.rmtree(scratch, ignore_errors=True)
         if docker:
             subprocess.run(["docker", "rmi", DOCKER_IMAGE], capture_output=True, check=False)
