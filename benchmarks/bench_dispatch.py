@@ -281,6 +281,7 @@ def _cleanup_agent(agent_env: dict[str, str], state: Path, *, keep: bool) -> Non
         for info in api.containers.list_all():
             api.containers.remove(info.tenant, info.id, force=True)
         api.networks.teardown()
+        api.containers.cgroups.remove_all()  # the agent's parent and tenant cgroups
     finally:
         mounts = [
             line.split()[1]

@@ -228,6 +228,7 @@ def remove_all_containers(agent: AgentProcess) -> None:
     for info in api.containers.list_all():
         api.containers.remove(info.tenant, info.id, force=True)
     api.networks.teardown()
+    api.containers.cgroups.remove_all()  # the agent's parent and tenant cgroups
     mounts = [
         line.split()[1]
         for line in Path("/proc/self/mounts").read_text().splitlines()
