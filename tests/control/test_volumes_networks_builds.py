@@ -433,13 +433,16 @@ def test_build_upload_dispatch_context_fetch_and_report(
     assert lines[-1]["state"] == "succeeded"
     assert "Successfully built" in lines[0]["log"]
 
-    # A service using the image goes to the node holding it (the image was not pushed).
+    # A service using the image goes to the node holding it (the image was not pushed:
+    # there is no registry reference to resolve the tag to).
     for _ in range(3):
         service = deploy.create_service(
             tenant, name=f"app{_}", data={"image": "app:v1"}, replicas=1, actor=SYSTEM
         )
+        assert service.resolved_image == ""
         placement.schedule_pending()
-        assert service.containers.get().node_id == build_node.pk
+        container = service.containers.get()
+        assert (container.node_id, container.spec["image"]) == (build_node.pk, "app:v1")
 
 
 def _rows_containing(text: str) -> list[str]:
@@ -523,18 +526,20 @@ def test_build_with_a_registry_pushes_with_a_token_for_its_repository_alone(
         True,
         f"registry.test:5000/acme/team/app@{manifest}",
     )
-    # The registry reference runs on any node (spread over both); the bare tag is the
-    # build node's local name, so a service naming it stays pinned there.
+    # The registry reference runs on any node (spread over both), and so does the bare
+    # tag: the service resolves it to that reference when it is created.
     other, _ = make_node("n2")
     pulled = deploy.create_service(
         tenant, name="pulled", data={"image": build.image_reference}, replicas=2, actor=SYSTEM
     )
-    local = deploy.create_service(
-        tenant, name="local", data={"image": "team/app:v1"}, replicas=2, actor=SYSTEM
+    tagged = deploy.create_service(
+        tenant, name="tagged", data={"image": "team/app:v1"}, replicas=2, actor=SYSTEM
     )
+    assert (tagged.image, tagged.resolved_image) == ("team/app:v1", build.image_reference)
     placement.schedule_pending()
-    assert {c.node_id for c in pulled.containers.all()} == {node.pk, other.pk}
-    assert {c.node_id for c in local.containers.all()} == {node.pk}
+    for service in (pulled, tagged):
+        assert {c.node_id for c in service.containers.all()} == {node.pk, other.pk}
+        assert {c.spec["image"] for c in service.containers.all()} == {build.image_reference}
 
     # A node claiming a push somewhere else fails the build.
     stray = builds.create_build(
@@ -544,6 +549,171 @@ def test_build_with_a_registry_pushes_with_a_token_for_its_repository_alone(
     stray = finish(stray, pushed_reference="registry.test:5000/acme/elsewhere:v2")
     assert (stray.state, stray.pushed, stray.image_reference) == ("failed", False, "")
     assert "not to registry.test:5000/acme/team/app:v2" in stray.reason
+
+
+def _pushed_build(tenant: Tenant, tag: str, credentials: dict[Any, str], manifest: str) -> Build:
+    """A build of ``tag`` that its node reports built and pushed as ``manifest``."""
+    build = builds.create_build(
+        tenant, context=builds.store_context([context_tar()]), tag=tag, actor=SYSTEM
+    )
+    build.refresh_from_db()
+    builds.handle_build_report(
+        protocol.BuildReport(
+            build_id=str(build.pk),
+            node_id=str(build.node_id),
+            credential=credentials[build.node_id],
+            seq=1,
+            log="Pushed\n",
+            log_size=7,
+            state="succeeded",
+            digest="sha256:cfg",
+            reference=tag,
+            manifest_digest=manifest,
+            pushed_reference=builds.push_target(build),
+        )
+    )
+    build.refresh_from_db()
+    assert (build.state, build.pushed) == ("succeeded", True), build.reason
+    return build
+
+
+def test_a_pushed_builds_tag_resolves_to_its_digest_when_deployed(
+    acme: tuple[Tenant, User],
+    make_tenant: Callable[..., tuple[Tenant, User]],
+    make_token: Callable[..., str],
+    client_for: Callable[..., Any],
+    broker: redis.Redis,
+    contexts: Path,
+    registry_key: Path,
+) -> None:
+    """Swarm's way: a bare tag of a pushed build is resolved to the build's registry
+    digest when a service is created or deployed (a job submitted); every replica runs
+    that digest on any node until the next deploy resolves the tag again."""
+    from tenants.models import AuditLog
+    from tests.control.test_workloads import exited, report, running
+    from workloads.models import Container, Service
+    from workloads.services import jobs, reconcile
+
+    tenant, owner = acme
+    client = api(client_for, make_token, tenant, owner)
+    n1, c1 = make_node("n1")
+    n2, c2 = make_node("n2")
+    credentials = {n1.pk: c1, n2.pk: c2}
+    first = _pushed_build(tenant, "app:v1", credentials, "sha256:" + "1" * 64)
+    first_ref = f"registry.test:5000/acme/app@sha256:{'1' * 64}"
+    assert first.image_reference == first_ref
+
+    # Created with the bare tag: the API shows what was written and what it resolved to;
+    # the replicas carry the digest reference, are not pinned and spread over both nodes.
+    created = client.post(
+        "/api/v1/tenants/acme/services/",
+        {"name": "web", "image": "app:v1", "replicas": 3},
+        format="json",
+    )
+    assert created.status_code == 201, created.content
+    assert (created.json()["image"], created.json()["resolved_image"]) == ("app:v1", first_ref)
+    placement.schedule_pending()
+    web = Service.objects.get(tenant=tenant, name="web")
+    containers = list(web.containers.all())
+    assert {c.spec["image"] for c in containers} == {first_ref}
+    assert storage.pin_constraints(containers).constraints == {}
+    assert {c.node_id for c in containers} == {n1.pk, n2.pk}
+    sent = [
+        op["kwargs"]["spec"]["image"]
+        for node in (n1, n2)
+        for op in queued(broker, node)
+        if op["task"] == protocol.AGENT_APPLY_CONTAINER
+    ]
+    assert sent == [first_ref] * 3  # what the nodes are told to run (and pull)
+    shown = client.get("/api/v1/tenants/acme/services/web/").json()
+    assert (shown["image"], shown["resolved_image"]) == ("app:v1", first_ref)
+    for node, credential in ((n1, c1), (n2, c2)):
+        report(node, credential, *(running(c) for c in web.containers.filter(node=node)))
+    reconcile.advance_deployments()
+
+    # A second build of app:v1 changes nothing that runs: not the service, not a scale-up,
+    # not a replica moved off a dead node.
+    second = _pushed_build(tenant, "app:v1", credentials, "sha256:" + "2" * 64)
+    second_ref = f"registry.test:5000/acme/app@sha256:{'2' * 64}"
+    assert second.image_reference == second_ref
+    deploy.scale_service(web, 4, actor=SYSTEM)
+    Node.objects.filter(pk=n1.pk).update(last_heartbeat_at=timezone.now() - timedelta(minutes=5))
+    reconcile.mark_down_stale_nodes()
+    placement.schedule_pending()
+    web.refresh_from_db()
+    live = web.containers.exclude(state__in=["lost", "removed"])
+    assert live.count() == 4 and web.resolved_image == first_ref
+    assert {c.spec["image"] for c in live} == {first_ref}
+    Node.objects.filter(pk=n1.pk).update(state="ready", last_heartbeat_at=timezone.now())
+
+    # Deploying the same tag resolves it again: the new digest is the change rolled out,
+    # start-first beside the old replicas. A new replica that dies rolls back to the old
+    # digest; the next deploy rolls the new one out for good.
+    patched = client.patch(
+        "/api/v1/tenants/acme/services/web/", {"env": {"RELEASE": "2"}}, format="json"
+    )
+    assert patched.status_code == 202, patched.content
+    assert (patched.json()["image"], patched.json()["resolved_image"]) == ("app:v1", second_ref)
+    deployment = web.deployments.get(generation=patched.json()["generation"])
+    entry = AuditLog.objects.filter(tenant=tenant, action="service.deploy").latest("id")
+    assert entry.details["changed"] == ["env", "resolved_image"]
+    placement.schedule_pending()
+    new = list(web.containers.filter(generation=deployment.generation))
+    assert len(new) == 4 and {c.spec["image"] for c in new} == {second_ref}
+    assert {c.spec["image"] for c in deploy.live_containers(web).filter(generation=1)} == {
+        first_ref
+    }
+    report(n2, c2, *(running(c) for c in web.containers.filter(node=n2, generation=1)))
+    dying = new[0]
+    assert dying.node is not None
+    report(dying.node, credentials[dying.node.pk], exited(dying, 1))
+    reconcile.advance_deployments()
+    web.refresh_from_db()
+    deployment.refresh_from_db()
+    assert (deployment.state, web.resolved_image, web.image) == ("rolled_back", first_ref, "app:v1")
+    rolled = deploy.deploy_service(web, {"image": "app:v1"}, actor=SYSTEM)
+    web.refresh_from_db()
+    assert web.resolved_image == second_ref
+    placement.schedule_pending()
+    for node, credential in ((n1, c1), (n2, c2)):
+        report(
+            node, credential, *(running(c) for c in deploy.live_containers(web).filter(node=node))
+        )
+    reconcile.advance_deployments()
+    rolled.refresh_from_db()
+    assert rolled.state == "succeeded"
+    assert {c.spec["image"] for c in deploy.live_containers(web)} == {second_ref}
+
+    # A batch job naming the tag runs the digest it resolved to at submission.
+    submitted = client.post(
+        "/api/v1/tenants/acme/jobs/", {"name": "batch", "image": "app:v1"}, format="json"
+    )
+    assert submitted.status_code == 201, submitted.content
+    assert (submitted.json()["image"], submitted.json()["resolved_image"]) == ("app:v1", second_ref)
+    jobs.dispatch_runs()
+    (run,) = Container.objects.filter(tenant=tenant, job_run__job__name="batch")
+    assert run.spec["image"] == second_ref
+
+    # Anything else runs as written: an image of no build, an explicit registry reference,
+    # a tag no build of this tenant has (another tenant's build of it never counts).
+    globex, globex_owner = make_tenant("globex")
+    for target, name, image in (
+        (tenant, "plain", "busybox"),
+        (tenant, "explicit", first_ref),
+        (tenant, "v2", "app:v2"),
+        (globex, "web", "app:v1"),
+    ):
+        service = deploy.create_service(
+            target, name=name, data={"image": image}, replicas=1, actor=SYSTEM
+        )
+        assert service.resolved_image == ""
+        assert service.containers.get().spec["image"] == image
+    assert jobs.submit_job(globex, {"image": "app:v1"}, actor=SYSTEM).resolved_image == ""
+    other_client = api(client_for, make_token, globex, globex_owner)
+    assert other_client.get("/api/v1/tenants/globex/services/web/").json()["resolved_image"] is None
+    assert builds.resolve_image(globex, "app:v1") == ""
+    assert builds.resolve_image(tenant, "app") == ""  # app:latest: never built
+    assert builds.resolve_image(tenant, "registry.test:5000/app:v1") == ""
 
 
 def test_build_is_refused_when_its_push_would_be(

@@ -100,12 +100,24 @@ class ContainerSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+RESOLVED_IMAGE_HELP = (
+    "The registry digest reference (<registry-host>/<tenant>/<repo>@sha256:…) that image, "
+    "a bare tag of a pushed build, resolved to when this was created or deployed: what the "
+    "containers run. Null: the image runs as written."
+)
+
+
 class DeploymentSerializer(serializers.ModelSerializer):
+    image = serializers.SerializerMethodField()
+    resolved_image = serializers.SerializerMethodField(help_text=RESOLVED_IMAGE_HELP)
+
     class Meta:
         model = Deployment
         fields = [
             "generation",
             "previous_generation",
+            "image",
+            "resolved_image",
             "state",
             "reason",
             "created_at",
@@ -113,8 +125,15 @@ class DeploymentSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
+    def get_image(self, deployment: Deployment) -> str:
+        return str(deployment.spec.get("image", ""))
+
+    def get_resolved_image(self, deployment: Deployment) -> str | None:
+        return deployment.spec.get("resolved_image") or None
+
 
 class ServiceSerializer(serializers.ModelSerializer):
+    resolved_image = serializers.SerializerMethodField(help_text=RESOLVED_IMAGE_HELP)
     running = serializers.SerializerMethodField()
     containers = serializers.SerializerMethodField()
     latest_deployment = serializers.SerializerMethodField()
@@ -126,6 +145,7 @@ class ServiceSerializer(serializers.ModelSerializer):
             "name",
             "state",
             "image",
+            "resolved_image",
             "command",
             "entrypoint",
             "env",
@@ -149,6 +169,9 @@ class ServiceSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = fields
+
+    def get_resolved_image(self, service: Service) -> str | None:
+        return service.resolved_image or None
 
     def get_running(self, service: Service) -> int:
         return service.containers.filter(state="running", desired_state="running").count()
@@ -199,6 +222,7 @@ class JobRunSerializer(serializers.ModelSerializer):
 
 
 class JobSerializer(serializers.ModelSerializer):
+    resolved_image = serializers.SerializerMethodField(help_text=RESOLVED_IMAGE_HELP)
     counts = serializers.SerializerMethodField()
 
     class Meta:
@@ -208,6 +232,7 @@ class JobSerializer(serializers.ModelSerializer):
             "name",
             "state",
             "image",
+            "resolved_image",
             "command",
             "env",
             "cpu_millicores",
@@ -224,6 +249,9 @@ class JobSerializer(serializers.ModelSerializer):
             "finished_at",
         ]
         read_only_fields = fields
+
+    def get_resolved_image(self, job: BatchJob) -> str | None:
+        return job.resolved_image or None
 
     def get_counts(self, job: BatchJob) -> dict[str, int]:
         return job_services.job_counts(job)

@@ -55,7 +55,11 @@ class Build(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["state", "created_at"])]
+        indexes = [
+            models.Index(fields=["state", "created_at"]),
+            # Services and jobs naming a build's tag look it up (resolve_image, pins).
+            models.Index(fields=["tenant", "tag"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.tenant.slug} build {self.tag} ({self.state})"

@@ -18,6 +18,12 @@ class BatchJob(models.Model):
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="jobs")
     name = models.CharField(max_length=63, validators=[name_validator])
     image = models.CharField(max_length=300)
+    resolved_image = models.CharField(
+        max_length=400,
+        blank=True,
+        help_text="The registry digest reference ``image`` (a Build's bare tag) resolved to "
+        "at submission; what every run runs. Blank: ``image`` as written.",
+    )
     command = models.JSONField(null=True, blank=True)
     env = models.JSONField(default=dict, blank=True)
     cpu_millicores = models.PositiveIntegerField(default=250)
@@ -41,6 +47,11 @@ class BatchJob(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant.slug}/{self.name} ({self.state})"
+
+    @property
+    def run_image(self) -> str:
+        """The image its runs run: the resolved build digest, else ``image``."""
+        return self.resolved_image or self.image
 
 
 class JobRun(models.Model):

@@ -41,6 +41,12 @@ class Service(models.Model):
     # The current spec. ``generation`` grows with every deploy; containers carry the
     # generation they were made from.
     image = models.CharField(max_length=300)
+    resolved_image = models.CharField(
+        max_length=400,
+        blank=True,
+        help_text="The registry digest reference ``image`` (a Build's bare tag) resolved to "
+        "at the last create or deploy; what the replicas run. Blank: ``image`` as written.",
+    )
     command = models.JSONField(null=True, blank=True)
     entrypoint = models.JSONField(null=True, blank=True)
     env = models.JSONField(default=dict, blank=True)
@@ -78,10 +84,16 @@ class Service(models.Model):
     def __str__(self) -> str:
         return f"{self.tenant.slug}/{self.name}"
 
+    @property
+    def run_image(self) -> str:
+        """The image its containers run: the resolved build digest, else ``image``."""
+        return self.resolved_image or self.image
+
     def spec(self) -> dict[str, Any]:
         """The deployable part of the service, as stored on a Deployment."""
         return {
             "image": self.image,
+            "resolved_image": self.resolved_image,
             "command": self.command,
             "entrypoint": self.entrypoint,
             "env": self.env,

@@ -15,10 +15,11 @@ repository (pull, push), valid for the build's time limit plus the registry toke
 (a node's own registry credential may only pull). The token travels in the task message
 only; it is never logged or saved. A build succeeds only once its image is pushed, and
 records it as ``<registry-host>/<tenant>/<repo>@<manifest digest>``, which services pull
-on any node. A control plane without a registry (``registry_configured()`` false) keeps
-the image in the build node's store, and services using it are pinned to that node
-(``storage.pin_constraints``), as are services naming a build's bare tag, which exists
-only there.
+on any node. Services and jobs naming the build's bare tag (``app:v1``) resolve it to
+that reference when they are created, deployed or submitted (``resolve_image``). A
+control plane without a registry (``registry_configured()`` false) keeps the image in the
+build node's store, and services using it are pinned to that node
+(``storage.pin_constraints``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from tenants.models import QuotaUsage, Tenant
 from tenants.services import Actor, record
 from workloads.choices import BuildState, NodeState
 from workloads.models import Build, Node
-from workloads.services import dispatch, nodes
+from workloads.services import dispatch, nodes, storage
 
 log = logging.getLogger(__name__)
 SYSTEM = Actor.for_system("builds")
@@ -257,6 +258,38 @@ def push_target(build: Build) -> str:
     """Where a build's image goes: ``<registry-host>/<tenant>/<repo>:<tag>``."""
     repository, _, tag = build.tag.rpartition(":")
     return f"{settings.BERTH_REGISTRY_HOST}/{build.tenant.slug}/{repository}:{tag}"
+
+
+def names_registry_host(image: str) -> bool:
+    """Docker's rule: a first path component with a '.' or a ':', or ``localhost``, is a
+    registry host (``127.0.0.1:5000/acme/app``); ``app:v1`` and ``team/app`` have none."""
+    first, slash, _ = image.partition("/")
+    return bool(slash) and ("." in first or ":" in first or first == "localhost")
+
+
+def resolve_image(tenant: Tenant, image: str) -> str:
+    """The registry digest reference that a bare ``name[:tag]`` names, or ``""``.
+
+    It is the ``image_reference`` (``<registry-host>/<tenant>/<repo>@sha256:…``) of the
+    tenant's latest succeeded, pushed build tagged ``image``, looked up in that tenant's
+    builds only. Services and jobs resolve their image once, when created, deployed or
+    submitted (as Docker Swarm does), and their containers run that digest on any node,
+    so every replica runs the same image and a later build changes nothing until the
+    next deploy. An image with a registry host or a digest, or a tag no pushed build has,
+    resolves to nothing and is used as written (an unpushed build's tag stays pinned to
+    its node, ``storage.pin_constraints``).
+    """
+    if "@" in image or names_registry_host(image):
+        return ""
+    reference = (
+        Build.objects.for_tenant(tenant)
+        .filter(tag=storage.normalize_image(image), state=BuildState.SUCCEEDED, pushed=True)
+        .exclude(image_reference="")
+        .order_by(F("finished_at").desc(nulls_last=True), "-created_at")
+        .values_list("image_reference", flat=True)
+        .first()
+    )
+    return reference or ""
 
 
 def _push_grant(build: Build, node: Node) -> tuple[str | None, str | None]:

@@ -16,7 +16,7 @@ from tenants.models import Tenant
 from tenants.services import Actor, record
 from workloads.choices import ContainerState, DeploymentState, DesiredState, ServiceState
 from workloads.models import Container, Deployment, Service
-from workloads.services import placement, specs
+from workloads.services import builds, placement, specs
 
 
 def admit_new_usage(tenant: Tenant, kind: str) -> None:
@@ -79,6 +79,7 @@ def create_service(
     replicas = specs.validate_replicas(replicas)
     service = Service(tenant=tenant, name=name, replicas=replicas, **fields)
     service.full_clean(exclude=["tenant"], validate_unique=False, validate_constraints=False)
+    service.resolved_image = builds.resolve_image(tenant, service.image)
     try:
         with transaction.atomic():
             service.save()
@@ -86,7 +87,10 @@ def create_service(
         raise Conflict(f"a service named {name!r} already exists") from None
     Deployment.objects.create(service=service, generation=1, spec=service.spec())
     _add_replicas(service, replicas, actor=actor)
-    record(actor, "service.create", tenant=tenant, target=service, details={"replicas": replicas})
+    details: dict[str, Any] = {"replicas": replicas}
+    if service.resolved_image:
+        details["resolved_image"] = service.resolved_image
+    record(actor, "service.create", tenant=tenant, target=service, details=details)
     return service
 
 
@@ -164,6 +168,12 @@ def deploy_service(service: Service, data: dict[str, Any], *, actor: Actor) -> D
     generation = (service.deployments.aggregate(m=Max("generation"))["m"] or 0) + 1
     for key, value in fields.items():
         setattr(service, key, value)
+    # Every deploy resolves the image again: deploying the same tag after a new build
+    # rolls out the new build's digest (a change like any other image change).
+    service.resolved_image = builds.resolve_image(service.tenant, service.image)
+    changed = set(fields)
+    if service.resolved_image != previous_spec["resolved_image"]:
+        changed.add("resolved_image")
     service.generation = generation
     service.updated_at = timezone.now()
     service.save()
@@ -181,7 +191,7 @@ def deploy_service(service: Service, data: dict[str, Any], *, actor: Actor) -> D
         "service.deploy",
         tenant=service.tenant,
         target=service,
-        details={"generation": generation, "changed": sorted(fields)},
+        details={"generation": generation, "changed": sorted(changed)},
     )
     return deployment
 

@@ -26,7 +26,7 @@ from tenants.models import Tenant
 from tenants.services import Actor, record
 from workloads.choices import ContainerState, DesiredState, JobState, RunState
 from workloads.models import BatchJob, Container, JobRun
-from workloads.services import deploy, placement, specs
+from workloads.services import builds, deploy, placement, specs
 
 SYSTEM = Actor.for_system("job-dispatcher")
 MAX_ARRAY_SIZE = 10_000
@@ -71,6 +71,8 @@ def submit_job(tenant: Tenant, data: dict[str, Any], *, actor: Actor) -> BatchJo
         **fields,
     )
     job.full_clean(exclude=["tenant"])
+    # Every run, retries included, runs the digest the tag named at submission.
+    job.resolved_image = builds.resolve_image(tenant, job.image)
     # Refuse up front a job whose single run could never fit the tenant's quotas.
     limits = tenant.quota_limits()
     for quota, amount in (
@@ -83,7 +85,10 @@ def submit_job(tenant: Tenant, data: dict[str, Any], *, actor: Actor) -> BatchJo
             raise QuotaExceeded(quota, limits[quota], 0, amount)
     job.save()
     JobRun.objects.bulk_create(JobRun(job=job, index=i) for i in range(job.array_size))
-    record(actor, "job.submit", tenant=tenant, target=job, details={"array_size": job.array_size})
+    details: dict[str, Any] = {"array_size": job.array_size}
+    if job.resolved_image:
+        details["resolved_image"] = job.resolved_image
+    record(actor, "job.submit", tenant=tenant, target=job, details=details)
     transaction.on_commit(_dispatch_soon)
     return job
 
@@ -109,7 +114,7 @@ def _run_container(run: JobRun) -> Container:
     env = {**job.env, "BERTH_JOB_INDEX": str(run.index), "BERTH_JOB_ATTEMPT": str(run.attempt)}
     spec = protocol.ContainerSpec(
         tenant=job.tenant.slug,
-        image=job.image,
+        image=job.run_image,
         name=container.agent_name,
         command=tuple(job.command) if job.command is not None else None,
         env=env,

@@ -113,6 +113,8 @@ def _rollback(deployment: Deployment, service: Service, reason: str) -> None:
     ).select_related("tenant", "node"):
         deploy.retire(container)
     if deployment.previous_spec is not None and deployment.previous_generation is not None:
+        # Specs stored before images were resolved have no resolved_image: none then.
+        service.resolved_image = ""
         for key, value in deployment.previous_spec.items():
             setattr(service, key, value)
         service.generation = deployment.previous_generation

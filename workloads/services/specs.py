@@ -199,7 +199,7 @@ def new_service_container(service: Service) -> Container:
     )
     spec = protocol.ContainerSpec(
         tenant=service.tenant.slug,
-        image=service.image,
+        image=service.run_image,
         name=container.agent_name,
         command=tuple(service.command) if service.command is not None else None,
         entrypoint=tuple(service.entrypoint) if service.entrypoint is not None else None,

@@ -325,9 +325,12 @@ def pin_constraints(pending: list[Container]) -> Pins:
     - Of the containers mounting a volume that lives nowhere yet, the oldest is placed
       this round (and pins the volume); the others wait for the next round.
     - A container whose image was built on a node and not pushed to a registry must go
-      to that node (the image exists only there), and so must one naming a build's bare
-      tag (``app:v1``: the node's local name for it). A pushed build's registry
-      reference (``<host>/<tenant>/app@sha256:…``) is pulled by whichever node runs it.
+      to that node (the image exists only there), and so must one still naming a build's
+      bare tag (``app:v1``: the node's local name for it), which happens only when its
+      service or job was created before the build was pushed. Services and jobs resolve
+      a pushed build's tag to its registry reference when created or deployed
+      (``builds.resolve_image``), and that (``<host>/<tenant>/app@sha256:…``) is pulled
+      by whichever node runs it.
     Must run inside the scheduler's transaction (it locks the volumes' rows).
     """
     from django.db.models import Q
