@@ -1,6 +1,6 @@
 """A build through the REST API on a real agent, then a service running the image: kept on
 the build node without a registry, pushed to a real registry and pulled by another node
-with one."""
+with one (the service names the build's tag, resolved to the pushed digest)."""
 
 from __future__ import annotations
 
@@ -205,12 +205,15 @@ def test_a_build_is_pushed_and_runs_on_another_node_from_the_registry(
     )
     assert tag.manifest.digest == manifest
 
-    # The build node can take no more work: the service runs on the other node, which
-    # pulls the image from the registry with its own (pull-only) login.
+    # The build node can take no more work: a service naming the bare tag resolves it to
+    # the pushed digest and runs on the other node, which pulls the image from the
+    # registry with its own (pull-only) login.
     built_on = build["node"]
     other = next(a.name for a in cluster.agents if a.name != built_on)
     set_node_state(Node.objects.get(name=built_on), "cordoned", actor=Actor.for_system("e2e"))
-    assert _run_app(client, "e2er", build["image_reference"]) == [other]
+    assert _run_app(client, "e2er", "app:v1") == [other]
+    service = _service(client, "e2er", "app")
+    assert (service["image"], service["resolved_image"]) == ("app:v1", build["image_reference"])
     pulled = agent_api(cluster.agent_named(other)).images.references("e2er")
     assert pulled and all(ref.startswith(f"{host}/e2er/app") for ref in pulled), pulled
     assert set(pulled.values()) == {manifest}
