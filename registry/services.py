@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import logging
 import math
 import re
@@ -29,7 +30,7 @@ from typing import Any
 import requests
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, OuterRef, Q, Sum
+from django.db.models import Exists, JSONField, OuterRef, Q, Subquery, Sum
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -706,13 +707,75 @@ def apply_retention(
         untagged = Manifest.objects.filter(repository=repo, tags__isnull=True)
         # "Untagged since": a manifest's last tag may have moved on after it was pushed;
         # the push time is the conservative bound we know.
+        in_use = digests_in_use(repo)
         for manifest in untagged.filter(pushed_at__lte=cutoff):
-            if _is_index_child(manifest):
+            if _is_index_child(manifest) or manifest.digest in in_use:
                 continue
             delete_manifest(manifest, actor=actor)
             removed["manifests"].append(manifest.digest)
     RetentionPolicy.objects.filter(pk=policy.pk).update(last_applied_at=now)
     return removed
+
+
+def digests_in_use(repo: Repository) -> set[str]:
+    """Digests of ``repo`` that the tenant's workloads run by digest and may need again.
+
+    A service or job deployed from a build's tag runs ``<host>/<repo>@sha256:…``
+    (``workloads.services.builds.resolve_image``); a later build moves the tag on, which
+    leaves that manifest untagged while replicas still start from it (scale-ups,
+    reschedules, restarts) and a roll-back may return to it. Retention must not delete it.
+    """
+    from workloads.models import BatchJob, Container, Deployment, Service
+
+    prefix = f"{settings.BERTH_REGISTRY_HOST}/{repo.full_name}@"
+    found: set[str] = set()
+
+    def note(references: Iterable[str]) -> None:
+        for reference in references:
+            if reference and reference.startswith(prefix):
+                found.add(reference[len(prefix) :])
+
+    tenant = repo.tenant_id
+    note(
+        Service.objects.filter(tenant_id=tenant, resolved_image__startswith=prefix)
+        .exclude(state="deleted")
+        .values_list("resolved_image", flat=True)
+    )
+    note(
+        Service.objects.filter(tenant_id=tenant, image__startswith=prefix)
+        .exclude(state="deleted")
+        .values_list("image", flat=True)
+    )
+    unfinished = BatchJob.objects.filter(tenant_id=tenant, state__in=["queued", "running"])
+    note(unfinished.values_list("resolved_image", flat=True))
+    note(unfinished.values_list("image", flat=True))
+    note(
+        Container.objects.filter(tenant_id=tenant, spec__image__startswith=prefix)
+        .exclude(state__in=["removed", "lost"])
+        .values_list("spec__image", flat=True)
+    )
+    # What each service's latest deployment would roll back to.
+    rollback = Subquery(
+        Deployment.objects.filter(service=OuterRef("pk"))
+        .order_by("-generation")
+        .values("previous_spec")[:1],
+        output_field=JSONField(),
+    )
+    targets = []
+    for previous in (
+        Service.objects.filter(tenant_id=tenant, state__in=["active", "stopped"])
+        .annotate(rollback=rollback)
+        .values_list("rollback", flat=True)
+    ):
+        if isinstance(previous, str):  # SQLite hands a subquery's JSON back as text
+            try:
+                previous = json.loads(previous)
+            except ValueError:
+                continue
+        if isinstance(previous, dict):
+            targets.append(str(previous.get("resolved_image") or previous.get("image") or ""))
+    note(targets)
+    return found
 
 
 def _is_index_child(manifest: Manifest) -> bool:

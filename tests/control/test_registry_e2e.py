@@ -684,6 +684,52 @@ def test_api_deletes_retention_and_garbage_collection(
     )
 
 
+def test_retention_keeps_digests_that_workloads_run(
+    reg: RegistryProcess,
+    tenant_with_token: Callable[..., tuple[Tenant, str]],
+    client_for: Callable[[str | None], Any],
+    tmp_path: Path,
+) -> None:
+    """A service deployed from a build's tag runs its digest; once a newer push moves the
+    tag on, that manifest is untagged but still what replicas start from: retention of
+    untagged manifests leaves it alone until nothing runs it any more."""
+    from workloads.models import Service
+
+    tenant, token = tenant_with_token(Scope.ADMIN)
+    digests = {}
+    for name in ("old", "new"):
+        src, digests[name] = layout(tmp_path, f"img-{name}", big=os.urandom(100_000))
+        assert skopeo_push(src, f"{reg.host}/{tenant.slug}/app:v1", f"x:{token}").returncode == 0
+        wait_for(
+            lambda name=name: Tag.objects.filter(
+                repository__tenant=tenant, name="v1", manifest__digest=digests[name]
+            ).exists(),
+            f"v1 -> {name}",
+        )
+    pinned = f"{reg.host}/{tenant.slug}/app@{digests['old']}"
+    service = Service.objects.create(
+        tenant=tenant, name="web", image="app:v1", resolved_image=pinned
+    )
+    repo = Repository.objects.get(tenant=tenant, name="app")
+    assert services.digests_in_use(repo) == {digests["old"]}
+    api = client_for(token)
+    base = f"/api/v1/tenants/{tenant.slug}/registry/repositories/{repo.pk}"
+    api.put(
+        f"{base}/retention/",
+        {"keep_last_tags": None, "delete_untagged_after_days": 0},
+        format="json",
+    )
+    assert api.post(f"{base}/retention/apply/").json() == {"tags": [], "manifests": []}
+    assert skopeo_pull(pinned, tmp_path / "still", f"x:{token}").returncode == 0
+
+    service.state = "deleted"
+    service.save(update_fields=["state"])
+    assert services.digests_in_use(repo) == set()
+    applied = api.post(f"{base}/retention/apply/").json()
+    assert applied == {"tags": [], "manifests": [digests["old"]]}
+    assert skopeo_pull(pinned, tmp_path / "gone", f"x:{token}").returncode != 0
+
+
 def test_agent_cli_login_pull_push_logout(
     reg: RegistryProcess,
     tenant_with_token: Callable[..., tuple[Tenant, str]],
