@@ -17,6 +17,7 @@ export SECRET_KEY="test-secret-key-not-for-production"
 export PATH="$PWD/.venv/bin:$PATH"
 
 .venv/bin/ruff check .
+.venv/bin/mypy .
 # Old pytest temp dirs may hold trees deeper than pytest's recursive clean-up can remove.
 rm -rf "/tmp/pytest-of-$(id -un)"
 set +e

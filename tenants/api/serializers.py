@@ -103,7 +103,7 @@ class MemberRemovedSerializer(serializers.Serializer):
 
     seat_released = serializers.BooleanField(
         source="released",
-        help_text="False when the plan minimum, comped seats or open invitations kept it"
+        help_text="False when the plan minimum, comped seats or open invitations kept it",
     )
     previous_seats = serializers.IntegerField()
     seats = serializers.IntegerField()

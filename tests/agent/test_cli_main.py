@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+import pytest
+
 from runtime_agent.cli import main
 
 
@@ -28,7 +30,9 @@ def test_a_command_builds_a_parser_with_only_its_module() -> None:
     assert set(subparsers.choices) == _registered("runtime_agent.cli.volumes")
 
 
-def test_unknown_command_is_a_usage_error_with_docker_exit_code(capsys) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_command_is_a_usage_error_with_docker_exit_code(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     try:
         main.main(["no-such-command"])
     except SystemExit as exc:

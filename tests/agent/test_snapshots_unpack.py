@@ -39,7 +39,7 @@ def make_tar(*entries: tuple) -> bytes:
             info.linkname = str(attrs.get("linkname", ""))
             info.devmajor = int(attrs.get("devmajor", 0))
             info.devminor = int(attrs.get("devminor", 0))
-            info.pax_headers = dict(attrs.get("pax", {}))  # type: ignore[arg-type]
+            info.pax_headers = dict(attrs.get("pax", {}))
             if kind == tarfile.REGTYPE:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

@@ -67,7 +67,8 @@ def test_admin_suspend_needs_reason_and_is_audited(staff_client, acme) -> None:
     tenant.refresh_from_db()
     assert tenant.status == TenantStatus.SUSPENDED and tenant.status_reason == "fraud review"
     entry = AuditLog.objects.get(action="tenant.suspend")
-    assert entry.actor_user.email == "root@berth.example" and entry.ip == "127.0.0.1"
+    assert entry.actor_user is not None and entry.actor_user.email == "root@berth.example"
+    assert entry.ip == "127.0.0.1"
 
 
 def test_admin_plan_seats_and_override_go_through_services(staff_client, acme) -> None:

@@ -14,7 +14,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from django.apps import apps
@@ -164,7 +164,7 @@ def snapshot(tenant: Tenant) -> dict[str, list[dict[str, Any]]]:
     for model in tenant_models():
         rows = [
             {k: v for k, v in row.items() if k not in VOLATILE_FIELDS}
-            for row in model._default_manager.all().for_tenant(tenant).values()
+            for row in cast(Any, model._default_manager.all()).for_tenant(tenant).values()
         ]
         state[model._meta.label] = sorted(rows, key=repr)
     return state

@@ -700,12 +700,14 @@ def test_retention_keeps_digests_that_workloads_run(
     for name in ("old", "new"):
         src, digests[name] = layout(tmp_path, f"img-{name}", big=os.urandom(100_000))
         assert skopeo_push(src, f"{reg.host}/{tenant.slug}/app:v1", f"x:{token}").returncode == 0
-        wait_for(
-            lambda name=name: Tag.objects.filter(
-                repository__tenant=tenant, name="v1", manifest__digest=digests[name]
-            ).exists(),
-            f"v1 -> {name}",
-        )
+        digest = digests[name]
+
+        def tagged(digest: str = digest) -> bool:
+            return Tag.objects.filter(
+                repository__tenant=tenant, name="v1", manifest__digest=digest
+            ).exists()
+
+        wait_for(tagged, f"v1 -> {name}")
     pinned = f"{reg.host}/{tenant.slug}/app@{digests['old']}"
     service = Service.objects.create(
         tenant=tenant, name="web", image="app:v1", resolved_image=pinned

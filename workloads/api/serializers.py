@@ -28,7 +28,9 @@ class HealthCheckSerializer(StrictSerializer):
 class ServiceVolumeSerializer(StrictSerializer):
     name = serializers.CharField(max_length=63)
     target = serializers.CharField(max_length=1000)
-    read_only = serializers.BooleanField(default=False)
+    # docker's name for the flag; DRF moves declared fields off the class, so this does not
+    # shadow Field.read_only at run time (mypy only sees the class attribute).
+    read_only = serializers.BooleanField(default=False)  # type: ignore[assignment]
 
 
 class ServiceSpecSerializer(StrictSerializer):

@@ -99,9 +99,7 @@ def _lock(service: Service) -> Service:
     # it (their foreign-key checks take KEY SHARE at commit, e.g. a node report's) don't
     # wait for us; a plain FOR UPDATE deadlocked a service delete with a report.
     locked = (
-        Service.objects.select_for_update(no_key=True)
-        .select_related("tenant")
-        .get(pk=service.pk)
+        Service.objects.select_for_update(no_key=True).select_related("tenant").get(pk=service.pk)
     )
     if locked.state == ServiceState.DELETED:
         raise Conflict(f"service {locked.name} is deleted")
