@@ -105,6 +105,9 @@ class ContainerSpec:
     # Container root = an unprivileged host uid range of the tenant (security.user_namespace_for).
     user_namespace: bool = False
     auto_remove: bool = False
+    # docker's -i: the container's stdin is a pipe fed through the monitor's attach socket
+    # (``ContainerManager.attach_stdin``); otherwise it is /dev/null.
+    stdin_open: bool = False
     stop_timeout: int = 10
     stop_signal: str | None = None  # None = the image's StopSignal or SIGTERM
 

@@ -158,6 +158,7 @@ def spec_from_args(args: argparse.Namespace) -> ContainerSpec:
         networks=networks,
         ports=ports,
         auto_remove=args.rm,
+        stdin_open=args.interactive,
         user_namespace=args.userns == "private",
         stop_timeout=args.stop_timeout,
         stop_signal=args.stop_signal,
@@ -210,6 +211,8 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
         return 0
     info = containers.run(spec, watch_exit=False)
     try:
+        if spec.stdin_open:
+            _feed_stdin(containers, args.tenant, info.id)
         _stream_logs(agent, args.tenant, info.id, follow=True, tail=None, timestamps=False)
         code = containers.wait(args.tenant, info.id)
     finally:
@@ -219,6 +222,20 @@ def _run(args: argparse.Namespace, config: AgentConfig) -> int:
             except AgentError as exc:
                 sys.stderr.write(f"berth-agent: removing {info.short_id}: {exc}\n")
     return code
+
+
+def _feed_stdin(containers: Any, tenant: str, container_id: str) -> None:
+    """docker run -i: this process's stdin goes to the container's until EOF (a thread;
+    a container that ends first doesn't wait for the rest of stdin)."""
+    import threading
+
+    def feed() -> None:
+        try:
+            containers.attach_stdin(tenant, container_id, sys.stdin.buffer)
+        except (AgentError, OSError) as exc:
+            sys.stderr.write(f"berth-agent: stdin: {exc}\n")
+
+    threading.Thread(target=feed, name="stdin", daemon=True).start()
 
 
 def _stream_logs(
@@ -461,6 +478,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart", default="no", help="restart policy (no, on-failure[:N], always, "
                    "unless-stopped)")  # fmt: skip
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="keep STDIN open and feed it to the container",
+    )
     p.add_argument("--hostname", help="container host name")
     p.add_argument("-l", "--label", action="append", help="set metadata on a container")
     p.add_argument("--network", help="connect to a network (bridge, none, host or a name)")

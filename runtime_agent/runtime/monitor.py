@@ -183,6 +183,7 @@ def launch_monitor(
     paths: MonitorPaths,
     exit_command: list[str] | None = None,
     log_size_max: int | None = None,
+    stdin: bool = False,
 ) -> int:
     """Start conmon for the bundle in ``paths.directory``; return the container's pid.
 
@@ -218,6 +219,8 @@ def launch_monitor(
         "--no-sync-log",
     ]  # fmt: skip
     (monitor / "exits").mkdir()
+    if stdin:
+        args.append("--stdin")  # a pipe for the container's stdin, fed by attach clients
     if exit_command:
         args += ["--exit-command", exit_command[0]]
         for part in exit_command[1:]:

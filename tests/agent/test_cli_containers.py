@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -27,7 +28,9 @@ def cli(agent_config: AgentConfig) -> Iterator[Cli]:
         BERTH_AGENT_NAME=agent_config.name,
     )
 
-    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "runtime_agent.cli.main", *args],
             env=env,
@@ -35,6 +38,7 @@ def cli(agent_config: AgentConfig) -> Iterator[Cli]:
             text=True,
             timeout=timeout,
             check=False,
+            input=input,
         )
 
     try:
@@ -85,6 +89,30 @@ def test_foreground_run_streams_output_and_passes_the_exit_code(cli: Cli) -> Non
     assert result.returncode == 42
     assert result.stdout == "hello world\n/tmp\n"
     assert result.stderr == "oops\n"
+
+
+def test_run_interactive_feeds_stdin_like_docker_run_i(cli: Cli, agent_config: AgentConfig) -> None:
+    assert cli("bootstrap").returncode == 0
+    quick = ["run", "--rm", "--network", "none"]
+    upper = cli(*quick, "-i", "busybox", "tr", "a-z", "A-Z", input="piped in\nsecond line\n")
+    assert (upper.returncode, upper.stdout, upper.stderr) == (0, "PIPED IN\nSECOND LINE\n", "")
+    # Megabytes arrive whole and in order (conmon takes 8 KiB messages).
+    payload = "".join(f"{n:07d} {'x' * 56}\n" for n in range(40_000))  # 2.6 MB
+    digest = hashlib.sha256(payload.encode()).hexdigest()
+    summed = cli(*quick, "-i", "busybox", "sha256sum", input=payload)
+    assert summed.stdout.split()[0] == digest, summed.stderr
+    # Without -i the container's stdin is empty, as with docker.
+    assert cli(*quick, "busybox", "cat", input="not forwarded\n").stdout == ""
+    # A container that stops reading (and ends) first: no error, its own exit code.
+    early = cli(*quick, "-i", "busybox", "sh", "-c", "head -1; exit 5", input=payload)
+    assert (early.returncode, early.stdout, early.stderr) == (5, "0000000 " + "x" * 56 + "\n", "")
+    # -d -i: stdin stays open with nobody attached; docker's inspect field says so.
+    detached = cli("run", "-d", "-i", "--name", "reader", "--network", "none", "busybox", "cat")
+    assert detached.returncode == 0, detached.stderr
+    shown = json.loads(cli("inspect", "reader").stdout)[0]
+    assert shown["Config"]["OpenStdin"] is True and shown["State"]["Running"] is True
+    assert cli("rm", "-f", "reader").returncode == 0
+    _nothing_left(cli, agent_config)
 
 
 def test_detached_container_commands(cli: Cli, agent_config: AgentConfig) -> None:

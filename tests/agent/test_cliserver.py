@@ -123,6 +123,8 @@ def test_streams_and_exit_codes_are_the_commands(cli: Cli) -> None:
 
 
 def test_stdin_and_working_directory_are_the_clients(cli: Cli, tmp_path: Path) -> None:
+    piped = cli("run", "-i", "--rm", "busybox", "tr", "a-z", "A-Z", input="to run -i\n")
+    assert (piped.returncode, piped.stdout) == (0, "TO RUN -I\n"), piped.stderr
     assert cli("run", "-d", "--name", "box", "busybox", "sleep", "60").returncode == 0
     result = cli("exec", "-i", "box", "sh", "-c", "tr a-z A-Z", input="piped through\n")
     assert (result.returncode, result.stdout) == (0, "PIPED THROUGH\n"), result.stderr

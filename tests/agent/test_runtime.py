@@ -3,6 +3,7 @@ and state that survives the agent process."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -201,6 +202,19 @@ def test_logs_follow_waits_without_spinning_and_ends_with_the_container(rt: Agen
     assert time.process_time() - cpu < 0.3  # a second of waiting, not of spinning
     assert time.monotonic() - started < 5
     assert c.inspect("default", info.id)["State"]["Status"] == "exited"
+
+
+def test_attach_stdin_needs_a_container_made_with_stdin_open(rt: Agent) -> None:
+    c = rt.containers
+    closed = c.run(spec("sleep 30"))
+    with pytest.raises(FailedPrecondition, match="stdin open"):
+        c.attach_stdin("default", closed.id, io.BytesIO(b"x"))
+    opened = c.run(spec("wc -c", stdin_open=True))
+    assert c.attach_stdin("default", opened.id, io.BytesIO(b"12345" * 10_000)) == 50_000
+    assert c.wait("default", opened.id, timeout=10) == 0
+    assert [e.line.strip() for e in c.logs("default", opened.id)] == [b"50000"]
+    c.remove("default", closed.id, force=True)
+    c.remove("default", opened.id)
 
 
 def test_state_survives_the_agent_process_being_killed(rt: Agent) -> None:
