@@ -6,8 +6,8 @@ decides everything. A tenant API token reaches only its own tenant's repositorie
 with scope ``read``; push and delete with ``write`` and a role allowed to manage
 workloads); a node credential pulls a repository only while a container placed on that
 node uses it; anyone pulls a repository marked public. A build's push token
-(:func:`repository_push_token`, handed to the building node by the control plane) pulls
-and pushes its one repository.
+(:func:`repository_push_token`, minted when the building node asks for it right before
+its push) pulls and pushes its one repository.
 """
 
 from __future__ import annotations
@@ -313,28 +313,34 @@ def token_for(principal: Principal, scopes: Iterable[str]) -> IssuedToken:
     )
 
 
-def repository_push_token(
-    tenant: Tenant, repository: str, *, subject: str, lifetime: int
-) -> IssuedToken:
-    """A bearer token that may pull and push ``<tenant>/<repository>`` and nothing else.
-
-    The control plane hands it to the node building an image for the tenant (a node's
-    own credential may only pull). Refused like a tenant's own push would be at token
-    time: a suspended tenant, or its storage quota used up (RegistryDenied).
-    """
-    name = f"{tenant.slug}/{repository}"
-    split_repository(name)
+def check_push_allowed(tenant: Tenant) -> None:
+    """Refuse (RegistryDenied) when the tenant may not push now, as its own push would be
+    refused at token time: a suspended tenant, or its storage quota used up."""
     tenant.refresh_from_db()
     if not tenant.is_active:
         raise RegistryDenied(f"tenant {tenant.slug} is suspended: pushing is disabled")
     check_push_quota(tenant)
+
+
+def repository_push_token(tenant: Tenant, repository: str, *, subject: str) -> IssuedToken:
+    """A bearer token that may pull and push ``<tenant>/<repository>`` and nothing else,
+    for ``BERTH_REGISTRY_TOKEN_TTL`` seconds.
+
+    The control plane mints it for the node building an image for the tenant when that
+    node is about to push (a node's own credential may only pull), and refuses it as
+    :func:`check_push_allowed` does (RegistryDenied). Nothing is stored: the token can't
+    be revoked, so it is short-lived instead.
+    """
+    name = f"{tenant.slug}/{repository}"
+    split_repository(name)
+    check_push_allowed(tenant)
     return issue_token(
         key_path=signing_key_path(),
         issuer=settings.BERTH_REGISTRY_ISSUER,
         service=settings.BERTH_REGISTRY_SERVICE,
         subject=subject,
         access=[Access("repository", name, ("pull", "push"))],
-        lifetime=lifetime,
+        lifetime=settings.BERTH_REGISTRY_TOKEN_TTL,
     )
 
 

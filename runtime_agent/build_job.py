@@ -7,17 +7,22 @@ tenant's image store under the requested tag, and the log is streamed back as
 kept tail of the log with a growing sequence number (the control plane keeps the newest),
 at most every ``LOG_INTERVAL`` seconds, and a last one carrying the result.
 
-With ``push_to`` in the request, a built image is then pushed to the tenant's registry
-with the bearer token the control plane minted for that one repository (the node's own
-registry login may only pull): the result carries the pushed reference and the manifest
-digest, and a push that fails fails the build (the local tag goes back to what it was,
-so no half-pushed build is left looking like a success). Without ``push_to`` (a control
-plane with no registry) the image stays in this node's store and the control plane pins
-services using it here.
+With ``push_to`` in the request, a built image is then pushed to the tenant's registry.
+The request carries no credential for that (the node's own registry login may only
+pull): after the last step, unless the build was cancelled meanwhile, the agent asks the
+control plane for a push token with its node credential (``protocol.BUILD_PUSH_TOKEN_PATH``),
+a short-lived bearer token for that one repository which is used for this push and
+dropped, never logged or stored. The result carries the pushed reference and the
+manifest digest; a push that fails, or a token the control plane refuses (the build was
+cancelled, the tenant may not push), fails the build with the reason (the local tag goes
+back to what it was, so no half-pushed build is left looking like a success). Without
+``push_to`` (a control plane with no registry) the image stays in this node's store and
+the control plane pins services using it here.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -112,17 +117,23 @@ class BuildLog:
         self.dirty = False
 
 
-def fetch_context(worker: NodeWorker, req: protocol.BuildRequest, into: Any) -> int:
-    url = urllib.parse.urljoin(worker.identity.control_url, req.context_url)
+def _node_request(worker: NodeWorker, path: str, *, method: str) -> urllib.request.Request:
+    """A request to the control plane signed with this node's id and credential."""
+    url = urllib.parse.urljoin(worker.identity.control_url, path)
     if not url.startswith(("http://", "https://")):
-        raise AgentError(f"the build context URL {url!r} is not http(s)")
-    request = urllib.request.Request(  # noqa: S310 - checked just above
+        raise AgentError(f"the control plane URL {url!r} is not http(s)")
+    return urllib.request.Request(  # noqa: S310 - checked just above
         url,
+        method=method,
         headers={
             protocol.NODE_ID_HEADER: worker.identity.node_id,
             protocol.NODE_CREDENTIAL_HEADER: worker.identity.credential,
         },
     )
+
+
+def fetch_context(worker: NodeWorker, req: protocol.BuildRequest, into: Any) -> int:
+    request = _node_request(worker, req.context_url, method="GET")
     with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT) as response:  # noqa: S310
         shutil.copyfileobj(response, into, 1024 * 1024)
     return int(into.tell())
@@ -134,19 +145,49 @@ class PushFailed(AgentError):
     code = "push_failed"
 
 
+def fetch_push_token(worker: NodeWorker, req: protocol.BuildRequest) -> BearerToken:
+    """Ask the control plane for the token to push this build's image with, now.
+
+    Raises :class:`PushFailed` with the control plane's reason when it refuses (the build
+    is no longer running here, the tenant may not push) or cannot be reached.
+    """
+    path = protocol.BUILD_PUSH_TOKEN_PATH.format(build_id=req.build_id)
+    request = _node_request(worker, path, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT) as response:  # noqa: S310
+            token = json.load(response).get("token")
+    except urllib.error.HTTPError as exc:
+        raise PushFailed(
+            f"cannot push {req.push_to}: the control plane refused a push token "
+            f"({exc.code}): {_error_message(exc)}"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise PushFailed(f"cannot push {req.push_to}: no push token: {exc}") from None
+    if not isinstance(token, str) or not token:
+        raise PushFailed(f"cannot push {req.push_to}: the control plane sent no push token")
+    return BearerToken(token)
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    """The message of an error in the API's format (``{"error": {"message"}}``)."""
+    try:
+        body = json.loads(exc.read(65536) or b"{}")
+        message = body["error"]["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(exc.reason)
+    return str(message)
+
+
 def push_image(worker: NodeWorker, req: protocol.BuildRequest, log: BuildLog) -> tuple[str, str]:
-    """Push the built image to ``req.push_to`` with the request's token.
+    """Push the built image to ``req.push_to`` with a push token fetched just now.
 
     Returns ``(pushed reference, manifest digest)``; raises :class:`PushFailed`.
     """
     assert req.push_to is not None
-    if not req.push_token:
-        raise PushFailed(f"cannot push to {req.push_to}: the build request carries no token")
+    token = fetch_push_token(worker, req)
     log.write(f"Pushing {req.push_to}\n")
     try:
-        result = push(
-            worker.agent, req.tenant, req.push_to, BearerToken(req.push_token), source=req.tag
-        )
+        result = push(worker.agent, req.tenant, req.push_to, token, source=req.tag)
     except (AgentError, OSError) as exc:
         raise PushFailed(f"pushing {req.push_to} failed: {exc}") from exc
     log.write(

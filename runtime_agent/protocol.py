@@ -222,9 +222,14 @@ AGENT_CANCEL_BUILD = "berth.agent.cancel_build"
 #: result to these control-plane tasks, signed with the node credential.
 CONTROL_BUILD_LOG = "berth.control.build_log"
 CONTROL_BUILD_RESULT = "berth.control.build_result"
-#: HTTP headers a node authenticates with when it fetches a build context.
+#: HTTP headers a node authenticates with when it fetches a build context or asks for
+#: a build's push token.
 NODE_ID_HEADER = "X-Berth-Node"
 NODE_CREDENTIAL_HEADER = "X-Berth-Node-Credential"
+#: Where the node running a build POSTs (node headers, no body) for the registry token
+#: it pushes the image with: ``{"token", "expires_in", "issued_at"}``, or an error in the
+#: API's format (403 not this node's running build, or the tenant may not push).
+BUILD_PUSH_TOKEN_PATH = "/api/v1/nodes/builds/{build_id}/push-token/"  # noqa: S105 - a path
 
 
 @dataclass(frozen=True)
@@ -232,10 +237,10 @@ class BuildRequest:
     """What the control plane asks a node to build (task ``AGENT_BUILD``).
 
     With ``push_to`` (``<registry-host>/<tenant>/<repo>:<tag>``) the node pushes the built
-    image there, presenting ``push_token``: a registry bearer token the control plane
-    minted for exactly that repository (pull and push), valid for the build's time limit
-    plus a margin. The token is a secret: it is left out of ``repr`` so it never reaches
-    a log line, and the agent never stores it.
+    image there. The request carries no registry credential: right before pushing, the
+    node asks for a short-lived token for exactly that repository at
+    ``BUILD_PUSH_TOKEN_PATH`` with its node credential, so no push credential waits in
+    the broker, and none exists for a build that never gets to its push.
     """
 
     build_id: str
@@ -249,7 +254,6 @@ class BuildRequest:
     log_keep_bytes: int = 256 * 1024
     timeout_seconds: int = 3600
     push_to: str | None = None
-    push_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

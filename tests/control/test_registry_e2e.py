@@ -563,6 +563,7 @@ def test_a_builds_push_token_pushes_its_repository_and_nothing_else(
     tenant_with_token: Callable[..., tuple[Tenant, str]],
     tmp_path: Path,
     agent: Agent,
+    settings: Any,
 ) -> None:
     """The token the control plane mints for a build (workloads.services.builds) against
     the real registry: its one repository, pull and push; every other push refused."""
@@ -573,9 +574,8 @@ def test_a_builds_push_token_pushes_its_repository_and_nothing_else(
     pull(agent, tenant.slug, f"{reg.host}/{tenant.slug}/base:1", Credentials("x", token))
     agent.images.tag(tenant.slug, f"{reg.host}/{tenant.slug}/base:1", "app:v1")  # as built
 
-    issued = services.repository_push_token(
-        tenant, "app", subject="build b1 on node n1", lifetime=600
-    )
+    issued = services.repository_push_token(tenant, "app", subject="build b1 on node n1")
+    assert issued.expires_in == settings.BERTH_REGISTRY_TOKEN_TTL
     bearer = BearerToken(issued.token)
     assert issued.token not in repr(bearer)
     pushed = push(agent, tenant.slug, f"{reg.host}/{tenant.slug}/app:v1", bearer, source="app:v1")
@@ -608,7 +608,7 @@ def test_a_builds_push_token_pushes_its_repository_and_nothing_else(
     limit = tenant.quota_limits()["storage_gib"]
     QuotaUsage.objects.filter(tenant=tenant, quota="storage_gib").update(used=limit + 1)
     with pytest.raises(services.RegistryDenied, match="quota storage_gib exceeded"):
-        services.repository_push_token(tenant, "app", subject="build b2", lifetime=600)
+        services.repository_push_token(tenant, "app", subject="build b2")
 
 
 def test_agent_errors_for_wrong_credentials(

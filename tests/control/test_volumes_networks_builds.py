@@ -461,30 +461,66 @@ def _rows_containing(text: str) -> list[str]:
     return found
 
 
-def test_build_with_a_registry_pushes_with_a_token_for_its_repository_alone(
+def _ask_push_token(client: Any, build: Build, node: Node | None, credential: str) -> Any:
+    """The node's request for a build's push token (as runtime_agent.build_job sends it)."""
+    headers = {"HTTP_X_BERTH_NODE_CREDENTIAL": credential}
+    if node is not None:
+        headers["HTTP_X_BERTH_NODE"] = str(node.pk)
+    return client.post(protocol.BUILD_PUSH_TOKEN_PATH.format(build_id=build.pk), **headers)
+
+
+def test_build_with_a_registry_gets_a_push_token_for_its_repository_alone_when_it_pushes(
     acme: tuple[Tenant, User],
+    client_for: Callable[..., Any],
     broker: redis.Redis,
     contexts: Path,
     registry_key: Path,
     settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import jwt
+    from django.urls import reverse
 
+    from registry import services as registry_services
     from registry.tokens import load_signing_key
 
+    minted: list[str] = []
+    issue_token = registry_services.issue_token
+
+    def counting_issue_token(**kwargs: Any) -> Any:
+        minted.append(kwargs["subject"])
+        return issue_token(**kwargs)
+
+    monkeypatch.setattr(registry_services, "issue_token", counting_issue_token)
     tenant, _ = acme
     node, credential = make_node("n1")
     build = builds.create_build(
         tenant, context=builds.store_context([context_tar()]), tag="team/app:v1", actor=SYSTEM
     )
+    # The task message names the target and holds no registry credential at all.
     (op,) = queued(broker, node)
+    assert "push_token" not in op["kwargs"]["request"]
     request = protocol.from_dict(protocol.BuildRequest, op["kwargs"]["request"])
     assert request.push_to == "registry.test:5000/acme/team/app:v1"
-    assert request.push_token and request.push_token not in repr(request)
-    assert protocol.from_dict(protocol.BuildRequest, protocol.to_dict(request)) == request
+    assert "eyJ" not in json.dumps(op)  # no JWT (a base64url-encoded '{"') anywhere
+    assert minted == []
+    with pytest.raises(ValueError, match="push_token"):  # what an agent does with an old one
+        protocol.from_dict(
+            protocol.BuildRequest, {**op["kwargs"]["request"], "push_token": "eyJ.x.y"}
+        )
+
+    # Right before its push, the node running the build gets a token with its credential.
+    path = protocol.BUILD_PUSH_TOKEN_PATH.format(build_id=build.pk)
+    assert reverse("build-push-token", kwargs={"build_id": build.pk}) == path
+    anonymous = client_for(None)
+    response = _ask_push_token(anonymous, build, node, credential)
+    assert response.status_code == 200, response.content
+    assert response["Cache-Control"] == "no-store"
+    body = response.json()
+    assert body["expires_in"] == settings.BERTH_REGISTRY_TOKEN_TTL == 300
     key, _ = load_signing_key(str(registry_key / "token.key"))
     claims = jwt.decode(
-        request.push_token,
+        body["token"],
         key.public_key(),
         algorithms=["RS256"],
         audience=settings.BERTH_REGISTRY_SERVICE,
@@ -493,11 +529,50 @@ def test_build_with_a_registry_pushes_with_a_token_for_its_repository_alone(
     assert claims["access"] == [
         {"type": "repository", "name": "acme/team/app", "actions": ["pull", "push"]}
     ]
-    assert (
-        claims["exp"] - claims["iat"] == builds.build_timeout() + settings.BERTH_REGISTRY_TOKEN_TTL
+    assert claims["exp"] - claims["iat"] == settings.BERTH_REGISTRY_TOKEN_TTL
+    assert claims["sub"] == f"build {build.pk} on node n1"
+    assert minted == [claims["sub"]]
+    # The token goes back in the response only: nothing in the database holds it.
+    assert _rows_containing(body["token"].rsplit(".", 1)[-1]) == []
+
+    # Anyone else is refused, and nothing is minted: another node (with its own valid
+    # credential), a wrong credential, no credential, an unknown build.
+    other, other_credential = make_node("n2")
+    for client_node, client_credential in (
+        (other, other_credential),
+        (node, "bnc_wrong"),
+        (node, other_credential),
+        (None, credential),
+    ):
+        refused = _ask_push_token(anonymous, build, client_node, client_credential)
+        assert refused.status_code == 403, refused.content
+        assert "token" not in refused.json()
+    unknown = anonymous.post(
+        protocol.BUILD_PUSH_TOKEN_PATH.format(build_id="00000000-0000-0000-0000-000000000000"),
+        HTTP_X_BERTH_NODE=str(node.pk),
+        HTTP_X_BERTH_NODE_CREDENTIAL=credential,
     )
-    # The token travels in the task message only: nothing in the database holds it.
-    assert _rows_containing(request.push_token.rsplit(".", 1)[-1]) == []
+    assert unknown.status_code == 403
+    assert anonymous.get(path).status_code == 405
+    assert minted == [claims["sub"]]
+
+    # A tenant that may not push now gets the registry's refusal, which the agent reports.
+    from tenants.models import QuotaUsage
+
+    limit = tenant.quota_limits()["storage_gib"]
+    QuotaUsage.objects.update_or_create(
+        tenant=tenant, quota="storage_gib", defaults={"used": limit}
+    )
+    full = _ask_push_token(anonymous, build, node, credential)
+    assert full.status_code == 403
+    assert full.json()["error"]["message"].startswith("quota storage_gib exceeded")
+    QuotaUsage.objects.filter(tenant=tenant, quota="storage_gib").update(used=0)
+    Tenant.objects.filter(pk=tenant.pk).update(status="suspended")
+    suspended = _ask_push_token(anonymous, build, node, credential)
+    assert suspended.status_code == 403
+    assert "suspended" in suspended.json()["error"]["message"]
+    Tenant.objects.filter(pk=tenant.pk).update(status="active")
+    assert minted == [claims["sub"]]
 
     manifest = "sha256:" + "a" * 64
 
@@ -526,9 +601,10 @@ def test_build_with_a_registry_pushes_with_a_token_for_its_repository_alone(
         True,
         f"registry.test:5000/acme/team/app@{manifest}",
     )
+    # A finished build gets no more tokens.
+    assert _ask_push_token(anonymous, build, node, credential).status_code == 403
     # The registry reference runs on any node (spread over both), and so does the bare
     # tag: the service resolves it to that reference when it is created.
-    other, _ = make_node("n2")
     pulled = deploy.create_service(
         tenant, name="pulled", data={"image": build.image_reference}, replicas=2, actor=SYSTEM
     )
@@ -549,6 +625,22 @@ def test_build_with_a_registry_pushes_with_a_token_for_its_repository_alone(
     stray = finish(stray, pushed_reference="registry.test:5000/acme/elsewhere:v2")
     assert (stray.state, stray.pushed, stray.image_reference) == ("failed", False, "")
     assert "not to registry.test:5000/acme/team/app:v2" in stray.reason
+
+    # A cancelled build gets none either: the node asking after the cancellation is
+    # refused, so the push it was about to make never happens.
+    cancelled = builds.create_build(
+        tenant, context=builds.store_context([context_tar()]), tag="team/app:v3", actor=SYSTEM
+    )
+    cancelled.refresh_from_db()
+    cancelled_node = other if cancelled.node_id == other.pk else node
+    cancelled_credential = other_credential if cancelled_node == other else credential
+    granted = _ask_push_token(anonymous, cancelled, cancelled_node, cancelled_credential)
+    assert granted.status_code == 200
+    builds.cancel_build(cancelled, actor=SYSTEM)
+    after = _ask_push_token(anonymous, cancelled, cancelled_node, cancelled_credential)
+    assert after.status_code == 403
+    assert after.json()["error"]["message"] == "this node has no running build with that id"
+    assert len(minted) == 2
 
 
 def _pushed_build(tenant: Tenant, tag: str, credentials: dict[Any, str], manifest: str) -> Build:

@@ -219,8 +219,9 @@ def test_a_build_is_pushed_and_runs_on_another_node_from_the_registry(
     assert set(pulled.values()) == {manifest}
     assert "hello from the registry" in _app_output(client, "e2er")
 
-    # A push the registry refuses (a token it cannot trust: signed for another issuer)
-    # fails the build, which says why; its tag on the node is back where it was.
+    # A push the registry refuses (a token it cannot trust: signed for another issuer by
+    # the live server when the node asks for it, right before pushing) fails the build,
+    # which says why; its tag on the node is back where it was.
     before = agent_api(cluster.agent_named(other)).images.references("e2er").get("app:v1")
     with override_settings(BERTH_REGISTRY_ISSUER="not-berth"):
         failing_id = _post_build(
@@ -229,7 +230,7 @@ def test_a_build_is_pushed_and_runs_on_another_node_from_the_registry(
             "tag=app:v1&build_arg=GREETING=again",
             _tar({"Dockerfile": DOCKERFILE, "hello.txt": b"x\n"}),
         )
-    lines = _follow(client, "e2er", failing_id)
+        lines = _follow(client, "e2er", failing_id)
     failing = client.get(f"/api/v1/tenants/e2er/builds/{failing_id}/").json()
     assert lines[-1]["state"] == "failed", failing
     assert failing["node"] == other
@@ -240,7 +241,33 @@ def test_a_build_is_pushed_and_runs_on_another_node_from_the_registry(
     assert after == before
     assert Tag.objects.get(repository__tenant__slug="e2er", name="v1").manifest.digest == manifest
 
+    # The control plane refuses the token when the tenant may no longer push (its storage
+    # quota filled up while the build ran): the build fails with the quota's message.
+    from tenants.models import QuotaUsage
+
+    refused_id = _post_build(
+        client,
+        "e2er",
+        "tag=app:v1&build_arg=GREETING=full",
+        _tar({"Dockerfile": DOCKERFILE, "hello.txt": b"y\n"}),
+    )
+    storage = QuotaUsage.objects.get(tenant__slug="e2er", quota="storage_gib")
+    limit = storage.tenant.quota_limits()["storage_gib"]
+    QuotaUsage.objects.filter(pk=storage.pk).update(used=limit + storage.used)
+    try:
+        lines = _follow(client, "e2er", refused_id)
+    finally:
+        QuotaUsage.objects.filter(pk=storage.pk).update(used=storage.used)
+    refused = client.get(f"/api/v1/tenants/e2er/builds/{refused_id}/").json()
+    assert lines[-1]["state"] == "failed", refused
+    assert refused["reason"].startswith(
+        f"cannot push {host}/e2er/app:v1: the control plane refused a push token (403): "
+        "quota storage_gib exceeded"
+    ), refused["reason"]
+    assert f"Pushing {host}" not in Build.objects.get(pk=refused_id).log
+    assert agent_api(cluster.agent_named(other)).images.references("e2er").get("app:v1") == before
+
     # No registry token reached a log: the agents', the control worker's or the builds'.
     logs = [a.log.read_text(errors="replace") for a in cluster.agents]
-    logs += [Build.objects.get(pk=pk).log for pk in (build_id, failing_id)]
+    logs += [Build.objects.get(pk=pk).log for pk in (build_id, failing_id, refused_id)]
     assert not [text for text in logs if "eyJ" in text]

@@ -1,5 +1,6 @@
-"""API of volumes, networks and builds (tenant-scoped), and the context download a build
-node uses (node credential). Views translate HTTP only; the services do the work."""
+"""API of volumes, networks and builds (tenant-scoped), and what a build node asks for
+with its node credential (the context download, the push token). Views translate HTTP
+only; the services do the work."""
 
 from __future__ import annotations
 
@@ -319,22 +320,52 @@ class BuildViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScope
         return StreamingHttpResponse(stream(), content_type="application/x-ndjson")
 
 
-class BuildContextView(APIView):
-    """A build node downloads the context of a build placed on it (node credential)."""
+class NodeCredentialView(APIView):
+    """A request from a node, signed with its id and credential in headers (no user
+    authentication: the service checks the credential and what the node may do)."""
 
     permission_classes = [AllowAny]
     authentication_classes: list[Any] = []
     throttle_classes: list[Any] = []
 
-    @extend_schema(exclude=True)
-    def get(self, request: Request, build_id: str) -> Any:
+    @staticmethod
+    def node_headers(request: Request) -> tuple[str, str]:
+        """The node id and credential (403 without them)."""
         node_id = request.headers.get(protocol.NODE_ID_HEADER, "")
         credential = request.headers.get(protocol.NODE_CREDENTIAL_HEADER, "")
         if not node_id or not credential:
             raise PermissionDenied("node credentials required")
+        return node_id, credential
+
+
+class BuildContextView(NodeCredentialView):
+    """A build node downloads the context of a build placed on it (node credential)."""
+
+    @extend_schema(exclude=True)
+    def get(self, request: Request, build_id: str) -> Any:
+        node_id, credential = self.node_headers(request)
         build = builds.authenticate_context_fetch(str(build_id), node_id, credential)
         try:
             handle = open(build.context_path, "rb")
         except OSError:
             raise Http404 from None
         return FileResponse(handle, content_type="application/x-tar")
+
+
+class BuildPushTokenView(NodeCredentialView):
+    """The node running a build gets a short-lived registry token to push its image
+    (node credential; ``builds.issue_push_token`` decides). The token is in this response
+    only: ``Cache-Control: no-store``, as OAuth2 token responses."""
+
+    @extend_schema(exclude=True)
+    def post(self, request: Request, build_id: str) -> Response:
+        node_id, credential = self.node_headers(request)
+        issued = builds.issue_push_token(str(build_id), node_id, credential)
+        return Response(
+            {
+                "token": issued.token,
+                "expires_in": issued.expires_in,
+                "issued_at": issued.issued_at,
+            },
+            headers={"Cache-Control": "no-store"},
+        )

@@ -24,5 +24,10 @@ platform_urlpatterns = [
         storage_builds.BuildContextView.as_view(),
         name="build-context",
     ),
+    path(
+        "nodes/builds/<uuid:build_id>/push-token/",
+        storage_builds.BuildPushTokenView.as_view(),
+        name="build-push-token",
+    ),
     *platform_router.urls,
 ]

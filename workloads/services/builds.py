@@ -10,10 +10,15 @@ over HTTP with its node credential, builds with ``agent.builder`` and reports it
 and result back (``handle_build_report``).
 
 The built image goes to the tenant's registry: the build request carries the target
-``<registry-host>/<tenant>/<repo>:<tag>`` and a bearer token minted for exactly that
-repository (pull, push), valid for the build's time limit plus the registry token TTL
-(a node's own registry credential may only pull). The token travels in the task message
-only; it is never logged or saved. A build succeeds only once its image is pushed, and
+``<registry-host>/<tenant>/<repo>:<tag>`` but no credential. When its last step is done,
+the node asks for a push token over HTTP with its node credential
+(``issue_push_token``): a registry bearer token for exactly that repository (pull, push),
+valid ``BERTH_REGISTRY_TOKEN_TTL`` seconds, granted only to the node the build is running
+on while it runs (a node's own registry credential may only pull). So no push credential
+waits in the broker, none is minted for a build that fails or is cancelled before its
+push, and a cancelled build gets none afterwards. The token is never logged or saved. A
+tenant that may not push (suspended, storage quota used up) is refused at dispatch and
+again when the token is asked for. A build succeeds only once its image is pushed, and
 records it as ``<registry-host>/<tenant>/<repo>@<manifest digest>``, which services pull
 on any node. Services and jobs naming the build's bare tag (``app:v1``) resolve it to
 that reference when they are created, deployed or submitted (``resolve_image``). A
@@ -43,6 +48,7 @@ from django.utils.dateparse import parse_datetime
 
 from registry import services as registry_services
 from registry.errors import RegistryDenied
+from registry.tokens import IssuedToken
 from runtime_agent import protocol
 from tenants import services as tenant_services
 from tenants.errors import BerthError, Conflict, InvalidInput, PermissionDenied
@@ -292,32 +298,19 @@ def resolve_image(tenant: Tenant, image: str) -> str:
     return reference or ""
 
 
-def _push_grant(build: Build, node: Node) -> tuple[str | None, str | None]:
-    """(target, bearer token) for the build's push; (None, None) without a registry.
-
-    Raises RegistryDenied when the tenant may not push now (suspended, storage full).
-    """
-    if not registry_services.registry_configured():
-        return None, None
-    repository = build.tag.rpartition(":")[0]
-    issued = registry_services.repository_push_token(
-        build.tenant,
-        repository,
-        subject=f"build {build.pk} on node {node.name}",
-        lifetime=build_timeout() + int(settings.BERTH_REGISTRY_TOKEN_TTL),
-    )
-    return push_target(build), issued.token
-
-
 def _dispatch(build: Build) -> bool:
-    """Send the build to a node (raises RegistryDenied when its push would be refused)."""
+    """Send the build to a node (raises RegistryDenied when its push would be refused:
+    better now than after the whole build)."""
     node = _pick_node()
     if node is None:
         if build.reason != "waiting for a ready node":
             build.reason = "waiting for a ready node"
             build.save(update_fields=["reason"])
         return False
-    push_to, push_token = _push_grant(build, node)
+    push_to = None
+    if registry_services.registry_configured():
+        registry_services.check_push_allowed(build.tenant)
+        push_to = push_target(build)
     build.node = node
     build.state = BuildState.RUNNING
     build.started_at = timezone.now()
@@ -335,7 +328,6 @@ def _dispatch(build: Build) -> bool:
         log_keep_bytes=log_keep_bytes(),
         timeout_seconds=build_timeout(),
         push_to=push_to,
-        push_token=push_token,
     )
     dispatch.send_after_commit(
         node, protocol.AGENT_BUILD, op_id=f"build:{build.pk}", request=protocol.to_dict(request)
@@ -399,13 +391,45 @@ def cancel_build(build: Build, *, actor: Actor) -> Build:
     return build
 
 
-def authenticate_context_fetch(build_id: str, node_id: str, credential: str) -> Build:
-    """Only the node a running build was placed on may fetch its context."""
-    node = nodes.authenticate_node(node_id, credential)
-    build = Build.objects.filter(pk=build_id).first()
+def _running_build_on(node: Node, build_id: str, *, lock: bool = False) -> Build:
+    """The build ``build_id`` if it is running on ``node``; PermissionDenied otherwise (a
+    build of another node, a finished or cancelled one and an unknown id look alike)."""
+    query = Build.objects.select_related("tenant")
+    if lock:
+        query = query.select_for_update(of=("self",))
+    build = query.filter(pk=build_id).first()
     if build is None or build.node_id != node.pk or build.state != BuildState.RUNNING:
         raise PermissionDenied("this node has no running build with that id")
     return build
+
+
+def authenticate_context_fetch(build_id: str, node_id: str, credential: str) -> Build:
+    """Only the node a running build was placed on may fetch its context."""
+    node = nodes.authenticate_node(node_id, credential)
+    return _running_build_on(node, build_id)
+
+
+@transaction.atomic
+def issue_push_token(build_id: str, node_id: str, credential: str) -> IssuedToken:
+    """A registry token to push a build's image, for the node running it, right now.
+
+    Only the node the build is running on gets one (PermissionDenied otherwise: another
+    node, a wrong credential, a build that ended or was cancelled), for exactly the
+    build's repository (pull, push), valid ``BERTH_REGISTRY_TOKEN_TTL`` seconds. Refused
+    with RegistryDenied when the tenant may not push now (suspended, storage quota used
+    up), and with Conflict when this control plane has no registry. The build's row is
+    locked meanwhile, so a cancellation either comes first (no token) or after it.
+    Nothing is stored or logged: the token goes back in the response only.
+    """
+    node = nodes.authenticate_node(node_id, credential)
+    build = _running_build_on(node, build_id, lock=True)
+    if not registry_services.registry_configured():
+        raise Conflict("this control plane has no registry to push to")
+    return registry_services.repository_push_token(
+        build.tenant,
+        build.tag.rpartition(":")[0],
+        subject=f"build {build.pk} on node {node.name}",
+    )
 
 
 @transaction.atomic
