@@ -165,7 +165,8 @@ def fetch_push_token(worker: NodeWorker, req: protocol.BuildRequest) -> BearerTo
         raise PushFailed(f"cannot push {req.push_to}: no push token: {exc}") from None
     if not isinstance(token, str) or not token:
         raise PushFailed(f"cannot push {req.push_to}: the control plane sent no push token")
-    return BearerToken(token)
+    # A push that outlives this short-lived token asks for the next one the same way.
+    return BearerToken(token, renew=lambda: fetch_push_token(worker, req).token)
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:

@@ -14,10 +14,12 @@ trip to the realm, and is never stored.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -32,12 +34,31 @@ class Credentials:
 
 @dataclass(frozen=True)
 class BearerToken:
-    """A pre-issued registry bearer token (a JWT from the control plane's token server)."""
+    """A pre-issued registry bearer token (a JWT from the control plane's token server).
+
+    ``renew``, when given, fetches a fresh one: the client calls it shortly before the
+    token expires and once after the registry refuses it, so an operation that outlives
+    one short-lived token (a big push) goes on with the next.
+    """
 
     token: str
+    renew: Callable[[], str] | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:  # never print the secret
         return "BearerToken(***)"
+
+
+def token_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT (epoch seconds), read without verifying; None if absent.
+
+    Only used to renew in time: the registry verifies the token, not us.
+    """
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
 
 
 class CredentialStore:

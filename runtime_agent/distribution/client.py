@@ -6,8 +6,10 @@ fetching a token from the realm (GET, Basic auth when credentials are known), an
 request is retried once. Tokens are cached per scope until shortly before they expire.
 
 Given a pre-issued :class:`~runtime_agent.distribution.auth.BearerToken` instead, every
-request carries it and nothing is fetched from the realm: a 401 then means the token does
-not grant the request (another repository, or it expired) and is raised as is.
+request carries it and nothing is fetched from the realm. If it can be renewed, it is
+renewed shortly before its ``exp`` and once after a 401; otherwise (or when the renewed one
+is refused too) a 401 means the token does not grant the request (another repository, or
+it expired) and is raised as is.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import requests
 
-from runtime_agent.distribution.auth import BearerToken, Credentials
+from runtime_agent.distribution.auth import BearerToken, Credentials, token_expiry
 from runtime_agent.distribution.errors import (
     RegistryError,
     RegistryUnauthorized,
@@ -30,6 +32,7 @@ from runtime_agent.distribution.errors import (
 )
 
 USER_AGENT = "berth-agent/0.1"
+RENEW_BEFORE = 30.0  # seconds before a pre-issued token's exp to fetch the next one
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -70,6 +73,8 @@ class RegistryClient:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._tokens: dict[str, tuple[str, float]] = {}
+        self._bearer_token = self.bearer.token if self.bearer else ""
+        self._bearer_expiry = token_expiry(self._bearer_token) if self.bearer else None
 
     @property
     def session(self) -> requests.Session:
@@ -126,6 +131,11 @@ class RegistryClient:
             if response.status_code == 401 and self.bearer is not None:
                 challenge = parse_challenge(response.headers.get("WWW-Authenticate", "")) or {}
                 response.close()
+                if attempt == 0 and self.bearer.renew is not None:
+                    self._renew_bearer(token)
+                    if start is not None:
+                        data.seek(start)  # type: ignore[union-attr]
+                    continue
                 raise RegistryUnauthorized(
                     f"{what or path}: {self.registry} refused the pre-issued token "
                     f"(UNAUTHORIZED {challenge.get('error') or 'for this request'})",
@@ -141,12 +151,31 @@ class RegistryClient:
 
     def _cached_token(self, scope: str) -> str | None:
         if self.bearer is not None:
-            return self.bearer.token
+            with self._lock:
+                token, expiry = self._bearer_token, self._bearer_expiry
+            if (
+                self.bearer.renew is not None
+                and expiry is not None
+                and expiry - time.time() < RENEW_BEFORE
+            ):
+                return self._renew_bearer(token)
+            return token
         with self._lock:
             entry = self._tokens.get(scope)
         if entry and entry[1] > time.monotonic():
             return entry[0]
         return None
+
+    def _renew_bearer(self, stale: str | None) -> str:
+        """The next pre-issued token (once per stale one, whatever the thread count)."""
+        assert self.bearer is not None and self.bearer.renew is not None
+        with self._lock:
+            if self._bearer_token != stale:
+                return self._bearer_token  # another thread renewed it meanwhile
+            fresh = self.bearer.renew()
+            self._bearer_token = fresh
+            self._bearer_expiry = token_expiry(fresh)
+            return fresh
 
     def _fetch_token(self, challenge: dict[str, str], scope: str) -> str:
         params: dict[str, str | list[str]] = {"service": challenge.get("service", "")}

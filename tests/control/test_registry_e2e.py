@@ -611,6 +611,51 @@ def test_a_builds_push_token_pushes_its_repository_and_nothing_else(
         services.repository_push_token(tenant, "app", subject="build b2")
 
 
+def test_a_push_outliving_its_short_token_goes_on_with_a_renewed_one(
+    reg: RegistryProcess,
+    tenant_with_token: Callable[..., tuple[Tenant, str]],
+    tmp_path: Path,
+    agent: Agent,
+    settings: Any,
+) -> None:
+    """Build push tokens live BERTH_REGISTRY_TOKEN_TTL seconds; the agent renews one that
+    is about to expire, and retries once with a fresh one after the registry refuses it."""
+    tenant, token = tenant_with_token()
+    src, digest = layout(tmp_path)
+    assert skopeo_push(src, f"{reg.host}/{tenant.slug}/base:1", f"x:{token}").returncode == 0
+    pull(agent, tenant.slug, f"{reg.host}/{tenant.slug}/base:1", Credentials("x", token))
+    agent.images.tag(tenant.slug, f"{reg.host}/{tenant.slug}/base:1", "app:v1")
+    target = f"{reg.host}/{tenant.slug}/app:v1"
+    minted: list[str] = []
+
+    def renew() -> str:
+        minted.append(services.repository_push_token(tenant, "app", subject="renewal").token)
+        return minted[-1]
+
+    # Refused by the registry (here: not a token at all): one renewal, then the push works.
+    with pytest.raises(RegistryUnauthorized, match="refused the pre-issued token"):
+        push(agent, tenant.slug, target, BearerToken("not-a-token"), source="app:v1")
+    pushed = push(
+        agent, tenant.slug, target, BearerToken("not-a-token", renew=renew), source="app:v1"
+    )
+    assert pushed.digest == digest and len(minted) == 1
+
+    # About to expire (exp within RENEW_BEFORE): renewed before it is used, once.
+    settings.BERTH_REGISTRY_TOKEN_TTL = 2
+    short = services.repository_push_token(tenant, "app", subject="build b1").token
+    settings.BERTH_REGISTRY_TOKEN_TTL = 300
+    minted.clear()
+    agent.images.tag(tenant.slug, f"{reg.host}/{tenant.slug}/base:1", "app:v2")
+    again = push(
+        agent,
+        tenant.slug,
+        f"{reg.host}/{tenant.slug}/app:v2",
+        BearerToken(short, renew=renew),
+        source="app:v2",
+    )
+    assert again.digest == digest and len(minted) == 1
+
+
 def test_agent_errors_for_wrong_credentials(
     reg: RegistryProcess, tenant_with_token: Callable[..., tuple[Tenant, str]], agent: Agent
 ) -> None:
