@@ -558,6 +558,18 @@ def _claims(token: str) -> dict[str, Any]:
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
 
 
+def _built_image(
+    reg: RegistryProcess, agent: Agent, tenant: Tenant, token: str, tmp_path: Path, tag: str
+) -> str:
+    """An image in the agent's store under ``tag``, as a build leaves it (its base pushed
+    to the tenant's registry first); its manifest digest."""
+    src, digest = layout(tmp_path)
+    assert skopeo_push(src, f"{reg.host}/{tenant.slug}/base:1", f"x:{token}").returncode == 0
+    pull(agent, tenant.slug, f"{reg.host}/{tenant.slug}/base:1", Credentials("x", token))
+    agent.images.tag(tenant.slug, f"{reg.host}/{tenant.slug}/base:1", tag)
+    return digest
+
+
 def test_a_builds_push_token_pushes_its_repository_and_nothing_else(
     reg: RegistryProcess,
     tenant_with_token: Callable[..., tuple[Tenant, str]],
@@ -569,10 +581,7 @@ def test_a_builds_push_token_pushes_its_repository_and_nothing_else(
     the real registry: its one repository, pull and push; every other push refused."""
     tenant, token = tenant_with_token()
     other, other_token = tenant_with_token()
-    src, digest = layout(tmp_path)
-    assert skopeo_push(src, f"{reg.host}/{tenant.slug}/base:1", f"x:{token}").returncode == 0
-    pull(agent, tenant.slug, f"{reg.host}/{tenant.slug}/base:1", Credentials("x", token))
-    agent.images.tag(tenant.slug, f"{reg.host}/{tenant.slug}/base:1", "app:v1")  # as built
+    digest = _built_image(reg, agent, tenant, token, tmp_path, "app:v1")
 
     issued = services.repository_push_token(tenant, "app", subject="build b1 on node n1")
     assert issued.expires_in == settings.BERTH_REGISTRY_TOKEN_TTL
@@ -621,10 +630,7 @@ def test_a_push_outliving_its_short_token_goes_on_with_a_renewed_one(
     """Build push tokens live BERTH_REGISTRY_TOKEN_TTL seconds; the agent renews one that
     is about to expire, and retries once with a fresh one after the registry refuses it."""
     tenant, token = tenant_with_token()
-    src, digest = layout(tmp_path)
-    assert skopeo_push(src, f"{reg.host}/{tenant.slug}/base:1", f"x:{token}").returncode == 0
-    pull(agent, tenant.slug, f"{reg.host}/{tenant.slug}/base:1", Credentials("x", token))
-    agent.images.tag(tenant.slug, f"{reg.host}/{tenant.slug}/base:1", "app:v1")
+    digest = _built_image(reg, agent, tenant, token, tmp_path, "app:v1")
     target = f"{reg.host}/{tenant.slug}/app:v1"
     minted: list[str] = []
 
