@@ -38,7 +38,6 @@ import sys
 TYPE_CHECKING = False  # typing itself costs ~3 ms, paid by every command
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Callable
     from pathlib import Path
 
 SOCKET_NAME = "cli.sock"
@@ -84,7 +83,8 @@ RELAYED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQ
 
 
 def socket_path(run_root: str | os.PathLike[str] | None = None) -> str:
-    """Where the server for this run root listens (same default as AgentConfig)."""
+    """Where the server for this run root listens (AgentConfig's default and variable,
+    repeated here: importing the config module is more than this client needs)."""
     root = run_root if run_root is not None else os.environ.get("BERTH_RUN_ROOT", "/run/berth")
     return os.path.join(root, SOCKET_NAME)
 
@@ -194,7 +194,7 @@ def _await_child(conn: _socket.socket) -> int:
 # ---- server -----------------------------------------------------------------------------
 
 
-def serve(run_root: Path, *, ready: Callable[[], None] | None = None) -> None:
+def serve(run_root: Path) -> None:
     """Listen on ``run_root/cli.sock`` and run each command in a forked child. Blocks.
 
     SIGTERM or SIGINT stops listening; commands already running go on to their end.
@@ -209,7 +209,7 @@ def serve(run_root: Path, *, ready: Callable[[], None] | None = None) -> None:
     prepare()
     # fork() keeps only the calling thread: a preloaded module that started threads (a Go
     # runtime, a pool) would leave its state broken in every child. Refuse to serve.
-    threads = thread_count()
+    threads = _thread_count()
     if threads != 1:
         raise RuntimeError(
             f"the CLI server has {threads} threads after preloading; forking is unsafe"
@@ -232,8 +232,6 @@ def serve(run_root: Path, *, ready: Callable[[], None] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     listener.settimeout(0.5)  # how soon a stop signal is noticed
-    if ready is not None:
-        ready()
     try:
         while not stopping:
             try:
@@ -255,7 +253,7 @@ def serve(run_root: Path, *, ready: Callable[[], None] | None = None) -> None:
             pass
 
 
-def thread_count() -> int:
+def _thread_count() -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("Threads:"):
@@ -399,20 +397,3 @@ def _child(conn: socket.socket, body: bytes, fds: list[int]) -> int:
                 pass
     return code & 0xFF
 
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    from pathlib import Path
-
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime_agent.cliserver",
-        description="Serve berth-agent commands from a warm process (see `berth-agent serve`).",
-    )
-    parser.add_argument("--run-root", default=os.environ.get("BERTH_RUN_ROOT", "/run/berth"))
-    args = parser.parse_args(argv)
-    serve(Path(args.run_root))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

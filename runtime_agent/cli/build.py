@@ -138,25 +138,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m runtime_agent.cli.build ...``: the build command alone.
+    """``python -m runtime_agent.cli.build ...``: ``berth-agent build ...`` (which loads
+    only this subcommand's module, see ``cli.main.FAST_COMMANDS``)."""
+    from runtime_agent.cli.main import main as cli_main
 
-    Same arguments and output as ``berth-agent build``, without importing every other
-    subcommand's modules first (what makes a fully cached CI rebuild return quickly).
-    """
-    from runtime_agent.cli import main as cli
-    from runtime_agent.errors import AgentError
-
-    parser = cli.TenantParser(prog="berth-agent")
-    subparsers = parser.add_subparsers(dest="command", parser_class=cli.TenantParser)
-    register(subparsers)
-    args = parser.parse_args(["build", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return _run(args, AgentConfig())
-    except AgentError as exc:
-        sys.stderr.write(f"berth-agent: {exc}\n")
-        return cli.EXIT_AGENT_ERROR
-    except KeyboardInterrupt:
-        return 130
+    return cli_main(["build", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -111,7 +112,8 @@ def _start_cli_server(config: AgentConfig) -> subprocess.Popen[bytes]:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
     return subprocess.Popen(
-        [sys.executable, "-m", "runtime_agent.cliserver", "--run-root", str(config.run_root)],
+        [sys.executable, "-m", "runtime_agent.cli.main", "serve"],
+        env={**os.environ, "BERTH_RUN_ROOT": str(config.run_root)},
         preexec_fn=die_with_parent,
         stdin=subprocess.DEVNULL,
     )
