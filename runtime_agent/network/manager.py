@@ -803,30 +803,19 @@ class NetworkManager:
         ``wait=True`` gives the rest up to ``DOOMED_GRACE`` to go before deleting them
         (for operations that must leave no link behind, such as removing the bridge).
         """
-        if not state.doomed:
-            return
-        deadline = time.monotonic() + DOOMED_GRACE
-        delay = 0.001
-        while True:
-            now = time.time()
-            for name, since in list(state.doomed.items()):
-                if not _link_exists(name):
-                    del state.doomed[name]
-                elif now - since > DOOMED_GRACE:
-                    with self._host() as ipr, contextlib.suppress(NetlinkError):
-                        _delete_link(ipr, name)
-                    del state.doomed[name]
-            if not wait or not state.doomed:
-                return
-            if time.monotonic() >= deadline:
-                with self._host() as ipr:
-                    for name in list(state.doomed):
-                        with contextlib.suppress(NetlinkError):
-                            _delete_link(ipr, name)
-                state.doomed.clear()
-                return
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        if wait:
+            deadline = time.monotonic() + DOOMED_GRACE
+            delay = 0.001
+            while any(map(_link_exists, state.doomed)) and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        now = time.time()
+        for name, since in list(state.doomed.items()):
+            if _link_exists(name) and (wait or now - since > DOOMED_GRACE):
+                with self._host() as ipr, contextlib.suppress(NetlinkError):
+                    _delete_link(ipr, name)
+            if wait or not _link_exists(name):
+                del state.doomed[name]
 
     def connect(
         self,

@@ -484,7 +484,7 @@ class ContainerManager:
         record = self._find(tenant, ref)
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.0005
-        monitor = None  # a pidfd of the container's conmon: readable once it has exited
+        monitor = _MonitorExit(self._paths(record))
         try:
             while True:
                 record = self._observe(record)
@@ -494,24 +494,14 @@ class ContainerManager:
                     raise FailedPrecondition(
                         f"container {record.name} still running after {timeout}s"
                     )
-                if monitor is None:
-                    monitor = _monitor_pidfd(self._paths(record))
-                if monitor is not None and monitor >= 0:
-                    # conmon writes the exit file, then exits: wake up at once instead of
-                    # at the next poll (which backs off to 50 ms).
-                    if select.select([monitor], [], [], delay)[0]:
-                        os.close(monitor)
-                        monitor = -1  # gone: plain polling from here (a killed conmon)
-                else:
-                    time.sleep(delay)
+                monitor.pause(delay)
                 delay = min(delay * 2, 0.05)
                 fresh = self.store.load(record.tenant, record.id)
                 if fresh is None:
                     raise NotFound(f"No such container: {ref}")
                 record = fresh
         finally:
-            if monitor is not None and monitor >= 0:
-                os.close(monitor)
+            monitor.close()
 
     def _wait_exit(self, record: ContainerRecord, timeout: float) -> bool:
         paths = self._paths(record)
@@ -650,11 +640,8 @@ class ContainerManager:
                     self.cgroups.remove(record.tenant, record.id)
                 except OSError:
                     self.runc.delete(record.runc_id)
-                else:
-                    shutil.rmtree(state_dir, ignore_errors=True)
-                    return
                 shutil.rmtree(state_dir, ignore_errors=True)
-        self.cgroups.remove(record.tenant, record.id)
+        self.cgroups.remove(record.tenant, record.id)  # idempotent; the hierarchies are cached
 
     def _detach_network(self, record: ContainerRecord) -> None:
         self.agent.networks.detach(record.tenant, record.id)
@@ -795,30 +782,13 @@ class ContainerManager:
             fresh = self.store.load(record.tenant, record.id)
             return fresh is None or self._observe(fresh).status not in (st.RUNNING, st.PAUSED)
 
-        paths = self._paths(record)
-
-        def following() -> Iterator[LogEntry]:
-            # conmon exits once the container has and its output is written: wake up then
-            # rather than at the next back-off step (a foreground `run` ends sooner).
-            monitor = _monitor_pidfd(paths)
-
-            def pause(seconds: float) -> None:
-                nonlocal monitor
-                if monitor < 0:
-                    time.sleep(seconds)
-                elif select.select([monitor], [], [], seconds)[0]:
-                    # That conmon is gone (a restart policy may start another): plain
-                    # back-off from here, never a busy loop on a readable pidfd.
-                    os.close(monitor)
-                    monitor = -1
-
+        def following(monitor: _MonitorExit) -> Iterator[LogEntry]:
             try:
-                yield from follow_logs(path, tail=tail, done=done, pause=pause)
+                yield from follow_logs(path, tail=tail, done=done, pause=monitor.pause)
             finally:
-                if monitor >= 0:
-                    os.close(monitor)
+                monitor.close()
 
-        entries = following()
+        entries = following(_MonitorExit(self._paths(record)))
         if since:
             return (e for e in entries if e.time >= since)
         return entries
@@ -886,11 +856,8 @@ class ContainerManager:
         read = getattr(source, "read1", source.read)
         try:
             while chunk := read(ATTACH_CHUNK):
-                view = memoryview(chunk)
-                while view:
-                    sent_now = conn.send(view[:ATTACH_CHUNK])
-                    view = view[sent_now:]
-                    sent += sent_now
+                conn.sendall(chunk)  # one message, at most ATTACH_CHUNK bytes
+                sent += len(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the container has gone; the rest of stdin has nowhere to go
         finally:
@@ -1084,6 +1051,33 @@ def _remove_dir(path: Path) -> None:
             raise exc_info[1]
 
     shutil.rmtree(path, onerror=onerror)
+
+
+class _MonitorExit:
+    """Back-off sleeps that end as soon as the container's conmon exits.
+
+    conmon writes the exit file and the last output, then exits: waiting on a pidfd of it
+    wakes ``wait`` and ``logs -f`` at once instead of at the next poll (which backs off to
+    50 ms). Once that conmon is gone (killed, or replaced by a restart policy's new one)
+    its pidfd stays readable, so from then on a pause is a plain sleep, never a busy loop.
+    """
+
+    def __init__(self, paths: MonitorPaths) -> None:
+        self._paths = paths
+        self._fd: int | None = None  # opened on the first pause; -1: none or gone
+
+    def pause(self, seconds: float) -> None:
+        if self._fd is None:
+            self._fd = _monitor_pidfd(self._paths)
+        if self._fd < 0:
+            time.sleep(seconds)
+        elif select.select([self._fd], [], [], seconds)[0]:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd is not None and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
 
 
 def _monitor_pidfd(paths: MonitorPaths) -> int:
