@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from runtime_agent.errors import InvalidArgument
+from runtime_agent.images.reference import is_registry_host
 
 # From the distribution reference grammar.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -50,7 +51,7 @@ def parse_reference(ref: str) -> Reference:
         if not _DIGEST.match(digest):
             raise InvalidArgument(f"invalid digest in reference {original!r}: {digest!r}")
     host, sep, rest = ref.partition("/")
-    if not sep or not ("." in host or ":" in host or host == "localhost"):
+    if not sep or not is_registry_host(host):
         raise InvalidArgument(
             f"reference {original!r} must name its registry host, e.g. 127.0.0.1:5000/acme/web:1"
         )

@@ -40,7 +40,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 from runtime_agent.content.store import parse_digest
 from runtime_agent.errors import InvalidArchive, InvalidArgument
 from runtime_agent.images import media
-from runtime_agent.images.reference import parse_reference, validate_tenant
+from runtime_agent.images.reference import is_registry_host, parse_reference, validate_tenant
 from runtime_agent.snapshots.unpack import clean_member_path
 
 if TYPE_CHECKING:
@@ -754,8 +754,7 @@ def _head(store: ImageStore, digest: str) -> bytes:
 
 
 def _docker_full_name(name: str) -> str:
-    first = name.split("/", 1)[0]
-    if "/" in name and ("." in first or ":" in first or first == "localhost"):
+    if "/" in name and is_registry_host(name.split("/", 1)[0]):
         return name
     if "/" not in name.rsplit(":", 1)[0]:
         return f"docker.io/library/{name}"

@@ -24,6 +24,13 @@ DEFAULT_TAG = "latest"
 _DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
+def is_registry_host(component: str) -> bool:
+    """Docker's rule for the first path component of a reference: one with a '.' or a
+    ':', or ``localhost``, is a registry host (``127.0.0.1:5000/acme/app``); ``team`` in
+    ``team/app`` is not."""
+    return "." in component or ":" in component or component == "localhost"
+
+
 def validate_tenant(tenant: str) -> str:
     if not isinstance(tenant, str) or not _TENANT_RE.match(tenant):
         raise InvalidArgument(
@@ -71,12 +78,7 @@ def parse_reference(text: str, *, default_tag: bool = True) -> Reference:
             raise InvalidArgument(f"invalid reference format: bad tag in {text!r}")
     parts = rest.split("/")
     host: str | None = None
-    if len(parts) > 1 and (
-        "." in parts[0]
-        or ":" in parts[0]
-        or parts[0] == "localhost"
-        or parts[0] != parts[0].lower()
-    ):
+    if len(parts) > 1 and (is_registry_host(parts[0]) or parts[0] != parts[0].lower()):
         host = parts[0]
         if not _HOST_RE.match(host):
             raise InvalidArgument(f"invalid reference format: bad registry host in {text!r}")

@@ -50,6 +50,7 @@ from registry import services as registry_services
 from registry.errors import RegistryDenied
 from registry.tokens import IssuedToken
 from runtime_agent import protocol
+from runtime_agent.images.reference import is_registry_host
 from tenants import services as tenant_services
 from tenants.errors import BerthError, Conflict, InvalidInput, PermissionDenied
 from tenants.models import QuotaUsage, Tenant
@@ -266,13 +267,6 @@ def push_target(build: Build) -> str:
     return f"{settings.BERTH_REGISTRY_HOST}/{build.tenant.slug}/{repository}:{tag}"
 
 
-def names_registry_host(image: str) -> bool:
-    """Docker's rule: a first path component with a '.' or a ':', or ``localhost``, is a
-    registry host (``127.0.0.1:5000/acme/app``); ``app:v1`` and ``team/app`` have none."""
-    first, slash, _ = image.partition("/")
-    return bool(slash) and ("." in first or ":" in first or first == "localhost")
-
-
 def resolve_image(tenant: Tenant, image: str) -> str:
     """The registry digest reference that a bare ``name[:tag]`` names, or ``""``.
 
@@ -285,7 +279,8 @@ def resolve_image(tenant: Tenant, image: str) -> str:
     resolves to nothing and is used as written (an unpushed build's tag stays pinned to
     its node, ``storage.pin_constraints``).
     """
-    if "@" in image or names_registry_host(image):
+    first, slash, _ = image.partition("/")
+    if "@" in image or (slash and is_registry_host(first)):
         return ""
     reference = (
         Build.objects.for_tenant(tenant)
