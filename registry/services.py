@@ -742,45 +742,37 @@ def digests_in_use(repo: Repository) -> set[str]:
                 found.add(reference[len(prefix) :])
 
     tenant = repo.tenant_id
-    note(
-        Service.objects.filter(tenant_id=tenant, resolved_image__startswith=prefix)
-        .exclude(state="deleted")
-        .values_list("resolved_image", flat=True)
-    )
-    note(
-        Service.objects.filter(tenant_id=tenant, image__startswith=prefix)
-        .exclude(state="deleted")
-        .values_list("image", flat=True)
-    )
-    unfinished = BatchJob.objects.filter(tenant_id=tenant, state__in=["queued", "running"])
-    note(unfinished.values_list("resolved_image", flat=True))
-    note(unfinished.values_list("image", flat=True))
-    note(
-        Container.objects.filter(tenant_id=tenant, spec__image__startswith=prefix)
-        .exclude(state__in=["removed", "lost"])
-        .values_list("spec__image", flat=True)
-    )
-    # What each service's latest deployment would roll back to.
+    # Each live service: what it names, what that resolved to, and what its latest
+    # deployment would roll back to.
     rollback = Subquery(
         Deployment.objects.filter(service=OuterRef("pk"))
         .order_by("-generation")
         .values("previous_spec")[:1],
         output_field=JSONField(),
     )
-    targets = []
-    for previous in (
-        Service.objects.filter(tenant_id=tenant, state__in=["active", "stopped"])
+    services = (
+        Service.objects.filter(tenant_id=tenant)
+        .exclude(state="deleted")
         .annotate(rollback=rollback)
-        .values_list("rollback", flat=True)
-    ):
+        .values_list("image", "resolved_image", "rollback")
+    )
+    for image, resolved, previous in services:
         if isinstance(previous, str):  # SQLite hands a subquery's JSON back as text
             try:
                 previous = json.loads(previous)
             except ValueError:
-                continue
+                previous = None
         if isinstance(previous, dict):
-            targets.append(str(previous.get("resolved_image") or previous.get("image") or ""))
-    note(targets)
+            previous = previous.get("resolved_image") or previous.get("image")
+        note([image, resolved, previous if isinstance(previous, str) else ""])
+    unfinished = BatchJob.objects.filter(tenant_id=tenant, state__in=["queued", "running"])
+    for references in unfinished.values_list("image", "resolved_image"):
+        note(references)
+    note(
+        Container.objects.filter(tenant_id=tenant, spec__image__startswith=prefix)
+        .exclude(state__in=["removed", "lost"])
+        .values_list("spec__image", flat=True)
+    )
     return found
 
 
