@@ -14,7 +14,6 @@ trip to the realm, and is never stored.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import tempfile
@@ -53,11 +52,11 @@ def token_expiry(token: str) -> float | None:
 
     Only used to renew in time: the registry verifies the token, not us.
     """
+    import jwt
+
     try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        return float(claims["exp"])
-    except (IndexError, ValueError, KeyError, TypeError):
+        return float(jwt.decode(token, options={"verify_signature": False})["exp"])
+    except (jwt.PyJWTError, KeyError, TypeError, ValueError):
         return None
 
 
