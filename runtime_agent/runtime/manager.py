@@ -394,7 +394,12 @@ class ContainerManager:
             from runtime_agent.devices.cdi import CDIRegistry
 
             CDIRegistry().apply(config, list(spec.devices))
-        apply_security_defaults(config, read_only_rootfs=spec.read_only_rootfs, user_namespace=ids)
+        apply_security_defaults(
+            config,
+            read_only_rootfs=spec.read_only_rootfs,
+            user_namespace=ids,
+            image_arch=image.config.get("architecture"),
+        )
         (directory / "config.json").write_text(json.dumps(config))
         record.args = process.args
         record.env = process.env

@@ -19,24 +19,23 @@ Things worth knowing when reading the tables:
 * ``socket`` is allowed for every address family except AF_ALG (38) and AF_VSOCK (40).
 * Syscall names unknown to the host's libseccomp are skipped by runc, so listing new
   syscalls (cachestat, mseal, ...) is harmless on older hosts.
-* On amd64 Docker lists x86_64, x86 and x32. Every listed architecture is a whole extra
-  copy of the filter that runc (libseccomp) builds at each container start; x32 alone costs
-  runc ~6 ms of CPU (~15 ms wall on a loaded node). When the running kernel was built
-  without the x32 ABI (``CONFIG_X86_X32_ABI`` unset, as on Debian's and most cloud
-  kernels) no x32 program can run and every x32 system call fails in the kernel anyway,
-  so x32 is left out: such a call then kills the calling process (libseccomp's bad-arch
-  action) instead of failing with ENOSYS/EPERM; it is refused either way. i386 (x86) stays
-  listed: 32-bit programs do run on amd64 kernels with IA32 emulation.
+* Docker lists the host's compat ABIs too (x86_64, x86 and x32 on amd64), so that 32-bit
+  programs run. Berth lists only the native ABI, plus the compat ABI of an image built for
+  it (a ``386`` image on amd64, an ``arm`` image on arm64). Each listed architecture is a
+  whole extra copy of the filter that runc (libseccomp) builds at every container start:
+  i386 alone cost ~9 ms of a 45 ms ``runc run`` here. And the 32-bit entry points (int
+  0x80 and the ia32 compat syscalls) are a kernel attack surface that a 64-bit container
+  has no use for; hardened hosts switch it off altogether (``ia32_emulation=0``). A
+  system call of an ABI the filter doesn't list kills the calling process (SIGSYS,
+  libseccomp's bad-arch action), so a 32-bit program in a 64-bit image fails at once.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
 ACT_ALLOW = "SCMP_ACT_ALLOW"
@@ -70,19 +69,25 @@ UNAME26 = 0x20000
 PER_QUERY = 0xFFFFFFFF
 ALLOWED_PERSONAS = (PER_LINUX, PER_LINUX32, UNAME26, UNAME26 | PER_LINUX32, PER_QUERY)
 
-# Our arch names (Go/libseccomp style, as used in the rules) -> OCI architectures to list
-# in the profile: the native one first, then the compat ABIs a process may switch to.
-ARCH_FAMILIES: dict[str, tuple[str, ...]] = {
-    "amd64": ("SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"),
-    "arm64": ("SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"),
-    "mips64": ("SCMP_ARCH_MIPS64", "SCMP_ARCH_MIPS", "SCMP_ARCH_MIPS64N32"),
-    "mips64n32": ("SCMP_ARCH_MIPS64N32", "SCMP_ARCH_MIPS", "SCMP_ARCH_MIPS64"),
-    "mipsel64": ("SCMP_ARCH_MIPSEL64", "SCMP_ARCH_MIPSEL", "SCMP_ARCH_MIPSEL64N32"),
-    "mipsel64n32": ("SCMP_ARCH_MIPSEL64N32", "SCMP_ARCH_MIPSEL", "SCMP_ARCH_MIPSEL64"),
-    "s390x": ("SCMP_ARCH_S390X", "SCMP_ARCH_S390"),
-    "riscv64": ("SCMP_ARCH_RISCV64",),
-    "loong64": ("SCMP_ARCH_LOONGARCH64",),
-    "ppc64le": ("SCMP_ARCH_PPC64LE",),
+# Our arch names (Go/libseccomp style, as used in the rules) -> the native OCI seccomp
+# architecture.
+NATIVE_ARCH: dict[str, str] = {
+    "amd64": "SCMP_ARCH_X86_64",
+    "arm64": "SCMP_ARCH_AARCH64",
+    "mips64": "SCMP_ARCH_MIPS64",
+    "mips64n32": "SCMP_ARCH_MIPS64N32",
+    "mipsel64": "SCMP_ARCH_MIPSEL64",
+    "mipsel64n32": "SCMP_ARCH_MIPSEL64N32",
+    "s390x": "SCMP_ARCH_S390X",
+    "riscv64": "SCMP_ARCH_RISCV64",
+    "loong64": "SCMP_ARCH_LOONGARCH64",
+    "ppc64le": "SCMP_ARCH_PPC64LE",
+}
+
+# (host arch, image architecture as OCI names it) -> the compat ABI such an image uses.
+COMPAT_IMAGE_ARCH: dict[tuple[str, str], str] = {
+    ("amd64", "386"): "SCMP_ARCH_X86",
+    ("arm64", "arm"): "SCMP_ARCH_ARM",
 }
 
 # uname -m -> our arch name.
@@ -313,23 +318,6 @@ def host_arch() -> str:
     return MACHINE_ARCH.get(machine, machine)
 
 
-@cache
-def host_has_x32_abi(config_path: str = "/proc/config.gz") -> bool:
-    """Whether the running kernel can run x32 programs (``CONFIG_X86_X32_ABI=y``).
-
-    Read from the kernel's own build configuration; when that isn't exposed the answer
-    is True (keep Docker's list). Never probed with a real x32 system call: an agent
-    running under a native-only filter (systemd ``SystemCallArchitectures=native``)
-    would be killed by the probe.
-    """
-    try:
-        with open(config_path, "rb") as fh:
-            text = zlib.decompress(fh.read(), 31)  # gzip
-    except (OSError, zlib.error):
-        return True
-    return b"\nCONFIG_X86_X32_ABI=y\n" in text
-
-
 def host_kernel() -> tuple[int, int]:
     """(major, minor) of the running kernel; suffixes such as -generic are ignored."""
     release = os.uname().release
@@ -374,21 +362,23 @@ def default_profile(
     *,
     arch: str | None = None,
     kernel: tuple[int, int] | None = None,
-    x32_abi: bool | None = None,
+    image_arch: str | None = None,
 ) -> dict[str, Any]:
     """Docker's default profile for a container with these bounding capabilities.
 
-    Returns the OCI ``linux.seccomp`` object: default action EPERM, this host's
-    architecture family, the unconditional allow-list and every conditional rule whose
-    conditions hold. ``x32_abi`` (amd64 only): list SCMP_ARCH_X32 as Docker does; by
-    default only when the running kernel supports x32 (see the module docstring).
+    Returns the OCI ``linux.seccomp`` object: default action EPERM, the unconditional
+    allow-list and every conditional rule whose conditions hold on ``arch`` (this host's
+    by default). Its architectures are the native one, and the compat ABI that
+    ``image_arch`` (the image config's ``architecture``) runs on, if it is one (see the
+    module docstring).
     """
     caps = frozenset(capabilities)
-    if x32_abi is None:
-        x32_abi = arch not in (None, host_arch()) or host_has_x32_abi()
     arch = arch or host_arch()
     kernel = kernel or host_kernel()
-    architectures = [a for a in ARCH_FAMILIES.get(arch, ()) if x32_abi or a != "SCMP_ARCH_X32"]
+    architectures = [NATIVE_ARCH[arch]] if arch in NATIVE_ARCH else []
+    compat = COMPAT_IMAGE_ARCH.get((arch, image_arch or ""))
+    if compat:
+        architectures.append(compat)
     syscalls: list[dict[str, Any]] = [{"names": sorted(ALWAYS_ALLOWED), "action": ACT_ALLOW}]
     for rule in CONDITIONAL_RULES:
         if not _matches(rule.only_if, caps, arch, kernel):

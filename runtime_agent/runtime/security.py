@@ -222,10 +222,12 @@ def apply_security_defaults(
     read_only_rootfs: bool = False,
     capabilities: Iterable[str] = DEFAULT_CAPABILITIES,
     user_namespace: IdRange | None = None,
+    image_arch: str | None = None,
 ) -> dict[str, Any]:
     """Harden an OCI runtime spec in place (and return it) for an untrusted tenant.
 
-    Sets capabilities, no-new-privileges, the seccomp profile, masked and read-only paths,
+    Sets capabilities, no-new-privileges, the seccomp profile (for the native ABI, plus
+    the compat ABI of an ``image_arch`` image such as ``386``), masked and read-only paths,
     the device allow-list, the read-only rootfs flag and, with ``user_namespace``, a user
     namespace mapping container root to the tenant's host id range.
     """
@@ -254,7 +256,7 @@ def apply_security_defaults(
     resources = linux.setdefault("resources", {})
     extra_rules = [r for r in resources.get("devices", []) if r.get("allow")]
     resources["devices"] = [dict(rule) for rule in DEFAULT_DEVICE_CGROUP_RULES] + extra_rules
-    linux["seccomp"] = seccomp.default_profile(caps)
+    linux["seccomp"] = seccomp.default_profile(caps, image_arch=image_arch)
 
     if user_namespace is not None:
         apply_user_namespace(spec, user_namespace)

@@ -8,16 +8,12 @@ by default, and the conditional rules checked one by one here.
 from __future__ import annotations
 
 import errno
-import gzip
-from pathlib import Path
 
 from runtime_agent.runtime.seccomp import (
     ALWAYS_ALLOWED,
     CLONE_NAMESPACE_FLAGS,
     allowed_syscalls,
     default_profile,
-    host_arch,
-    host_has_x32_abi,
 )
 from runtime_agent.runtime.security import DEFAULT_CAPABILITIES
 
@@ -29,33 +25,26 @@ def rules_for(profile: dict, name: str) -> list[dict]:
 
 
 def test_default_action_and_architectures_on_amd64() -> None:
-    profile = default_profile(DEFAULT_CAPABILITIES, arch="amd64", kernel=KERNEL, x32_abi=True)
+    profile = default_profile(DEFAULT_CAPABILITIES, arch="amd64", kernel=KERNEL)
     assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
     assert profile["defaultErrnoRet"] == errno.EPERM
-    assert profile["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
-    # A kernel without the x32 ABI: the same rules, without the x32 copy of the filter.
-    native = default_profile(DEFAULT_CAPABILITIES, arch="amd64", kernel=KERNEL, x32_abi=False)
-    assert native["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]
-    assert native["syscalls"] == profile["syscalls"]
+    # The native ABI only: no i386 or x32 copy of the filter for an amd64 image.
+    assert profile["architectures"] == ["SCMP_ARCH_X86_64"]
+    assert (
+        default_profile(DEFAULT_CAPABILITIES, arch="amd64", kernel=KERNEL, image_arch="amd64")
+        == profile
+    )
+    # An image built for i386 runs on the compat ABI: the same rules, one more arch.
+    i386 = default_profile(DEFAULT_CAPABILITIES, arch="amd64", kernel=KERNEL, image_arch="386")
+    assert i386["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]
+    assert i386["syscalls"] == profile["syscalls"]
     arm = default_profile(DEFAULT_CAPABILITIES, arch="arm64", kernel=KERNEL)
-    assert arm["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
-
-
-def test_x32_listed_only_when_the_kernel_has_the_x32_abi(tmp_path: Path) -> None:
-    names = iter(range(10))
-
-    def config_gz(text: str) -> str:  # a new path each time: the answer is cached per path
-        path = tmp_path / f"config{next(names)}.gz"
-        path.write_bytes(gzip.compress(text.encode()))
-        return str(path)
-
-    assert host_has_x32_abi(config_gz("CONFIG_X\nCONFIG_X86_X32_ABI=y\nCONFIG_Y=y\n"))
-    assert not host_has_x32_abi(config_gz("CONFIG_X\n# CONFIG_X86_X32_ABI is not set\n"))
-    assert host_has_x32_abi(str(tmp_path / "missing.gz"))  # unknown: keep Docker's list
-    here = default_profile(DEFAULT_CAPABILITIES)
-    if host_arch() == "amd64":
-        assert ("SCMP_ARCH_X32" in here["architectures"]) == host_has_x32_abi()
-        assert "SCMP_ARCH_X86" in here["architectures"]
+    assert arm["architectures"] == ["SCMP_ARCH_AARCH64"]
+    arm32 = default_profile(DEFAULT_CAPABILITIES, arch="arm64", kernel=KERNEL, image_arch="arm")
+    assert arm32["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
+    # An architecture that is no compat ABI of the host adds nothing.
+    other = default_profile(DEFAULT_CAPABILITIES, arch="amd64", kernel=KERNEL, image_arch="arm")
+    assert other["architectures"] == ["SCMP_ARCH_X86_64"]
 
 
 def test_unconditional_allow_list_matches_reference() -> None:

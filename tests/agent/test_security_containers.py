@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +92,32 @@ def test_container_has_default_caps_nnp_seccomp_and_cannot_mount(node: Agent) ->
         assert forbidden not in out
     assert "TIMER 0" in out and "FW 0" in out
     assert "Operation not permitted" in err or "Permission denied" in err
+
+
+def test_seccomp_filter_covers_the_images_own_abi(node: Agent) -> None:
+    """The filter lists the native ABI only; an image whose config says 386 also gets
+    the i386 ABI (its programs make 32-bit system calls)."""
+    import json
+
+    busybox = node.images.resolve("acme", "busybox")
+    config = {**busybox.config, "architecture": "386"}
+    node.images.commit("acme", "busybox-386:latest", config, busybox.layers)
+
+    def architectures(image: str) -> list[str]:
+        info = node.containers.create(
+            ContainerSpec(tenant="acme", image=image, command=("true",), network_mode="none")
+        )
+        bundle = node.containers.store.dir("acme", info.id)
+        spec = json.loads((bundle / "config.json").read_text())
+        return list(spec["linux"]["seccomp"]["architectures"])
+
+    native = architectures("busybox")
+    i386 = architectures("busybox-386")
+    if os.uname().machine == "x86_64":
+        assert native == ["SCMP_ARCH_X86_64"]
+        assert i386 == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]
+    else:
+        assert len(native) == 1
 
 
 def test_read_only_rootfs_through_the_manager(node: Agent) -> None:

@@ -375,23 +375,54 @@ X32_PROBE = """
 @pytest.mark.skipif(not HOST_PYTHON.exists(), reason="needs /usr/bin/python3 on the host")
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x32 is an x86_64 ABI")
 def test_x32_system_calls_never_run(run_container: RunFn) -> None:
-    """Whether or not the profile lists x32 (it doesn't on kernels without the x32 ABI),
-    an x32 system call is refused: an error when the filter knows x32, the calling
-    process killed (SIGSYS) when it doesn't. Native calls are unaffected."""
-    from runtime_agent.runtime.seccomp import host_has_x32_abi
-
+    """The profile lists only the native ABI: an x32 system call kills the calling
+    process (SIGSYS, libseccomp's bad-arch action). Native calls are unaffected."""
     result = run_container(X32_PROBE, python=True)
     assert result.returncode == 0, result.stderr
-    seen = json.loads(result.stdout)
-    assert seen["getpid"] == 0
-    refused = ("SIGSYS", "ENOSYS", "EPERM")
-    assert seen["x32_mount"] in refused
-    assert seen["x32_unshare"] in refused
-    if not host_has_x32_abi():
-        assert seen == {
-            "getpid": 0,
-            "x32_getpid": "SIGSYS",
-            "x32_read": "SIGSYS",
-            "x32_mount": "SIGSYS",
-            "x32_unshare": "SIGSYS",
-        }
+    assert json.loads(result.stdout) == {
+        "getpid": 0,
+        "x32_getpid": "SIGSYS",
+        "x32_read": "SIGSYS",
+        "x32_mount": "SIGSYS",
+        "x32_unshare": "SIGSYS",
+    }
+
+
+# getpid through the i386 entry point (int 0x80, eax=20), as a 32-bit program makes it:
+# "mov eax, 20; int 0x80; ret", run from an executable page.
+INT80_PROBE = """
+    import ctypes, mmap, os, signal
+    code = bytes.fromhex("b814000000cd80c3")
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    call = ctypes.CFUNCTYPE(ctypes.c_long)(address)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if call() == os.getpid() else 1)
+    status = os.waitpid(pid, 0)[1]
+    if os.WIFSIGNALED(status):
+        print(signal.Signals(os.WTERMSIG(status)).name)
+    else:
+        print("ran" if os.WEXITSTATUS(status) == 0 else "failed")
+"""
+
+
+@pytest.mark.skipif(not HOST_PYTHON.exists(), reason="needs /usr/bin/python3 on the host")
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="int 0x80 is the i386 entry")
+def test_i386_system_calls_run_only_for_i386_images(run_container: RunFn) -> None:
+    """An amd64 container's 32-bit system calls are refused (the process is killed);
+    an image built for 386 gets the i386 ABI in its filter and its calls run."""
+    from runtime_agent.runtime.seccomp import default_profile
+
+    native = run_container(INT80_PROBE, python=True)
+    assert native.returncode == 0, native.stderr
+    assert native.stdout.strip() == "SIGSYS"
+
+    def i386_image(spec: dict[str, Any]) -> None:
+        caps = spec["process"]["capabilities"]["bounding"]
+        spec["linux"]["seccomp"] = default_profile(caps, image_arch="386")
+
+    compat = run_container(INT80_PROBE, python=True, mutate=i386_image)
+    assert compat.returncode == 0, compat.stderr
+    assert compat.stdout.strip() == "ran"
