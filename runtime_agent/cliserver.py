@@ -3,9 +3,12 @@
 A ``berth-agent`` command spends most of its life starting Python and importing the
 agent (pyroute2 alone costs over 100 ms), not running the container. docker solves this
 with a thin client and a daemon; Berth does the same without a second API: the resident
-server has every module imported and, for each command, forks a child that becomes the
-command. The client (``berth-agent`` itself, see :func:`forward`) connects to the
-server's unix socket and hands over
+server has every module imported and, for each command, a child forked from it becomes
+the command. The child is forked *before* the command arrives (a "spare", waiting on a
+socket pair for the accepted connection), so the ~3 ms fork of a large process is off the
+command's path; the server forks the next spare while the command runs. The client
+(``berth-agent`` itself, see :func:`forward`) connects to the server's unix socket and
+hands over
 
 * its stdin, stdout and stderr as file descriptors (``SCM_RIGHTS``): the child writes
   straight to the user's terminal or pipe and reads its stdin (``build -``, ``load``,
@@ -232,25 +235,110 @@ def serve(run_root: Path) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     listener.settimeout(0.5)  # how soon a stop signal is noticed
+    spare: _Spare | None = None
     try:
         while not stopping:
+            if spare is None:
+                spare = _Spare.fork(listener)
             try:
                 conn, _ = listener.accept()
             except (TimeoutError, InterruptedError):
                 continue
             try:
-                _spawn(conn, listener)
+                if not spare.take(conn):  # it died (killed?): the next one serves
+                    spare = _Spare.fork(listener)
+                    if not spare.take(conn):
+                        sys.stderr.write("berth-agent serve: no child took the command\n")
             except Exception as exc:  # one bad request must not stop the server
                 sys.stderr.write(f"berth-agent serve: {exc}\n")
             finally:
                 conn.close()
+                spare.close()
+                spare = None
     finally:
+        if spare is not None:
+            spare.close()  # it sees EOF and exits
         listener.close()
         try:
             if path.stat().st_ino == inode:  # not a newer server's socket
                 path.unlink()
         except FileNotFoundError:
             pass
+
+
+class _Spare:
+    """A child forked ahead of time that waits for one connection, then becomes its
+    command. The server's end of the socket pair hands the connection over; closing it
+    without doing so makes the child exit."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    def fork(cls, listener: socket.socket) -> _Spare:
+        import socket
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 125
+            try:
+                listener.close()
+                ours.close()
+                code = _wait_and_serve(theirs)
+            finally:
+                os._exit(code)
+        theirs.close()
+        return cls(ours)
+
+    def take(self, conn: socket.socket) -> bool:
+        """Hand ``conn`` over; False when the child is gone."""
+        import socket
+
+        try:
+            socket.send_fds(self.sock, [b"c"], [conn.fileno()])
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _wait_and_serve(pair: socket.socket) -> int:
+    """In a spare: wait for the server to hand over a connection and serve it."""
+    import signal
+    import socket
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.setsid()  # out of the server's session and process group
+    try:
+        _data, fds, _flags, _addr = socket.recv_fds(pair, 1, 1)
+    except OSError:
+        return 0
+    finally:
+        pair.close()
+    if not fds:
+        return 0  # the server stopped, or forked a newer spare
+    conn = socket.socket(fileno=fds[0])
+    code = 125
+    try:
+        if not _peer_allowed(conn):
+            return code  # the client sees EOF and reports the refusal
+        body, stdio = _receive(conn)
+        code = _child(conn, body, stdio)
+    except BaseException as exc:
+        try:
+            os.write(2, f"berth-agent: {exc}\n".encode())
+        except OSError:
+            pass
+    finally:
+        try:
+            conn.sendall(b"%d\n" % code)
+        except OSError:
+            pass
+    return code
 
 
 def _thread_count() -> int:
@@ -324,43 +412,11 @@ def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
     return bytes(buffer), fds
 
 
-def _spawn(conn: socket.socket, listener: socket.socket) -> None:
-    if not _peer_allowed(conn):
-        return  # the client sees EOF and reports the refusal
-    body, fds = _receive(conn)
-    try:
-        pid = os.fork()
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    if pid == 0:  # the child: becomes the command, never returns
-        code = 125
-        try:
-            listener.close()
-            code = _child(conn, body, fds)
-        except BaseException as exc:
-            try:
-                os.write(2, f"berth-agent: {exc}\n".encode())
-            except OSError:
-                pass
-        finally:
-            try:
-                conn.sendall(b"%d\n" % code)
-            except OSError:
-                pass
-            os._exit(code)
-    for fd in fds:
-        os.close(fd)
-
-
 def _child(conn: socket.socket, body: bytes, fds: list[int]) -> int:
     import signal
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    os.setsid()  # out of the server's session and process group
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -396,4 +452,3 @@ def _child(conn: socket.socket, body: bytes, fds: list[int]) -> int:
             except (OSError, ValueError):
                 pass
     return code & 0xFF
-

@@ -18,8 +18,16 @@ def entry_point() -> int:
 
     argv = sys.argv[1:]
     code = forward(argv)
-    if code is None:
-        from runtime_agent.cli.main import main as run_in_process
+    if code is not None:
+        # Served: nothing of this interpreter needs tearing down (~2 ms of finalisation).
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        import os
 
-        code = run_in_process(argv)
-    return code
+        os._exit(code)
+    from runtime_agent.cli.main import main as run_in_process
+
+    return run_in_process(argv)

@@ -83,10 +83,17 @@ def cli(env: dict[str, str], server: subprocess.Popen[bytes]) -> Cli:
 
 
 def test_the_client_hands_the_command_over(env: dict[str, str], cli: Cli) -> None:
+    # A served command ends the client with os._exit (no interpreter teardown): report
+    # from there as well as after a normal return.
     probe = (
-        "import sys, runtime_agent.cli as c; sys.argv = ['berth-agent', 'images'];"
-        " code = c.entry_point(); sys.stdout.flush();"
-        " print('in-process' if 'runtime_agent.cli.main' in sys.modules else 'served', code)"
+        "import os, sys, runtime_agent.cli as c; sys.argv = ['berth-agent', 'images']\n"
+        "def report(code):\n"
+        "    sys.stdout.flush()\n"
+        "    where = 'in-process' if 'runtime_agent.cli.main' in sys.modules else 'served'\n"
+        "    print(where, code, flush=True)\n"
+        "real_exit = os._exit\n"
+        "os._exit = lambda code: (report(code), real_exit(code))\n"
+        "report(c.entry_point())\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
@@ -182,9 +189,14 @@ def test_a_killed_command_is_reported_not_hung(
         text=True,
     )
     until(lambda: "victim" in cli("ps").stdout, timeout=30)
-    # The command runs in a child the server forked (not in the client).
+    # The command runs in a child the server forked (not in the client): the one writing
+    # to the client's stdout (the other child is the spare waiting for the next command).
+    assert client.stdout is not None
+    pipe = f"pipe:[{os.fstat(client.stdout.fileno()).st_ino}]"
     (command,) = [
-        p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == server.pid
+        p
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _parent(p) == server.pid and os.readlink(p / "fd/1") == pipe
     ]
     os.kill(int(command.name), signal.SIGKILL)
     assert client.wait(timeout=30) == 125
@@ -232,6 +244,34 @@ def test_stopping_the_server_falls_back_in_process(
     assert not Path(cliserver.socket_path(agent_config.run_root)).exists()
     result = cli("run", "--rm", "busybox", "echo", "still works")
     assert (result.returncode, result.stdout) == (0, "still works\n")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == pid]
+
+
+def test_a_spare_child_is_forked_ahead_and_replaced(
+    server: subprocess.Popen[bytes], cli: Cli
+) -> None:
+    """The server keeps one child forked ahead of the next command; a command takes it
+    and a new one is forked. A spare that died is replaced, and stopping the server
+    ends the spare too (nothing is left running)."""
+    until(lambda: len(_children(server.pid)) == 1)
+    (spare,) = _children(server.pid)
+    assert cli("ps").returncode == 0
+    until(lambda: len(_children(server.pid)) == 1 and spare not in _children(server.pid))
+    (second,) = _children(server.pid)
+    os.kill(second, signal.SIGKILL)
+    until(lambda: not Path(f"/proc/{second}").exists())  # reaped by the kernel (SIGCHLD ignored)
+    result = cli("run", "--rm", "busybox", "echo", "served")
+    assert (result.returncode, result.stdout) == (0, "served\n")
+    until(lambda: len(_children(server.pid)) == 1)
+    (third,) = _children(server.pid)
+    server.terminate()
+    assert server.wait(timeout=10) == 0
+    until(lambda: not Path(f"/proc/{third}").exists())
+    assert server.stderr is not None
+    assert b"no child took" not in server.stderr.read()
 
 
 def test_request_encoding_round_trips_odd_text() -> None:
