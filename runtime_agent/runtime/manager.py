@@ -24,6 +24,7 @@ import select
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -55,6 +56,23 @@ if TYPE_CHECKING:
 
     from runtime_agent.agent import Agent
     from runtime_agent.cgroups import CgroupDriver, CgroupStats
+    from runtime_agent.network import NetworkSetup
+
+_background_pool: ThreadPoolExecutor | None = None
+
+
+def _background() -> ThreadPoolExecutor:
+    """Threads for the network work that overlaps the rest of create and rm.
+
+    Made on first use, so a process that only imports this module (the CLI server,
+    which must fork from a single thread) has none. The threads live as long as the
+    process: NetworkManager keeps a netlink socket per thread.
+    """
+    global _background_pool
+    if _background_pool is None:
+        _background_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="berth-net")
+    return _background_pool
+
 
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
@@ -301,66 +319,25 @@ class ContainerManager:
         from runtime_agent.runtime.security import apply_security_defaults
 
         directory = self.store.dir(record.tenant, record.id)
-        # --rm: a disposable rootfs, mounted volatile so removing it needn't sync the disk.
-        # Not with a user namespace: idmap_snapshot re-mounts the same upper without the
-        # flag, which overlayfs refuses once a volatile mount left its marker.
-        volatile = spec.auto_remove and not spec.user_namespace
-        rootfs = self.agent.snapshots.prepare(record.snapshot_key, image, volatile=volatile)
-        ids = None
-        if spec.user_namespace:
-            from runtime_agent.runtime.security import ensure_traversable, user_namespace_for
-
-            ids = user_namespace_for(self.agent, record.tenant, record.snapshot_key)
-            ensure_traversable(directory)
         hostname = spec.hostname or record.id[:12]
-        process = oci.merge_image_config(spec, image.container_config, hostname)
-        user = oci.lookup_user(rootfs, process.user)
-        oci.find_command(rootfs, process.args[0], process.env, process.cwd)
-        limits = spec.limits
-        needs_device = any(
-            getattr(limits, f) is not None
-            for f in (
-                "device_read_bps",
-                "device_write_bps",
-                "device_read_iops",
-                "device_write_iops",
+        # The network (netns, veth, addresses, DNS) is set up meanwhile, in a thread: it
+        # needs nothing from the rootfs, and the two together take longer than either.
+        attaching = None
+        if spec.network_mode != "none":  # "none": runc makes a netns with only loopback
+            attaching = _background().submit(self._attach_network, record, spec, hostname)
+        try:
+            rootfs, ids, process, user, resources, mounts = self._prepare_rootfs(
+                record, spec, image, hostname
             )
-        )
-        device = self.agent.snapshots.device(record.snapshot_key) if needs_device else None
-        resources = oci.linux_resources(limits, device)
-        mounts: list[dict[str, Any]] = []
-        if spec.mounts:
-            mounts += self.agent.volumes.oci_mounts(
-                record.tenant,
-                spec.mounts,
-                privileged_caller=spec.privileged_caller,
-                container_id=record.id,
-                user_namespace=ids,
-                idmap_dir=directory / "idmap" if ids is not None else None,
-            )
-            record.volumes = [m.source for m in spec.mounts if m.kind == "volume"]
-        self.cgroups.ensure_tenant(record.tenant)
-        self._check_tenant_caps(record.tenant, limits)
+        except BaseException:
+            if attaching is not None:
+                with contextlib.suppress(Exception):
+                    self._settle_network(record, attaching)  # so that _cleanup detaches it
+            raise
         netns_path: str | None = None
         resolv = hosts = None
-        if spec.network_mode != "none":  # "none": runc makes a netns with only loopback
-            try:
-                setup = self.agent.networks.attach(
-                    record.tenant,
-                    record.id,
-                    hostname,
-                    spec.networks,
-                    spec.ports,
-                    name=record.name,
-                    mode=spec.network_mode,
-                    privileged_caller=spec.privileged_caller,
-                    ingress_bps=spec.limits.network_ingress_bps,
-                    egress_bps=spec.limits.network_egress_bps,
-                )
-            except OSError as exc:  # netlink/kernel failures below the network manager
-                raise RuntimeFailure(f"attaching the container's network failed: {exc}") from exc
-            record.network = {"mode": spec.network_mode, "addresses": dict(setup.addresses)}
-            self.store.save(record)
+        if attaching is not None:
+            setup = self._settle_network(record, attaching)
             netns_path = setup.netns_path
             resolv, hosts = setup.resolv_conf, setup.hosts
         etc_files = {
@@ -408,6 +385,87 @@ class ContainerManager:
         record.hostname = hostname
         record.stop_signal = process.stop_signal
         record.cgroups_path = config["linux"]["cgroupsPath"]
+
+    def _prepare_rootfs(
+        self, record: ContainerRecord, spec: protocol.ContainerSpec, image: Any, hostname: str
+    ) -> tuple[Path, Any, Any, Any, dict[str, Any], list[dict[str, Any]]]:
+        """The container's root filesystem mounted, and what the OCI config needs from it
+        and from the spec: (rootfs, user-namespace ids, process, user, resources, mounts).
+        """
+        from runtime_agent.runtime import spec as oci
+
+        directory = self.store.dir(record.tenant, record.id)
+        # --rm: a disposable rootfs, mounted volatile so removing it needn't sync the disk.
+        # Not with a user namespace: idmap_snapshot re-mounts the same upper without the
+        # flag, which overlayfs refuses once a volatile mount left its marker.
+        volatile = spec.auto_remove and not spec.user_namespace
+        rootfs = self.agent.snapshots.prepare(record.snapshot_key, image, volatile=volatile)
+        ids = None
+        if spec.user_namespace:
+            from runtime_agent.runtime.security import ensure_traversable, user_namespace_for
+
+            ids = user_namespace_for(self.agent, record.tenant, record.snapshot_key)
+            ensure_traversable(directory)
+        process = oci.merge_image_config(spec, image.container_config, hostname)
+        user = oci.lookup_user(rootfs, process.user)
+        oci.find_command(rootfs, process.args[0], process.env, process.cwd)
+        limits = spec.limits
+        needs_device = any(
+            getattr(limits, f) is not None
+            for f in (
+                "device_read_bps",
+                "device_write_bps",
+                "device_read_iops",
+                "device_write_iops",
+            )
+        )
+        device = self.agent.snapshots.device(record.snapshot_key) if needs_device else None
+        resources = oci.linux_resources(limits, device)
+        mounts: list[dict[str, Any]] = []
+        if spec.mounts:
+            mounts += self.agent.volumes.oci_mounts(
+                record.tenant,
+                spec.mounts,
+                privileged_caller=spec.privileged_caller,
+                container_id=record.id,
+                user_namespace=ids,
+                idmap_dir=directory / "idmap" if ids is not None else None,
+            )
+            record.volumes = [m.source for m in spec.mounts if m.kind == "volume"]
+        self.cgroups.ensure_tenant(record.tenant)
+        self._check_tenant_caps(record.tenant, limits)
+        return rootfs, ids, process, user, resources, mounts
+
+    def _attach_network(
+        self, record: ContainerRecord, spec: protocol.ContainerSpec, hostname: str
+    ) -> NetworkSetup:
+        try:
+            return self.agent.networks.attach(
+                record.tenant,
+                record.id,
+                hostname,
+                spec.networks,
+                spec.ports,
+                name=record.name,
+                mode=spec.network_mode,
+                privileged_caller=spec.privileged_caller,
+                ingress_bps=spec.limits.network_ingress_bps,
+                egress_bps=spec.limits.network_egress_bps,
+            )
+        except OSError as exc:  # netlink/kernel failures below the network manager
+            raise RuntimeFailure(f"attaching the container's network failed: {exc}") from exc
+
+    def _settle_network(
+        self, record: ContainerRecord, attaching: Future[NetworkSetup]
+    ) -> NetworkSetup:
+        """Wait for the attach; once it succeeded the record says so (rm detaches it)."""
+        setup = attaching.result()
+        record.network = {
+            "mode": record.spec.get("network_mode"),
+            "addresses": dict(setup.addresses),
+        }
+        self.store.save(record)
+        return setup
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -610,9 +668,11 @@ class ContainerManager:
             except Exception as exc:
                 errors.append(exc)
 
-        attempt(self._forget_runc_state, record)
+        # The network goes meanwhile, in a thread (it needs nothing of the rest).
+        detaching = None
         if record.network is not None:
-            attempt(self._detach_network, record)
+            detaching = _background().submit(self._detach_network, record)
+        attempt(self._forget_runc_state, record)
         if record.volumes or record.spec.get("mounts"):
             idmap_dir = self.store.dir(record.tenant, record.id) / "idmap"
             if idmap_dir.exists():  # user-namespaced volume views, kept until rm
@@ -621,6 +681,8 @@ class ContainerManager:
         attempt(self.agent.snapshots.remove, record.snapshot_key)
         socket_dir = self.config.run_root / "conmon" / record.runc_id
         attempt(shutil.rmtree, socket_dir, True)
+        if detaching is not None:
+            attempt(detaching.result)
         if not errors:  # entries conmon removes meanwhile are fine (see remove())
             attempt(_remove_dir, self.store.dir(record.tenant, record.id))
         if errors:

@@ -86,6 +86,29 @@ def test_unknown_user_and_missing_command_fail_without_leftovers(rt: Agent) -> N
     ]
 
 
+def test_a_create_failing_while_its_network_attaches_leaves_no_endpoint(rt: Agent) -> None:
+    """The network is attached in a thread while the rootfs is prepared: when the rootfs
+    side fails, the attach is waited for and undone with the rest."""
+    c = rt.containers
+    bridge = {"network_mode": "bridge"}
+    with pytest.raises(CommandNotFound):
+        c.create(spec(["nosuchcommand"], **bridge))
+    with pytest.raises(InvalidArgument, match="unable to find user"):
+        c.create(spec("true", user="nosuchuser", **bridge))
+    assert c.list("default", all=True) == []
+    assert rt.networks.endpoints("default") == []
+    assert rt.networks.inspect("default", "default").containers == ()
+    assert not list((rt.config.snapshots_dir / "active").glob("*"))
+    # and the network is in order for the next container
+    info = c.run(spec("ip -4 -o addr show eth0", **bridge))
+    assert c.wait("default", info.id, timeout=20) == 0
+    (line,) = [e.line.decode() for e in c.logs("default", info.id)]
+    assert "inet 10." in line
+    c.remove("default", info.id)
+    assert leftovers(rt, "default", info.id) == []
+    assert rt.networks.endpoints("default") == []
+
+
 def test_lifecycle_state_machine(rt: Agent) -> None:
     c = rt.containers
     info = c.create(spec("sleep 300", name="life"))
