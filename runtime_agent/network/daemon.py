@@ -438,7 +438,9 @@ class Daemon:
             log.warning("state %s is gone: removing this agent's network objects", self.store.path)
             from runtime_agent.network.manager import sweep_kernel_objects
 
-            await asyncio.to_thread(sweep_kernel_objects, self.agent_name)
+            # the manager's netns directory: <run_root>/netns next to <run_root>/network
+            netns_dir = self.run_dir.parent / "netns"
+            await asyncio.to_thread(sweep_kernel_objects, self.agent_name, netns_dir)
             self.stop.set()
 
     async def run(self) -> None:

@@ -13,6 +13,9 @@ agents (and tests) share a machine without touching each other's objects, and
   host veth  <prefix>v<hash6>    (one per container interface; inside: eth0, eth1, ...)
   netns      <run_root>/netns/<container id>
   nft table  ip <config.name>
+
+A recycled namespace keeps the name it was made with (after another container's id), so
+the netns path and host veth of an endpoint are read from its record, never re-derived.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import errno
 import fcntl
 import hashlib
 import ipaddress
+import itertools
 import os
 import re
 import secrets
@@ -56,9 +60,12 @@ from runtime_agent.network.netns import (
     netns_iproute,
     open_netns,
     release_netns_dir,
+    scrub_if_clean,
 )
 from runtime_agent.network.state import (
+    IDLE_OWNER,
     EndpointRecord,
+    IdleRecord,
     InterfaceRecord,
     NetworkRecord,
     PortRecord,
@@ -77,6 +84,10 @@ SUBNET_LOCK = Path("/run/lock/berth-network-subnets.lock")
 # How long the kernel gets to delete the veth pair of a deleted netns before a later
 # operation deletes the host end itself (something still holds the netns).
 DOOMED_GRACE = 5.0
+# Idle namespaces kept per network for the next container (BERTH_NETNS_POOL, 0 = off),
+# and how long one may stay idle before a later operation destroys it.
+DEFAULT_NETNS_POOL = 4
+IDLE_TTL = 60.0
 LOCAL_RESOLV = "options ndots:0\n"
 
 
@@ -91,6 +102,18 @@ def kernel_prefix(name: str) -> str:
     digest = hashlib.sha256(name.encode()).hexdigest()
     head = re.sub(r"[^a-z0-9]", "", name.lower())[:4]
     return head + digest[: 8 - len(head)]
+
+
+def mac_for(address: str) -> str:
+    """The MAC of an interface with this IPv4 address: 02:42 and the address, as Docker does.
+
+    Neighbour entries learnt for an address stay right when it moves to another
+    container, which matters most in a recycled namespace: it keeps the entries its
+    previous container learnt. (Subnets never overlap on a node, so no two interfaces
+    share one.) Bridges get the MAC of their gateway address the same way, fixed, so
+    it doesn't follow the lowest MAC of their ports as ports come and go.
+    """
+    return "02:42:" + ":".join(f"{byte:02x}" for byte in ipaddress.IPv4Address(address).packed)
 
 
 @dataclass(frozen=True)
@@ -215,6 +238,7 @@ class NetworkManager:
         pool: str | None = None,
         subnet_prefix: int | None = None,
         dns_upstreams: Sequence[str] | None = None,
+        netns_pool: int | None = None,
     ) -> None:
         self.config = config
         self.prefix = kernel_prefix(config.name)
@@ -236,6 +260,11 @@ class NetworkManager:
         if dns_upstreams is None and "BERTH_DNS_UPSTREAMS" in os.environ:
             dns_upstreams = [u for u in os.environ["BERTH_DNS_UPSTREAMS"].split(",") if u]
         self.dns_upstreams = list(dns_upstreams) if dns_upstreams is not None else None
+        if netns_pool is None:
+            netns_pool = int(os.environ.get("BERTH_NETNS_POOL", DEFAULT_NETNS_POOL))
+        if netns_pool < 0:
+            raise InvalidArgument(f"BERTH_NETNS_POOL must be 0 or more, not {netns_pool}")
+        self.netns_pool = netns_pool
         self._netns_dir_ready = False
         self._local = threading.local()
 
@@ -261,12 +290,38 @@ class NetworkManager:
             raise ResourceExhausted("no bridge names left for this agent")
         return name
 
-    def _veth_names(self, container_id: str, network_id: str) -> tuple[str, str]:
-        digest = hashlib.sha256(f"{container_id}/{network_id}".encode()).hexdigest()[:6]
-        return f"{self.prefix}v{digest}", f"{self.prefix}c{digest}"
+    def _host_veth_name(self, state: State, container_id: str, network_id: str) -> str:
+        """``<prefix>v<hash6>`` of container and network, unlike any veth in the state.
+
+        A recycled namespace keeps its veth (named after the container it was made for),
+        so that container's next attachment must not reuse the name.
+        """
+        taken = {i.host_veth for e in state.endpoints.values() for i in e.interfaces}
+        taken.update(entry.host_veth for entry in state.idle)
+        for attempt in itertools.count():
+            key = f"{container_id}/{network_id}" + (f"/{attempt}" if attempt else "")
+            name = f"{self.prefix}v{hashlib.sha256(key.encode()).hexdigest()[:6]}"
+            if name not in taken:
+                return name
+        raise AssertionError("unreachable")
 
     def netns_path(self, container_id: str) -> Path:
+        """Where a new namespace for the container goes (an endpoint's own is its record's)."""
         return self.config.netns_dir / container_id
+
+    def _fresh_netns_path(self, state: State, container_id: str) -> Path:
+        """``netns_path(container_id)``, or a variant when a recycled namespace has it."""
+        path = self.netns_path(container_id)
+        if self._netns_owned(state, path):
+            path = path.with_name(f"{container_id}-{secrets.token_hex(4)}")
+        return path
+
+    @staticmethod
+    def _netns_owned(state: State, path: Path) -> bool:
+        text = str(path)
+        return any(e.netns == text for e in state.endpoints.values()) or any(
+            entry.netns == text for entry in state.idle
+        )
 
     @property
     def _docker_tag(self) -> str:
@@ -385,7 +440,10 @@ class NetworkManager:
         return self._network_view(state, self._get(state, tenant, name))
 
     def remove(self, tenant: str, name: str) -> None:
-        """Remove a network; refused while containers are attached to it."""
+        """Remove a network; refused while containers are attached to it.
+
+        Its idle namespaces (see ``detach``) don't count as users: they go with it.
+        """
         with self.store.locked() as state:
             record = self._get(state, tenant, name)
             users = [
@@ -398,10 +456,13 @@ class NetworkManager:
                     f"network {name!r} has containers attached: {', '.join(sorted(users))}; "
                     "remove or disconnect them first"
                 )
+            self._destroy_idle(state, [e for e in state.idle if e.network == record.id])
             self._reap_doomed(state, wait=True)
             with self._host() as ipr:
                 _delete_link(ipr, record.bridge)
             del state.networks[record.id]
+            if not state.endpoints and not state.idle:
+                self._release_netns_dir()
         state = self.store.load()
         self._apply_firewall(state)
         self._sync_daemon()
@@ -486,8 +547,14 @@ class NetworkManager:
             if rate is not None and rate < 8000:
                 raise InvalidArgument("bandwidth limits start at 8000 bit/s")
         ports = [_check_port(p) for p in ports]
+        # A look at the state without the lock: whether an idle namespace can be claimed
+        # (then none is made) and which path a new one gets. Both are decided again
+        # under the lock; this only saves making a namespace for nothing.
+        peek = self.store.load()
         if mode == "bridge" and not attachments:
-            self.ensure_default(tenant)
+            if peek.network(tenant, DEFAULT_NETWORK) is None:
+                self.ensure_default(tenant)
+                peek = self.store.load()
             attachments = [NetworkAttachment(network=DEFAULT_NETWORK)]
         names = [a.network for a in attachments]
         if len(set(names)) != len(names):
@@ -497,13 +564,15 @@ class NetworkManager:
                 _check_alias(alias)
 
         undo = _Undo()
-        # The namespace is made in the background (the kernel work overlaps the state
-        # bookkeeping below); every path that doesn't use it discards it.
-        path = self.netns_path(container_id)
         if not self._netns_dir_ready:
             ensure_netns_dir(self.config.netns_dir)
             self._netns_dir_ready = True
-        pending = _Pending(path)
+        # Unless an idle namespace can be claimed, a new one is made in the background
+        # (the kernel work overlaps the state bookkeeping below); every path that doesn't
+        # use it discards it.
+        pending = None
+        if self._idle_for(peek, tenant, mode, attachments) is None:
+            pending = _Pending(self._fresh_netns_path(peek, container_id))
         try:
             state, endpoint = self._attach_locked(
                 tenant,
@@ -518,10 +587,30 @@ class NetworkManager:
                 pending,
                 undo,
             )
-        except BaseException:
-            pending.discard()
-            raise
+        finally:
+            if pending is not None:
+                pending.discard()
         return self._setup_view(state, endpoint)
+
+    def _idle_for(
+        self, state: State, tenant: str, mode: str, attachments: Sequence[NetworkAttachment]
+    ) -> IdleRecord | None:
+        """The idle namespace a container with these attachments would claim, if any.
+
+        Only a single attachment can claim one (the entry has exactly one interface), and
+        only on the same network of the same tenant, at the address it asked for if any.
+        The newest entry first: the older ones then expire when traffic drops.
+        """
+        if self.netns_pool == 0 or mode != "bridge" or len(attachments) != 1:
+            return None
+        network = state.network(tenant, attachments[0].network)
+        if network is None:
+            return None
+        wanted = attachments[0].ipv4_address
+        for entry in reversed(state.idle):
+            if entry.network == network.id and (not wanted or wanted == entry.address):
+                return entry
+        return None
 
     def _attach_locked(
         self,
@@ -534,28 +623,60 @@ class NetworkManager:
         mode: str,
         ingress_bps: int | None,
         egress_bps: int | None,
-        pending: _Pending,
+        pending: _Pending | None,
         undo: _Undo,
     ) -> tuple[State, EndpointRecord]:
         with self.store.locked(durable=False) as state:
             if container_id in state.endpoints:
                 raise AlreadyExists(f"container {container_id[:12]} already has networking")
             self._reap_doomed(state)
+            self._expire_idle(state)
             networks = [self._get(state, tenant, a.network) for a in attachments]
             endpoint = EndpointRecord(
                 container_id=container_id,
                 tenant=tenant,
                 name=name,
                 hostname=hostname,
-                netns=str(self.netns_path(container_id)),
+                netns="",
                 mode=mode,
                 ingress_bps=ingress_bps,
                 egress_bps=egress_bps,
             )
-            for index, (attachment, network) in enumerate(zip(attachments, networks, strict=True)):
+            # in the state from here on, so its veth names count as taken
+            state.endpoints[container_id] = endpoint
+            claimed = None
+            if pending is None:
+                claimed = self._claim_idle(state, tenant, mode, attachments)
+            if claimed is not None:
+                endpoint.netns = claimed.netns
+                network = networks[0]
+                network.allocated[claimed.address] = container_id
                 endpoint.interfaces.append(
-                    self._allocate_interface(state, network, container_id, attachment, index)
+                    InterfaceRecord(
+                        network=network.id,
+                        ifname="eth0",
+                        host_veth=claimed.host_veth,
+                        address=claimed.address,
+                        prefixlen=ipaddress.IPv4Network(network.subnet).prefixlen,
+                        gateway=network.gateway,
+                        mac=claimed.mac,
+                        aliases=list(attachments[0].aliases),
+                    )
                 )
+                # a failure from here on destroys the namespace rather than returning it
+                undo.netns = Path(claimed.netns)
+                undo.veths.append(claimed.host_veth)
+            else:
+                if pending is not None and not self._netns_owned(state, pending.path):
+                    endpoint.netns = str(pending.path)
+                else:
+                    endpoint.netns = str(self._fresh_netns_path(state, container_id))
+                for index, (attachment, network) in enumerate(
+                    zip(attachments, networks, strict=True)
+                ):
+                    endpoint.interfaces.append(
+                        self._allocate_interface(state, network, container_id, attachment, index)
+                    )
             if endpoint.interfaces:
                 first = endpoint.interfaces[0].address
                 endpoint.ports = self._allocate_ports(state, ports, first)
@@ -563,7 +684,15 @@ class NetworkManager:
             # write-ahead: addresses and ports are taken from here on
             self.store.save(state, durable=False)
             try:
-                self._build_endpoint(state, endpoint, undo, pending)
+                if claimed is None:
+                    self._build_endpoint(state, endpoint, undo, pending)
+                elif ingress_bps or egress_bps:
+                    inside = open_netns(Path(endpoint.netns))
+                    try:
+                        with self._host() as ipr:
+                            _limit_bandwidth(ipr, inside, endpoint.interfaces[0], endpoint)
+                    finally:
+                        inside.close()
                 if endpoint.ports:
                     self._apply_firewall(state)
                 self._sync_daemon(expect_ports=endpoint.ports)
@@ -571,6 +700,20 @@ class NetworkManager:
                 self._rollback_endpoint(state, endpoint, undo)
                 raise
         return state, endpoint
+
+    def _claim_idle(
+        self, state: State, tenant: str, mode: str, attachments: Sequence[NetworkAttachment]
+    ) -> IdleRecord | None:
+        """Take an idle namespace for these attachments out of the pool (see ``_idle_for``).
+
+        Entries whose namespace or veth vanished are destroyed on the way.
+        """
+        while (entry := self._idle_for(state, tenant, mode, attachments)) is not None:
+            state.idle.remove(entry)
+            if is_netns(Path(entry.netns)) and _link_exists(entry.host_veth):
+                return entry
+            self._destroy_idle(state, [entry])
+        return None
 
     def _allocate_interface(
         self,
@@ -607,7 +750,7 @@ class NetworkManager:
             if not address:
                 raise ResourceExhausted(f"network {network.name!r} ({subnet}) has no free address")
         network.allocated[address] = container_id
-        host_veth, _peer = self._veth_names(container_id, network.id)
+        host_veth = self._host_veth_name(state, container_id, network.id)
         return InterfaceRecord(
             network=network.id,
             ifname=f"eth{index}",
@@ -615,6 +758,7 @@ class NetworkManager:
             address=address,
             prefixlen=subnet.prefixlen,
             gateway=network.gateway,
+            mac=mac_for(address),
             aliases=list(attachment.aliases),
         )
 
@@ -652,16 +796,19 @@ class NetworkManager:
         return records
 
     def _build_endpoint(
-        self, state: State, endpoint: EndpointRecord, undo: _Undo, pending: _Pending
+        self, state: State, endpoint: EndpointRecord, undo: _Undo, pending: _Pending | None
     ) -> None:
         path = Path(endpoint.netns)
-        try:
-            inside = pending.result()
-        except FileExistsError:
-            # A leftover of a crash between mount and state clean-up: nobody owns it
-            # (the endpoint isn't in the state), so replace it.
-            delete_netns(path)
+        if pending is None or pending.path != path:
             inside = create_netns(path)
+        else:
+            try:
+                inside = pending.result()
+            except FileExistsError:
+                # A leftover of a crash between mount and state clean-up: nobody owns it
+                # (no endpoint or idle entry has this path), so replace it.
+                delete_netns(path)
+                inside = create_netns(path)
         undo.netns = path
         try:
             with self._host() as ipr:
@@ -684,7 +831,7 @@ class NetworkManager:
         undo: _Undo,
     ) -> None:
         """Make the veth pair for one interface, bridge one end, configure the other."""
-        host_veth, _peer = self._veth_names(Path(netns).name, network.id)
+        host_veth = iface.host_veth
         bridge = _link_index(ipr, network.bridge)
         if bridge is None:
             raise FailedPrecondition(
@@ -695,13 +842,16 @@ class NetworkManager:
         try:
             # The container end is made inside the netns under its final name, and the
             # host end is bridged and up from the start: fewer netlink round trips.
+            peer: dict[str, object] = {"ifname": iface.ifname, "net_ns_fd": fd, "mtu": network.mtu}
+            if iface.mac:
+                peer["address"] = iface.mac
             spec = {
                 "ifname": host_veth,
                 "kind": "veth",
                 "mtu": network.mtu,
                 "master": bridge,
                 "state": "up",
-                "peer": {"ifname": iface.ifname, "net_ns_fd": fd, "mtu": network.mtu},
+                "peer": peer,
             }
             try:
                 ipr.link("add", **spec)
@@ -743,15 +893,24 @@ class NetworkManager:
                 del network.allocated[iface.address]
 
     def detach(self, tenant: str, container_id: str) -> None:
-        """Remove a container's interfaces, ports, DNS names and netns; idempotent."""
+        """Remove a container's interfaces, ports, DNS names and netns; idempotent.
+
+        A plain endpoint (one interface, no published ports, no bandwidth limits) whose
+        namespace holds no socket any more is kept instead, as an idle entry of its
+        network, for the next container there (``attach`` claims it): its veth pair,
+        address and default route stay, which saves that container the namespace and
+        veth set-up and the kernel the asynchronous destruction of both.
+        """
         with self.store.locked(durable=False) as state:
             endpoint = state.endpoints.get(container_id)
             if endpoint is not None and endpoint.tenant != tenant:
                 raise NotFound(f"container {container_id[:12]} not found for tenant {tenant!r}")
             had_ports = bool(endpoint and endpoint.ports)
             self._reap_doomed(state)
-            self._teardown_endpoint(state, container_id, endpoint, wait=False)
-            if not state.endpoints:
+            self._expire_idle(state)
+            if endpoint is None or not self._keep_idle(state, endpoint):
+                self._teardown_endpoint(state, container_id, endpoint, wait=False)
+            if not state.endpoints and not state.idle:
                 self._release_netns_dir()
         if endpoint is None:
             return
@@ -781,21 +940,99 @@ class NetworkManager:
         deletes any that outlived ``DOOMED_GRACE`` (a stray process keeping the netns
         alive), ``remove``/``teardown`` wait for them, ``recover`` deletes them.
         """
-        path = self.netns_path(container_id)
-        if endpoint is not None:
-            if wait:
-                with self._host() as ipr:
-                    for iface in endpoint.interfaces:
-                        with contextlib.suppress(NetlinkError):
-                            _delete_link(ipr, iface.host_veth)
-            else:
+        if endpoint is None:
+            # A repeated call, or a crash before the state had the endpoint. The path
+            # may be a recycled namespace that another container or the pool owns now.
+            path = self.netns_path(container_id)
+            if not self._netns_owned(state, path):
                 delete_netns(path)
-                now = time.time()
+            return
+        path = Path(endpoint.netns)
+        if wait:
+            with self._host() as ipr:
                 for iface in endpoint.interfaces:
-                    state.doomed[iface.host_veth] = now
-            self._release(state, endpoint)
-            state.endpoints.pop(container_id, None)
+                    with contextlib.suppress(NetlinkError):
+                        _delete_link(ipr, iface.host_veth)
+        else:
+            delete_netns(path)
+            now = time.time()
+            for iface in endpoint.interfaces:
+                state.doomed[iface.host_veth] = now
+        self._release(state, endpoint)
+        state.endpoints.pop(container_id, None)
         delete_netns(path)
+
+    def _keep_idle(self, state: State, endpoint: EndpointRecord) -> bool:
+        """Turn a detached endpoint into an idle entry of its network if it qualifies.
+
+        Plain endpoints only: mode "bridge", just ``eth0`` (with the default route), no
+        published ports, no tc qdisc (bandwidth limits), room in the network's pool, and
+        a namespace left with no socket at all (``netns.scrub_if_clean``: a TIME_WAIT
+        socket would make the next container's bind() fail).
+        """
+        if (
+            self.netns_pool == 0
+            or endpoint.mode != "bridge"
+            or len(endpoint.interfaces) != 1
+            or endpoint.interfaces[0].ifname != "eth0"
+            or endpoint.ports
+            or endpoint.ingress_bps
+            or endpoint.egress_bps
+        ):
+            return False
+        iface = endpoint.interfaces[0]
+        network = state.networks.get(iface.network)
+        if network is None or network.allocated.get(iface.address) != endpoint.container_id:
+            return False
+        if sum(entry.network == network.id for entry in state.idle) >= self.netns_pool:
+            return False
+        try:
+            if not scrub_if_clean(Path(endpoint.netns)):
+                return False
+        except OSError:  # the namespace is gone or broken
+            return False
+        network.allocated[iface.address] = IDLE_OWNER
+        state.idle.append(
+            IdleRecord(
+                netns=endpoint.netns,
+                network=network.id,
+                host_veth=iface.host_veth,
+                address=iface.address,
+                mac=iface.mac,
+                since=time.time(),
+            )
+        )
+        del state.endpoints[endpoint.container_id]
+        return True
+
+    def _expire_idle(self, state: State) -> None:
+        """Destroy idle entries older than ``IDLE_TTL``, beyond the pool size or orphaned."""
+        now = time.time()
+        kept: dict[str, int] = {}
+        expired = []
+        for entry in reversed(state.idle):  # newest first
+            count = kept.get(entry.network, 0)
+            if (
+                now - entry.since > IDLE_TTL
+                or count >= self.netns_pool
+                or entry.network not in state.networks
+            ):
+                expired.append(entry)
+            else:
+                kept[entry.network] = count + 1
+        self._destroy_idle(state, expired)
+
+    def _destroy_idle(self, state: State, entries: Iterable[IdleRecord]) -> None:
+        """Delete idle namespaces (their veth pairs go with them, see ``_reap_doomed``)."""
+        now = time.time()
+        for entry in builtins.list(entries):
+            delete_netns(Path(entry.netns))
+            state.doomed[entry.host_veth] = now
+            network = state.networks.get(entry.network)
+            if network is not None and network.allocated.get(entry.address) == IDLE_OWNER:
+                del network.allocated[entry.address]
+            if entry in state.idle:
+                state.idle.remove(entry)
 
     def _reap_doomed(self, state: State, *, wait: bool = False) -> None:
         """Forget doomed veths the kernel has deleted; delete those past their grace.
@@ -1037,9 +1274,11 @@ class NetworkManager:
 
         Endpoints whose netns is gone (reboot) or whose container isn't live any more
         (when the runtime passes the live ids) are torn down and their addresses
-        released; bridges are re-made; unknown interfaces and netns files carrying this
-        agent's prefix are deleted; the nft table, DOCKER-USER rules and the helper
-        daemon are restored. Returns what was done, for logs.
+        released; idle namespaces that are gone, expired or beyond the pool size are
+        forgotten or destroyed (their addresses released); bridges are re-made; unknown
+        interfaces and netns files carrying this agent's prefix are deleted; the nft
+        table, DOCKER-USER rules and the helper daemon are restored. Returns what was
+        done, for logs.
         """
         live = set(live_container_ids) if live_container_ids is not None else None
         report: dict[str, list[str]] = {"endpoints": [], "links": [], "netns": []}
@@ -1049,9 +1288,12 @@ class NetworkManager:
                 if not alive:
                     self._teardown_endpoint(state, cid, endpoint)
                     report["endpoints"].append(cid)
+            self._destroy_idle(state, [e for e in state.idle if not is_netns(Path(e.netns))])
+            self._expire_idle(state)
             state.doomed.clear()  # deleted below with the other unknown links, if still there
             known_links = {n.bridge for n in state.networks.values()}
             known_links |= {i.host_veth for e in state.endpoints.values() for i in e.interfaces}
+            known_links |= {entry.host_veth for entry in state.idle}
             with self._host() as ipr:
                 for network in state.networks.values():
                     prefixlen = ipaddress.IPv4Network(network.subnet).prefixlen
@@ -1063,12 +1305,13 @@ class NetworkManager:
                             _delete_link(ipr, ifname)
                         report["links"].append(ifname)
             known_netns = {Path(e.netns).name for e in state.endpoints.values()}
+            known_netns |= {Path(entry.netns).name for entry in state.idle}
             if self.config.netns_dir.exists():
                 for entry in self.config.netns_dir.iterdir():
                     if entry.name not in known_netns:
                         delete_netns(entry)
                         report["netns"].append(entry.name)
-            if not state.endpoints:
+            if not state.endpoints and not state.idle:
                 self._release_netns_dir()
         state = self.store.load()
         if state.networks:
@@ -1085,6 +1328,7 @@ class NetworkManager:
         with self.store.locked() as state:
             for cid, endpoint in list(state.endpoints.items()):
                 self._teardown_endpoint(state, cid, endpoint)
+            self._destroy_idle(state, state.idle)
             self._reap_doomed(state, wait=True)
             with self._host() as ipr:
                 for network in list(state.networks.values()):
@@ -1107,14 +1351,20 @@ class NetworkManager:
         self._release_netns_dir()
 
 
-def sweep_kernel_objects(agent_name: str) -> None:
-    """Remove every host-side network object carrying this agent's names.
+def sweep_kernel_objects(agent_name: str, netns_dir: Path | None = None) -> None:
+    """Remove every network object carrying this agent's names.
 
-    Bridges and host veths (prefix), the nft tables and the DOCKER-USER rules; netns
-    bind mounts live under the agent's run root and go with it. Used when the agent's
-    state is gone and nothing else can tell which objects were its own.
+    Bridges and host veths (prefix), the nft tables, the DOCKER-USER rules and, given
+    the agent's ``netns_dir``, every netns bind mount in it (idle namespaces kept for
+    recycling included; a running container's namespace lives on as long as its
+    processes). Used when the agent's state is gone and nothing else can tell which
+    objects were its own.
     """
     prefix = kernel_prefix(agent_name)
+    if netns_dir is not None and netns_dir.exists():
+        for entry in netns_dir.iterdir():
+            delete_netns(entry)
+        release_netns_dir(netns_dir)
     with IPRoute() as ipr:
         for link in ipr.get_links():
             ifname = str(link.get("ifname") or "")
@@ -1257,7 +1507,7 @@ def _delete_link(ipr: IPRoute, ifname: str) -> None:
 def _ensure_bridge(ipr: IPRoute, name: str, gateway: str, prefixlen: int, mtu: int) -> None:
     index = _link_index(ipr, name)
     if index is None:
-        ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
+        ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=mac_for(gateway))
         index = _link_index(ipr, name)
     _disable_ipv6(name)
     have = {a.get("address") for a in ipr.get_addr(index=index, family=socket.AF_INET)}

@@ -182,6 +182,70 @@ def run_in_netns(path: Path, fn: Callable[[], T]) -> T:
     return _in_thread(work)
 
 
+def _socket_counts() -> dict[str, int]:
+    """This thread's namespace's socket counters ("TCP.inuse", "TCP.tw", "sockets.used", ...).
+
+    Read from /proc/thread-self/net: /proc/net would show the process's namespace, not
+    the one this thread sits in.
+    """
+    counts: dict[str, int] = {}
+    for name in ("sockstat", "sockstat6"):
+        try:
+            text = Path(f"/proc/thread-self/net/{name}").read_text()
+        except FileNotFoundError:  # sockstat6 without IPv6
+            continue
+        for line in text.splitlines():
+            proto, _, fields = line.partition(":")
+            words = fields.split()
+            for key, value in zip(words[::2], words[1::2], strict=False):
+                counts[f"{proto}.{key}"] = int(value)
+    return counts
+
+
+# Per-namespace counters that must all be 0 for a namespace to be reused: the sockets
+# the kernel keeps after a container's processes are gone (TCP still closing counts in
+# TCP inuse, TIME_WAIT in tw) and any other IP socket. TCP "orphan", "alloc" and "mem"
+# are host-wide counters, so they say nothing about this namespace. "sockets: used"
+# would also count the agent's own netlink socket, which pyroute2 leaves open until the
+# next garbage collection; packet, unix and netlink sockets die with their process.
+_MUST_BE_ZERO = (
+    "TCP.inuse",
+    "TCP.tw",
+    "UDP.inuse",
+    "UDPLITE.inuse",
+    "RAW.inuse",
+    "FRAG.inuse",
+    "TCP6.inuse",
+    "UDP6.inuse",
+    "UDPLITE6.inuse",
+    "RAW6.inuse",
+    "FRAG6.inuse",
+)
+
+
+def scrub_if_clean(path: Path) -> bool:
+    """Whether the namespace at ``path`` holds no IP socket; if so, scrub it for reuse.
+
+    A leftover TIME_WAIT socket would make the next container's bind() of that port
+    fail (EADDRINUSE), so any socket means "not clean". Scrubbing flushes the IPv4 route
+    cache and its exceptions (PMTU values, redirects learnt from traffic of the previous
+    container). Everything else a container could change needs CAP_NET_ADMIN over the
+    namespace (addresses, routes, rules, qdiscs, neighbour entries, netfilter) or a
+    writable /proc/sys, which containers don't get; neighbour entries learnt from
+    traffic stay right because a container's MAC follows its address
+    (``manager.mac_for``).
+    """
+
+    def check() -> bool:
+        counts = _socket_counts()
+        if any(counts.get(key, 0) for key in _MUST_BE_ZERO):
+            return False
+        Path("/proc/sys/net/ipv4/route/flush").write_text("1\n")
+        return True
+
+    return run_in_netns(path, check)
+
+
 def delete_netns(path: Path) -> None:
     """Unmount and remove a netns file; idempotent.
 

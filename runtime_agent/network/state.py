@@ -1,4 +1,5 @@
-"""The network subsystem's persisted state: networks, IPAM, endpoints, published ports.
+"""The network subsystem's persisted state: networks, IPAM, endpoints, published ports,
+and idle namespaces kept for recycling.
 
 One JSON document per agent (``<root>/networks/state.json``), replaced atomically (temp
 file, fsync, rename) and only changed under an exclusive ``flock``. Every allocation
@@ -84,6 +85,27 @@ class EndpointRecord:
 
 
 @dataclass
+class IdleRecord:
+    """A detached container's netns kept for the next container of the same network.
+
+    Its veth pair stays (host end on the bridge, ``eth0`` inside with ``address`` and the
+    default route); the address stays allocated to it (owner ``IDLE_OWNER``) until it is
+    claimed or destroyed. ``since`` is when it went idle (epoch seconds).
+    """
+
+    netns: str
+    network: str  # network id
+    host_veth: str
+    address: str
+    mac: str
+    since: float
+
+
+# The owner recorded in NetworkRecord.allocated for an idle entry's address.
+IDLE_OWNER = "idle"
+
+
+@dataclass
 class State:
     next_bridge: int = 1
     networks: dict[str, NetworkRecord] = field(default_factory=dict)  # id -> record
@@ -91,6 +113,8 @@ class State:
     # Host veths of removed containers that the kernel deletes along with their netns
     # (asynchronously): name -> epoch seconds of the removal (see NetworkManager.detach).
     doomed: dict[str, float] = field(default_factory=dict)
+    # Recyclable namespaces, oldest first (see NetworkManager.detach).
+    idle: list[IdleRecord] = field(default_factory=list)
     saved_text: str = field(default="", compare=False, repr=False)  # as last read or written
 
     def network(self, tenant: str, name: str) -> NetworkRecord | None:
@@ -113,6 +137,7 @@ class State:
             "networks": {k: dict(vars(v)) for k, v in self.networks.items()},
             "endpoints": endpoints,
             "doomed": dict(self.doomed),
+            "idle": [dict(vars(i)) for i in self.idle],
         }
 
     @classmethod
@@ -130,6 +155,7 @@ class State:
             networks={k: NetworkRecord(**v) for k, v in data.get("networks", {}).items()},
             endpoints=endpoints,
             doomed={str(k): float(v) for k, v in data.get("doomed", {}).items()},
+            idle=[IdleRecord(**i) for i in data.get("idle", [])],
         )
 
 
