@@ -680,6 +680,7 @@ def test_removed_containers_veths_go_with_their_netns(
 ) -> None:
     """detach deletes the netns only; the kernel removes the veth pair in the background,
     and a pair whose netns something still holds is deleted by a later operation."""
+    net.netns_pool = 0  # the deleting path, not recycling (test_network_recycling.py)
     net.create("acme", "web")
     first, held, later = cid(), cid(), cid()
     for container in (first, held):
