@@ -314,6 +314,12 @@ def _wait_and_serve(pair: socket.socket) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setsid()  # out of the server's session and process group
     try:
+        from runtime_agent.cli.main import rehearse
+
+        rehearse()  # copy-on-write faults now, not during the command
+    except Exception:  # noqa: S110 - warming up only: the command will report real errors
+        pass
+    try:
         _data, fds, _flags, _addr = socket.recv_fds(pair, 1, 1)
     except OSError:
         return 0
