@@ -42,10 +42,10 @@ from runtime_agent.runtime import state as st
 from runtime_agent.runtime.logs import LogEntry, follow_logs, read_logs
 from runtime_agent.runtime.monitor import (
     MonitorPaths,
+    MonitorStart,
     Runc,
     RuntimeFailure,
     exit_hook_command,
-    launch_monitor,
     process_start_time,
     read_exit,
 )
@@ -257,6 +257,19 @@ class ContainerManager:
 
     def create(self, spec: protocol.ContainerSpec) -> ContainerInfo:
         """Prepare everything a container needs to start; nothing is left if this fails."""
+        record, image = self._new_record(spec)
+        try:
+            self._build_bundle(record, spec, image)
+        except BaseException:
+            self._cleanup(record)
+            raise
+        record.status = st.CREATED
+        self.store.save(record)
+        return self._info(record)
+
+    def _new_record(self, spec: protocol.ContainerSpec) -> tuple[ContainerRecord, Any]:
+        """Validate ``spec``, resolve its image and claim its name: the record (status
+        "creating") and its directory exist when this returns."""
         from runtime_agent.runtime.spec import validate_limits
 
         validate_tenant(spec.tenant)
@@ -301,14 +314,7 @@ class ContainerManager:
                 labels=dict(spec.labels),
             )
             self.store.save(record)
-        try:
-            self._build_bundle(record, spec, image)
-        except BaseException:
-            self._cleanup(record)
-            raise
-        record.status = st.CREATED
-        self.store.save(record)
-        return self._info(record)
+        return record, image
 
     def _build_bundle(
         self, record: ContainerRecord, spec: protocol.ContainerSpec, image: Any
@@ -489,7 +495,6 @@ class ContainerManager:
         return fresh
 
     def _start_locked(self, record: ContainerRecord, *, watch_exit: bool) -> None:
-        paths = self._paths(record)
         if record.status == "creating":
             raise FailedPrecondition(f"container {record.name} is still being created")
         if record.status == st.STOPPED:
@@ -503,21 +508,33 @@ class ContainerManager:
                 from runtime_agent.runtime.security import user_namespace_for
 
                 user_namespace_for(self.agent, record.tenant, record.snapshot_key)
+        self._started(record, self._launch(record, watch_exit=watch_exit))
+
+    def _launch(
+        self, record: ContainerRecord, *, watch_exit: bool, gated: bool = False
+    ) -> MonitorStart:
+        """conmon for this start of ``record`` (see ``MonitorStart`` for ``gated``)."""
         policy, _ = record.restart_policy
         hook = None
         if policy != "no" or (record.auto_remove and watch_exit):
             hook = exit_hook_command(self.config, record.tenant, record.id)
+        return MonitorStart(
+            self.config,
+            self.runc,
+            runc_id=record.runc_id,
+            name=record.name,
+            paths=self._paths(record),
+            exit_command=hook,
+            stdin=bool(record.spec.get("stdin_open")),
+            gated=gated,
+        )
+
+    def _started(self, record: ContainerRecord, starting: MonitorStart) -> None:
+        """Let ``starting`` run the container and record it running (the caller holds
+        the container's lock)."""
         started_at = st.now_iso()
         try:
-            pid = launch_monitor(
-                self.config,
-                self.runc,
-                runc_id=record.runc_id,
-                name=record.name,
-                paths=paths,
-                exit_command=hook,
-                stdin=bool(record.spec.get("stdin_open")),
-            )
+            pid = starting.started()
         except BaseException:
             self.runc.delete(record.runc_id)
             raise
@@ -532,15 +549,34 @@ class ContainerManager:
         self.store.save(record)
 
     def run(self, spec: protocol.ContainerSpec, *, watch_exit: bool = True) -> ContainerInfo:
-        """create + start; a container that fails to start is removed if it was ``--rm``."""
-        info = self.create(spec)
+        """create + start; a container that fails to start is removed if it was ``--rm``.
+
+        conmon is launched as soon as the container has its directory, gated: it starts
+        up while the rootfs, network and config are made, and runs runc once they are.
+        """
+        record, image = self._new_record(spec)
+        starting = None
         try:
-            return self.start(spec.tenant, info.id, watch_exit=watch_exit)
+            starting = self._launch(record, watch_exit=watch_exit, gated=True)
+            self._build_bundle(record, spec, image)
+        except BaseException:
+            if starting is not None:
+                starting.cancel()  # conmon exits without running runc
+                _await_monitor_exit(self._paths(record), timeout=5.0)
+            self._cleanup(record)
+            raise
+        try:
+            with self.store.lock(record.tenant, record.id):
+                record.status = st.CREATED
+                self.store.save(record)
+                st.transition(record.status, "start", name=record.name)
+                self._started(record, starting)
         except BaseException:
             if spec.auto_remove:
                 with contextlib.suppress(AgentError):
-                    self.remove(spec.tenant, info.id, force=True)
+                    self.remove(spec.tenant, record.id, force=True)
             raise
+        return self._info(record)
 
     def wait(self, tenant: str, ref: str, timeout: float | None = None) -> int:
         """Block until the container stops; its exit code."""

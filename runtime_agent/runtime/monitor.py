@@ -148,7 +148,15 @@ class Runc:
 # start to a second runc process. Starting in the same runc invocation ("run --detach")
 # saves one runc process per start; conmon doesn't mind: it only needs the pid file and
 # the container's stdio pipes, which it set up before running the runtime.
+#
+# With BERTH_START_GATE (a descriptor number) set, the wrapper first waits for the word
+# "start" on that pipe: the agent starts conmon before the bundle is finished (see
+# MonitorStart) and opens the gate once it is. A gate closed without the word (the
+# create failed, or the agent died) ends the wrapper before runc runs.
 _RUN_DETACHED = """#!/bin/sh
+if [ -n "$BERTH_START_GATE" ]; then
+  read -r word < "/proc/self/fd/$BERTH_START_GATE" && [ "$word" = start ] || exit 1
+fi
 for arg; do
   shift
   if [ "$arg" = create ]; then set -- "$@" run --detach; else set -- "$@" "$arg"; fi
@@ -174,97 +182,144 @@ def run_detached_wrapper(config: AgentConfig, runc_binary: str) -> Path:
     return path
 
 
-def launch_monitor(
-    config: AgentConfig,
-    runc: Runc,
-    *,
-    runc_id: str,
-    name: str,
-    paths: MonitorPaths,
-    exit_command: list[str] | None = None,
-    log_size_max: int | None = None,
-    stdin: bool = False,
-) -> int:
-    """Start conmon for the bundle in ``paths.directory``; return the container's pid.
+class MonitorStart:
+    """conmon for one start of the bundle in ``paths.directory``, launched;
+    ``started()`` returns the container's pid once it runs.
 
-    The container is running when this returns (see ``run_detached_wrapper``).
+    ``gated=True`` launches conmon before the bundle exists: conmon starting up (~3 ms
+    of exec and library loading) and its runtime wrapper overlap the rest of the
+    create. The wrapper waits at a pipe until ``started()`` opens it; ``cancel()``
+    closes it instead, and conmon exits without having run runc.
     """
-    conmon = _which(config.conmon)
-    monitor = paths.monitor
-    if monitor.exists():
-        shutil.rmtree(monitor)
-    monitor.mkdir(parents=True)
-    socket_dir = config.run_root / "conmon"
-    socket_dir.mkdir(parents=True, exist_ok=True)
-    config.runc_root.mkdir(parents=True, exist_ok=True)
-    args = [
-        conmon,
-        "--api-version", "1",
-        "--cid", runc_id,
-        "--cuuid", runc_id,
-        "--name", name,
-        "--runtime", str(run_detached_wrapper(config, runc.binary)),
-        "--bundle", str(paths.directory),
-        "--container-pidfile", str(monitor / "pid"),
-        "--conmon-pidfile", str(paths.conmon_pid_file),
-        "--log-path", f"k8s-file:{paths.log}",
-        "--log-size-max", str(log_size_max or LOG_SIZE_MAX),
-        "--exit-dir", str(monitor / "exits"),
-        "--persist-dir", str(monitor),
-        "--socket-dir-path", str(socket_dir),
-        "--runtime-arg", f"--root={runc.root}",
-        "--runtime-arg", "--systemd-cgroup=false",
-        "--runtime-arg", f"--log={paths.runc_log}",
-        "--runtime-arg", "--log-format=json",
-        "--no-sync-log",
-    ]  # fmt: skip
-    (monitor / "exits").mkdir()
-    if stdin:
-        args.append("--stdin")  # a pipe for the container's stdin, fed by attach clients
-    if exit_command:
-        args += ["--exit-command", exit_command[0]]
-        for part in exit_command[1:]:
-            args += ["--exit-command-arg", part]
-    read_fd, write_fd = os.pipe()
-    try:
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
-        env["_OCI_SYNCPIPE"] = str(write_fd)
-        with open(monitor / "conmon.err", "wb") as err:
-            process = subprocess.Popen(
-                args,
-                pass_fds=(write_fd,),
-                env=env,
-                cwd=monitor,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                start_new_session=True,
-            )
-        os.close(write_fd)
-        write_fd = -1
-        process.wait()
-        chunks = []
-        while True:
-            chunk = os.read(read_fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if b"\n" in chunk:
-                break
-    finally:
-        os.close(read_fd)
-        if write_fd >= 0:
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        runc: Runc,
+        *,
+        runc_id: str,
+        name: str,
+        paths: MonitorPaths,
+        exit_command: list[str] | None = None,
+        log_size_max: int | None = None,
+        stdin: bool = False,
+        gated: bool = False,
+    ) -> None:
+        self.paths = paths
+        conmon = _which(config.conmon)
+        monitor = paths.monitor
+        if monitor.exists():
+            shutil.rmtree(monitor)
+        monitor.mkdir(parents=True)
+        socket_dir = config.run_root / "conmon"
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        config.runc_root.mkdir(parents=True, exist_ok=True)
+        args = [
+            conmon,
+            "--api-version", "1",
+            "--cid", runc_id,
+            "--cuuid", runc_id,
+            "--name", name,
+            "--runtime", str(run_detached_wrapper(config, runc.binary)),
+            "--bundle", str(paths.directory),
+            "--container-pidfile", str(monitor / "pid"),
+            "--conmon-pidfile", str(paths.conmon_pid_file),
+            "--log-path", f"k8s-file:{paths.log}",
+            "--log-size-max", str(log_size_max or LOG_SIZE_MAX),
+            "--exit-dir", str(monitor / "exits"),
+            "--persist-dir", str(monitor),
+            "--socket-dir-path", str(socket_dir),
+            "--runtime-arg", f"--root={runc.root}",
+            "--runtime-arg", "--systemd-cgroup=false",
+            "--runtime-arg", f"--log={paths.runc_log}",
+            "--runtime-arg", "--log-format=json",
+            "--no-sync-log",
+        ]  # fmt: skip
+        (monitor / "exits").mkdir()
+        if stdin:
+            args.append("--stdin")  # a pipe for the container's stdin, fed by attach clients
+        if exit_command:
+            args += ["--exit-command", exit_command[0]]
+            for part in exit_command[1:]:
+                args += ["--exit-command-arg", part]
+        self._sync, write_fd = os.pipe()
+        self._gate = -1
+        gate_read = -1
+        try:
+            env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+            env["_OCI_SYNCPIPE"] = str(write_fd)
+            passed = [write_fd]
+            if gated:
+                gate_read, self._gate = os.pipe()
+                env["BERTH_START_GATE"] = str(gate_read)
+                passed.append(gate_read)
+            with open(monitor / "conmon.err", "wb") as err:
+                self._process = subprocess.Popen(
+                    args,
+                    pass_fds=passed,
+                    env=env,
+                    cwd=monitor,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,
+                )
+        except BaseException:
+            self._close()
+            raise
+        finally:
             os.close(write_fd)
-    raw = b"".join(chunks).decode(errors="replace").strip()
-    try:
-        message = json.loads(raw.splitlines()[0]) if raw else {}
-    except json.JSONDecodeError:
-        message = {}
-    pid = int(message.get("data", -1)) if isinstance(message, dict) else -1
-    if pid > 0:
-        return pid
-    error = runc_error(paths) or str(message.get("message", "")) or _tail(monitor / "conmon.err")
-    raise classify_start_error(error or "conmon could not create the container")
+            if gate_read >= 0:
+                os.close(gate_read)
+
+    def _close(self) -> None:
+        for fd in (self._sync, self._gate):
+            if fd >= 0:
+                os.close(fd)
+        self._sync = self._gate = -1
+
+    def started(self) -> int:
+        """Open the gate (if any) and wait until the container runs; its pid."""
+        chunks = []
+        try:
+            if self._gate >= 0:
+                try:
+                    os.write(self._gate, b"start\n")
+                except BrokenPipeError:
+                    pass  # the wrapper is gone: conmon's report below says why
+                os.close(self._gate)
+                self._gate = -1
+            self._process.wait()
+            while True:
+                chunk = os.read(self._sync, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if b"\n" in chunk:
+                    break
+        finally:
+            self._close()
+        raw = b"".join(chunks).decode(errors="replace").strip()
+        try:
+            message = json.loads(raw.splitlines()[0]) if raw else {}
+        except json.JSONDecodeError:
+            message = {}
+        pid = int(message.get("data", -1)) if isinstance(message, dict) else -1
+        if pid > 0:
+            return pid
+        paths = self.paths
+        error = (
+            runc_error(paths)
+            or str(message.get("message", ""))
+            or _tail(paths.monitor / "conmon.err")
+        )
+        raise classify_start_error(error or "conmon could not create the container")
+
+    def cancel(self) -> None:
+        """Close the gate unopened: conmon exits without running runc (its daemonised
+        half soon after this returns; see the manager's ``_await_monitor_exit``)."""
+        self._close()
+        self._process.wait()
 
 
 def _tail(path: Path) -> str:

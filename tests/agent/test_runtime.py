@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,6 +108,51 @@ def test_a_create_failing_while_its_network_attaches_leaves_no_endpoint(rt: Agen
     c.remove("default", info.id)
     assert leftovers(rt, "default", info.id) == []
     assert rt.networks.endpoints("default") == []
+
+
+def _conmons_of(runc_id: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"/usr/bin/conmon") or b"conmon\0" in cmdline[:64]:
+                if runc_id.encode() in cmdline:
+                    found.append(int(proc.name))
+    return found
+
+
+def test_run_starts_conmon_early_and_a_failed_create_stops_it(rt: Agent) -> None:
+    """run() launches conmon before the bundle is finished (it waits at a gate): a
+    create that fails then ends it without runc having run, and leaves nothing; a
+    started container holds none of the gate's descriptors."""
+    c = rt.containers
+    seen: list[str] = []
+    original = c._build_bundle
+
+    def watching(record: object, *args: object) -> None:
+        runc_id = record.runc_id  # type: ignore[attr-defined]
+        seen.append(runc_id)
+        until(lambda: _conmons_of(runc_id), timeout=10)  # conmon is up before the bundle
+        original(record, *args)  # type: ignore[arg-type]
+
+    c._build_bundle = watching  # type: ignore[method-assign,assignment]
+    try:
+        with pytest.raises(CommandNotFound):
+            c.run(spec(["nosuchcommand"]))
+        (failed,) = seen
+        assert _conmons_of(failed) == []
+        assert c.list("default", all=True) == []
+        assert not (rt.config.runc_root / failed).exists()
+        info = c.run(spec("ls /proc/1/fd; echo ran"))
+    finally:
+        del c._build_bundle
+    assert c.wait("default", info.id, timeout=20) == 0
+    assert [e.line for e in c.logs("default", info.id)] == [b"0", b"1", b"2", b"ran"]
+    c.remove("default", info.id)
+    assert leftovers(rt, "default", info.id) == []
 
 
 def test_lifecycle_state_machine(rt: Agent) -> None:
