@@ -290,3 +290,52 @@ def _parent(proc: Path) -> int:
         return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def test_the_spares_rehearsal_changes_nothing(tmp_path: Path) -> None:
+    """The spare rehearses ``run`` while it waits: it must only read. Against an empty
+    root it creates nothing; against a node with containers, images and networks it
+    writes no file."""
+    root, run_root = tmp_path / "state", tmp_path / "run"
+    code = (
+        "import os, sys; from runtime_agent.cli.main import rehearse; rehearse();"
+        " print(sorted(os.listdir(sys.argv[1])))"
+    )
+    env = dict(os.environ, BERTH_ROOT=str(root), BERTH_RUN_ROOT=str(run_root))
+    tmp_path.joinpath("marker").touch()
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "['marker']"  # no state or run directory made
+
+
+def test_the_rehearsal_only_reads_a_populated_node(
+    agent_config: AgentConfig, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime_agent.cli.main import rehearse
+    from runtime_agent.images.bootstrap import bootstrap_busybox
+
+    agent = Agent(agent_config)
+    bootstrap_busybox(agent)
+    try:
+        agent.networks.ensure_default("default")
+
+        def tree() -> dict[str, tuple[int, int]]:
+            return {
+                str(p): (p.stat().st_mtime_ns, p.stat().st_size)
+                for base in (agent_config.root, agent_config.run_root)
+                for p in base.rglob("*")
+                if p.is_file() and not p.is_socket()
+            }
+
+        before = tree()
+        for key in ("BERTH_ROOT", "BERTH_RUN_ROOT", "BERTH_AGENT_NAME"):
+            monkeypatch.setenv(key, env[key])
+        rehearse()
+        assert tree() == before
+    finally:
+        cleanup_agent(agent)
