@@ -110,6 +110,12 @@ def make_netns_socket(path: Path) -> socket.socket:
 
     Unshares the *calling* thread's network namespace and setns()es back before
     returning, so call it only from a thread of its own (``create_netns`` does).
+
+    Interfaces made in the namespace later (a container's eth0) have IPv6 disabled:
+    Berth's networks are IPv4 only, and an IPv6-enabled eth0 would accept router
+    advertisements another container on the bridge forges (CAP_NET_RAW is in Docker's
+    default set), and keep the addresses and routes they give, also into the next
+    container of a recycled namespace. Loopback keeps ::1.
     """
     host = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -119,6 +125,9 @@ def make_netns_socket(path: Path) -> socket.socket:
             _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
             try:
                 _mount("/proc/thread-self/ns/net", str(path), MS_BIND)
+                with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
+                    # /proc/sys/net is this thread's namespace's
+                    Path("/proc/sys/net/ipv6/conf/default/disable_ipv6").write_text("1\n")
                 sock = _netlink_socket()
             finally:
                 _check(_libc.setns(host, CLONE_NEWNET), "setns back to the host")

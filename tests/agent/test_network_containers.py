@@ -169,6 +169,26 @@ def test_network_none_has_only_loopback(node: Agent) -> None:
     assert interfaces == ["lo"]
 
 
+def test_eth0_has_no_ipv6_so_forged_router_adverts_do_nothing(node: Agent) -> None:
+    """Networks are IPv4 only: eth0 has IPv6 disabled (no SLAAC address or route from a
+    router advertisement another container forges); loopback keeps ::1. The same holds
+    in a recycled namespace (the second container)."""
+    script = (
+        "cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6 /proc/sys/net/ipv6/conf/lo/disable_ipv6;"
+        " ip -6 addr show dev eth0 | wc -l; ip -6 addr show dev lo | grep -c ::1"
+    )
+    addresses = []
+    for _ in range(2):
+        code, out = run(node, "acme", script + "; ip -4 -o addr show dev eth0")
+        assert code == 0
+        lines = out.splitlines()
+        assert lines[:4] == ["1", "0", "0", "1"]
+        addresses.append(lines[4].split()[3])
+        for info in node.containers.list("acme", all=True):
+            node.containers.remove("acme", info.id)
+    assert addresses[0] == addresses[1]  # the second one ran in the first one's namespace
+
+
 def test_a_container_that_fails_to_be_created_leaves_no_networking(node: Agent) -> None:
     from runtime_agent.errors import AgentError
 
