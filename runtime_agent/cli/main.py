@@ -111,6 +111,7 @@ def rehearse() -> None:
     from runtime_agent import protocol
     from runtime_agent.agent import Agent
     from runtime_agent.cli.containers import spec_from_args
+    from runtime_agent.runtime.manager import warm_background
     from runtime_agent.runtime.security import apply_security_defaults
 
     parser = _prepared or build_parser([])
@@ -120,9 +121,11 @@ def rehearse() -> None:
     _ = agent.containers, agent.networks, agent.snapshots, agent.volumes
     try:
         agent.images.resolve(spec.tenant, spec.image)  # reads only
+        agent.networks.list(spec.tenant)  # reads the state file only
     except Exception:  # noqa: S110 - no image yet, or no state: nothing to warm
         pass
     json.dumps(apply_security_defaults({"process": {}, "linux": {}}))
+    warm_background()  # the thread network work runs on
 
 
 def add_tenant_argument(parser: argparse.ArgumentParser) -> None:

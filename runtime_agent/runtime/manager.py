@@ -74,6 +74,11 @@ def _background() -> ThreadPoolExecutor:
     return _background_pool
 
 
+def warm_background() -> None:
+    """Start the background thread now (the CLI server's spare, before its command)."""
+    _background().submit(int).result()
+
+
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 EXIT_UNKNOWN = 255  # the monitor vanished (node reboot): docker reports 255 too
