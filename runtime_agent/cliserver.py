@@ -82,6 +82,8 @@ PRELOAD = (
 )
 PROTOCOL = b"berth-cli/1"
 MAX_REQUEST = 4 << 20  # argv + environment; far beyond ARG_MAX-sized command lines
+# How long the server waits for a command to end before it forks the next spare anyway.
+SPARE_DELAY = 0.05
 RELAYED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 
 
@@ -203,7 +205,9 @@ def serve(run_root: Path) -> None:
     SIGTERM or SIGINT stops listening; commands already running go on to their end.
     """
     import importlib
+    import select
     import signal
+    import time
 
     for name in PRELOAD:
         importlib.import_module(name)
@@ -234,30 +238,56 @@ def serve(run_root: Path) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    listener.settimeout(0.5)  # how soon a stop signal is noticed
-    spare: _Spare | None = None
+    listener.setblocking(False)
+    spare: _Spare | None = _Spare.fork(listener)
+    # The last command's child while it runs: the next spare is forked when it ends (or
+    # has run SPARE_DELAY), not while it starts, so the fork and the spare's rehearsal
+    # don't take the CPU a starting container needs; they overlap the next client's own
+    # start-up instead. A command arriving with no spare ready forks one on the spot.
+    busy: _Spare | None = None
     try:
         while not stopping:
-            if spare is None:
-                spare = _Spare.fork(listener)
-            try:
-                conn, _ = listener.accept()
-            except (TimeoutError, InterruptedError):
+            timeout = 0.5  # how soon a stop signal is noticed
+            if busy is not None:
+                timeout = max(0.0, min(timeout, busy.handed + SPARE_DELAY - time.monotonic()))
+            waiting = [listener.fileno()] if busy is None else [listener.fileno(), busy.pidfd]
+            readable, _, _ = select.select(waiting, [], [], timeout)
+            if busy is not None and (
+                busy.pidfd in readable or time.monotonic() >= busy.handed + SPARE_DELAY
+            ):
+                busy.close()
+                busy = None
+            if listener.fileno() not in readable:
+                if spare is None and busy is None:
+                    spare = _Spare.fork(listener)
                 continue
             try:
-                if not spare.take(conn):  # it died (killed?): the next one serves
-                    spare = _Spare.fork(listener)
-                    if not spare.take(conn):
-                        sys.stderr.write("berth-agent serve: no child took the command\n")
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            try:
+                conn.setblocking(True)
+                if busy is not None:
+                    busy.close()  # another command takes over: stop watching that one
+                    busy = None
+                for _attempt in range(2):
+                    if spare is None:
+                        spare = _Spare.fork(listener)
+                    if spare.take(conn):
+                        busy, spare = spare, None
+                        break
+                    spare.close()  # it died (killed?): the next one serves
+                    spare = None
+                else:
+                    sys.stderr.write("berth-agent serve: no child took the command\n")
             except Exception as exc:  # one bad request must not stop the server
                 sys.stderr.write(f"berth-agent serve: {exc}\n")
             finally:
                 conn.close()
-                spare.close()
-                spare = None
     finally:
-        if spare is not None:
-            spare.close()  # it sees EOF and exits
+        for child in (spare, busy):
+            if child is not None:
+                child.close()  # a spare sees EOF and exits
         listener.close()
         try:
             if path.stat().st_ino == inode:  # not a newer server's socket
@@ -269,10 +299,13 @@ def serve(run_root: Path) -> None:
 class _Spare:
     """A child forked ahead of time that waits for one connection, then becomes its
     command. The server's end of the socket pair hands the connection over; closing it
-    without doing so makes the child exit."""
+    without doing so makes the child exit. ``pidfd`` becomes readable when the child
+    has exited."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, pidfd: int) -> None:
         self.sock = sock
+        self.pidfd = pidfd
+        self.handed = 0.0  # when it took a command (time.monotonic())
 
     @classmethod
     def fork(cls, listener: socket.socket) -> _Spare:
@@ -289,20 +322,23 @@ class _Spare:
             finally:
                 os._exit(code)
         theirs.close()
-        return cls(ours)
+        return cls(ours, os.pidfd_open(pid))  # it waits for a connection: can't be gone
 
     def take(self, conn: socket.socket) -> bool:
         """Hand ``conn`` over; False when the child is gone."""
         import socket
+        import time
 
         try:
             socket.send_fds(self.sock, [b"c"], [conn.fileno()])
         except OSError:
             return False
+        self.handed = time.monotonic()
         return True
 
     def close(self) -> None:
         self.sock.close()
+        os.close(self.pidfd)
 
 
 def _wait_and_serve(pair: socket.socket) -> int:
