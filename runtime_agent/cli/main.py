@@ -107,24 +107,54 @@ def rehearse() -> None:
     that the command will write.
     """
     import json
+    from pathlib import Path
 
     from runtime_agent import protocol
     from runtime_agent.agent import Agent
     from runtime_agent.cli.containers import spec_from_args
+    from runtime_agent.runtime import spec as oci
+    from runtime_agent.runtime import state
     from runtime_agent.runtime.manager import warm_background
     from runtime_agent.runtime.security import apply_security_defaults
 
     parser = _prepared or build_parser([])
     spec = spec_from_args(parser.parse_args(["run", "--rm", "busybox", "true"]))
-    json.loads(json.dumps(protocol.to_dict(spec)))
+    record = state.ContainerRecord(
+        id="0" * 64,
+        tenant=spec.tenant,
+        name="rehearsal",
+        runc_id="rehearsal",
+        image=spec.image,
+        image_id="",
+        manifest_digest="",
+        snapshot_key="",
+        created=state.now_iso(),
+        status="creating",
+        spec=protocol.to_dict(spec),
+    )
+    json.loads(json.dumps({name: getattr(record, name) for name in state.FIELD_NAMES}))
     agent = Agent(AgentConfig())
     _ = agent.containers, agent.networks, agent.snapshots, agent.volumes
+    image_config: dict[str, object] = {}
     try:
-        agent.images.resolve(spec.tenant, spec.image)  # reads only
+        image_config = agent.images.resolve(spec.tenant, spec.image).container_config  # reads
         agent.networks.list(spec.tenant)  # reads the state file only
     except Exception:  # noqa: S110 - no image yet, or no state: nothing to warm
         pass
-    json.dumps(apply_security_defaults({"process": {}, "linux": {}}))
+    process = oci.merge_image_config(spec, image_config, "rehearsal")
+    config = oci.build_config(
+        rootfs=Path("/nonexistent"),
+        process=process,
+        user=oci.ResolvedUser(0, 0, (), "/"),
+        hostname="rehearsal",
+        cgroups_path="/rehearsal",
+        resources=oci.linux_resources(spec.limits, None),
+        netns_path=None,
+        network_mode=spec.network_mode,
+        extra_mounts=[],
+        cgroup_namespace=False,
+    )
+    json.dumps(apply_security_defaults(config))
     warm_background()  # the thread network work runs on
 
 

@@ -136,7 +136,7 @@ class ContainerRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(ContainerRecord))
+FIELD_NAMES = tuple(f.name for f in fields(ContainerRecord))
 
 
 class RecordStore:
@@ -153,7 +153,7 @@ class RecordStore:
         tmp = directory / "record.json.tmp"
         # A shallow dict: the fields are JSON values already (asdict's deep copy cost
         # ~10x more, on every save).
-        tmp.write_text(json.dumps({name: getattr(record, name) for name in _FIELD_NAMES}))
+        tmp.write_text(json.dumps({name: getattr(record, name) for name in FIELD_NAMES}))
         os.replace(tmp, directory / "record.json")
 
     def load(self, tenant: str, container_id: str) -> ContainerRecord | None:
