@@ -9,7 +9,8 @@ Measures, over ``--runs`` runs each (default 50):
            (``BERTH_NO_SERVER=1``: Python start-up and every import paid by the command)
   api      the Python API: ``agent.containers.run(spec)`` until the container is running
            (start-to-running) and until ``wait`` returns (run-to-exit), vs bare
-           ``runc run`` of a default ``runc spec`` bundle on the same rootfs
+           ``runc run`` of a default ``runc spec`` bundle on the same rootfs; and
+           run-to-exit on the tenant's default bridge network (a recycled netns)
   memory   host memory per idle container: PSS of each container's conmon, vs the PSS
            of docker's containerd-shim per container
   floor    what any Python CLI pays before doing anything: this venv's interpreter
@@ -181,10 +182,21 @@ def main() -> int:
             api_start.append(running - started)
             api_exit.append(done - started)
 
+        api_bridge: list[float] = []
+
+        def api_run_bridge() -> None:  # the tenant's default network (a recycled netns)
+            started = time.perf_counter()
+            request = ContainerSpec(tenant="bench", image="busybox", command=("true",))
+            info = containers.run(request, watch_exit=False)
+            containers.wait("bench", info.id)
+            api_bridge.append(time.perf_counter() - started)
+            containers.remove("bench", info.id)
+
         variants: dict[str, Callable[[], object]] = {
             "runc": bare_runc,
             "runc_same": bare_runc_same_config,
             "api": api_run,
+            "api_bridge": api_run_bridge,
             "cli": lambda: check([*berth, "run", "--rm", "busybox", "true"], env),
             "cli_none": lambda: check(
                 [*berth, "run", "--rm", "--network", "none", "busybox", "true"], env
@@ -201,7 +213,7 @@ def main() -> int:
         # Round-robin, so every variant sees the same machine load (others share it).
         samples = interleaved(args.runs, variants)
         containers.remove("bench", template.id)
-        api_start, api_exit = api_start[2:], api_exit[2:]
+        api_start, api_exit, api_bridge = api_start[2:], api_exit[2:], api_bridge[2:]
 
         print(f"Latency over {args.runs} interleaved runs (after 2 warm-up rounds)")
         print("Python API vs bare runc (busybox true, no network):")
@@ -209,6 +221,7 @@ def main() -> int:
         results["runc_same"] = row("runc run (bare, Berth's config.json)", samples["runc_same"])
         results["api_start"] = row("agent.containers.run() start-to-running", api_start)
         results["api_exit"] = row("agent.containers.run() + wait() run-to-exit", api_exit)
+        results["api_bridge"] = row("same, on the default bridge network", api_bridge)
         print("Whole commands (berth-agent served by `berth-agent serve`):")
         results["cli"] = row("berth-agent run --rm busybox true", samples["cli"])
         results["cli_none"] = row("berth-agent run --rm --network none busybox true",
