@@ -28,6 +28,30 @@ from runtime_agent.errors import InvalidArgument, NotFound, ResourceExhausted
 DEFAULT_CONTEXT_LIMIT = 2 * 1024**3
 
 
+# tarfile's own "tar" filter where this Python has it (3.11.4+; Debian 12's 3.11.2 has not):
+# the checks in _check_lands_inside and the mode mask apply either way.
+_TAR_FILTER: dict[str, str] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+
+
+def _check_lands_inside(root: Path, member: tarfile.TarInfo) -> None:
+    """Refuse a member that would be written outside ``root``: through a symlink an
+    earlier member made (``link -> /etc`` then ``link/passwd``), onto such a symlink, or
+    as a symlink pointing out of the context (absolute or ``..``)."""
+    base = os.path.realpath(root)
+
+    def inside(path: str) -> bool:
+        return path == base or path.startswith(base + os.sep)
+
+    target = os.path.join(base, member.name)
+    if not inside(os.path.realpath(target)):
+        raise InvalidArgument(f"build context tar member {member.name!r} escapes the context")
+    if member.issym() and (
+        member.linkname.startswith("/")
+        or not inside(os.path.realpath(os.path.join(os.path.dirname(target), member.linkname)))
+    ):
+        raise InvalidArgument(f"symlink {member.name!r} points outside the context")
+
+
 class BuildContext:
     """A directory tree the Dockerfile's COPY/ADD read from."""
 
@@ -89,7 +113,9 @@ class BuildContext:
                         ):
                             continue
                         member.name = name
-                        tar.extract(member, tmp, set_attrs=True, filter="tar")
+                        _check_lands_inside(tmp, member)
+                        member.mode &= 0o755  # no setuid/setgid/sticky, no group/other write
+                        tar.extract(member, tmp, set_attrs=True, **_TAR_FILTER)
             except tarfile.TarError as exc:
                 raise InvalidArgument(f"build context is not a valid tar stream: {exc}") from exc
             return cls(tmp, owned=True)

@@ -128,6 +128,44 @@ def test_parse_stages_meta_args_and_heredocs() -> None:
     assert parsed.stage("1").index == 1
 
 
+def _tar_entries(entries: list[tarfile.TarInfo], data: bytes = b"owned") -> io.BytesIO:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for info in entries:
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize("linkname", ["/etc", "../../..", "sub/../../outside"])
+def test_context_tar_symlink_out_of_the_context_is_refused(tmp_path: Path, linkname: str) -> None:
+    """A symlink out of the context, and a file written through it, never land outside
+    (with or without tarfile's own filters: Debian 12's Python 3.11.2 has none)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = tarfile.TarInfo("link")
+    link.type, link.linkname = tarfile.SYMTYPE, linkname
+    through = tarfile.TarInfo("link/passwd")
+    through.size = 5
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(InvalidArgument, match=r"outside the context|escapes the context"):
+        BuildContext.from_tar(_tar_entries([link, through]), workdir=work)
+    assert list(work.iterdir()) == []
+    assert list(outside.iterdir()) == []
+
+
+def test_context_tar_drops_setuid_and_group_write_bits(tmp_path: Path) -> None:
+    info = tarfile.TarInfo("tool")
+    info.size, info.mode = 5, 0o6777
+    inner = tarfile.TarInfo("dir/")
+    inner.type, inner.mode = tarfile.DIRTYPE, 0o1777
+    with BuildContext.from_tar(_tar_entries([inner, info]), workdir=tmp_path) as ctx:
+        assert (ctx.root / "tool").stat().st_mode & 0o7777 == 0o755
+        assert (ctx.root / "dir").stat().st_mode & 0o7777 == 0o755
+        assert (ctx.root / "tool").read_bytes() == b"owned"
+
+
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
