@@ -33,9 +33,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  log "creating .venv"
-  python3 -m venv .venv
+# Debian's own interpreter (statically linked libpython, built with the distribution's
+# optimisation flags), not whatever python3 comes first in PATH: measured here against a
+# shared-libpython build, it starts ~1.2 ms sooner and runs Python code ~18% faster, which
+# every `berth-agent` command and container start pays. A venv made from another
+# interpreter is made again.
+if [ ! -x .venv/bin/python ] || ! grep -qx 'home = /usr/bin' .venv/pyvenv.cfg 2>/dev/null; then
+  log "creating .venv (/usr/bin/python3)"
+  rm -rf .venv
+  /usr/bin/python3 -m venv .venv
 fi
 # editable_mode=compat installs the project as a plain path in a .pth file: setuptools'
 # default import-hook finder costs every Python process here ~25 ms at start-up, which
