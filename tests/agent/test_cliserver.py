@@ -250,23 +250,30 @@ def _children(pid: int) -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == pid]
 
 
+def _only_child(server: subprocess.Popen[bytes], other_than: int = 0) -> int:
+    """The server's one child (its spare), once there is exactly one and it is new."""
+
+    def single() -> int:
+        children = _children(server.pid)
+        return children[0] if len(children) == 1 and children[0] != other_than else 0
+
+    return int(until(single))  # type: ignore[call-overload]
+
+
 def test_a_spare_child_is_forked_ahead_and_replaced(
     server: subprocess.Popen[bytes], cli: Cli
 ) -> None:
     """The server keeps one child forked ahead of the next command; a command takes it
     and a new one is forked. A spare that died is replaced, and stopping the server
     ends the spare too (nothing is left running)."""
-    until(lambda: len(_children(server.pid)) == 1)
-    (spare,) = _children(server.pid)
+    spare = _only_child(server)
     assert cli("ps").returncode == 0
-    until(lambda: len(_children(server.pid)) == 1 and spare not in _children(server.pid))
-    (second,) = _children(server.pid)
+    second = _only_child(server, other_than=spare)
     os.kill(second, signal.SIGKILL)
     until(lambda: not Path(f"/proc/{second}").exists())  # reaped by the kernel (SIGCHLD ignored)
     result = cli("run", "--rm", "busybox", "echo", "served")
     assert (result.returncode, result.stdout) == (0, "served\n")
-    until(lambda: len(_children(server.pid)) == 1)
-    (third,) = _children(server.pid)
+    third = _only_child(server, other_than=second)
     server.terminate()
     assert server.wait(timeout=10) == 0
     until(lambda: not Path(f"/proc/{third}").exists())

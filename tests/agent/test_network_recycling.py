@@ -26,6 +26,7 @@ from tests.agent.test_network import (
     cid,
     fetch,
     httpd,
+    in_container,
     ip_of,
     owned_links,
     veths,
@@ -69,7 +70,11 @@ def test_the_next_container_gets_the_namespace_veth_and_address(
     server = net.attach("acme", cid(), "s", WEB, name="server")
     httpd(procs, server.netns_path, www)
     first = net.attach("acme", cid(), "a", WEB, name="first")
-    assert fetch(first, "http://server/") == WWW  # fills first's neighbour table
+    # Fills first's neighbour table, and leaves no socket behind (a TCP client that
+    # closes first would leave TIME_WAIT, and such a namespace is not recycled: see
+    # test_sockets_left_in_the_namespace_prevent_recycling).
+    ping = in_container(first, f"busybox ping -c 1 -W 5 {server.addresses['web'].split('/')[0]}")
+    assert ping.returncode == 0, ping.stderr
     pair = set(links_on(web.bridge))
     net.detach("acme", _id(net, "first"))
     # kept: the netns file, the veth on the bridge, eth0's address and default route
