@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from runtime_agent.build.dockerignore import IgnoreMatcher
 from runtime_agent.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -30,7 +30,7 @@ DEFAULT_CONTEXT_LIMIT = 2 * 1024**3
 
 # tarfile's own "tar" filter where this Python has it (3.11.4+; Debian 12's 3.11.2 has not):
 # the checks in _check_lands_inside and the mode mask apply either way.
-_TAR_FILTER: dict[str, str] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+_TAR_FILTER: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
 
 
 def _check_lands_inside(root: Path, member: tarfile.TarInfo) -> None:
