@@ -5,8 +5,10 @@ agent (pyroute2 alone costs over 100 ms), not running the container. docker solv
 with a thin client and a daemon; Berth does the same without a second API: the resident
 server has every module imported and, for each command, a child forked from it becomes
 the command. The child is forked *before* the command arrives (a "spare", waiting on a
-socket pair for the accepted connection), so the ~3 ms fork of a large process is off the
-command's path; the server forks the next spare while the command runs. The client
+socket pair for the accepted connection), so the ~2 ms fork of a large process is off the
+command's path; the server forks the next spare when that command ends (or has run 50
+ms), so that the fork and the spare's warm-up overlap the next client's start-up, not a
+container's. The client
 (``berth-agent`` itself, see :func:`forward`) connects to the server's unix socket and
 hands over
 
@@ -259,7 +261,11 @@ def serve(run_root: Path) -> None:
                 busy = None
             if listener.fileno() not in readable:
                 if spare is None and busy is None:
-                    spare = _Spare.fork(listener)
+                    try:
+                        spare = _Spare.fork(listener)
+                    except OSError as exc:  # no memory or pids left: try again later
+                        sys.stderr.write(f"berth-agent serve: {exc}\n")
+                        time.sleep(0.5)
                 continue
             try:
                 conn, _ = listener.accept()
