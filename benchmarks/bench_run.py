@@ -11,6 +11,8 @@ Measures, over ``--runs`` runs each (default 50):
            (start-to-running) and until ``wait`` returns (run-to-exit), vs bare
            ``runc run`` of a default ``runc spec`` bundle on the same rootfs; and
            run-to-exit on the tenant's default bridge network (a recycled netns)
+  steady   the served CLI and docker again, each ``--steady`` times in a row (4 blocks,
+           alternating): every tool in its own steady state, as a CI job runs them
   memory   host memory per idle container: PSS of each container's conmon, vs the PSS
            of docker's containerd-shim per container
   floor    what any Python CLI pays before doing anything: this venv's interpreter
@@ -100,6 +102,13 @@ def main() -> int:
     parser.add_argument("--idle", type=int, default=10, help="idle containers for memory")
     parser.add_argument("--state", default="/var/lib/berth-bench")
     parser.add_argument("--no-docker", action="store_true")
+    parser.add_argument(
+        "--steady",
+        type=int,
+        default=15,
+        help="also time the served CLI and docker each N times in a row (4 alternating "
+        "blocks; 0: skip)",
+    )
     args = parser.parse_args()
 
     state = Path(args.state)
@@ -230,6 +239,24 @@ def main() -> int:
         results["cold_none"] = row("same with --network none, cold", samples["cold_none"])
         if docker:
             results["docker"] = row("docker run --rm busybox true", samples["docker"])
+        steady: dict[str, list[float]] = {}
+        if docker and args.steady:
+            # Each command in a row, as a CI job runs them: every tool in its own steady
+            # state (caches warm with its own work), blocks alternating.
+            commands = {
+                "cli": variants["cli"],
+                "cli_none": variants["cli_none"],
+                "docker": variants["docker"],
+            }
+            steady = {name: [] for name in commands}
+            for _block in range(4):
+                for name, action in commands.items():
+                    taken = interleaved(args.steady, {name: action}, warmup=1)[name]
+                    steady[name] += taken
+            print(f"Steady state ({args.steady} in a row, 4 alternating blocks):")
+            results["steady_cli"] = row("berth-agent run --rm busybox true", steady["cli"])
+            results["steady_cli_none"] = row("same with --network none", steady["cli_none"])
+            results["steady_docker"] = row("docker run --rm busybox true", steady["docker"])
         print("Floor of any Python CLI here:")
         results["python"] = row("python -c pass (this venv, site hooks)", samples["python"])
         results["imports"] = row("python -c 'import <run path modules>'", samples["imports"])
@@ -280,6 +307,11 @@ def main() -> int:
             print(f"  same with --network none, p50                {cli_none:5.2f}    (<= 0.20)")
             print(f"  cold (no server) / docker, p50               {cold:5.2f}")
             print(f"  cold with --network none / docker, p50       {cold_none:5.2f}")
+            if steady:
+                ratio = results["steady_cli"][0] / results["steady_docker"][0]
+                ratio_none = results["steady_cli_none"][0] / results["steady_docker"][0]
+                print(f"  steady state: run --rm / docker, p50         {ratio:5.2f}    (<= 0.20)")
+                print(f"  steady state, --network none, p50            {ratio_none:5.2f}")
             floor = results["imports"][0] / results["docker"][0]
             print(f"  interpreter + imports alone / docker, p50    {floor:5.2f}")
         print(f"  host memory per idle container               {berth_kib / 1024:5.2f} MiB (<= 2)")

@@ -766,6 +766,8 @@ class ContainerManager:
 
     def _check_tenant_caps(self, tenant: str, limits: protocol.Limits) -> None:
         """A container may not ask for more than its whole tenant is allowed."""
+        if limits.memory_bytes is None and limits.pids is None:
+            return  # nothing asked: the tenant's cgroup caps it anyway (no stats to read)
         caps = self.cgroups.stats(tenant)
         for what, asked, cap in (
             ("memory", limits.memory_bytes, caps.memory_limit_bytes),

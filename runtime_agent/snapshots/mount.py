@@ -244,12 +244,18 @@ def unmount(target: Path) -> None:
 
 
 def is_mounted(target: Path) -> bool:
-    text = str(target)
+    # mountinfo writes space, tab, newline and backslash as octal escapes: compare in
+    # that form rather than decoding every line.
+    escaped = (
+        str(target)
+        .replace("\\", "\\134")
+        .replace(" ", "\\040")
+        .replace("\t", "\\011")
+        .replace("\n", "\\012")
+    )
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
-            fields = line.split()
-            mount_point = fields[4].encode().decode("unicode_escape")
-            if mount_point == text:
+            if line.split(" ", 5)[4] == escaped:
                 return True
     return False
 

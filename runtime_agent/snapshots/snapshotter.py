@@ -193,7 +193,7 @@ class Snapshotter:
             tmp = sdir / "meta.json.tmp"
             tmp.write_text(json.dumps(meta))
             os.rename(tmp, meta_path)
-            return self._mount(sdir, meta, lowers)
+            return self._mount(sdir, meta, lowers, fresh=True)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.remove(key)
@@ -223,9 +223,18 @@ class Snapshotter:
             raise NotFound(f"snapshot {key} not found", key=key) from None
         return self._mount(sdir, meta)
 
-    def _mount(self, sdir: Path, meta: dict[str, Any], lowers: list[Path] | None = None) -> Path:
+    def _mount(
+        self,
+        sdir: Path,
+        meta: dict[str, Any],
+        lowers: list[Path] | None = None,
+        *,
+        fresh: bool = False,
+    ) -> Path:
+        """Mount the snapshot at ``sdir/merged`` unless it is; ``fresh``: its directory
+        was just made by this caller, so nothing can be mounted there yet."""
         merged = sdir / "merged"
-        if mount.is_mounted(merged):
+        if not fresh and mount.is_mounted(merged):
             return merged
         if lowers is None:
             lowers = [self.layer_path(c) for c in reversed(meta["chain_ids"])]

@@ -31,6 +31,20 @@ def _sh(rootfs, script: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_is_mounted_reads_mountinfos_escapes(tmp_path: Path) -> None:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    odd = tmp_path / "a b\\c\td"
+    odd.mkdir()
+    assert not is_mounted(odd)
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(odd)], check=True)
+    try:
+        assert is_mounted(odd)
+        assert not is_mounted(tmp_path / "a b")
+    finally:
+        subprocess.run(["umount", str(odd)], check=True)
+    assert not is_mounted(odd)
+
+
 def test_prepare_mounts_a_writable_busybox_rootfs(agent: Agent) -> None:
     image = bootstrap_busybox(agent)
     rootfs = agent.snapshots.prepare("c1", image)
