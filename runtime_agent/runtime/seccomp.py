@@ -23,7 +23,8 @@ Things worth knowing when reading the tables:
   programs run. Berth lists only the native ABI, plus the compat ABI of an image built for
   it (a ``386`` image on amd64, an ``arm`` image on arm64). Each listed architecture is a
   whole extra copy of the filter that runc (libseccomp) builds at every container start:
-  i386 alone cost ~9 ms of a 45 ms ``runc run`` here. And the 32-bit entry points (int
+  i386 alone cost runc 4.5 ms of CPU per start here (~2 ms of wall time on an idle node,
+  more on a busy one). And the 32-bit entry points (int
   0x80 and the ia32 compat syscalls) are a kernel attack surface that a 64-bit container
   has no use for; hardened hosts switch it off altogether (``ia32_emulation=0``). A
   system call of an ABI the filter doesn't list kills the calling process (SIGSYS,
