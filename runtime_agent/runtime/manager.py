@@ -317,6 +317,7 @@ class ContainerManager:
                 status="creating",
                 spec=protocol.to_dict(spec),
                 labels=dict(spec.labels),
+                creator=_this_process(),
             )
             self.store.save(record)
         return record, image
@@ -1112,7 +1113,8 @@ class ContainerManager:
         for record in self.all_records():
             try:
                 if record.status == "creating":
-                    self._cleanup(record)
+                    if not _process_alive(record.creator):  # else: a create in progress
+                        self._cleanup(record)
                     continue
                 was_live = record.status in (st.RUNNING, st.PAUSED)
                 record = self._observe(record)
@@ -1130,6 +1132,27 @@ class ContainerManager:
                             self._start_locked(fresh, watch_exit=True)
             except AgentError:
                 continue
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as fh:
+        return fh.read().strip()
+
+
+def _this_process() -> str:
+    """This process, as ``ContainerRecord.creator`` records it."""
+    pid = os.getpid()
+    return f"{_boot_id()} {pid} {process_start_time(pid) or 0}"
+
+
+def _process_alive(token: str) -> bool:
+    """Whether the process a ``_this_process()`` token names still runs (same boot, same
+    pid and start time: a reused pid is not it)."""
+    try:
+        boot, pid, start = token.split()
+        return boot == _boot_id() and process_start_time(int(pid)) == int(start)
+    except ValueError:  # no token (a record from before it was kept)
+        return False
 
 
 def _await_monitor_exit(paths: MonitorPaths, timeout: float) -> None:

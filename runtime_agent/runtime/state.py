@@ -112,6 +112,9 @@ class ContainerRecord:
     manually_stopped: bool = False
     network: dict[str, Any] | None = None
     volumes: list[str] = field(default_factory=list)
+    # While "creating": "<boot id> <pid> <start time>" of the process making it, so that
+    # recover() in another process tells a create in progress from a crash's leftover.
+    creator: str = ""
 
     @property
     def short_id(self) -> str:

@@ -155,6 +155,21 @@ def test_run_starts_conmon_early_and_a_failed_create_stops_it(rt: Agent) -> None
     assert leftovers(rt, "default", info.id) == []
 
 
+def test_recover_leaves_a_create_in_progress_and_removes_a_crashed_one(rt: Agent) -> None:
+    """recover() (another process's worker start) removes half-created containers only
+    when the process that was creating them is gone."""
+    c = rt.containers
+    record, _image = c._new_record(spec("true", name="in-progress"))  # this process creates
+    c.recover()
+    assert c.inspect("default", "in-progress")["Name"] == "/in-progress"
+    boot, _pid, _start = record.creator.split()
+    record.creator = f"{boot} {2**22 - 1} 1"  # no such process (pid_max is at most 2**22)
+    c.store.save(record)
+    c.recover()
+    assert c.list("default", all=True) == []
+    assert leftovers(rt, "default", record.id) == []
+
+
 def test_lifecycle_state_machine(rt: Agent) -> None:
     c = rt.containers
     info = c.create(spec("sleep 300", name="life"))
