@@ -193,12 +193,15 @@ def test_a_killed_command_is_reported_not_hung(
     # to the client's stdout (the other child is the spare waiting for the next command).
     assert client.stdout is not None
     pipe = f"pipe:[{os.fstat(client.stdout.fileno()).st_ino}]"
-    (command,) = [
-        p
-        for p in Path("/proc").iterdir()
-        if p.name.isdigit() and _parent(p) == server.pid and os.readlink(p / "fd/1") == pipe
-    ]
-    os.kill(int(command.name), signal.SIGKILL)
+
+    def stdout_of(pid: int) -> str:
+        try:
+            return os.readlink(f"/proc/{pid}/fd/1")
+        except OSError:  # gone meanwhile (the command of `ps` above, exiting)
+            return ""
+
+    (command,) = [pid for pid in _children(server.pid) if stdout_of(pid) == pipe]
+    os.kill(command, signal.SIGKILL)
     assert client.wait(timeout=30) == 125
     assert "without an exit status" in (client.stderr.read() if client.stderr else "")
     assert cli("rm", "-f", "victim").returncode == 0
