@@ -257,7 +257,7 @@ class NodeWorker:
             {
                 "time": entry.time,
                 "stream": entry.stream,
-                "line": entry.line.decode(errors="replace") + "\n",
+                "line": entry.line.decode(errors="replace") + ("" if entry.partial else "\n"),
             }
             for entry in self.agent.containers.logs(tenant, name, tail=tail, since=since)
         ]

@@ -255,7 +255,7 @@ def _stream_logs(
         target = err if entry.stream == "stderr" else out
         if timestamps:
             target.write(entry.time.encode() + b" ")
-        target.write(entry.line + b"\n")
+        target.write(entry.line if entry.partial else entry.line + b"\n")
         if follow:
             target.flush()
     out.flush()

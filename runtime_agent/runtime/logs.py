@@ -21,25 +21,46 @@ class LogEntry:
     time: str  # RFC 3339 with nanoseconds, as conmon wrote it
     stream: str  # "stdout" or "stderr"
     line: bytes  # without the trailing newline
+    # The output ended without a newline (``printf abc``): print no newline after it.
+    partial: bool = False
+
+
+class _Joiner:
+    """Joins partial entries (``P``) with what follows them in the same stream, across
+    any number of ``feed`` calls (a follower reads the file as it grows; conmon may have
+    written only the first part of a line yet)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[str, list[bytes]]] = {}
+
+    def feed(self, raw_lines: Iterator[bytes]) -> Iterator[LogEntry]:
+        for raw in raw_lines:
+            raw = raw.rstrip(b"\n")
+            parts = raw.split(b" ", 3)
+            if len(parts) < 3:
+                continue
+            stamp, stream, tag = (p.decode(errors="replace") for p in parts[:3])
+            text = parts[3] if len(parts) == 4 else b""
+            first_time, chunks = self.pending.get(stream, (stamp, []))
+            chunks.append(text)
+            if tag == "P":
+                self.pending[stream] = (first_time, chunks)
+                continue
+            self.pending.pop(stream, None)
+            yield LogEntry(first_time, stream, b"".join(chunks))
+
+    def flush(self) -> Iterator[LogEntry]:
+        """What is left once the output is over: a last line without a newline."""
+        for stream, (first_time, chunks) in sorted(self.pending.items(), key=lambda i: i[1][0]):
+            yield LogEntry(first_time, stream, b"".join(chunks), partial=True)
+        self.pending.clear()
 
 
 def parse_lines(raw_lines: Iterator[bytes]) -> Iterator[LogEntry]:
-    """Join partial entries and yield whole lines."""
-    pending: dict[str, tuple[str, list[bytes]]] = {}
-    for raw in raw_lines:
-        raw = raw.rstrip(b"\n")
-        parts = raw.split(b" ", 3)
-        if len(parts) < 3:
-            continue
-        stamp, stream, tag = (p.decode(errors="replace") for p in parts[:3])
-        text = parts[3] if len(parts) == 4 else b""
-        first_time, chunks = pending.get(stream, (stamp, []))
-        chunks.append(text)
-        if tag == "P":
-            pending[stream] = (first_time, chunks)
-            continue
-        pending.pop(stream, None)
-        yield LogEntry(first_time, stream, b"".join(chunks))
+    """Join partial entries and yield whole lines (and a last one without a newline)."""
+    joiner = _Joiner()
+    yield from joiner.feed(raw_lines)
+    yield from joiner.flush()
 
 
 def _read_lines(path: Path) -> list[bytes]:
@@ -79,6 +100,7 @@ def follow_logs(
     position = 0
     inode = None
     buffer = b""
+    joiner = _Joiner()  # partial lines carry over between reads (and rotations)
     first = True
     finished = False
     delay = 0.001  # short right after output or start: a fast container's end shows at once
@@ -101,7 +123,7 @@ def follow_logs(
             lines = buffer.split(b"\n")
             buffer = lines.pop()
             complete = [line + b"\n" for line in lines]
-            entries = list(parse_lines(iter(complete)))
+            entries = list(joiner.feed(iter(complete)))
             if first and tail is not None:
                 entries = entries[-tail:] if tail > 0 else []
             first = False
@@ -109,6 +131,7 @@ def follow_logs(
                 delay = 0.001
             yield from entries
         if finished:
+            yield from joiner.flush()
             return
         if done():
             finished = True  # one more read drains what conmon wrote before exiting

@@ -91,6 +91,19 @@ def test_foreground_run_streams_output_and_passes_the_exit_code(cli: Cli) -> Non
     assert result.stderr == "oops\n"
 
 
+def test_output_without_a_final_newline_is_printed_as_is(cli: Cli) -> None:
+    """`printf abc`: conmon logs it as a partial entry; docker prints "abc", so do we
+    (it used to be dropped), in run and in logs."""
+    assert cli("bootstrap").returncode == 0
+    result = cli("run", "--rm", "--network", "none", "busybox", "sh", "-c", "echo one; printf two")
+    assert (result.returncode, result.stdout) == (0, "one\ntwo")
+    created = cli("run", "-d", "--network", "none", "busybox", "printf", "abc")
+    container = created.stdout.strip()
+    assert cli("wait", container).stdout.strip() == "0"
+    assert cli("logs", container).stdout == "abc"
+    assert cli("rm", container).returncode == 0
+
+
 def test_run_interactive_feeds_stdin_like_docker_run_i(cli: Cli, agent_config: AgentConfig) -> None:
     assert cli("bootstrap").returncode == 0
     quick = ["run", "--rm", "--network", "none"]

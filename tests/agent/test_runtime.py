@@ -436,6 +436,30 @@ def test_logs_are_size_capped_and_follow_survives_rotation(
     assert followed == sorted(followed)  # rotation never replays or reorders lines
 
 
+def test_follow_joins_a_line_whose_parts_arrive_in_different_reads(tmp_path: Path) -> None:
+    """conmon writes a long line as partial entries; a follower may read the file
+    between them. It used to yield the continuation alone (b"123" for b"line123")."""
+    from runtime_agent.runtime.logs import follow_logs, read_logs
+
+    log = tmp_path / "ctr.log"
+    log.write_bytes(b"T1 stdout F first\nT2 stdout P line\n")
+    writes = [b"T3 stdout P 12\n", b"T4 stdout F 3\nT5 stdout P tail-without-newline\n"]
+
+    def pause(_seconds: float) -> None:  # the container writes between two reads
+        if writes:
+            with open(log, "ab") as fh:
+                fh.write(writes.pop(0))
+
+    entries = list(follow_logs(log, done=lambda: not writes, pause=pause))
+    assert [(e.line, e.partial) for e in entries] == [
+        (b"first", False),
+        (b"line123", False),
+        (b"tail-without-newline", True),
+    ]
+    assert entries[1].time == "T2"  # a joined line keeps its first part's time
+    assert [(e.line, e.partial) for e in read_logs(log)] == [(e.line, e.partial) for e in entries]
+
+
 def test_recover_after_the_monitor_and_container_vanished(rt: Agent) -> None:
     """What a node reboot leaves: no monitor, no process, no exit file. A fresh agent
     reports the container exited (255) and recover() restarts an always-policy one."""
