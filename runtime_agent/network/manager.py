@@ -26,7 +26,6 @@ import errno
 import fcntl
 import hashlib
 import ipaddress
-import itertools
 import os
 import re
 import secrets
@@ -298,12 +297,13 @@ class NetworkManager:
         """
         taken = {i.host_veth for e in state.endpoints.values() for i in e.interfaces}
         taken.update(entry.host_veth for entry in state.idle)
-        for attempt in itertools.count():
-            key = f"{container_id}/{network_id}" + (f"/{attempt}" if attempt else "")
+        key, attempt = f"{container_id}/{network_id}", 0
+        while True:
             name = f"{self.prefix}v{hashlib.sha256(key.encode()).hexdigest()[:6]}"
             if name not in taken:
                 return name
-        raise AssertionError("unreachable")
+            attempt += 1
+            key = f"{container_id}/{network_id}/{attempt}"
 
     def netns_path(self, container_id: str) -> Path:
         """Where a new namespace for the container goes (an endpoint's own is its record's)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -1134,7 +1135,9 @@ class ContainerManager:
                 continue
 
 
+@functools.cache
 def _boot_id() -> str:
+    """This boot's id (read once per process: it is the same until the node reboots)."""
     with open("/proc/sys/kernel/random/boot_id") as fh:
         return fh.read().strip()
 

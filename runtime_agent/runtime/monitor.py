@@ -186,7 +186,7 @@ class MonitorStart:
     """conmon for one start of the bundle in ``paths.directory``, launched;
     ``started()`` returns the container's pid once it runs.
 
-    ``gated=True`` launches conmon before the bundle exists: conmon starting up (~3 ms
+    ``gated=True`` launches conmon before the bundle exists: conmon starting up (~5 ms
     of exec and library loading) and its runtime wrapper overlap the rest of the
     create. The wrapper waits at a pipe until ``started()`` opens it; ``cancel()``
     closes it instead, and conmon exits without having run runc.
@@ -201,7 +201,6 @@ class MonitorStart:
         name: str,
         paths: MonitorPaths,
         exit_command: list[str] | None = None,
-        log_size_max: int | None = None,
         stdin: bool = False,
         gated: bool = False,
     ) -> None:
@@ -225,7 +224,7 @@ class MonitorStart:
             "--container-pidfile", str(monitor / "pid"),
             "--conmon-pidfile", str(paths.conmon_pid_file),
             "--log-path", f"k8s-file:{paths.log}",
-            "--log-size-max", str(log_size_max or LOG_SIZE_MAX),
+            "--log-size-max", str(LOG_SIZE_MAX),
             "--exit-dir", str(monitor / "exits"),
             "--persist-dir", str(monitor),
             "--socket-dir-path", str(socket_dir),
