@@ -94,6 +94,12 @@ def prepare() -> None:
     """
     global _prepared
     _prepared = build_parser([])
+    # The seccomp profile leaves out other ABIs' calls, found with libseccomp (~3 ms once
+    # per process): look them up here, not in every command.
+    from runtime_agent.runtime.seccomp import default_profile
+    from runtime_agent.runtime.security import DEFAULT_CAPABILITIES
+
+    default_profile(DEFAULT_CAPABILITIES)
 
 
 def rehearse() -> None:
