@@ -16,8 +16,9 @@ Measures, over ``--runs`` runs each (default 50):
   memory   host memory per idle container: PSS of each container's conmon, vs the PSS
            of docker's containerd-shim per container
   floor    what any Python CLI pays before doing anything: this venv's interpreter
-           starting (``python -c pass``, site hooks included) and importing the modules
-           ``run`` needs, for reading the CLI figures
+           starting (``python -c pass``, site hooks included; ``python -S -c pass``, as
+           the ``berth-agent`` launcher starts it) and importing the modules ``run``
+           needs, for reading the CLI figures
 
 and prints p50/p95 and the ratios against the targets (CLI <= 1/5 of docker, API within
 1.5x of bare runc, <= 2 MB per idle container). Run as root: ``python benchmarks/bench_run.py``.
@@ -215,6 +216,7 @@ def main() -> int:
                 [*berth, "run", "--rm", "--network", "none", "busybox", "true"], cold_env
             ),
             "python": lambda: check([sys.executable, "-c", "pass"], env),
+            "python_s": lambda: check([sys.executable, "-S", "-c", "pass"], env),
             "imports": lambda: check([sys.executable, "-c", RUN_PATH_IMPORTS], env),
         }
         if docker:
@@ -259,6 +261,7 @@ def main() -> int:
             results["steady_docker"] = row("docker run --rm busybox true", steady["docker"])
         print("Floor of any Python CLI here:")
         results["python"] = row("python -c pass (this venv, site hooks)", samples["python"])
+        results["python_s"] = row("python -S -c pass (the launcher's start)", samples["python_s"])
         results["imports"] = row("python -c 'import <run path modules>'", samples["imports"])
 
         print(f"Host memory per idle container ({args.idle} idle `sleep` containers):")

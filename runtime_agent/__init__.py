@@ -4,6 +4,4 @@ Plain Python, runs as root on a Linux node, and never imports Django: it talks t
 control plane only through the Celery payloads in ``runtime_agent.protocol``.
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"

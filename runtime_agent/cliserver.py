@@ -8,9 +8,8 @@ the command. The child is forked *before* the command arrives (a "spare", waitin
 socket pair for the accepted connection), so the ~2 ms fork of a large process is off the
 command's path; the server forks the next spare when that command ends (or has run 50
 ms), so that the fork and the spare's warm-up overlap the next client's start-up, not a
-container's. The client
-(``berth-agent`` itself, see :func:`forward`) connects to the server's unix socket and
-hands over
+container's. The client (``berth-agent`` itself, :func:`runtime_agent.cliclient.forward`)
+connects to the server's unix socket and hands over
 
 * its stdin, stdout and stderr as file descriptors (``SCM_RIGHTS``): the child writes
   straight to the user's terminal or pipe and reads its stdin (``build -``, ``load``,
@@ -34,21 +33,16 @@ the code it imported.
 
 from __future__ import annotations
 
-# The client half runs on every command: only modules built into the interpreter here.
-import _signal
-import _socket
 import os
 import sys
+from typing import TYPE_CHECKING
 
-TYPE_CHECKING = False  # typing itself costs ~3 ms, paid by every command
+from runtime_agent.cliclient import PROTOCOL, SOCKET_NAME
+
 if TYPE_CHECKING:
     import socket
     from pathlib import Path
 
-SOCKET_NAME = "cli.sock"
-# Commands that must not run inside the server: the server itself and long-lived
-# processes with their own lifecycle (a Celery worker; join gains nothing there).
-NOT_FORWARDED = frozenset({"serve", "worker", "join"})
 # What a command may import; importing all of it up front is the point of the server.
 PRELOAD = (
     "runtime_agent.cli.main",
@@ -82,32 +76,16 @@ PRELOAD = (
     "runtime_agent.distribution",
     "pyroute2",
 )
-PROTOCOL = b"berth-cli/1"
 MAX_REQUEST = 4 << 20  # argv + environment; far beyond ARG_MAX-sized command lines
 # How long the server waits for a command to end before it forks the next spare anyway.
 SPARE_DELAY = 0.05
-RELAYED_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 
 
-def socket_path(run_root: str | os.PathLike[str] | None = None) -> str:
-    """Where the server for this run root listens (AgentConfig's default and variable,
-    repeated here: importing the config module is more than this client needs)."""
-    root = run_root if run_root is not None else os.environ.get("BERTH_RUN_ROOT", "/run/berth")
-    return os.path.join(root, SOCKET_NAME)
-
-
-# ---- the request: NUL-separated bytes (argv and environment never contain NUL) ----------
-
-
-def encode_request(argv: list[str], cwd: str, umask: int, env: dict[str, str]) -> bytes:
-    fields = [PROTOCOL, os.fsencode(cwd), b"%o" % umask, b"%d" % len(argv)]
-    fields += [os.fsencode(a) for a in argv]
-    fields += [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
-    body = b"\0".join(fields)
-    return b"%d\n" % len(body) + body
+# ---- the request -------------------------------------------------------------------------
 
 
 def decode_request(body: bytes) -> tuple[list[str], str, int, dict[str, str]]:
+    """argv, working directory, umask and environment of ``cliclient.encode_request``."""
     fields = body.split(b"\0")
     if len(fields) < 4 or fields[0] != PROTOCOL:
         raise ValueError("not a berth-cli/1 request")
@@ -121,81 +99,6 @@ def decode_request(body: bytes) -> tuple[list[str], str, int, dict[str, str]]:
         if sep:
             env[os.fsdecode(key)] = os.fsdecode(value)
     return argv, cwd, umask, env
-
-
-# ---- client -----------------------------------------------------------------------------
-
-
-def _first_command(argv: list[str]) -> str | None:
-    return next((a for a in argv if a[:1] != "-"), None)
-
-
-def forward(argv: list[str]) -> int | None:
-    """Run ``berth-agent argv`` in the resident server; None when there is none.
-
-    Returns the command's exit status. Signals the user sends to this process go to the
-    command (a Ctrl-C stops ``run`` or ``logs -f`` as it would in-process).
-    """
-    if os.environ.get("BERTH_NO_SERVER") or _first_command(argv) in NOT_FORWARDED:
-        return None
-    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        conn.connect(socket_path())
-    except OSError:
-        conn.close()
-        return None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        try:
-            cwd = os.getcwd()
-        except OSError:
-            cwd = "/"
-        request = encode_request(argv, cwd, umask, dict(os.environ))
-        fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
-        try:
-            sent = conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-            if sent < len(request):
-                conn.sendall(request[sent:])
-        except OSError:
-            return None  # the server went away between connect and send: run in-process
-        return _await_child(conn)
-    finally:
-        conn.close()
-
-
-def _read_line(conn: _socket.socket, pending: bytearray) -> bytes | None:
-    while b"\n" not in pending:
-        chunk = conn.recv(64)
-        if not chunk:
-            return None
-        pending += chunk
-    line, _, rest = bytes(pending).partition(b"\n")
-    pending[:] = rest
-    return line
-
-
-def _await_child(conn: _socket.socket) -> int:
-    pending = bytearray()
-    first = _read_line(conn, pending)
-    if not first:
-        sys.stderr.write("berth-agent: the agent's CLI server refused the command\n")
-        return 125
-    pid = int(first)
-
-    def relay(signum: int, _frame: object) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for signum in RELAYED_SIGNALS:
-        _signal.signal(signum, relay)
-    last = _read_line(conn, pending)
-    if not last:
-        sys.stderr.write("berth-agent: the command ended without an exit status (killed?)\n")
-        return 125
-    return int(last)
 
 
 # ---- server -----------------------------------------------------------------------------

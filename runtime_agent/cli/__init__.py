@@ -8,13 +8,11 @@ output and exit status. This module imports as little as it can: it is on the pa
 every command.
 """
 
-from __future__ import annotations
-
 import sys
 
 
 def entry_point() -> int:
-    from runtime_agent.cliserver import forward
+    from runtime_agent.cliclient import forward
 
     argv = sys.argv[1:]
     code = forward(argv)
@@ -25,9 +23,13 @@ def entry_point() -> int:
                 stream.flush()
             except (OSError, ValueError):
                 pass
-        import os
+        import posix
 
-        os._exit(code)
+        posix._exit(code)
+    if sys.flags.no_site:  # started by the launcher (python -S): the command needs site's paths
+        import site
+
+        site.main()
     from runtime_agent.cli.main import main as run_in_process
 
     return run_in_process(argv)

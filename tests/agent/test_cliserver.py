@@ -19,16 +19,20 @@ from pathlib import Path
 
 import pytest
 
-from runtime_agent import cliserver
+from runtime_agent import cliclient, cliserver
 from runtime_agent.agent import Agent
+from runtime_agent.cli import launcher
 from runtime_agent.config import AgentConfig
 from tests.agent.test_runtime_fixtures import cleanup_agent, needs_runtime, until
 
 pytestmark = needs_runtime
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
-# The console script, as installed: runtime_agent.cli:entry_point.
-CLIENT = "import sys, runtime_agent.cli as c; sys.exit(c.entry_point())"
+
+@pytest.fixture(scope="module")
+def berth_agent(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``berth-agent`` as infra/setup.sh installs it: the launcher (python -S)."""
+    return str(launcher.install(tmp_path_factory.mktemp("bin")))
 
 
 @pytest.fixture
@@ -51,7 +55,7 @@ def server(agent_config: AgentConfig, env: dict[str, str]) -> Iterator[subproces
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    sock = Path(cliserver.socket_path(agent_config.run_root))
+    sock = Path(cliclient.socket_path(agent_config.run_root))
     try:
         until(lambda: sock.exists() or process.poll() is not None, timeout=30)
         assert process.poll() is None, process.stderr.read() if process.stderr else ""
@@ -63,12 +67,12 @@ def server(agent_config: AgentConfig, env: dict[str, str]) -> Iterator[subproces
 
 
 @pytest.fixture
-def cli(env: dict[str, str], server: subprocess.Popen[bytes]) -> Cli:
+def cli(env: dict[str, str], server: subprocess.Popen[bytes], berth_agent: str) -> Cli:
     def run(
         *args: str, timeout: float = 60, input: str | None = None, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", CLIENT, *args],
+            [berth_agent, *args],
             env=env,
             capture_output=True,
             text=True,
@@ -83,31 +87,35 @@ def cli(env: dict[str, str], server: subprocess.Popen[bytes]) -> Cli:
 
 
 def test_the_client_hands_the_command_over(env: dict[str, str], cli: Cli) -> None:
-    # A served command ends the client with os._exit (no interpreter teardown): report
-    # from there as well as after a normal return.
+    # A served command ends the client with posix._exit (no interpreter teardown): report
+    # from there as well as after a normal return. The probe runs as the launcher does:
+    # python -S, the project on sys.path, no site (and so no os) until it is needed.
     probe = (
-        "import os, sys, runtime_agent.cli as c; sys.argv = ['berth-agent', 'images']\n"
+        "import posix, sys; sys.path.append(sys.argv.pop(1))\n"
+        "import runtime_agent.cli as c; sys.argv = ['berth-agent', 'images']\n"
         "def report(code):\n"
         "    sys.stdout.flush()\n"
         "    where = 'in-process' if 'runtime_agent.cli.main' in sys.modules else 'served'\n"
-        "    print(where, code, flush=True)\n"
-        "real_exit = os._exit\n"
-        "os._exit = lambda code: (report(code), real_exit(code))\n"
+        "    site = 'site' if 'site' in sys.modules else 'no site'\n"
+        "    print(where, code, site, flush=True)\n"
+        "real_exit = posix._exit\n"
+        "posix._exit = lambda code: (report(code), real_exit(code))\n"
         "report(c.entry_point())\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
-    )
-    assert result.stdout.splitlines()[-1] == "served 0", result.stderr
+    root = str(Path(cliclient.__file__).parent.parent)
+    probe_argv = [sys.executable, "-S", "-c", probe, root]
+    result = subprocess.run(probe_argv, env=env, capture_output=True, text=True, check=False)
+    assert result.stdout.splitlines()[-1] == "served 0 no site", result.stderr
     assert "busybox" in result.stdout  # the listing the server's command wrote to our stdout
     fallback = subprocess.run(
-        [sys.executable, "-c", probe],
+        probe_argv,
         env={**env, "BERTH_NO_SERVER": "1"},
         capture_output=True,
         text=True,
         check=False,
     )
-    assert fallback.stdout.splitlines()[-1] == "in-process 0", fallback.stderr
+    # In-process, the command needs site-packages (pyroute2): entry_point loaded site.
+    assert fallback.stdout.splitlines()[-1] == "in-process 0 site", fallback.stderr
 
 
 def test_streams_and_exit_codes_are_the_commands(cli: Cli) -> None:
@@ -145,7 +153,9 @@ def test_stdin_and_working_directory_are_the_clients(cli: Cli, tmp_path: Path) -
     assert shown.stdout == "from the context\n"
 
 
-def test_build_context_on_stdin(env: dict[str, str], cli: Cli, tmp_path: Path) -> None:
+def test_build_context_on_stdin(
+    env: dict[str, str], cli: Cli, tmp_path: Path, berth_agent: str
+) -> None:
     archive = tmp_path / "ctx.tar"
     with tarfile.open(archive, "w") as tar:
         data = tmp_path / "Dockerfile"
@@ -153,7 +163,7 @@ def test_build_context_on_stdin(env: dict[str, str], cli: Cli, tmp_path: Path) -
         tar.add(data, arcname="Dockerfile")
     with archive.open("rb") as stdin:
         piped = subprocess.run(
-            [sys.executable, "-c", CLIENT, "build", "-t", "piped:1", "-"],
+            [berth_agent, "build", "-t", "piped:1", "-"],
             env=env,
             stdin=stdin,
             capture_output=True,
@@ -163,9 +173,9 @@ def test_build_context_on_stdin(env: dict[str, str], cli: Cli, tmp_path: Path) -
     assert cli("run", "--rm", "piped:1", "cat", "/marker").stdout == "built\n"
 
 
-def test_ctrl_c_reaches_the_command(env: dict[str, str], cli: Cli) -> None:
+def test_ctrl_c_reaches_the_command(env: dict[str, str], cli: Cli, berth_agent: str) -> None:
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, "run", "--rm", "--name", "sleeper", "busybox", "sleep", "9"],
+        [berth_agent, "run", "--rm", "--name", "sleeper", "busybox", "sleep", "9"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -179,10 +189,10 @@ def test_ctrl_c_reaches_the_command(env: dict[str, str], cli: Cli) -> None:
 
 
 def test_a_killed_command_is_reported_not_hung(
-    env: dict[str, str], server: subprocess.Popen[bytes], cli: Cli
+    env: dict[str, str], server: subprocess.Popen[bytes], cli: Cli, berth_agent: str
 ) -> None:
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, "run", "--rm", "--name", "victim", "busybox", "sleep", "9"],
+        [berth_agent, "run", "--rm", "--name", "victim", "busybox", "sleep", "9"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -220,7 +230,7 @@ def test_the_server_forks_from_a_single_thread(
 
 
 def test_only_the_servers_uid_may_connect(agent_config: AgentConfig, cli: Cli) -> None:
-    path = cliserver.socket_path(agent_config.run_root)
+    path = cliclient.socket_path(agent_config.run_root)
     assert os.stat(path).st_mode & 0o777 == 0o600
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit status
@@ -244,7 +254,7 @@ def test_stopping_the_server_falls_back_in_process(
 ) -> None:
     server.terminate()
     assert server.wait(timeout=10) == 0
-    assert not Path(cliserver.socket_path(agent_config.run_root)).exists()
+    assert not Path(cliclient.socket_path(agent_config.run_root)).exists()
     result = cli("run", "--rm", "busybox", "echo", "still works")
     assert (result.returncode, result.stdout) == (0, "still works\n")
 
@@ -287,12 +297,49 @@ def test_a_spare_child_is_forked_ahead_and_replaced(
 def test_request_encoding_round_trips_odd_text() -> None:
     argv = ["run", "-e", "A=b=c", "--", "sh", "-c", "echo 'x y'\n", "\udcff", ""]
     env = {"K": "v=w", "EMPTY": "", "NON_UTF8": "\udcfe"}
-    raw = cliserver.encode_request(argv, "/tmp/a b", 0o027, env)
+    raw = cliclient.encode_request(argv, "/tmp/a b", 0o027, env)
     header, _, body = raw.partition(b"\n")
     assert int(header) == len(body)
     assert cliserver.decode_request(body) == (argv, "/tmp/a b", 0o027, env)
     with pytest.raises(ValueError):
         cliserver.decode_request(b"other/1\0/\0022\0" + b"0")
+    # What the client sends from its process: bytes from posix, as is.
+    environb = {b"K": b"v=w", b"NON_UTF8": b"\xfe"}
+    raw = cliclient.encode_request(argv, b"/tmp/\xff", 0o022, environb)
+    assert cliserver.decode_request(raw.partition(b"\n")[2]) == (
+        argv,
+        "/tmp/\udcff",
+        0o022,
+        {"K": "v=w", "NON_UTF8": "\udcfe"},
+    )
+
+
+def test_the_launcher_starts_python_without_site(tmp_path: Path) -> None:
+    path = launcher.install(tmp_path)
+    text = path.read_text()
+    assert text.startswith(f"#!{sys.executable} -S\n")
+    assert path.stat().st_mode & 0o777 == 0o755
+    # Run in-process (no server at this run root): site is loaded then, and the full
+    # agent imports from it.
+    probe = subprocess.run(
+        [str(path), "--help"],
+        env={**os.environ, "BERTH_RUN_ROOT": str(tmp_path / "run")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert "docker-like" in probe.stdout or "usage: berth-agent" in probe.stdout
+    with pytest.raises(ValueError):
+        launcher.render("/opt/my python/bin/python", "/src")
+
+
+def test_the_socket_path_follows_the_run_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BERTH_RUN_ROOT", "/run/other/")
+    assert cliclient.socket_path() == "/run/other/cli.sock"
+    monkeypatch.delenv("BERTH_RUN_ROOT")
+    assert cliclient.socket_path() == "/run/berth/cli.sock"
+    assert cliclient.socket_path(Path("/x")) == "/x/cli.sock"
 
 
 def _parent(proc: Path) -> int:
