@@ -741,16 +741,21 @@ class ContainerManager:
         """
         import shutil
 
+        exited = read_exit(self._paths(record)) is not None
         state_dir = self.config.runc_root / record.runc_id
         if state_dir.exists():
-            if read_exit(self._paths(record)) is None:
-                self.runc.delete(record.runc_id)
-            else:
+            cgroups_removed = False
+            if exited:
                 try:
                     self.cgroups.remove(record.tenant, record.id)
+                    cgroups_removed = True
                 except OSError:
-                    self.runc.delete(record.runc_id)
-                shutil.rmtree(state_dir, ignore_errors=True)
+                    pass
+            if not cgroups_removed:
+                self.runc.delete(record.runc_id)
+            shutil.rmtree(state_dir, ignore_errors=True)
+            if cgroups_removed:
+                return
         self.cgroups.remove(record.tenant, record.id)  # idempotent; the hierarchies are cached
 
     def _detach_network(self, record: ContainerRecord) -> None:
