@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -67,9 +68,16 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 def interleaved(
     runs: int, variants: dict[str, Callable[[], object]], warmup: int = 2
 ) -> dict[str, list[float]]:
+    """Each variant once per round, in a new order every round (seeded): a fixed order
+    favours whatever runs right after a similar command (warm caches, a spare just
+    rehearsed) and penalises what follows docker or a pause."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    shuffler = random.Random(1)
     for round_number in range(warmup + runs):
-        for name, action in variants.items():
+        order = list(variants)
+        shuffler.shuffle(order)
+        for name in order:
+            action = variants[name]
             started = time.perf_counter()
             action()
             if round_number >= warmup:
@@ -221,7 +229,8 @@ def main() -> int:
         }
         if docker:
             variants["docker"] = lambda: check(["docker", "run", "--rm", DOCKER_IMAGE, "true"])
-        # Round-robin, so every variant sees the same machine load (others share it).
+        # Round by round (each in a shuffled order), so every variant sees the same
+        # machine load (others share it) and no variant always follows the same one.
         samples = interleaved(args.runs, variants)
         containers.remove("bench", template.id)
         api_start, api_exit, api_bridge = api_start[2:], api_exit[2:], api_bridge[2:]
