@@ -45,13 +45,16 @@ def _environ() -> "dict[bytes, bytes]":
 
 
 def socket_path(run_root: "str | PathLike[str] | None" = None) -> str:
-    """Where the server for this run root (``BERTH_RUN_ROOT``) listens."""
+    """Where the server for this run root (default: ``BERTH_RUN_ROOT``'s) listens."""
     if run_root is None:
-        root = _environ().get(b"BERTH_RUN_ROOT")
-        text = _fsdecode(root) if root else DEFAULT_RUN_ROOT
-    else:
-        text = posix.fspath(run_root)
+        return _socket_path_in(_environ())
+    text = posix.fspath(run_root)
     return text + SOCKET_NAME if text.endswith("/") else text + "/" + SOCKET_NAME
+
+
+def _socket_path_in(env: "dict[bytes, bytes]") -> str:
+    root = env.get(b"BERTH_RUN_ROOT")
+    return socket_path(_fsdecode(root) if root else DEFAULT_RUN_ROOT)
 
 
 def encode_request(
@@ -84,7 +87,7 @@ def forward(argv: "list[str]") -> "int | None":
         return None
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        conn.connect(socket_path())
+        conn.connect(_socket_path_in(env))
     except OSError:
         conn.close()
         return None

@@ -741,21 +741,19 @@ class ContainerManager:
         """
         import shutil
 
-        exited = read_exit(self._paths(record)) is not None
         state_dir = self.config.runc_root / record.runc_id
         if state_dir.exists():
-            cgroups_removed = False
-            if exited:
+            if read_exit(self._paths(record)) is None:
+                self.runc.delete(record.runc_id)
+            else:
                 try:
                     self.cgroups.remove(record.tenant, record.id)
-                    cgroups_removed = True
                 except OSError:
-                    pass
-            if not cgroups_removed:
-                self.runc.delete(record.runc_id)
-            shutil.rmtree(state_dir, ignore_errors=True)
-            if cgroups_removed:
-                return
+                    self.runc.delete(record.runc_id)
+                else:
+                    shutil.rmtree(state_dir, ignore_errors=True)
+                    return  # the cgroups are gone already
+                shutil.rmtree(state_dir, ignore_errors=True)
         self.cgroups.remove(record.tenant, record.id)  # idempotent; the hierarchies are cached
 
     def _detach_network(self, record: ContainerRecord) -> None:

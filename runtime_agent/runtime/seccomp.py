@@ -20,7 +20,7 @@ Things worth knowing when reading the tables:
 * Syscall names unknown to the host's libseccomp are skipped by runc, so listing new
   syscalls (cachestat, mseal, ...) is harmless on older hosts.
 * Names that are system calls of other ABIs only (chown32, _llseek, socketcall, ... on
-  amd64: 59 of Docker's list) are left out of config.json. runc would skip them too, but
+  amd64: 72 of the tables' names) are left out of config.json. runc would skip them too, but
   only after looking each one up in libseccomp's tables at every container start, which
   cost it ~2 ms of CPU per start here. The filter runc builds is the same either way
   (``tests/agent/test_seccomp_bpf.py`` compiles both with libseccomp and compares).
