@@ -15,6 +15,8 @@ Measures, over ``--runs`` runs each (default 50):
            alternating): every tool in its own steady state, as a CI job runs them
   memory   host memory per idle container: PSS of each container's conmon, vs the PSS
            of docker's containerd-shim per container
+  moves    moving a fresh process into a new cgroup, as runc does at every start, and
+           whether the host's cgroup2 hierarchy has ``favordynmods`` (the agent sets it)
   floor    what any Python CLI pays before doing anything: this venv's interpreter
            starting (``python -c pass``, site hooks included; ``python -S -c pass``, as
            the ``berth-agent`` launcher starts it) and importing the modules ``run``
@@ -45,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runtime_agent.agent import Agent  # noqa: E402
+from runtime_agent.cgroups import CGROUP_ROOT, cgroup2_mounts  # noqa: E402
 from runtime_agent.config import AgentConfig  # noqa: E402
 from runtime_agent.images.bootstrap import bootstrap_busybox, busybox_rootfs_tar, find_busybox  # noqa: E402
 from runtime_agent.protocol import ContainerSpec  # noqa: E402
@@ -103,6 +106,36 @@ def row(name: str, samples: list[float]) -> tuple[float, float]:
     p50, p95 = percentiles(samples)
     print(f"  {name:<46} p50 {p50 * 1000:8.1f} ms   p95 {p95 * 1000:8.1f} ms")
     return p50, p95
+
+
+def cgroup_moves(config: AgentConfig, runs: int) -> list[float]:
+    """How long moving a fresh process into a new cgroup takes (ms), as runc does for
+    each container: the first write after a quiet spell, where the kernel may wait for
+    an RCU grace period (see ``cgroups.favor_dynamic_moves``)."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        base = CGROUP_ROOT
+    else:
+        base = CGROUP_ROOT / "memory"
+    group = base / f"{config.name}-move"
+    group.mkdir(exist_ok=True)
+    taken = []
+    try:
+        for _ in range(runs):
+            sleeper = subprocess.Popen(["sleep", "60"])
+            time.sleep(0.05)
+            started = time.perf_counter()
+            (group / "cgroup.procs").write_text(str(sleeper.pid))
+            taken.append((time.perf_counter() - started) * 1000)
+            sleeper.kill()
+            sleeper.wait()
+    finally:
+        for _ in range(300):  # a killed sleeper leaves the cgroup a moment after wait()
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.01)
+    return taken
 
 
 def main() -> int:
@@ -272,6 +305,12 @@ def main() -> int:
         results["python"] = row("python -c pass (this venv, site hooks)", samples["python"])
         results["python_s"] = row("python -S -c pass (the launcher's start)", samples["python_s"])
         results["imports"] = row("python -c 'import <run path modules>'", samples["imports"])
+
+        moves = cgroup_moves(config, runs=20)
+        mode = "on" if any("favordynmods" in opts for _, opts in cgroup2_mounts()) else "off"
+        print(f"Moving a process into a new cgroup, first write after 50 ms idle "
+              f"(favordynmods {mode}):")  # fmt: skip
+        row("cgroup.procs write (what runc does at every start)", moves)
 
         print(f"Host memory per idle container ({args.idle} idle `sleep` containers):")
         ids = [

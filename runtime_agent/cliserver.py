@@ -119,6 +119,7 @@ def serve(run_root: Path) -> None:
     from runtime_agent.cli.main import prepare
 
     prepare()
+    _tune_host()
     # fork() keeps only the calling thread: a preloaded module that started threads (a Go
     # runtime, a pool) would leave its state broken in every child. Refuse to serve.
     threads = _thread_count()
@@ -290,6 +291,17 @@ def _wait_and_serve(pair: socket.socket) -> int:
         except OSError:
             pass
     return code
+
+
+def _tune_host() -> None:
+    """Node-wide cgroup set-up before the first command (children inherit it as done);
+    a kernel that refuses it is worth a line in the server's log, not in every command."""
+    from runtime_agent.cgroups import tune_host
+    from runtime_agent.config import AgentConfig
+
+    status = tune_host(AgentConfig())
+    if status not in (None, "on", "enabled"):
+        sys.stderr.write(f"berth-agent serve: cgroup favordynmods not set: {status}\n")
 
 
 def _thread_count() -> int:

@@ -36,6 +36,11 @@ class AgentConfig:
     name: str = field(default_factory=lambda: os.environ.get("BERTH_AGENT_NAME", "berth"))
     runc: str = field(default_factory=lambda: os.environ.get("BERTH_RUNC", "runc"))
     conmon: str = field(default_factory=lambda: os.environ.get("BERTH_CONMON", "conmon"))
+    # Remount the cgroup2 hierarchy with favordynmods (see cgroups.favor_dynamic_moves):
+    # container starts ~10 ms faster, at a kernel-documented cost to forks and exits.
+    cgroup_favordynmods: bool = field(
+        default_factory=lambda: os.environ.get("BERTH_CGROUP_FAVORDYNMODS", "1") != "0"
+    )
 
     @property
     def content_dir(self) -> Path:

@@ -14,6 +14,7 @@ mounted at the top (a pure v2 host); hybrid hosts like this one use v1 controlle
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -85,6 +86,82 @@ def driver(config: AgentConfig, root: Path = CGROUP_ROOT) -> CgroupDriver:
     from runtime_agent.cgroups.v1 import CgroupV1
 
     return CgroupV1(config.cgroup_parent, root)
+
+
+FAVOR_DYNMODS = "favordynmods"
+_host_tuned: str | None = None  # what tune_host() found or did, once per process
+
+
+def tune_host(config: AgentConfig) -> str | None:
+    """Node-wide cgroup set-up, once per process (a served command inherits the
+    server's): ``favordynmods`` unless ``BERTH_CGROUP_FAVORDYNMODS=0``. Returns what
+    :func:`favor_dynamic_moves` said, None when turned off."""
+    global _host_tuned
+    if not config.cgroup_favordynmods:
+        return None
+    if _host_tuned is None:
+        _host_tuned = favor_dynamic_moves()
+    return _host_tuned
+
+
+def favor_dynamic_moves(mountpoint: str | None = None) -> str:
+    """Remount the cgroup2 hierarchy with ``favordynmods`` (Linux 6.0+).
+
+    Every container start moves runc's init process into the container's cgroups, and
+    every ``exec`` moves its process. Moving a process write-locks a kernel lock shared
+    by all cgroup hierarchies, v1 and v2 alike, and by default that lock is built for
+    cheap forks: the first move after a quiet spell blocks until an RCU grace period
+    has passed. Measured here: 5-13 ms for the first ``cgroup.procs`` write of a
+    container start, 0.1 ms with the option; ``docker run`` got ~50 ms faster too. The
+    kernel's documented price is slower forks and exits. Since the lock is shared,
+    the option on the v2 hierarchy (on a hybrid host the one at
+    /sys/fs/cgroup/unified) speeds up moves in v1 hierarchies as well. Some kernels
+    (6.18 here) keep the faster moves until reboot once the option was set.
+
+    util-linux ``mount -o remount`` keeps the mount's other options (``nsdelegate``,
+    ``memory_recursiveprot``, ``nosuid``...), which a bare mount(2) would drop.
+
+    Returns ``"on"`` (set already), ``"enabled"`` (set now), or why it couldn't be set
+    (no cgroup2 mount, or the kernel's or mount's refusal).
+    """
+    import subprocess
+
+    mounts = cgroup2_mounts()
+    if mountpoint is None:
+        preferred = [m for m in mounts if m[0] in (str(CGROUP_ROOT), f"{CGROUP_ROOT}/unified")]
+        if not (preferred or mounts):
+            return "no cgroup2 hierarchy is mounted"
+        mountpoint = (preferred or mounts)[0][0]
+    options = dict(mounts).get(mountpoint)
+    if options is None:
+        return f"{mountpoint} is not a cgroup2 mount"
+    if FAVOR_DYNMODS in options:
+        return "on"
+    result = subprocess.run(
+        ["mount", "-o", f"remount,{FAVOR_DYNMODS}", mountpoint],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        return (result.stderr.strip() or f"mount exited with {result.returncode}").splitlines()[0]
+    return "enabled"
+
+
+def cgroup2_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, set[str]]]:
+    """(mount point, superblock options) of each cgroup2 mount, in mount order."""
+    found = []
+    with open(mountinfo) as fh:
+        for line in fh:
+            head, sep, tail = line.partition(" - ")
+            fields = tail.split()
+            if not sep or len(fields) < 3 or fields[0] != "cgroup2":
+                continue
+            point = head.split()[4]
+            # mountinfo escapes space, tab, newline and backslash as octal (\040)
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), point)
+            found.append((point, set(fields[2].split(","))))
+    return found
 
 
 def remove_tree(path: Path) -> None:

@@ -166,8 +166,9 @@ class ContainerManager:
     @property
     def cgroups(self) -> CgroupDriver:
         if self._cgroups is None:
-            from runtime_agent.cgroups import driver
+            from runtime_agent.cgroups import driver, tune_host
 
+            tune_host(self.config)
             self._cgroups = driver(self.config)
         return self._cgroups
 

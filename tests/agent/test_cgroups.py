@@ -3,11 +3,23 @@ the kernel lays them out), v1 against this machine's hierarchies."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from runtime_agent.cgroups import CGROUP_ROOT, driver, is_unified
+from runtime_agent.cgroups import (
+    CGROUP_ROOT,
+    FAVOR_DYNMODS,
+    cgroup2_mounts,
+    driver,
+    favor_dynamic_moves,
+    is_unified,
+)
 from runtime_agent.cgroups.v1 import CgroupV1, parse_blkio_bytes
 from runtime_agent.cgroups.v2 import CgroupV2, parse_io_stat, shares_to_weight
 from runtime_agent.config import AgentConfig
@@ -116,3 +128,99 @@ def test_v1_tenant_caps_on_this_host(agent_config: AgentConfig) -> None:
     finally:
         cg.remove_all()
     assert not (CGROUP_ROOT / "memory" / agent_config.name).exists()
+
+
+# ---- favordynmods ------------------------------------------------------------------------
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 2, 4, 8, 32
+needs_favordynmods = pytest.mark.skipif(
+    not cgroup2_mounts() or tuple(map(int, platform.release().split(".")[:2])) < (6, 0),
+    reason="needs a cgroup2 mount on Linux 6.0+",
+)
+
+
+def _options(point: str) -> tuple[set[str], set[str]]:
+    """(per-mount options, superblock options) of the mount at ``point``."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        head, _, tail = line.partition(" - ")
+        if head.split()[4] == point:
+            return set(head.split()[5].split(",")), set(tail.split()[2].split(","))
+    raise AssertionError(f"{point} is not mounted")
+
+
+def _drop_favordynmods(point: str, flags: int) -> None:
+    """Clear the option on the hierarchy's superblock, keeping its other options (a bare
+    remount resets whatever it isn't given)."""
+    _, options = _options(point)
+    data = ",".join(sorted(options - {FAVOR_DYNMODS, "rw", "ro"})).encode()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"none", point.encode(), b"cgroup2", MS_REMOUNT | flags, data) != 0:
+        raise OSError(ctypes.get_errno(), "remount without favordynmods")
+    assert FAVOR_DYNMODS not in _options(point)[1]
+
+
+def _host_cgroup2() -> str:
+    points = [point for point, _ in cgroup2_mounts()]
+    return next((p for p in points if p in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")), points[0])
+
+
+@pytest.mark.privileged
+@needs_favordynmods
+def test_favordynmods_remount_keeps_the_mounts_other_options(tmp_path: Path) -> None:
+    """A second mount of the v2 hierarchy with nosuid,nodev,noexec: turning the option on
+    there must not drop them (mount(2)'s remount would)."""
+    point = tmp_path / "cg2"
+    point.mkdir()
+    subprocess.run(
+        ["mount", "-t", "cgroup2", "-o", "nosuid,nodev,noexec", "none", str(point)], check=True
+    )
+    try:
+        _drop_favordynmods(str(point), MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        assert favor_dynamic_moves(str(point)) == "enabled"
+        mount_options, super_options = _options(str(point))
+        assert FAVOR_DYNMODS in super_options
+        assert {"nosuid", "nodev", "noexec"} <= mount_options
+        assert favor_dynamic_moves(str(point)) == "on"
+    finally:
+        favor_dynamic_moves()  # the host's hierarchy as the agent leaves it
+        subprocess.run(["umount", str(point)], check=True)
+    assert FAVOR_DYNMODS in _options(_host_cgroup2())[1]
+
+
+def test_favordynmods_refuses_what_is_not_a_cgroup2_mount(tmp_path: Path) -> None:
+    assert favor_dynamic_moves(str(tmp_path)) == f"{tmp_path} is not a cgroup2 mount"
+
+
+def _first_container_use(config: AgentConfig, env: dict[str, str]) -> None:
+    """A fresh process (the once-per-process flag unset) that builds the container
+    manager's cgroup driver, as the first container operation of a command does."""
+    code = (
+        "from pathlib import Path; from runtime_agent.agent import Agent; "
+        "from runtime_agent.config import AgentConfig; "
+        f"Agent(AgentConfig(root=Path({str(config.root)!r}), "
+        f"run_root=Path({str(config.run_root)!r}), name={config.name!r})).containers.cgroups"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+@pytest.mark.privileged
+@needs_favordynmods
+def test_agent_sets_favordynmods_unless_told_not_to(agent_config: AgentConfig) -> None:
+    point = _host_cgroup2()
+    flags = sum(
+        flag
+        for name, flag in (("nosuid", MS_NOSUID), ("nodev", MS_NODEV), ("noexec", MS_NOEXEC))
+        if name in _options(point)[0]
+    )
+    mount_options = _options(point)[0]
+    try:
+        _drop_favordynmods(point, flags)
+        _first_container_use(agent_config, dict(os.environ, BERTH_CGROUP_FAVORDYNMODS="0"))
+        assert FAVOR_DYNMODS not in _options(point)[1]
+        _first_container_use(
+            agent_config, {k: v for k, v in os.environ.items() if k != "BERTH_CGROUP_FAVORDYNMODS"}
+        )
+        assert FAVOR_DYNMODS in _options(point)[1]
+        assert _options(point)[0] == mount_options
+    finally:
+        favor_dynamic_moves(point)
