@@ -6,7 +6,9 @@ client process, so it imports only modules built into the interpreter (``posix``
 ``os``: ``os`` and what it imports cost ~1.5 ms of every command) and no ``typing``.
 Started by the launcher that ``infra/setup.sh`` writes (``python -S``, see
 :mod:`runtime_agent.cli.launcher`), a served command costs the client little more than
-the interpreter's own start-up.
+the interpreter's own start-up. ``runtime_agent/cli/client.c`` is the same client
+compiled (the usual ``berth-agent`` when a C compiler is there); a change to the
+protocol changes both.
 """
 
 import _signal

@@ -8,8 +8,9 @@ the command. The child is forked *before* the command arrives (a "spare", waitin
 socket pair for the accepted connection), so the ~2 ms fork of a large process is off the
 command's path; the server forks the next spare when that command ends (or has run 50
 ms), so that the fork and the spare's warm-up overlap the next client's start-up, not a
-container's. The client (``berth-agent`` itself, :func:`runtime_agent.cliclient.forward`)
-connects to the server's unix socket and hands over
+container's. The client (``berth-agent`` itself: ``runtime_agent/cli/client.c`` compiled,
+or :func:`runtime_agent.cliclient.forward`) connects to the server's unix socket and
+hands over
 
 * its stdin, stdout and stderr as file descriptors (``SCM_RIGHTS``): the child writes
   straight to the user's terminal or pipe and reads its stdin (``build -``, ``load``,

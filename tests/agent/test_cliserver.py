@@ -29,10 +29,15 @@ pytestmark = needs_runtime
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
-@pytest.fixture(scope="module")
-def berth_agent(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """``berth-agent`` as infra/setup.sh installs it: the launcher (python -S)."""
-    return str(launcher.install(tmp_path_factory.mktemp("bin")))
+@pytest.fixture(scope="module", params=["native", "python"])
+def berth_agent(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``berth-agent`` as infra/setup.sh installs it: the native client in front of the
+    Python launcher (python -S); and the launcher alone, as without a C compiler. Every
+    test using it runs with both."""
+    native = request.param == "native"
+    path = launcher.install(tmp_path_factory.mktemp("bin"), native=native)
+    assert (path.read_bytes()[:4] == b"\x7fELF") == native  # a failed build would hide here
+    return str(path)
 
 
 @pytest.fixture
@@ -314,8 +319,41 @@ def test_request_encoding_round_trips_odd_text() -> None:
     )
 
 
+def test_the_native_client_hands_over_or_execs_the_python_launcher(
+    agent_config: AgentConfig, env: dict[str, str], server: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    """Built with a stand-in for ``berth-agent-py`` that reports its arguments: a served
+    command never reaches it; one that can't be served reaches it with the same argv."""
+    fallback = tmp_path / "fallback"
+    fallback.write_text('#!/bin/sh\necho "in-process: $*"\nexit 42\n')
+    fallback.chmod(0o755)
+    client = tmp_path / "berth-agent"
+    assert launcher.compile_client(fallback, client)
+
+    def run(*args: str, **extra: str) -> tuple[int, str]:
+        result = subprocess.run(
+            [str(client), *args], env={**env, **extra}, capture_output=True, text=True
+        )
+        return result.returncode, result.stdout + result.stderr
+
+    assert run("bootstrap")[0] == 0
+    code, output = run("run", "--rm", "busybox", "sh", "-c", "echo $0; exit 7", "a b")
+    assert (code, output) == (7, "a b\n")
+    assert run("run", "--rm", "busybox", "true", BERTH_NO_SERVER="1") == (
+        42,
+        "in-process: run --rm busybox true\n",
+    )
+    assert run("serve") == (42, "in-process: serve\n")
+    assert run("join", "u", "x") == (42, "in-process: join u x\n")
+    assert run("ps", BERTH_RUN_ROOT=str(tmp_path / "nothing")) == (42, "in-process: ps\n")
+    server.terminate()
+    assert server.wait(timeout=10) == 0
+    assert run("ps") == (42, "in-process: ps\n")
+
+
 def test_the_launcher_starts_python_without_site(tmp_path: Path) -> None:
-    path = launcher.install(tmp_path)
+    path = launcher.install(tmp_path, native=False)
+    assert path.read_text() == (tmp_path / "berth-agent-py").read_text()
     text = path.read_text()
     assert text.startswith(f"#!{sys.executable} -S\n")
     assert path.stat().st_mode & 0o777 == 0o755
