@@ -19,7 +19,9 @@ Measures, over ``--runs`` runs each (default 50):
            whether the host's cgroup2 hierarchy has ``favordynmods`` (the agent sets it)
   floor    what any Python CLI pays before doing anything: this venv's interpreter
            starting (``python -c pass``, site hooks included; ``python -S -c pass``, as
-           the ``berth-agent`` launcher starts it) and importing the modules ``run``
+           ``berth-agent-py`` starts it, which ``berth-agent``, the native client, runs
+           when there is no server, and which is ``berth-agent`` where the native
+           client couldn't be built) and importing the modules ``run``
            needs, for reading the CLI figures
 
 and prints p50/p95 and the ratios against the targets (CLI <= 1/5 of docker, API within
@@ -303,7 +305,7 @@ def main() -> int:
             results["steady_docker"] = row("docker run --rm busybox true", steady["docker"])
         print("Floor of any Python CLI here:")
         results["python"] = row("python -c pass (this venv, site hooks)", samples["python"])
-        results["python_s"] = row("python -S -c pass (the launcher's start)", samples["python_s"])
+        results["python_s"] = row("python -S -c pass (berth-agent-py's start)", samples["python_s"])
         results["imports"] = row("python -c 'import <run path modules>'", samples["imports"])
 
         moves = cgroup_moves(config, runs=20)
