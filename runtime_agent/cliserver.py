@@ -300,9 +300,9 @@ def _tune_host() -> None:
     from runtime_agent.cgroups import tune_host
     from runtime_agent.config import AgentConfig
 
-    status = tune_host(AgentConfig())
-    if status not in (None, "on", "enabled"):
-        sys.stderr.write(f"berth-agent serve: cgroup favordynmods not set: {status}\n")
+    refused = tune_host(AgentConfig())
+    if refused:
+        sys.stderr.write(f"berth-agent serve: cgroup favordynmods not set: {refused}\n")
 
 
 def _thread_count() -> int:

@@ -335,9 +335,9 @@ class NodeWorker:
         """Recover containers, start the reporter, and consume the node's queue."""
         from runtime_agent.cgroups import tune_host
 
-        status = tune_host(self.agent.config)
-        if status not in (None, "on", "enabled"):
-            log.warning("cgroup favordynmods not set (container starts ~10 ms slower): %s", status)
+        refused = tune_host(self.agent.config)
+        if refused:
+            log.warning("cgroup favordynmods not set (container starts ~10 ms slower): %s", refused)
         # Whatever a crash left half-done: containers re-attached to their monitors, build
         # steps' mounts and runc state removed.
         self.agent.containers.recover()

@@ -94,14 +94,14 @@ _host_tuned: str | None = None  # what tune_host() found or did, once per proces
 
 def tune_host(config: AgentConfig) -> str | None:
     """Node-wide cgroup set-up, once per process (a served command inherits the
-    server's): ``favordynmods`` unless ``BERTH_CGROUP_FAVORDYNMODS=0``. Returns what
-    :func:`favor_dynamic_moves` said, None when turned off."""
+    server's): ``favordynmods`` unless ``BERTH_CGROUP_FAVORDYNMODS=0``. Returns why it
+    couldn't be set, for the daemons' logs; None when it is on (or turned off)."""
     global _host_tuned
     if not config.cgroup_favordynmods:
         return None
     if _host_tuned is None:
         _host_tuned = favor_dynamic_moves()
-    return _host_tuned
+    return None if _host_tuned in ("on", "enabled") else _host_tuned
 
 
 def favor_dynamic_moves(mountpoint: str | None = None) -> str:

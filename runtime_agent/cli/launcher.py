@@ -55,11 +55,12 @@ def install(scripts_dir: Path, python: str | None = None, *, native: bool = True
     the path of ``berth-agent``."""
     python = python or sys.executable
     root = str(Path(runtime_agent.__file__).resolve().parent.parent)
+    script = render(python, root)
     fallback = scripts_dir / "berth-agent-py"
-    _write(fallback, render(python, root))
+    _write(fallback, script)
     target = scripts_dir / "berth-agent"
     if not (native and compile_client(fallback, target)):
-        _write(target, render(python, root))
+        _write(target, script)
     return target
 
 
