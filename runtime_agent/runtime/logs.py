@@ -93,48 +93,61 @@ def follow_logs(
 ) -> Iterator[LogEntry]:
     """Yield the log's lines, then new ones as they come, until ``done()`` and drained.
 
-    A rotation (the file replaced by a new, shorter one) is followed onto the new file.
+    A rotation is followed onto the new file, as ``tail -F`` does: the file stays open
+    between reads, and once ``path`` names another file (conmon writes a new one and
+    renames it over the old), the old one is read to its end, then the new one from its
+    start. Holding the old file open also keeps its inode number from being reused: found
+    by name again and again, a file made two rotations later may get that number back
+    and would look like the one already half read.
+
     ``pause(seconds)`` waits between reads; it may return early (the container's
     monitor exiting: then ``done()`` is checked at once instead of after the back-off).
     """
-    position = 0
-    inode = None
+    fh = None
     buffer = b""
     joiner = _Joiner()  # partial lines carry over between reads (and rotations)
     first = True
     finished = False
     delay = 0.001  # short right after output or start: a fast container's end shows at once
-    while True:
-        try:
-            fh = open(path, "rb")
-        except FileNotFoundError:
-            fh = None
-        if fh is not None:
-            with fh:
-                st = os.fstat(fh.fileno())
-                if inode is not None and (st.st_ino != inode or st.st_size < position):
-                    position = 0
-                    buffer = b""
-                inode = st.st_ino
-                fh.seek(position)
+    try:
+        while True:
+            rotated = False
+            if fh is None:
+                try:
+                    fh = open(path, "rb")
+                except FileNotFoundError:
+                    fh = None
+            if fh is not None:
                 data = fh.read()
-                position += len(data)
-            buffer += data
-            lines = buffer.split(b"\n")
-            buffer = lines.pop()
-            complete = [line + b"\n" for line in lines]
-            entries = list(joiner.feed(iter(complete)))
-            if first and tail is not None:
-                entries = entries[-tail:] if tail > 0 else []
-            first = False
-            if entries:
-                delay = 0.001
-            yield from entries
-        if finished:
-            yield from joiner.flush()
-            return
-        if done():
-            finished = True  # one more read drains what conmon wrote before exiting
-            continue
-        pause(delay)
-        delay = min(delay * 2, poll_interval)
+                try:
+                    rotated = os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino
+                except FileNotFoundError:
+                    rotated = False  # removed, not replaced: keep what is open
+                if rotated:
+                    data += fh.read()  # written between the read and the stat
+                    fh.close()
+                    fh = None
+                buffer += data
+                lines = buffer.split(b"\n")
+                buffer = lines.pop()
+                complete = [line + b"\n" for line in lines]
+                entries = list(joiner.feed(iter(complete)))
+                if first and tail is not None:
+                    entries = entries[-tail:] if tail > 0 else []
+                first = False
+                if entries:
+                    delay = 0.001
+                yield from entries
+            if rotated:
+                continue  # the new file at once
+            if finished:
+                yield from joiner.flush()
+                return
+            if done():
+                finished = True  # one more read drains what conmon wrote before exiting
+                continue
+            pause(delay)
+            delay = min(delay * 2, poll_interval)
+    finally:
+        if fh is not None:
+            fh.close()

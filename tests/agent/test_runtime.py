@@ -460,6 +460,43 @@ def test_follow_joins_a_line_whose_parts_arrive_in_different_reads(tmp_path: Pat
     assert [(e.line, e.partial) for e in read_logs(log)] == [(e.line, e.partial) for e in entries]
 
 
+def test_follow_survives_two_rotations_between_reads(tmp_path: Path) -> None:
+    """A busy container can make conmon rotate twice while a follower waits. On ext4 the
+    second new file tends to get the first file's inode number back; a follower that
+    found the file by name again took it for the one it had half read and went on from
+    its old offset, mid-entry (b'ut F line11000' for a line). Here every line it yields
+    is whole: the first file to its end, then the newest one from its start."""
+    from runtime_agent.runtime.logs import follow_logs
+
+    log = tmp_path / "ctr.log"
+
+    def entries(first: int, count: int) -> bytes:
+        return b"".join(b"T stdout F line%d\n" % n for n in range(first, first + count))
+
+    def rotate(content: bytes) -> None:  # as conmon does: a new file renamed over the old
+        tmp = tmp_path / "ctr.log.tmp"
+        tmp.write_bytes(content)
+        os.rename(tmp, log)
+
+    log.write_bytes(entries(0, 100))
+    steps = [
+        lambda: rotate(entries(100, 10)),
+        lambda: rotate(entries(110, 300)),  # longer than the first file was
+    ]
+    inodes = [log.stat().st_ino]
+
+    def pause(_seconds: float) -> None:
+        if len(steps) == 2:  # both rotations in one pause
+            while steps:
+                steps.pop(0)()
+                inodes.append(log.stat().st_ino)
+
+    lines = [e.line for e in follow_logs(log, done=lambda: not steps, pause=pause)]
+    assert lines[:100] == [b"line%d" % n for n in range(100)]
+    assert lines[100:] == [b"line%d" % n for n in range(110, 410)]
+    assert len(set(inodes)) == 3  # the follower held the first file: no number reused
+
+
 def test_recover_after_the_monitor_and_container_vanished(rt: Agent) -> None:
     """What a node reboot leaves: no monitor, no process, no exit file. A fresh agent
     reports the container exited (255) and recover() restarts an always-policy one."""
