@@ -487,15 +487,24 @@ def test_docker_forward_policy_does_not_drop_berth_traffic(
 ) -> None:
     if not firewall.docker_user_present():
         pytest.skip("no Docker engine on this machine")
+    # dockerd sets FORWARD's policy to DROP when it turns on IP forwarding itself; when
+    # forwarding was on before it started (Berth's agent ran first), it leaves ACCEPT.
+    # Make docker's situation either way.
     policy = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True)
-    net.create("acme", "web")
-    rules = subprocess.run(["iptables", "-S", "DOCKER-USER"], capture_output=True, text=True)
-    assert f"berth:{net.config.name}" in rules.stdout
-    server = net.attach("acme", cid(), "s", [NetworkAttachment("web")], name="server")
-    client = net.attach("acme", cid(), "c", [NetworkAttachment("web")], name="client")
-    httpd(procs, server.netns_path, www)
-    assert "-P FORWARD DROP" in policy.stdout  # the situation docker creates
-    assert fetch(client, "http://server/") == WWW
+    restore = "-P FORWARD DROP" not in policy.stdout
+    if restore:
+        subprocess.run(["iptables", "-P", "FORWARD", "DROP"], check=True)
+    try:
+        net.create("acme", "web")
+        rules = subprocess.run(["iptables", "-S", "DOCKER-USER"], capture_output=True, text=True)
+        assert f"berth:{net.config.name}" in rules.stdout
+        server = net.attach("acme", cid(), "s", [NetworkAttachment("web")], name="server")
+        client = net.attach("acme", cid(), "c", [NetworkAttachment("web")], name="client")
+        httpd(procs, server.netns_path, www)
+        assert fetch(client, "http://server/") == WWW
+    finally:
+        if restore:
+            subprocess.run(["iptables", "-P", "FORWARD", "ACCEPT"], check=True)
 
 
 # ---- published ports ---------------------------------------------------------------
