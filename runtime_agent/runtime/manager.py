@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -194,8 +195,16 @@ class ContainerManager:
             raise InvalidArgument(f"multiple containers match the id prefix {ref!r}")
         raise NotFound(f"No such container: {ref}", tenant=tenant)
 
-    def _observe(self, record: ContainerRecord) -> ContainerRecord:
-        """Fold in what the monitor recorded: a running container may have exited."""
+    def _observe(self, record: ContainerRecord, *, persist: bool = True) -> ContainerRecord:
+        """Fold in what the monitor recorded: a running container may have exited.
+
+        ``persist=False`` only reads: the caller gets the exit (code, OOM flag, time)
+        folded into a copy of ``record`` and the record file stays as it was, for the
+        next observer to update. ``wait`` and ``rm`` read this way: the one returns the
+        exit code, the other deletes the record, and on ext4 replacing the record file
+        costs 0.3-0.8 ms (the rename flushes the new file first, see auto_da_alloc in
+        ext4(5)) on the path from the container's exit to the caller's answer.
+        """
         if record.status not in (st.RUNNING, st.PAUSED):
             return record
         paths = self._paths(record)
@@ -209,6 +218,15 @@ class ContainerManager:
             status_code, oom, finished = EXIT_UNKNOWN, False, time.time()
         else:
             status_code, oom, finished = status.exit_code, status.oom_killed, status.finished_at
+        if not persist:
+            return dataclasses.replace(
+                record,
+                status=st.transition(record.status, "exit", name=record.name),
+                exit_code=status_code,
+                oom_killed=oom,
+                finished_at=_iso(finished),
+                pid=0,
+            )
         with self.store.lock(record.tenant, record.id):
             fresh = self.store.load(record.tenant, record.id)
             if fresh is None:
@@ -576,9 +594,15 @@ class ContainerManager:
         try:
             with self.store.lock(record.tenant, record.id):
                 record.status = st.CREATED
-                self.store.save(record)
                 st.transition(record.status, "start", name=record.name)
-                self._started(record, starting)
+                try:
+                    self._started(record, starting)  # saves it running
+                except BaseException:
+                    # Created, not started: `ps -a` shows it, as docker's after a failed
+                    # start. Until this save or _started's it is "creating" on disk, so
+                    # a crash in between leaves it for recover() to clean up.
+                    self.store.save(record)
+                    raise
         except BaseException:
             if spec.auto_remove:
                 with contextlib.suppress(AgentError):
@@ -594,7 +618,7 @@ class ContainerManager:
         monitor = _MonitorExit(self._paths(record))
         try:
             while True:
-                record = self._observe(record)
+                record = self._observe(record, persist=False)
                 if record.status in (st.STOPPED, st.CREATED):
                     return record.exit_code if record.exit_code is not None else 0
                 if deadline is not None and time.monotonic() >= deadline:
@@ -681,7 +705,7 @@ class ContainerManager:
 
     def remove(self, tenant: str, ref: str, force: bool = False) -> None:
         """Delete the container and everything it holds; safe to repeat after failures."""
-        record = self._observe(self._find(tenant, ref))
+        record = self._observe(self._find(tenant, ref), persist=False)  # it goes anyway
         if record.status in (st.RUNNING, st.PAUSED):
             st.transition(record.status, "force_remove" if force else "remove", name=record.name)
             with self.store.lock(record.tenant, record.id):
