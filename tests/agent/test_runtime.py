@@ -268,6 +268,18 @@ def test_failed_start_leaves_nothing_after_rm(rt: Agent) -> None:
     assert leftovers(rt, "default", info.id) == []
 
 
+def test_run_whose_start_fails_leaves_a_created_container(rt: Agent) -> None:
+    """As `docker run` does: the container is made, its start fails, `ps -a` shows it
+    created (run records that state only when the start fails)."""
+    c = rt.containers
+    with pytest.raises(Exception):  # noqa: B017 - runc's own error, mapped to an AgentError
+        c.run(spec(["true"], name="no-start", workdir="/etc/passwd"))
+    (info,) = c.list("default", all=True)
+    assert (info.name, info.state) == ("no-start", "created")
+    c.remove("default", "no-start")
+    assert leftovers(rt, "default", info.id) == []
+
+
 def test_logs_follow_streams_until_exit(rt: Agent) -> None:
     c = rt.containers
     info = c.run(spec("for i in 1 2 3; do echo line$i; sleep 0.3; done"))
