@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from runtime_agent.cli.main import add_tenant_argument
+from runtime_agent.cli.template import Template, print_rows
 from runtime_agent.errors import AgentError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -319,10 +320,14 @@ def _wait(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _inspect(args: argparse.Namespace, config: AgentConfig) -> int:
+    template = Template.parse(args.format) if args.format else None  # bad ones fail first
     containers = _agent(config).containers
     found: list[dict[str, Any]] = []
     status = _each(args, lambda ref: found.append(containers.inspect(args.tenant, ref)), False)
-    print(json.dumps(found, indent=4))
+    if template is None:
+        print(json.dumps(found, indent=4))
+    else:
+        print_rows(template, found, {})
     return status
 
 
@@ -377,11 +382,47 @@ def _status_text(info: Any) -> str:
     return info.state.capitalize()
 
 
+# ps --format: docker's field names for a container row, and their table headers.
+PS_FIELDS = {
+    "ID": "CONTAINER ID",
+    "Image": "IMAGE",
+    "Command": "COMMAND",
+    "CreatedAt": "CREATED AT",
+    "RunningFor": "CREATED",
+    "State": "STATE",
+    "Status": "STATUS",
+    "Names": "NAMES",
+    "Labels": "LABELS",
+}
+
+
+def _ps_row(info: Any, no_trunc: bool) -> dict[str, str]:
+    from datetime import UTC, datetime
+
+    command = info.command if no_trunc else _trunc(info.command, 20)
+    created = datetime.strptime(info.created, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return {
+        "ID": info.id if no_trunc else info.short_id,
+        "Image": info.image,
+        "Command": f'"{command}"',
+        "CreatedAt": created.strftime("%Y-%m-%d %H:%M:%S +0000 UTC"),
+        "RunningFor": f"{_ago(info.created)} ago",
+        "State": "exited" if info.state == "stopped" else info.state,
+        "Status": _status_text(info),
+        "Names": info.name,
+        "Labels": ",".join(f"{k}={v}" for k, v in sorted(info.labels.items())),
+    }
+
+
 def _ps(args: argparse.Namespace, config: AgentConfig) -> int:
+    template = Template.parse(args.format) if args.format and not args.quiet else None
     infos = _agent(config).containers.list(args.tenant, all=args.all)
     if args.quiet:
         for info in infos:
             print(info.id if args.no_trunc else info.short_id)
+        return 0
+    if template is not None:
+        print_rows(template, [_ps_row(info, args.no_trunc) for info in infos], PS_FIELDS)
         return 0
     rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
     for info in infos:
@@ -526,6 +567,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ):
         p = add(name, handler, text)
         p.add_argument("containers", nargs="+", metavar="CONTAINER")
+        if name == "inspect":
+            p.add_argument(
+                "-f", "--format", help="a Go template per container, e.g. '{{.State.ExitCode}}'"
+            )
 
     p = add("stop", _stop, "stop running containers (stop signal, then SIGKILL)")
     p.add_argument("-t", "--time", type=int, help="seconds to wait before killing")
@@ -543,6 +588,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-a", "--all", action="store_true", help="show all containers")
     p.add_argument("-q", "--quiet", action="store_true", help="only display container ids")
     p.add_argument("--no-trunc", action="store_true", help="don't truncate output")
+    p.add_argument(
+        "--format",
+        help="a Go template per container ('table' first for a header), fields: "
+        + ", ".join(f".{name}" for name in PS_FIELDS),
+    )
 
     p = add("logs", _logs, "fetch the logs of a container")
     p.add_argument("-f", "--follow", action="store_true", help="follow log output")

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 from runtime_agent.agent import Agent
 from runtime_agent.cli.main import add_tenant_argument
+from runtime_agent.cli.template import Template, print_rows
 from runtime_agent.config import AgentConfig
 from runtime_agent.errors import AgentError, InvalidArgument
 from runtime_agent.images.archive import parse_changes
@@ -86,7 +87,39 @@ def inspect_image(image: Image) -> dict[str, Any]:
     }
 
 
+# images --format: docker's field names for an image row, and their table headers.
+IMAGE_FIELDS = {
+    "ID": "IMAGE ID",
+    "Repository": "REPOSITORY",
+    "Tag": "TAG",
+    "Digest": "DIGEST",
+    "CreatedSince": "CREATED",
+    "CreatedAt": "CREATED AT",
+    "Size": "SIZE",
+}
+
+
+def _image_row(image: Image, no_trunc: bool) -> dict[str, str]:
+    name, tag = (image.reference or "<none>:<none>").rsplit(":", 1)
+    created = image.created
+    try:
+        when = datetime.fromisoformat(created.replace("Z", "+00:00")) if created else None
+    except ValueError:
+        when = None
+    return {
+        "ID": image.config_digest if no_trunc else image.short_id,
+        "Repository": name,
+        "Tag": tag,
+        "Digest": image.manifest_digest,
+        "CreatedSince": human_age(image.created),
+        "CreatedAt": when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S +0000 UTC") if when else "",
+        "Size": human_size(image.size),
+    }
+
+
 def _images(args: argparse.Namespace, config: AgentConfig) -> int:
+    if args.format:
+        Template.parse(args.format)  # a bad template fails before anything is read
     agent = Agent(config)
     images = agent.images.list(args.tenant, include_shared=True)
     if args.reference:
@@ -106,6 +139,13 @@ def _images(args: argparse.Namespace, config: AgentConfig) -> int:
             if image.config_digest not in seen:
                 seen.add(image.config_digest)
                 print(image.config_digest if args.no_trunc else image.short_id)
+        return 0
+    if args.format:
+        print_rows(
+            Template.parse(args.format),
+            [_image_row(image, args.no_trunc) for image in images],
+            IMAGE_FIELDS,
+        )
         return 0
     rows = [("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE")]
     for image in images:
@@ -301,6 +341,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only show image ids")
     p.add_argument("--no-trunc", action="store_true", help="show full image ids")
     p.add_argument("-a", "--all", action="store_true", help="accepted for docker compatibility")
+    p.add_argument(
+        "--format",
+        help="a Go template per image ('table' first for a header), fields: "
+        + ", ".join(f".{name}" for name in IMAGE_FIELDS),
+    )
     p.set_defaults(func=_images)
 
     p = subparsers.add_parser("import", help="create an image from a root filesystem tarball")

@@ -266,7 +266,7 @@ class ContainerManager:
             image_id=record.image_id,
             manifest_digest=record.manifest_digest,
             snapshot_key=record.snapshot_key,
-            command=" ".join(record.args),
+            command=_command_line(record.args),
             state=record.status,
             created=record.created,
             started_at=record.started_at,
@@ -1261,6 +1261,14 @@ def _monitor_pidfd(paths: MonitorPaths) -> int:
         pass
     os.close(fd)
     return -1
+
+
+def _command_line(args: builtins.list[str]) -> str:
+    """The command as ``docker ps`` shows it: arguments with a space in single quotes
+    (``sh -c 'exit 3'``), the program as it is."""
+    if not args:
+        return ""
+    return " ".join([args[0], *(f"'{a}'" if " " in a else a for a in args[1:])])
 
 
 def _random_name(container_id: str) -> str:

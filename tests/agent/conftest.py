@@ -7,9 +7,11 @@ a real agent's objects (or each other's), and a failed test's leftovers are find
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 
 from runtime_agent.agent import Agent
 from runtime_agent.config import AgentConfig
+from tests.agent.test_runtime_fixtures import Cli, cleanup_agent
 
 TEST_STATE = Path("/var/lib/berth-test")
 
@@ -53,3 +56,31 @@ def agent(agent_config: AgentConfig) -> Iterator[Agent]:
                 agent.containers.remove(info.tenant, info.id, force=True)
     if "networks" in agent.__dict__:
         agent.networks.teardown()
+
+
+@pytest.fixture
+def cli(agent_config: AgentConfig) -> Iterator[Cli]:
+    env = dict(
+        os.environ,
+        BERTH_ROOT=str(agent_config.root),
+        BERTH_RUN_ROOT=str(agent_config.run_root),
+        BERTH_AGENT_NAME=agent_config.name,
+    )
+
+    def run(
+        *args: str, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "runtime_agent.cli.main", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            input=input,
+        )
+
+    try:
+        yield run
+    finally:
+        cleanup_agent(Agent(agent_config))

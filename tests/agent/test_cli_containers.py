@@ -4,47 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
 
-import pytest
-
-from runtime_agent.agent import Agent
 from runtime_agent.config import AgentConfig
-from tests.agent.test_runtime_fixtures import cleanup_agent, needs_runtime, until
+from tests.agent.test_runtime_fixtures import Cli, needs_runtime, until
 
 pytestmark = needs_runtime
-Cli = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def cli(agent_config: AgentConfig) -> Iterator[Cli]:
-    env = dict(
-        os.environ,
-        BERTH_ROOT=str(agent_config.root),
-        BERTH_RUN_ROOT=str(agent_config.run_root),
-        BERTH_AGENT_NAME=agent_config.name,
-    )
-
-    def run(
-        *args: str, timeout: float = 60, input: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "runtime_agent.cli.main", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            input=input,
-        )
-
-    try:
-        yield run
-    finally:
-        cleanup_agent(Agent(agent_config))
 
 
 def _nothing_left(cli: Cli, agent_config: AgentConfig, tenant: str = "default") -> None:

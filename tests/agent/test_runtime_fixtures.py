@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,9 @@ from runtime_agent.cgroups import CGROUP_ROOT
 from runtime_agent.config import AgentConfig
 from runtime_agent.images.bootstrap import bootstrap_busybox
 from runtime_agent.protocol import ContainerSpec
+
+# The ``cli`` fixture (conftest.py): berth-agent's main in a fresh Python process.
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 needs_runtime = [
     pytest.mark.privileged,
