@@ -9,7 +9,6 @@ isn't in the image, otherwise the container's own status (137 after an OOM kill)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -18,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from runtime_agent.cli.main import add_tenant_argument
-from runtime_agent.cli.template import Template, print_rows
+from runtime_agent.cli.template import Template, add_format_argument, print_inspected, print_rows
 from runtime_agent.errors import AgentError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -324,10 +323,7 @@ def _inspect(args: argparse.Namespace, config: AgentConfig) -> int:
     containers = _agent(config).containers
     found: list[dict[str, Any]] = []
     status = _each(args, lambda ref: found.append(containers.inspect(args.tenant, ref)), False)
-    if template is None:
-        print(json.dumps(found, indent=4))
-    else:
-        print_rows(template, found, {})
+    print_inspected(found, template)
     return status
 
 
@@ -568,9 +564,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p = add(name, handler, text)
         p.add_argument("containers", nargs="+", metavar="CONTAINER")
         if name == "inspect":
-            p.add_argument(
-                "-f", "--format", help="a Go template per container, e.g. '{{.State.ExitCode}}'"
-            )
+            add_format_argument(p, "{{.State.ExitCode}}")
 
     p = add("stop", _stop, "stop running containers (stop signal, then SIGKILL)")
     p.add_argument("-t", "--time", type=int, help="seconds to wait before killing")

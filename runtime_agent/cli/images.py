@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from datetime import UTC, datetime
@@ -18,7 +17,7 @@ from typing import Any, BinaryIO
 
 from runtime_agent.agent import Agent
 from runtime_agent.cli.main import add_tenant_argument
-from runtime_agent.cli.template import Template, print_rows
+from runtime_agent.cli.template import Template, add_format_argument, print_inspected, print_rows
 from runtime_agent.config import AgentConfig
 from runtime_agent.errors import AgentError, InvalidArgument
 from runtime_agent.images.archive import parse_changes
@@ -246,6 +245,7 @@ def _bootstrap(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _image_inspect(args: argparse.Namespace, config: AgentConfig) -> int:
+    template = Template.parse(args.format) if args.format else None
     agent = Agent(config)
     found, status = [], 0
     for ref in args.images:
@@ -254,7 +254,7 @@ def _image_inspect(args: argparse.Namespace, config: AgentConfig) -> int:
         except AgentError as exc:
             sys.stderr.write(f"Error: {exc}\n")
             status = 1
-    print(json.dumps(found, indent=4))
+    print_inspected(found, template)
     return status
 
 
@@ -403,6 +403,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = image_sub.add_parser("inspect", help="show image details as JSON")
     add_tenant_argument(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_format_argument(p, "{{.Id}}")
     p.set_defaults(func=_image_inspect)
     p = image_sub.add_parser("ls", help="list images")
     add_tenant_argument(p)

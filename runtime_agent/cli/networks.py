@@ -7,11 +7,11 @@ its name or an id prefix, among the tenant's containers that have networking her
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 
 from runtime_agent.agent import Agent
+from runtime_agent.cli.template import Template, add_format_argument, print_inspected
 from runtime_agent.config import AgentConfig
 from runtime_agent.errors import AgentError, InvalidArgument, NotFound
 from runtime_agent.network.manager import NetworkManager
@@ -67,6 +67,7 @@ def _ls(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _inspect(args: argparse.Namespace, config: AgentConfig) -> int:
+    template = Template.parse(args.format) if args.format else None
     manager = Agent(config).networks
     found, status = [], 0
     for name in args.names:
@@ -100,7 +101,7 @@ def _inspect(args: argparse.Namespace, config: AgentConfig) -> int:
                 "Containers": containers,
             }
         )
-    print(json.dumps(found, indent=4))
+    print_inspected(found, template)
     return status
 
 
@@ -158,6 +159,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     inspect = commands.add_parser("inspect", help="show networks as JSON")
     inspect.add_argument("names", nargs="+", metavar="NETWORK")
+    add_format_argument(inspect, "{{range .IPAM.Config}}{{.Subnet}}{{end}}")
     inspect.set_defaults(func=_inspect)
 
     rm = commands.add_parser("rm", aliases=["remove"], help="remove networks")

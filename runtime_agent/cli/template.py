@@ -282,3 +282,16 @@ def print_rows(template: Template, rows: Sequence[Any], names: Mapping[str, str]
         last = len(cells) - 1
         line = "".join(c if i == last else c.ljust(widths[i]) for i, c in enumerate(cells))
         print(line.rstrip())
+
+
+def print_inspected(found: Sequence[Any], template: Template | None) -> None:
+    """``inspect``'s output: the objects as a JSON list, or each through ``-f``."""
+    if template is None:
+        print(json.dumps(list(found), indent=4))
+    else:
+        print_rows(template, found, {})
+
+
+def add_format_argument(parser: Any, example: str) -> None:
+    """``-f``/``--format`` for an ``inspect`` command."""
+    parser.add_argument("-f", "--format", help=f"a Go template per object, e.g. '{example}'")

@@ -7,11 +7,11 @@ the shorter ``--size 100m``; both mean a hard cap enforced by the volume's own f
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 
 from runtime_agent.agent import Agent
+from runtime_agent.cli.template import Template, add_format_argument, print_inspected
 from runtime_agent.config import AgentConfig
 from runtime_agent.errors import AgentError, InvalidArgument
 
@@ -85,6 +85,7 @@ def _ls(args: argparse.Namespace, config: AgentConfig) -> int:
 
 
 def _inspect(args: argparse.Namespace, config: AgentConfig) -> int:
+    template = Template.parse(args.format) if args.format else None
     manager = Agent(config).volumes
     found, status = [], 0
     for name in args.names:
@@ -93,7 +94,7 @@ def _inspect(args: argparse.Namespace, config: AgentConfig) -> int:
         except AgentError as exc:
             sys.stderr.write(f"berth-agent: {exc}\n")
             status = 1
-    print(json.dumps(found, indent=4))
+    print_inspected(found, template)
     return status
 
 
@@ -143,6 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     inspect = commands.add_parser("inspect", help="show volumes as JSON")
     inspect.add_argument("names", nargs="+", metavar="VOLUME")
+    add_format_argument(inspect, "{{.Mountpoint}}")
     inspect.set_defaults(func=_inspect)
 
     rm = commands.add_parser("rm", aliases=["remove"], help="remove volumes")

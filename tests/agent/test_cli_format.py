@@ -110,6 +110,11 @@ def test_inspect_ps_and_images_format(cli: Cli) -> None:
 
     images = cli("images", "--format", "{{.Repository}}:{{.Tag}}")
     assert images.stdout == "busybox:latest\n"
+    image = cli("image", "inspect", "-f", "{{json .Config.Cmd}} {{.Os}}", "busybox")
+    assert image.stdout == '["sh"] linux\n'
+    assert cli("volume", "create", "data").returncode == 0
+    volume = cli("volume", "inspect", "-f", "{{.Name}} {{.Driver}}", "data")
+    assert volume.stdout == "data local\n"
 
     bad = cli("inspect", "-f", "{{.State.Nope}}", "up")
     assert bad.returncode == 125
