@@ -410,9 +410,60 @@ def _ps_row(info: Any, no_trunc: bool) -> dict[str, str]:
     }
 
 
+PS_FILTERS = ("id", "name", "label", "status", "exited")
+# docker's statuses; Berth's containers are never restarting, removing or dead, so those
+# filters match nothing, as they would on docker with no such container.
+PS_STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
+
+
+def parse_ps_filters(values: Sequence[str]) -> dict[str, list[str]]:
+    """``--filter KEY=VALUE`` flags by key; unknown keys and statuses are refused."""
+    filters: dict[str, list[str]] = {}
+    for value in values:
+        key, sep, wanted = value.partition("=")
+        if not sep or key not in PS_FILTERS:
+            raise InvalidArgument(
+                f"invalid filter {value!r}: use KEY=VALUE, KEY one of {', '.join(PS_FILTERS)}"
+            )
+        if key == "status" and wanted not in PS_STATUSES:
+            raise InvalidArgument(
+                f"invalid filter 'status={wanted}': one of {', '.join(PS_STATUSES)}"
+            )
+        if key == "exited" and not re.fullmatch(r"-?\d+", wanted):
+            raise InvalidArgument(f"invalid filter 'exited={wanted}': an exit code")
+        if key == "name":
+            try:
+                re.compile(wanted)
+            except re.error as exc:
+                raise InvalidArgument(f"invalid filter 'name={wanted}': {exc}") from None
+        filters.setdefault(key, []).append(wanted)
+    return filters
+
+
+def ps_matches(info: Any, filters: dict[str, list[str]]) -> bool:
+    """docker's rules: values of one key are alternatives, different keys all apply."""
+    state = "exited" if info.state == "stopped" else info.state
+    tests: dict[str, Callable[[str], bool]] = {
+        "id": lambda v: info.id.startswith(v.lower()),
+        "name": lambda v: re.search(v, info.name) is not None,
+        "label": lambda v: (
+            info.labels.get(v.partition("=")[0]) == v.partition("=")[2]
+            if "=" in v
+            else v in info.labels
+        ),
+        "status": lambda v: state == v,
+        "exited": lambda v: state == "exited" and info.exit_code == int(v),
+    }
+    return all(any(tests[key](v) for v in values) for key, values in filters.items())
+
+
 def _ps(args: argparse.Namespace, config: AgentConfig) -> int:
     template = Template.parse(args.format) if args.format and not args.quiet else None
-    infos = _agent(config).containers.list(args.tenant, all=args.all)
+    filters = parse_ps_filters(args.filter or [])
+    # As docker's: a status filter looks at stopped containers without -a (exited doesn't).
+    every = args.all or "status" in filters
+    infos = _agent(config).containers.list(args.tenant, all=every)
+    infos = [info for info in infos if ps_matches(info, filters)]
     if args.quiet:
         for info in infos:
             print(info.id if args.no_trunc else info.short_id)
@@ -582,6 +633,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-a", "--all", action="store_true", help="show all containers")
     p.add_argument("-q", "--quiet", action="store_true", help="only display container ids")
     p.add_argument("--no-trunc", action="store_true", help="don't truncate output")
+    p.add_argument(
+        "-f",
+        "--filter",
+        action="append",
+        help="only containers matching KEY=VALUE: id (prefix), name (regex), label (KEY or "
+        "KEY=VALUE), status (created, running, paused, exited), exited (exit code); repeat "
+        "a key for alternatives",
+    )
     p.add_argument(
         "--format",
         help="a Go template per container ('table' first for a header), fields: "

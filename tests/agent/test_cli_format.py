@@ -116,6 +116,30 @@ def test_inspect_ps_and_images_format(cli: Cli) -> None:
     volume = cli("volume", "inspect", "-f", "{{.Name}} {{.Driver}}", "data")
     assert volume.stdout == "data local\n"
 
+    def names(*filters: str) -> list[str]:
+        flags = [part for f in filters for part in ((f,) if f == "-a" else ("--filter", f))]
+        listed = cli("ps", *flags, "--format", "{{.Names}}")
+        assert listed.returncode == 0, listed.stderr
+        return sorted(listed.stdout.split())
+
+    assert names() == ["up"]
+    assert names("status=exited") == ["done"]  # a status filter needs no -a, as docker's
+    assert names("status=exited", "status=running") == ["done", "up"]  # alternatives
+    assert names("label=team=a") == []  # done has the label, but is not running
+    assert names("label=team", "status=exited") == ["done"]
+    assert names("exited=3") == []  # without -a, as docker's
+    assert names("exited=3", "-a") == ["done"]
+    assert names("exited=0", "-a") == []
+    assert names("name=^u") == ["up"]
+    assert names("name=o", "status=running") == []  # different keys all apply
+    up_id = cli("inspect", "-f", "{{.Id}}", "up").stdout.strip()
+    assert names(f"id={up_id[:6]}") == ["up"]
+    assert names("status=dead") == []
+    refused = cli("ps", "--filter", "colour=red")
+    assert refused.returncode == 125 and "invalid filter 'colour=red'" in refused.stderr
+    refused = cli("ps", "--filter", "status=sleepy")
+    assert refused.returncode == 125 and "invalid filter 'status=sleepy'" in refused.stderr
+
     bad = cli("inspect", "-f", "{{.State.Nope}}", "up")
     assert bad.returncode == 125
     assert "can't evaluate field Nope" in bad.stderr
@@ -159,6 +183,22 @@ def test_same_templates_same_output_as_docker(cli: Cli, tmp_path: Path) -> None:
         listed = "{{.Names}} {{.State}} {{.Labels}} {{.Command}}"
         ours = cli("ps", "-a", "--format", listed).stdout
         assert ours == _docker("ps", "-a", "--filter", f"name={name}", "--format", listed)
+        for filters in (
+            ["status=exited"],
+            ["status=running"],
+            ["label=team=a"],
+            ["label=team=b"],
+            ["exited=3", "label=team"],
+            ["exited=3", "-a"],
+            ["exited=0", "-a"],
+        ):
+            flags = [
+                part
+                for f in [f"name=^{name}$", *filters]
+                for part in ((f,) if f == "-a" else ("--filter", f))
+            ]
+            ours = cli("ps", *flags, "--format", "{{.Names}}").stdout
+            assert ours == _docker("ps", *flags, "--format", "{{.Names}}"), filters
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
         subprocess.run(["docker", "rmi", image], capture_output=True, check=False)
