@@ -103,8 +103,8 @@ def test_inspect_ps_and_images_format(cli: Cli) -> None:
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout == "/done exited 3\n/up running 0\n"
 
-    names = cli("ps", "-a", "--format", "{{.Names}}:{{.State}}:{{.Labels}}")
-    assert sorted(names.stdout.split()) == ["done:exited:team=a", "up:running:"]
+    rows = cli("ps", "-a", "--format", "{{.Names}}:{{.State}}:{{.Labels}}")
+    assert sorted(rows.stdout.split()) == ["done:exited:team=a", "up:running:"]
     table = cli("ps", "--format", r"table {{.Names}}\t{{.Command}}").stdout.splitlines()
     assert table == ["NAMES     COMMAND", 'up        "sleep 60"']
 
