@@ -17,7 +17,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from runtime_agent.cli.main import add_tenant_argument
-from runtime_agent.cli.template import Template, add_format_argument, print_inspected, print_rows
+from runtime_agent.cli.template import (
+    Template,
+    add_format_argument,
+    go_time,
+    print_inspected,
+    print_rows,
+)
 from runtime_agent.errors import AgentError, InvalidArgument
 
 if TYPE_CHECKING:
@@ -392,6 +398,11 @@ PS_FIELDS = {
 }
 
 
+def _docker_state(info: Any) -> str:
+    """The state as docker names it (Berth's "stopped" is docker's "exited")."""
+    return "exited" if info.state == "stopped" else str(info.state)
+
+
 def _ps_row(info: Any, no_trunc: bool) -> dict[str, str]:
     from datetime import UTC, datetime
 
@@ -401,9 +412,9 @@ def _ps_row(info: Any, no_trunc: bool) -> dict[str, str]:
         "ID": info.id if no_trunc else info.short_id,
         "Image": info.image,
         "Command": f'"{command}"',
-        "CreatedAt": created.strftime("%Y-%m-%d %H:%M:%S +0000 UTC"),
+        "CreatedAt": go_time(created),
         "RunningFor": f"{_ago(info.created)} ago",
-        "State": "exited" if info.state == "stopped" else info.state,
+        "State": _docker_state(info),
         "Status": _status_text(info),
         "Names": info.name,
         "Labels": ",".join(f"{k}={v}" for k, v in sorted(info.labels.items())),
@@ -442,15 +453,16 @@ def parse_ps_filters(values: Sequence[str]) -> dict[str, list[str]]:
 
 def ps_matches(info: Any, filters: dict[str, list[str]]) -> bool:
     """docker's rules: values of one key are alternatives, different keys all apply."""
-    state = "exited" if info.state == "stopped" else info.state
+    state = _docker_state(info)
+
+    def label(wanted: str) -> bool:  # KEY=VALUE, or KEY with any value
+        key, sep, value = wanted.partition("=")
+        return info.labels.get(key) == value if sep else key in info.labels
+
     tests: dict[str, Callable[[str], bool]] = {
         "id": lambda v: info.id.startswith(v.lower()),
         "name": lambda v: re.search(v, info.name) is not None,
-        "label": lambda v: (
-            info.labels.get(v.partition("=")[0]) == v.partition("=")[2]
-            if "=" in v
-            else v in info.labels
-        ),
+        "label": label,
         "status": lambda v: state == v,
         "exited": lambda v: state == "exited" and info.exit_code == int(v),
     }

@@ -17,7 +17,13 @@ from typing import Any, BinaryIO
 
 from runtime_agent.agent import Agent
 from runtime_agent.cli.main import add_tenant_argument
-from runtime_agent.cli.template import Template, add_format_argument, print_inspected, print_rows
+from runtime_agent.cli.template import (
+    Template,
+    add_format_argument,
+    go_time,
+    print_inspected,
+    print_rows,
+)
 from runtime_agent.config import AgentConfig
 from runtime_agent.errors import AgentError, InvalidArgument
 from runtime_agent.images.archive import parse_changes
@@ -37,12 +43,17 @@ def human_size(size: float) -> str:
     return f"{size}B"
 
 
-def human_age(created: str | None) -> str:
-    if not created:
-        return "N/A"
+def _created_time(created: str | None) -> datetime | None:
+    """An image config's ``created`` (RFC 3339), or None when absent or unreadable."""
     try:
-        when = datetime.fromisoformat(created.replace("Z", "+00:00"))
+        return datetime.fromisoformat(created.replace("Z", "+00:00")) if created else None
     except ValueError:
+        return None
+
+
+def human_age(created: str | None) -> str:
+    when = _created_time(created)
+    if when is None:
         return "N/A"
     seconds = (datetime.now(UTC) - when).total_seconds()
     for limit, unit, div in (
@@ -100,25 +111,20 @@ IMAGE_FIELDS = {
 
 def _image_row(image: Image, no_trunc: bool) -> dict[str, str]:
     name, tag = (image.reference or "<none>:<none>").rsplit(":", 1)
-    created = image.created
-    try:
-        when = datetime.fromisoformat(created.replace("Z", "+00:00")) if created else None
-    except ValueError:
-        when = None
+    when = _created_time(image.created)
     return {
         "ID": image.config_digest if no_trunc else image.short_id,
         "Repository": name,
         "Tag": tag,
         "Digest": image.manifest_digest,
         "CreatedSince": human_age(image.created),
-        "CreatedAt": when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S +0000 UTC") if when else "",
+        "CreatedAt": go_time(when) if when else "",
         "Size": human_size(image.size),
     }
 
 
 def _images(args: argparse.Namespace, config: AgentConfig) -> int:
-    if args.format:
-        Template.parse(args.format)  # a bad template fails before anything is read
+    template = Template.parse(args.format) if args.format else None  # bad ones fail first
     agent = Agent(config)
     images = agent.images.list(args.tenant, include_shared=True)
     if args.reference:
@@ -139,12 +145,8 @@ def _images(args: argparse.Namespace, config: AgentConfig) -> int:
                 seen.add(image.config_digest)
                 print(image.config_digest if args.no_trunc else image.short_id)
         return 0
-    if args.format:
-        print_rows(
-            Template.parse(args.format),
-            [_image_row(image, args.no_trunc) for image in images],
-            IMAGE_FIELDS,
-        )
+    if template is not None:
+        print_rows(template, [_image_row(image, args.no_trunc) for image in images], IMAGE_FIELDS)
         return 0
     rows = [("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE")]
     for image in images:

@@ -24,6 +24,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from runtime_agent.errors import InvalidArgument
@@ -93,6 +94,11 @@ def _parse(source: str) -> list[_Node]:
     return root
 
 
+def go_time(when: datetime) -> str:
+    """A time as Go prints a ``time.Time`` in UTC (docker's ``CreatedAt`` columns)."""
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+
+
 def go_string(value: Any) -> str:
     """``fmt.Sprint(value)`` for JSON-shaped values."""
     if value is None:
@@ -108,11 +114,6 @@ def go_string(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + " ".join(go_string(v) for v in value) + "]"
     return str(value)
-
-
-def _truthy(value: Any) -> bool:
-    """Go's truth: false, 0, nil and empty strings, lists and maps are false."""
-    return bool(value)
 
 
 def _index(container: Any, *keys: Any) -> Any:
@@ -152,6 +153,7 @@ _FIELD_CHAIN = re.compile(r"^\.([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)
 
 
 _TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|`[^`]*`|\||[^\s|]+')
+_NO_VALUE = object()  # no value piped into a pipeline's stage yet
 
 
 def _operand(part: str, dot: Any) -> Any:
@@ -204,9 +206,6 @@ def _evaluate(pipeline: str, dot: Any) -> Any:
     return value
 
 
-_NO_VALUE = object()
-
-
 def _render(nodes: Sequence[_Node], dot: Any, out: list[str]) -> None:
     for node in nodes:
         if node.kind == "text":
@@ -222,7 +221,7 @@ def _render(nodes: Sequence[_Node], dot: Any, out: list[str]) -> None:
                         _render(node.body, item, out)
                 else:
                     _render(node.alternative, dot, out)
-            elif _truthy(value):
+            elif value:  # Go's truth: false, 0, nil and empty strings, lists, maps fail
                 _render(node.body, value if node.kind == "with" else dot, out)
             else:
                 _render(node.alternative, dot, out)
@@ -232,7 +231,7 @@ def _render(nodes: Sequence[_Node], dot: Any, out: list[str]) -> None:
 class Template:
     """A parsed ``--format`` string; ``render(obj)`` is one object's output."""
 
-    source: str
+    text: str  # the format with its escapes turned into tabs and newlines, without "table"
     nodes: tuple[_Node, ...]
     table: bool
 
@@ -242,7 +241,7 @@ class Template:
         table = text.startswith("table")
         if table:
             text = text[len("table") :].lstrip(" ")
-        return cls(source, tuple(_parse(text)), table)
+        return cls(text, tuple(_parse(text)), table)
 
     def render(self, value: Any) -> str:
         out: list[str] = []
@@ -259,8 +258,7 @@ class Template:
                 return names.get(key, key.upper())
             return ""
 
-        text = self.source.replace("\\t", "\t").replace("\\n", "\n")[len("table") :].lstrip(" ")
-        return _ACTION.sub(title, text)
+        return _ACTION.sub(title, self.text)
 
 
 def print_rows(template: Template, rows: Sequence[Any], names: Mapping[str, str]) -> None:
