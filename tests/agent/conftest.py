@@ -7,7 +7,6 @@ a real agent's objects (or each other's), and a failed test's leftovers are find
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 
 from runtime_agent.agent import Agent
 from runtime_agent.config import AgentConfig
-from tests.agent.test_runtime_fixtures import Cli, cleanup_agent
+from tests.agent.test_runtime_fixtures import Cli, agent_env, cleanup_agent, cli_runner
 
 TEST_STATE = Path("/var/lib/berth-test")
 
@@ -60,27 +59,9 @@ def agent(agent_config: AgentConfig) -> Iterator[Agent]:
 
 @pytest.fixture
 def cli(agent_config: AgentConfig) -> Iterator[Cli]:
-    env = dict(
-        os.environ,
-        BERTH_ROOT=str(agent_config.root),
-        BERTH_RUN_ROOT=str(agent_config.run_root),
-        BERTH_AGENT_NAME=agent_config.name,
-    )
-
-    def run(
-        *args: str, timeout: float = 60, input: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "runtime_agent.cli.main", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            input=input,
-        )
-
+    """berth-agent's main in a fresh Python process, on this test's node."""
+    program = [sys.executable, "-m", "runtime_agent.cli.main"]
     try:
-        yield run
+        yield cli_runner(program, agent_env(agent_config))
     finally:
         cleanup_agent(Agent(agent_config))

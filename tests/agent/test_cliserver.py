@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,10 +23,16 @@ from runtime_agent import cliclient, cliserver
 from runtime_agent.agent import Agent
 from runtime_agent.cli import launcher
 from runtime_agent.config import AgentConfig
-from tests.agent.test_runtime_fixtures import cleanup_agent, needs_runtime, until
+from tests.agent.test_runtime_fixtures import (
+    Cli,
+    agent_env,
+    cleanup_agent,
+    cli_runner,
+    needs_runtime,
+    until,
+)
 
 pytestmark = needs_runtime
-Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="module", params=["native", "python"])
@@ -42,12 +48,7 @@ def berth_agent(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture
 def env(agent_config: AgentConfig) -> dict[str, str]:
-    env = dict(
-        os.environ,
-        BERTH_ROOT=str(agent_config.root),
-        BERTH_RUN_ROOT=str(agent_config.run_root),
-        BERTH_AGENT_NAME=agent_config.name,
-    )
+    env = agent_env(agent_config)
     env.pop("BERTH_NO_SERVER", None)
     return env
 
@@ -73,20 +74,7 @@ def server(agent_config: AgentConfig, env: dict[str, str]) -> Iterator[subproces
 
 @pytest.fixture
 def cli(env: dict[str, str], server: subprocess.Popen[bytes], berth_agent: str) -> Cli:
-    def run(
-        *args: str, timeout: float = 60, input: str | None = None, cwd: Path | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [berth_agent, *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            input=input,
-            cwd=cwd,
-        )
-
+    run = cli_runner([berth_agent], env)
     assert run("bootstrap").returncode == 0
     return run
 

@@ -22,8 +22,39 @@ from runtime_agent.config import AgentConfig
 from runtime_agent.images.bootstrap import bootstrap_busybox
 from runtime_agent.protocol import ContainerSpec
 
-# The ``cli`` fixture (conftest.py): berth-agent's main in a fresh Python process.
+# The ``cli`` fixtures (conftest.py, test_cliserver.py): a berth-agent command's result.
 Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def agent_env(config: AgentConfig) -> dict[str, str]:
+    """This environment, pointing berth-agent at ``config``'s node."""
+    return dict(
+        os.environ,
+        BERTH_ROOT=str(config.root),
+        BERTH_RUN_ROOT=str(config.run_root),
+        BERTH_AGENT_NAME=config.name,
+    )
+
+
+def cli_runner(program: list[str], env: dict[str, str]) -> Cli:
+    """``run(*args)``: ``program args`` with ``env``, its output captured as text."""
+
+    def run(
+        *args: str, timeout: float = 60, input: str | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*program, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            input=input,
+            cwd=cwd,
+        )
+
+    return run
+
 
 needs_runtime = [
     pytest.mark.privileged,
