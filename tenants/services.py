@@ -586,6 +586,9 @@ def create_api_token(
     """Mint a token for ``user`` in ``tenant``; returns (row, secret). The secret is not kept.
 
     The scope may not exceed what the user's role allows (:data:`perms.MAX_TOKEN_SCOPE`).
+    A token made with a token (``actor.token``) is bounded by its parent too: at most the
+    parent's scope and never outliving it (no expiry given: the parent's), so a leaked
+    write token cannot mint an admin token or an everlasting one.
     """
     if scope not in Scope.values:
         raise InvalidInput(
@@ -605,6 +608,24 @@ def create_api_token(
             f"a {role} can create tokens up to scope {perms.MAX_TOKEN_SCOPE[role]!r}",
             details={"scope": scope, "role": role},
         )
+    parent = actor.token
+    if parent is not None:
+        if SCOPE_LEVEL[scope] > SCOPE_LEVEL[parent.scope]:
+            raise PermissionDenied(
+                f"a {parent.scope} token can create tokens up to scope {parent.scope!r}",
+                details={"scope": scope, "token_scope": parent.scope},
+            )
+        if parent.expires_at is not None:
+            if expires_at is None:
+                expires_at = parent.expires_at
+            elif expires_at > parent.expires_at:
+                raise PermissionDenied(
+                    "a token cannot create a token that outlives it",
+                    details={
+                        "field": "expires_at",
+                        "token_expires_at": parent.expires_at.isoformat(),
+                    },
+                )
     prefix = TOKEN_PREFIX + "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(8))
     secret = f"{prefix}_{secrets.token_urlsafe(32)}"
     token = APIToken.objects.create(

@@ -63,3 +63,22 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
 #: Django session login; CSRF checked on unsafe methods. DRF's own class, re-exported so
 #: drf-spectacular documents it (it matches authentication classes exactly).
 SessionAuthentication = authentication.SessionAuthentication
+
+
+class PeopleOnly(authentication.BaseAuthentication):
+    """For endpoints that act for a person, not a tenant: accepting an invitation, signing
+    up, changing a password. An API token is bound to one tenant and to what its scope
+    allows; it must not let its holder join another tenant or act as the person, so a
+    request that carries one is refused outright (403, code ``token_not_accepted``)
+    instead of being treated as the token's user. Put it first in
+    ``authentication_classes``, before session auth."""
+
+    def authenticate(self, request: Any) -> None:
+        header = authentication.get_authorization_header(request)
+        if header:
+            raise TokenRefused(
+                "token_not_accepted",
+                "This endpoint acts for a person: log in (or send no credentials), "
+                "API tokens are not accepted here.",
+            )
+        return None

@@ -22,6 +22,7 @@ from rest_framework.response import Response
 
 from tenants import permissions as perms
 from tenants import services
+from tenants.api.authentication import PeopleOnly, SessionAuthentication
 from tenants.api.permissions import PlatformAdminOnly, TenantPermission, is_platform_admin
 from tenants.api.serializers import (
     APITokenCreatedSerializer,
@@ -306,10 +307,12 @@ class InvitationViewSet(
 
 
 class InvitationAcceptView(GenericAPIView):
-    """Accept an invitation: logged in (session or token) as the invited email, or
-    anonymously with a password (creating the account if it does not exist)."""
+    """Accept an invitation: logged in (browser session) as the invited email, or
+    anonymously with a password (creating the account if it does not exist). API tokens
+    are refused: one bound to tenant A must not join its holder to tenant B."""
 
     permission_classes = [AllowAny]
+    authentication_classes = [PeopleOnly, SessionAuthentication]
     serializer_class = InvitationAcceptSerializer
     pagination_class = None
 
