@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.http import HttpRequest, JsonResponse
@@ -45,6 +46,10 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
     """POST /billing/stripe/webhook"""
     if int(request.META.get("CONTENT_LENGTH") or 0) > MAX_WEBHOOK_BYTES:
         return _error(413, "payload_too_large", "webhook body too large")
+    if not settings.STRIPE_WEBHOOK_SECRET:
+        # Settings refuse to start without it; an empty key would make any HMAC "verify".
+        log.error("refused a Stripe webhook: STRIPE_WEBHOOK_SECRET is not set")
+        return _error(503, "unavailable", "webhooks are not configured")
     payload = request.body
     try:
         event = stripe_api.verify_webhook(payload, request.headers.get("Stripe-Signature"))

@@ -1,8 +1,10 @@
 """Berth control plane settings, read from the environment and parsed strictly.
 
 Environment variables:
-  DEBUG          boolean, default false.
-  SECRET_KEY     required unless DEBUG (a fixed development key is used then).
+  DEBUG          boolean, default false: Django's debug pages show settings and paths to
+                 whoever triggers an error, so debug is on only when asked for.
+  SECRET_KEY     required, always (infra/run.sh generates one into var/secrets.env).
+  STRIPE_WEBHOOK_SECRET  required, always: Stripe webhooks are verified with it.
   DATABASE_URL   postgres://user:pw@host:port/db or sqlite:///path (default sqlite:///var/berth.db
                  under the project).
   REDIS_URL      redis://host:port/db (default redis://127.0.0.1:6379/0): Celery broker,
@@ -28,12 +30,37 @@ from config.env import (
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 DEBUG = env_bool("DEBUG", False)
-_secret = env_str("SECRET_KEY", "") or None
-if _secret is None:
-    if not DEBUG:
-        raise ConfigError("SECRET_KEY is required unless DEBUG is on")
-    _secret = "berth-insecure-development-key-do-not-use-in-production"  # noqa: S105
-SECRET_KEY = _secret
+
+#: Values that were once written in this source as defaults: anyone can read them, so a
+#: deployment that still uses one is refused like a missing secret.
+PUBLISHED_SECRETS = frozenset(
+    {
+        "berth-insecure-development-key-do-not-use-in-production",
+        "whsec_berth_local",
+        "sk_test_berth_local",
+    }
+)
+
+
+def required_secret(name: str) -> str:
+    """The secret in environment variable ``name``; a missing or published one stops start-up.
+
+    No secret has a default in this file (issue #17 item 6): a default is public, and a
+    forgeable ``STRIPE_WEBHOOK_SECRET`` let anyone sign billing events. ``infra/run.sh``
+    generates local values once (``var/secrets.env``, mode 0600); the test suite sets test
+    values explicitly (``tests/settings.py``).
+    """
+    value = env_str(name, "").strip()
+    if not value:
+        raise ConfigError(
+            f"{name} is required (infra/run.sh generates local secrets into var/secrets.env)"
+        )
+    if value in PUBLISHED_SECRETS:
+        raise ConfigError(f"{name} is a value published in Berth's source; generate a new one")
+    return value
+
+
+SECRET_KEY = required_secret("SECRET_KEY")
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
 BERTH_PUBLIC_URL = require_url(
     "BERTH_PUBLIC_URL", env_str("BERTH_PUBLIC_URL", "http://127.0.0.1:8000"), {"http", "https"}
@@ -206,10 +233,13 @@ LOGGING = {
 }
 
 # Billing (docs/billing.md). STRIPE_API_BASE is empty for the real Stripe; tests point it at
-# localstripe. Money is in integer cents.
-STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY", "sk_test_berth_local")
+# localstripe. Money is in integer cents. An empty STRIPE_SECRET_KEY means no Stripe to talk
+# to; the webhook secret is always required (it is what makes a webhook unforgeable).
+STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY", "")
+if STRIPE_SECRET_KEY in PUBLISHED_SECRETS:
+    raise ConfigError("STRIPE_SECRET_KEY is a value published in Berth's source")
 STRIPE_API_BASE = env_str("STRIPE_API_BASE", "")
-STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET", "whsec_berth_local")
+STRIPE_WEBHOOK_SECRET = required_secret("STRIPE_WEBHOOK_SECRET")
 BILLING_CURRENCY = env_str("BILLING_CURRENCY", "usd")
 BILLING_GRACE_PERIOD_HOURS = env_int("BILLING_GRACE_PERIOD_HOURS", 7 * 24, minimum=0)
 BILLING_STOP_SERVICES_AFTER_HOURS = env_int("BILLING_STOP_SERVICES_AFTER_HOURS", 72, minimum=0)

@@ -9,7 +9,33 @@ bash infra/setup.sh
 source infra/services.sh
 berth_start_redis
 
-export DEBUG="${DEBUG:-1}"
+# Debug pages show settings and paths to whoever triggers an error: off unless asked for
+# (DEBUG=1 infra/run.sh).
+export DEBUG="${DEBUG:-0}"
+
+# Local secrets: generated once into var/secrets.env (mode 0600) and reused on every later
+# run; a value already in the environment wins. The control plane refuses to start without
+# them (config/settings.py) and no secret has a default in the source.
+berth_local_secrets() {
+  local file=var/secrets.env name value
+  mkdir -p var
+  (umask 077 && touch "$file")
+  chmod 600 "$file"
+  for name in SECRET_KEY STRIPE_WEBHOOK_SECRET BERTH_SECRETS_KEY; do
+    grep -q "^$name=" "$file" && continue
+    case "$name" in
+      STRIPE_WEBHOOK_SECRET) value="whsec_$(python3 -c 'import secrets; print(secrets.token_hex(32))')" ;;
+      BERTH_SECRETS_KEY) value=$(python3 -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())') ;;
+      *) value=$(python3 -c 'import secrets; print(secrets.token_urlsafe(50))') ;;
+    esac
+    printf '%s=%s\n' "$name" "$value" >>"$file"
+  done
+  while IFS='=' read -r name value; do
+    [ -n "$name" ] && [ -z "${!name:-}" ] && export "$name=$value"
+  done <"$file"
+  return 0
+}
+berth_local_secrets
 export DATABASE_URL="${DATABASE_URL:-sqlite:///var/berth.db}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 export PATH="$PWD/.venv/bin:$PATH"
@@ -25,7 +51,9 @@ trap cleanup EXIT INT TERM
 celery -A config worker -B -s var/celerybeat-schedule -Q control -l info --concurrency 2 \
   >var/log/celery.log 2>&1 &
 pids+=($!)
-python manage.py runserver 127.0.0.1:8000 --noreload >var/log/web.log 2>&1 &
+# --insecure: the development server serves static files (admin, dashboard) with debug
+# off too; a production server replaces runserver later.
+python manage.py runserver 127.0.0.1:8000 --noreload --insecure >var/log/web.log 2>&1 &
 pids+=($!)
 # The image registry (docker-registry) on 127.0.0.1:5000; the control plane is its token
 # server and receives its notifications (infra/registry/, docs/registry.md).

@@ -1,0 +1,136 @@
+"""Control-plane defaults a hostile outsider or tenant could use (#17 items 6 and 11,
+#27 item 7): secrets published in the source, debug pages, volume quota that is never
+released, and logins with no limit on guesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.test import Client
+
+from billing.models import StripeEvent
+from tests.control.billing_helpers import make_event, sign
+
+ROOT = Path(__file__).resolve().parents[2]
+#: The values config/settings.py once used as defaults: anyone could read them.
+OLD_WEBHOOK_SECRET = "whsec_berth_local"
+OLD_SECRET_KEY = "berth-insecure-development-key-do-not-use-in-production"
+
+
+def run_clean(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` with exactly ``env`` (nothing of this process's environment leaks in)."""
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def import_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Set Django up in a fresh process whose environment holds only ``env`` (plus basics)."""
+    clean = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(ROOT),
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/settings.db",
+        **env,
+    }
+    code = "import django; django.setup(); from django.conf import settings; print(settings.DEBUG)"
+    return run_clean([sys.executable, "-c", code], tmp_path, clean)
+
+
+def test_the_control_plane_refuses_to_start_without_its_secrets(tmp_path: Path) -> None:
+    good = {"SECRET_KEY": "k" * 50, "STRIPE_WEBHOOK_SECRET": "whsec_" + "a" * 32}
+    started = import_settings(tmp_path, **good)
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == "False"  # debug is off unless asked for
+
+    cases = {
+        "no webhook secret": ({"SECRET_KEY": good["SECRET_KEY"]}, "STRIPE_WEBHOOK_SECRET"),
+        "blank webhook secret": ({**good, "STRIPE_WEBHOOK_SECRET": "  "}, "STRIPE_WEBHOOK_SECRET"),
+        "old default webhook secret": (
+            {**good, "STRIPE_WEBHOOK_SECRET": OLD_WEBHOOK_SECRET},
+            "STRIPE_WEBHOOK_SECRET",
+        ),
+        "no secret key": ({"STRIPE_WEBHOOK_SECRET": good["STRIPE_WEBHOOK_SECRET"]}, "SECRET_KEY"),
+        # DEBUG used to bring a fixed development key with it.
+        "no secret key, debug on": (
+            {"STRIPE_WEBHOOK_SECRET": good["STRIPE_WEBHOOK_SECRET"], "DEBUG": "1"},
+            "SECRET_KEY",
+        ),
+        "old development key": ({**good, "SECRET_KEY": OLD_SECRET_KEY}, "SECRET_KEY"),
+        "old default stripe key": (
+            {**good, "STRIPE_SECRET_KEY": "sk_test_berth_local"},
+            "STRIPE_SECRET_KEY",
+        ),
+    }
+    for case, (env, name) in cases.items():
+        result = import_settings(tmp_path, **env)
+        assert result.returncode != 0, case
+        assert "ConfigError" in result.stderr and name in result.stderr, (case, result.stderr)
+
+
+@pytest.mark.django_db
+def test_a_webhook_signed_with_the_old_default_secret_is_refused() -> None:
+    client = Client()
+    now = int(time.time())
+    invoice = {"id": "in_1", "object": "invoice", "customer": "cus_victim", "status": "paid"}
+    forged = make_event("invoice.paid", invoice, created=now, event_id="evt_forged")
+    for secret in (OLD_WEBHOOK_SECRET, ""):
+        response = client.post(
+            "/billing/stripe/webhook",
+            data=forged,
+            content_type="application/json",
+            HTTP_STRIPE_SIGNATURE=sign(forged, secret=secret),
+        )
+        assert response.status_code == 400, response.content
+        assert response.json()["error"]["code"] == "bad_signature"
+    assert not StripeEvent.objects.exists()
+    # Positive control: the configured secret verifies.
+    genuine = make_event("invoice.paid", invoice, created=now, event_id="evt_genuine")
+    response = client.post(
+        "/billing/stripe/webhook",
+        data=genuine,
+        content_type="application/json",
+        HTTP_STRIPE_SIGNATURE=sign(genuine, secret=settings.STRIPE_WEBHOOK_SECRET),
+    )
+    assert response.status_code == 200, response.content
+    assert list(StripeEvent.objects.values_list("stripe_id", flat=True)) == ["evt_genuine"]
+
+
+def _run_sh_secrets(var_dir: Path, **env: str) -> dict[str, str]:
+    """Run infra/run.sh's own secret generation (its function, extracted) in ``var_dir``."""
+    script = (ROOT / "infra" / "run.sh").read_text()
+    start = script.index("berth_local_secrets() {")
+    function = script[start : script.index("\n}\n", start) + 3]
+    names = ("SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "BERTH_SECRETS_KEY")
+    dump = "import json, os, sys; print(json.dumps({n: os.environ[n] for n in sys.argv[1:]}))"
+    body = f"set -euo pipefail\n{function}berth_local_secrets\npython3 -c '{dump}' " + " ".join(
+        names
+    )
+    result = run_clean(["bash", "-c", body], var_dir, {"PATH": os.environ["PATH"], **env})
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_run_sh_generates_local_secrets_once_and_privately(tmp_path: Path) -> None:
+    first = _run_sh_secrets(tmp_path)
+    secrets_file = tmp_path / "var" / "secrets.env"
+    assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+    assert len(set(first.values())) == 3 and all(len(v) >= 32 for v in first.values())
+    assert first["STRIPE_WEBHOOK_SECRET"] != OLD_WEBHOOK_SECRET
+    # The next run reuses them (sessions and encrypted secrets survive a restart) ...
+    assert _run_sh_secrets(tmp_path) == first
+    # ... an operator's own value wins ...
+    assert _run_sh_secrets(tmp_path, SECRET_KEY="operator-key")["SECRET_KEY"] == "operator-key"
+    # ... and the control plane starts with what run.sh generated.
+    started = import_settings(tmp_path, **first)
+    assert started.returncode == 0, started.stderr
+    # Another install gets other values.
+    other = tmp_path / "other"
+    other.mkdir()
+    assert set(_run_sh_secrets(other).values()).isdisjoint(first.values())

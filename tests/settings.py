@@ -1,0 +1,21 @@
+"""Settings for the test suite: config.settings with explicit test values for its secrets.
+
+``config/settings.py`` gives no secret a default (issue #17 item 6), so the suite names
+its own here, before the real settings are read. A value already in the environment
+(``infra/test.sh`` exports ``SECRET_KEY``) wins. Processes the suite starts (workers,
+agents, ``manage.py``) inherit these through ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Test-only values; ``tests/control/billing_support.py`` points webhooks at its own secret.
+TEST_SECRETS = {
+    "SECRET_KEY": "test-secret-key-not-for-production",
+    "STRIPE_WEBHOOK_SECRET": "whsec_test_suite_not_for_production",
+}
+for _name, _value in TEST_SECRETS.items():
+    os.environ.setdefault(_name, _value)
+
+from config.settings import *  # noqa: E402,F403
