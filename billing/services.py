@@ -255,6 +255,7 @@ def change_seats(tenant: Tenant, seats: Any, *, actor: Actor, reason: str = "") 
         )
     if seats == tenant.seats:
         return tenant
+    _refuse_unpaid_seats(tenant, account, seats, actor)
     if seats < tenant.seats:
         _refuse_if_over_usage(tenant, tenant.plan, seats)
     before = (tenant.plan.code, tenant.seats)
@@ -658,14 +659,7 @@ def _subscription_ended(account: BillingAccount, event_id: str) -> str:
             tenant, actor=STRIPE_ACTOR, plan=free, seats=seats, reason="subscription ended"
         )
     except BerthError as exc:
-        record(
-            STRIPE_ACTOR,
-            "billing.subscription_ended",
-            tenant=tenant,
-            target=tenant,
-            details={"error": exc.message},
-        )
-        return f"subscription ended; tenant kept on {tenant.plan.code}: {exc.message}"
+        return _suspend_after_subscription_ended(tenant, account, exc.message)
     _append_ledger(
         tenant,
         SeatLedgerEntry.Kind.CANCELED,
@@ -676,6 +670,55 @@ def _subscription_ended(account: BillingAccount, event_id: str) -> str:
     )
     record(STRIPE_ACTOR, "billing.subscription_ended", tenant=tenant, target=tenant)
     return "subscription ended; moved to free"
+
+
+def _suspend_after_subscription_ended(
+    tenant: Tenant, account: BillingAccount, problem: str
+) -> str:
+    """The subscription ended but the tenant cannot move to Free (more members or usage
+    than Free allows). It must not keep the paid plan's quotas for nothing: new work is
+    suspended, with notice, until it subscribes again (the next paid invoice lifts the
+    suspension, as after dunning) or a platform admin settles it. Running services and
+    data are kept."""
+    reason = f"{BILLING_SUSPENSION_PREFIX} subscription ended; {problem}"
+    tenant_services.suspend_tenant(tenant, reason=reason, actor=STRIPE_ACTOR)
+    account.dunning_state = DunningState.SUSPENDED
+    account.suspended_at = timezone.now()
+    account.save()
+    record(
+        STRIPE_ACTOR,
+        "billing.subscription_ended",
+        tenant=tenant,
+        target=tenant,
+        details={"error": problem, "suspended": True},
+    )
+    _notify(
+        tenant,
+        f"Berth: the subscription of {tenant.name} ended",
+        f"{tenant.slug} cannot move to the Free plan: {problem}. New deploys, jobs and builds "
+        "are refused until you subscribe again. Running services and your data are kept.",
+    )
+    return f"subscription ended; suspended: {problem}"
+
+
+def _refuse_unpaid_seats(tenant: Tenant, account: BillingAccount, seats: int, actor: Actor) -> None:
+    """More seats on a paid plan are bought through a live subscription (Checkout first);
+    only platform admins and the operator's own commands (system actors) may set seats
+    without one (comped or invoiced by hand)."""
+    if seats <= tenant.seats or tenant.plan.seat_price_cents == 0:
+        return
+    if account.stripe_subscription_id and account.subscription_status not in (
+        "canceled",
+        "incomplete_expired",
+    ):
+        return
+    if actor.system is not None or (actor.user is not None and actor.user.is_staff):
+        return
+    raise CheckoutRequired(
+        f"{tenant.slug} has no live subscription: subscribe to {tenant.plan.name} through "
+        "Checkout before buying seats",
+        details={"plan": tenant.plan.code, "seats": seats, "checkout": "/api/v1/billing/checkout"},
+    )
 
 
 # --------------------------------------------------------------------------- Checkout, portal

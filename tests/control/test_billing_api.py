@@ -13,7 +13,8 @@ from django.core.management import call_command
 
 from tenants import services as tenant_services
 from tenants.choices import Role, Scope
-from tests.control.billing_helpers import SECRET_KEY
+from tenants.models import Tenant
+from tests.control.billing_helpers import SECRET_KEY, mark_subscribed
 
 pytest_plugins = ["tests.control.billing_support"]
 
@@ -35,6 +36,13 @@ def test_owner_reads_and_changes_seats(owner_client: Any, stripe_settings: Any) 
     assert (summary["plan"], summary["seats"], summary["members"]) == ("team", 4, 1)
     assert summary["dunning_state"] == "ok" and summary["subscription_status"] == "none"
 
+    # No subscription yet: paid seats are bought through Checkout, nothing changes.
+    unpaid = owner_client.post(f"{BASE}/seats/", {"seats": 100}, format="json")
+    assert unpaid.status_code == 409, unpaid.content
+    assert unpaid.json()["error"]["code"] == "checkout_required"
+    assert owner_client.get(f"{BASE}/").json()["seats"] == 4
+
+    mark_subscribed(Tenant.objects.get(slug="acme"))
     response = owner_client.post(f"{BASE}/seats/", {"seats": 6}, format="json")
     assert response.status_code == 200 and response.json()["seats"] == 6
     ledger = owner_client.get(f"{BASE}/seat-ledger/").json()["results"]
@@ -173,6 +181,7 @@ def test_checkout_portal_invoices_and_upcoming(
 
 
 def test_relative_seat_changes(owner_client: Any, stripe_settings: Any) -> None:
+    mark_subscribed(Tenant.objects.get(slug="acme"))
     assert owner_client.post(f"{BASE}/seats/", {"add": 2}, format="json").json()["seats"] == 6
     assert owner_client.post(f"{BASE}/seats/", {"add": -1}, format="json").json()["seats"] == 5
     for body in ({"add": 0}, {"seats": 5, "add": 1}, {"add": -10}):

@@ -10,6 +10,7 @@ import pytest
 from billing.models import SeatLedgerEntry
 from tenants.choices import Role, Scope
 from tenants.models import Tenant, User
+from tests.control.billing_helpers import mark_subscribed
 
 
 @pytest.mark.django_db(transaction=True)
@@ -20,6 +21,7 @@ def test_invitation_beyond_seats_buys_one_only_when_asked_and_allowed(
     client_for: Callable[..., Any],
 ) -> None:
     tenant, owner = make_tenant("seaty", plan="team", seats=2)
+    mark_subscribed(tenant)
     add_member(tenant, Role.DEVELOPER)  # both seats now taken
     owner_client = client_for(make_token(tenant, owner, Scope.ADMIN))
     url = "/api/v1/tenants/seaty/invitations/"
