@@ -672,9 +672,7 @@ def _subscription_ended(account: BillingAccount, event_id: str) -> str:
     return "subscription ended; moved to free"
 
 
-def _suspend_after_subscription_ended(
-    tenant: Tenant, account: BillingAccount, problem: str
-) -> str:
+def _suspend_after_subscription_ended(tenant: Tenant, account: BillingAccount, problem: str) -> str:
     """The subscription ended but the tenant cannot move to Free (more members or usage
     than Free allows). It must not keep the paid plan's quotas for nothing: new work is
     suspended, with notice, until it subscribes again (the next paid invoice lifts the
