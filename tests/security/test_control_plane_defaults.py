@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -25,9 +26,11 @@ OLD_WEBHOOK_SECRET = "whsec_berth_local"
 OLD_SECRET_KEY = "berth-insecure-development-key-do-not-use-in-production"
 
 
-def run_clean(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_clean(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: int = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``args`` with exactly ``env`` (nothing of this process's environment leaks in)."""
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def import_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -134,3 +137,80 @@ def test_run_sh_generates_local_secrets_once_and_privately(tmp_path: Path) -> No
     other = tmp_path / "other"
     other.mkdir()
     assert set(_run_sh_secrets(other).values()).isdisjoint(first.values())
+
+
+def storage_used(client: Any, tenant: str) -> int:
+    quotas = client.get(f"/api/v1/tenants/{tenant}/quotas/").json()["quotas"]
+    return int(next(q["used"] for q in quotas if q["quota"] == "storage_gib"))
+
+
+def volume_deletion_scenario(owner: Any, other: Any) -> None:
+    """Through the API: deleting a volume answers 204 and gives its storage back; one a
+    service mounts stays; another tenant cannot delete either (works on any database)."""
+    base = "/api/v1/tenants/acme"
+    for name, size in (("data", 2), ("spare", 3)):
+        created = owner.post(f"{base}/volumes/", {"name": name, "size_gib": size}, format="json")
+        assert created.status_code == 201, created.content
+    service = {"name": "db", "image": "busybox", "volumes": [{"name": "data", "target": "/d"}]}
+    assert owner.post(f"{base}/services/", service, format="json").status_code == 201
+    assert storage_used(owner, "acme") == 5
+    # Another tenant's token: 404, nothing released.
+    assert other.delete(f"{base}/volumes/spare/").status_code == 404
+    assert storage_used(owner, "acme") == 5
+    in_use = owner.delete(f"{base}/volumes/data/")
+    assert in_use.status_code == 409, in_use.content
+    deleted = owner.delete(f"{base}/volumes/spare/")
+    assert deleted.status_code == 204, deleted.content
+    assert storage_used(owner, "acme") == 2
+    assert owner.get(f"{base}/volumes/spare/").status_code == 404
+
+
+@pytest.mark.django_db
+def test_volume_deletion_releases_quota_on_postgres(
+    acme: Any, make_tenant: Any, make_token: Any, client_for: Any
+) -> None:
+    tenant, owner = acme
+    intruder_tenant, intruder = make_tenant("intruder")
+    volume_deletion_scenario(
+        client_for(make_token(tenant, owner)), client_for(make_token(intruder_tenant, intruder))
+    )
+
+
+SQLITE_SCENARIO = """
+import django
+django.setup()
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
+from rest_framework.test import APIClient
+from tenants import services
+from tests.control.conftest import seed_plans
+from tests.security.test_control_plane_defaults import volume_deletion_scenario
+system = services.Actor.for_system("tests")
+seed_plans()
+def client(slug):
+    tenant, user = services.create_tenant(
+        slug=slug, owner_email=f"o@{slug}.example", plan_code="team", seats=5, actor=system
+    )
+    _, secret = services.create_api_token(tenant, user, name="t", scope="admin", actor=system)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return api
+volume_deletion_scenario(client("acme"), client("intruder"))
+print("scenario passed")
+"""
+
+
+def test_volume_deletion_releases_quota_on_sqlite(tmp_path: Path) -> None:
+    """infra/run.sh's default database: deletion used a Postgres-only JSON lookup (500)."""
+    env = {
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": f"sqlite:///{tmp_path}/berth.db",
+        "REDIS_URL": settings.REDIS_URL,
+        "ALLOWED_HOSTS": "testserver",
+        "CELERY_TASK_ALWAYS_EAGER": "0",
+        "SECRET_KEY": settings.SECRET_KEY,
+    }
+    clean = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env}
+    ran = run_clean([sys.executable, "-c", SQLITE_SCENARIO], tmp_path, clean, timeout=240)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "scenario passed" in ran.stdout

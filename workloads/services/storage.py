@@ -107,13 +107,14 @@ def services_using(
 
 
 def _live_containers_mounting(tenant: Tenant, volume: str) -> int:
-    return (
-        Container.objects.filter(
-            tenant=tenant, spec__mounts__contains=[{"kind": "volume", "source": volume}]
-        )
-        .exclude(state__in=GONE)
-        .count()
-    )
+    """How many of the tenant's containers that are not gone mount ``volume``.
+
+    Read with :func:`volume_names`, in Python: a JSON containment lookup
+    (``spec__mounts__contains``) exists only on Postgres, and on SQLite (infra/run.sh's
+    default database) it made every volume deletion a 500 that never gave the quota back.
+    """
+    live = Container.objects.filter(tenant=tenant).exclude(state__in=GONE).only("spec")
+    return sum(1 for container in live.iterator() if volume in volume_names(container))
 
 
 @transaction.atomic
