@@ -21,8 +21,9 @@ from billing.plans import QUOTA_NAMES, effective_quota
 class Plan(models.Model):
     """A seat-based tier: price per seat per month and resources included per seat.
 
-    ``blkio_bps`` is a per-container cap (not multiplied by seats); every other resource is
-    pooled across the tenant and scales with its seats.
+    ``blkio_bps``, ``pids`` and ``networks_per_container`` are per-container caps and
+    ``array_size`` a per-job cap (not multiplied by seats); every other resource is pooled
+    across the tenant and scales with its seats.
     """
 
     code = models.SlugField(max_length=32, unique=True, help_text="Stable identifier: free, pro…")
@@ -42,6 +43,16 @@ class Plan(models.Model):
     concurrent_jobs = models.PositiveBigIntegerField(help_text="Concurrent batch jobs per seat.")
     build_minutes_month = models.PositiveBigIntegerField(help_text="Build minutes per seat/month.")
     gpus = models.PositiveBigIntegerField(help_text="GPUs per seat.")
+    pids = models.PositiveBigIntegerField(
+        default=256, help_text="Processes (and threads) per container; its pids.max."
+    )
+    networks = models.PositiveBigIntegerField(default=3, help_text="Networks per seat.")
+    networks_per_container = models.PositiveBigIntegerField(
+        default=4, help_text="Networks one container may join."
+    )
+    array_size = models.PositiveBigIntegerField(
+        default=100, help_text="Runs in one batch job array."
+    )
 
     class Meta:
         ordering = ["sort_order", "seat_price_cents", "code"]

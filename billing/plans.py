@@ -8,7 +8,8 @@ Every tenant quota is computed the same way::
 ``per_seat`` comes from the tenant's :class:`billing.models.Plan` row (plans are data, edited
 in the admin), ``seats`` is the tenant's paid seat count, ``override`` is the sum a platform
 admin added (``tenants.QuotaOverride``; it may be negative). Per-container caps (block I/O
-bandwidth) bound one container, so buying seats does not multiply them.
+bandwidth, processes, networks joined; the array size of one batch job) bound one container
+or job, so buying seats does not multiply them.
 
 The functions here are pure: they take numbers, return numbers, and never touch the database,
 so billing code (proration, previews of a plan change) can call them freely.
@@ -30,11 +31,20 @@ QUOTA_NAMES: Final[tuple[str, ...]] = (
     "concurrent_jobs",
     "build_minutes_month",
     "gpus",
+    "pids",
+    "networks",
+    "networks_per_container",
+    "array_size",
 )
 
-#: Quotas that cap each container instead of being pooled across the tenant. They are
-#: checked by ``reserve`` (the request must not exceed the cap) but never accumulate usage.
-PER_CONTAINER_QUOTAS: Final[frozenset[str]] = frozenset({"blkio_bps"})
+#: Quotas that cap each container (``array_size``: each batch job) instead of being pooled
+#: across the tenant. They are checked by ``reserve`` (the request must not exceed the cap)
+#: but never accumulate usage. ``blkio_bps`` and ``pids`` are also what a container gets
+#: when it asks for nothing (``workloads.services.specs.limits``): a tenant's defaults are
+#: its plan's caps, never "unlimited".
+PER_CONTAINER_QUOTAS: Final[frozenset[str]] = frozenset(
+    {"blkio_bps", "pids", "networks_per_container", "array_size"}
+)
 
 #: Quotas consumed over a calendar month and reset by ``tenants.services.reset_usage``.
 MONTHLY_QUOTAS: Final[frozenset[str]] = frozenset({"build_minutes_month"})
@@ -48,6 +58,10 @@ QUOTA_UNITS: Final[Mapping[str, str]] = {
     "concurrent_jobs": "concurrently running batch jobs",
     "build_minutes_month": "build minutes per calendar month",
     "gpus": "GPUs",
+    "pids": "processes (and threads) per container",
+    "networks": "networks",
+    "networks_per_container": "networks one container joins",
+    "array_size": "runs in one batch job array",
 }
 
 
@@ -83,6 +97,10 @@ DEFAULT_PLANS: Final[tuple[PlanDefaults, ...]] = (
             "concurrent_jobs": 1,
             "build_minutes_month": 100,
             "gpus": 0,
+            "pids": 256,
+            "networks": 3,
+            "networks_per_container": 4,
+            "array_size": 100,
         },
     ),
     PlanDefaults(
@@ -100,6 +118,10 @@ DEFAULT_PLANS: Final[tuple[PlanDefaults, ...]] = (
             "concurrent_jobs": 5,
             "build_minutes_month": 1000,
             "gpus": 0,
+            "pids": 1024,
+            "networks": 5,
+            "networks_per_container": 8,
+            "array_size": 1000,
         },
     ),
     PlanDefaults(
@@ -117,6 +139,10 @@ DEFAULT_PLANS: Final[tuple[PlanDefaults, ...]] = (
             "concurrent_jobs": 10,
             "build_minutes_month": 1500,
             "gpus": 0,
+            "pids": 1024,
+            "networks": 5,
+            "networks_per_container": 12,
+            "array_size": 5000,
         },
     ),
     PlanDefaults(
@@ -134,6 +160,10 @@ DEFAULT_PLANS: Final[tuple[PlanDefaults, ...]] = (
             "concurrent_jobs": 20,
             "build_minutes_month": 3000,
             "gpus": 1,
+            "pids": 2048,
+            "networks": 10,
+            "networks_per_container": 16,
+            "array_size": 10000,
         },
     ),
 )

@@ -42,3 +42,7 @@ class QuotaName(models.TextChoices):
     CONCURRENT_JOBS = "concurrent_jobs"
     BUILD_MINUTES_MONTH = "build_minutes_month"
     GPUS = "gpus"
+    PIDS = "pids"
+    NETWORKS = "networks"
+    NETWORKS_PER_CONTAINER = "networks_per_container"
+    ARRAY_SIZE = "array_size"

@@ -67,8 +67,9 @@ def collect_run_logs_task(container_id: str) -> None:
             name=container.agent_name,
             tail=jobs.LOG_LINES_KEPT,
         )
-        text = "".join(line.get("line", "") for line in result.get("lines", []))
-        type(container.job_run).objects.filter(pk=container.job_run.pk).update(log=text)
+        jobs.keep_run_log(
+            container.job_run.pk, [line.get("line", "") for line in result.get("lines", [])]
+        )
     except Exception as exc:  # the node may be gone; the run's outcome is already recorded
         log.warning("could not collect logs of %s: %s", container_id, exc)
     with transaction.atomic():

@@ -10,6 +10,8 @@ def seed_plans(apps, schema_editor):
     from billing.plans import DEFAULT_PLANS
 
     Plan = apps.get_model("billing", "Plan")
+    # Quotas added by later migrations (0005) are not fields of the model at this point.
+    fields = {f.name for f in Plan._meta.get_fields()}
     for order, plan in enumerate(DEFAULT_PLANS):
         Plan.objects.get_or_create(
             code=plan.code,
@@ -19,7 +21,7 @@ def seed_plans(apps, schema_editor):
                 "min_seats": plan.min_seats,
                 "max_seats": plan.max_seats,
                 "sort_order": order,
-                **plan.per_seat,
+                **{k: v for k, v in plan.per_seat.items() if k in fields},
             },
         )
 

@@ -50,7 +50,7 @@ def test_create_tenant_makes_owner_usage_rows_and_audit(make_tenant) -> None:
     assert (
         tenant.quota_limits()["cpu_millicores"] == 2 * Plan.objects.get(code="pro").cpu_millicores
     )
-    assert QuotaUsage.objects.filter(tenant=tenant).count() == 7  # all but blkio_bps
+    assert QuotaUsage.objects.filter(tenant=tenant).count() == 8  # all but per-container caps
     entry = AuditLog.objects.get(tenant=tenant, action="tenant.create")
     assert entry.actor_label == "system:tests"
     assert entry.details == {"plan": "pro", "seats": 2, "owner": "boss@blue.example"}

@@ -33,7 +33,11 @@ MAX_ARRAY_SIZE = 10_000
 #: Admitted job containers still waiting for a node, beyond which no more are admitted:
 #: a full fleet should not turn every queued run into a reserved-but-waiting one.
 MAX_WAITING_CONTAINERS = 200
+#: A finished run keeps the end of its output: at most this many lines and this many bytes
+#: (one run printing megabytes must not grow the database by as much).
 LOG_LINES_KEPT = 1000
+LOG_BYTES_KEPT = 64 * 1024
+_MARKER_ROOM = 80  # bytes of LOG_BYTES_KEPT left for the truncation marker
 
 
 def _int(data: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
@@ -80,6 +84,7 @@ def submit_job(tenant: Tenant, data: dict[str, Any], *, actor: Actor) -> BatchJo
         ("cpu_millicores", job.cpu_millicores),
         ("memory_mib", job.memory_mib),
         ("gpus", job.gpus),
+        ("array_size", job.array_size),
     ):
         if amount > limits[quota]:
             raise QuotaExceeded(quota, limits[quota], 0, amount)
@@ -124,7 +129,7 @@ def _run_container(run: JobRun) -> Container:
             "berth.job.index": str(run.index),
         },
         limits=protocol.from_dict(
-            protocol.Limits, specs.limits(job.cpu_millicores, job.memory_mib, None)
+            protocol.Limits, specs.limits(job.tenant, job.cpu_millicores, job.memory_mib, None)
         ),
         network_mode=specs.default_network_mode(),  # type: ignore[arg-type]
     )
@@ -280,6 +285,21 @@ def _collect_logs_soon(container_id: Any) -> None:
     from workloads.tasks import collect_run_logs_task
 
     collect_run_logs_task.delay(str(container_id))
+
+
+def keep_run_log(run_id: int, lines: list[str]) -> str:
+    """Store the end of a run's output on the run, capped to :data:`LOG_BYTES_KEPT` bytes
+    of UTF-8 (and the lines the node was asked for). When output was dropped, the log
+    starts with a marker saying how much, so a short log is never mistaken for all of it."""
+    data = "".join(lines[-LOG_LINES_KEPT:]).encode()
+    if len(data) > LOG_BYTES_KEPT:
+        tail = data[-(LOG_BYTES_KEPT - _MARKER_ROOM) :]
+        dropped = len(data) - len(tail)
+        data = f"[berth: log truncated, {dropped} earlier bytes not kept]\n".encode() + tail
+    # A cut inside a multi-byte character leaves a partial one at the start of the tail.
+    text = data.decode(errors="ignore")
+    JobRun.objects.filter(pk=run_id).update(log=text)
+    return text
 
 
 def _settle_job(job: BatchJob) -> None:

@@ -169,13 +169,21 @@ def validate_replicas(value: Any) -> int:
     return value
 
 
-def limits(cpu_millicores: int, memory_mib: int, blkio_bps: int | None) -> dict[str, Any]:
+def limits(
+    tenant: Tenant, cpu_millicores: int, memory_mib: int, blkio_bps: int | None
+) -> dict[str, Any]:
+    """A container's node limits. What the workload leaves unset is the tenant's plan cap,
+    never unlimited: block I/O (``blkio_bps``) and processes (``pids``, which a workload
+    cannot ask for at all: a fork bomb stops there instead of at the node's pid_max)."""
+    caps = tenant.quota_limits()
+    blkio = caps["blkio_bps"] if blkio_bps is None else blkio_bps
     return protocol.to_dict(
         protocol.Limits(
             cpus=cpu_millicores / 1000,
             memory_bytes=memory_mib * 1024 * 1024,
-            device_read_bps=blkio_bps,
-            device_write_bps=blkio_bps,
+            pids=caps["pids"],
+            device_read_bps=blkio,
+            device_write_bps=blkio,
         )
     )
 
@@ -211,7 +219,8 @@ def new_service_container(service: Service) -> Container:
             "berth.generation": str(service.generation),
         },
         limits=protocol.from_dict(
-            protocol.Limits, limits(service.cpu_millicores, service.memory_mib, service.blkio_bps)
+            protocol.Limits,
+            limits(service.tenant, service.cpu_millicores, service.memory_mib, service.blkio_bps),
         ),
         network_mode=default_network_mode(),  # type: ignore[arg-type]
         networks=tuple(

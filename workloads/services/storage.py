@@ -17,8 +17,8 @@ from django.db import IntegrityError, transaction
 
 from runtime_agent import protocol
 from tenants import services as tenant_services
-from tenants.errors import Conflict, InvalidInput, NotFound
-from tenants.models import Tenant
+from tenants.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
+from tenants.models import QuotaReservation, Tenant
 from tenants.services import Actor, record
 from workloads.choices import ContainerState, NodeState, ServiceState
 from workloads.models import Container, Network, Node, Service, Volume
@@ -225,6 +225,10 @@ def create_network(
     if name in RESERVED_NETWORKS:
         raise InvalidInput(f"{name!r} is a reserved network name")
     clean_labels = _validate_labels(labels)
+    if Network.objects.filter(tenant=tenant, name=name).exists():
+        raise Conflict(f"a network named {name!r} already exists")
+    # One of the tenant's ``networks`` (node subnets are finite); delete_network gives it back.
+    tenant_services.reserve(tenant, {"networks": 1}, actor=actor, reason=_network_reason(name))
     try:
         with transaction.atomic():
             network = Network.objects.create(tenant=tenant, name=name, labels=clean_labels)
@@ -232,6 +236,11 @@ def create_network(
         raise Conflict(f"a network named {name!r} already exists") from None
     record(actor, "network.create", tenant=tenant, target=network)
     return network
+
+
+def _network_reason(name: str) -> str:
+    """The reason of a network's ``networks`` reservation: how delete finds it again."""
+    return f"network {name}"
 
 
 @transaction.atomic
@@ -253,6 +262,11 @@ def delete_network(network: Network, *, actor: Actor) -> None:
             name=network.name,
         )
     record(actor, "network.delete", tenant=network.tenant, target=network)
+    held = QuotaReservation.objects.filter(
+        tenant=network.tenant, reason=_network_reason(network.name), released_at__isnull=True
+    ).first()
+    if held is not None:  # networks created before the quota existed hold none
+        tenant_services.release(held, actor=actor, reason="network deleted")
     network.delete()
 
 
@@ -261,6 +275,11 @@ def validate_service_networks(tenant: Tenant | None, value: Any) -> list[str]:
         return []
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
         raise InvalidInput("networks must be a list of network names")
+    if tenant is not None:
+        # Each network a container joins takes a node subnet's veth, routes and rules.
+        cap = tenant.quota_limits()["networks_per_container"]
+        if len(set(value)) > cap:
+            raise QuotaExceeded("networks_per_container", cap, 0, len(set(value)))
     clean: list[str] = []
     for name in value:
         _validate_name(name, "network")
