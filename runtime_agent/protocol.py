@@ -189,7 +189,7 @@ class ContainerReport:
     uid: str
     tenant: str
     name: str
-    state: str  # created, running, paused, stopped (exited), or missing
+    state: str  # starting (apply under way), created, running, paused, stopped, or missing
     exit_code: int | None = None
     oom_killed: bool = False
     started_at: str | None = None  # ISO 8601

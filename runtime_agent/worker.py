@@ -7,8 +7,17 @@ worker died is delivered again, and replaying it is harmless. Every task returns
 typed agent errors come back as ``{"error": {"code", "message"}}`` instead of exceptions,
 so the control plane can show them.
 
+Tenants share the node without holding each other up (:mod:`runtime_agent.lanes`):
+operations run under a lock per operation id only; builds are accepted on a Celery thread
+and run on the build pool (own threads, a FIFO queue per tenant served round-robin, a cap
+per tenant); exec, logs and stats hold an interactive slot (capped per tenant and per
+node, refused with ``resource_exhausted`` over a cap). The Celery pool has the lifecycle
+threads plus one per interactive slot, so starts and stops always find a thread.
+
 A reporter thread sends a full :class:`~runtime_agent.protocol.NodeReport` every
-``report_interval`` seconds (the heartbeat), and right after each state change.
+``report_interval`` seconds (the heartbeat), and right after each state change. A
+container whose apply is running here is reported ``starting``: acknowledged and under
+way (pulling its image, creating, starting), neither running yet nor lost.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from functools import wraps
 from typing import Any
@@ -28,14 +37,23 @@ from celery import Celery
 from runtime_agent import protocol
 from runtime_agent.agent import Agent
 from runtime_agent.distribution.ensure import ensure_image
+from runtime_agent.distribution.tenant_auth import fetch_pull_token
 from runtime_agent.errors import AgentError, AlreadyExists, NotFound
+from runtime_agent.lanes import FairPool, TenantSlots
 from runtime_agent.node import NodeIdentity, capacity
 from runtime_agent.oplog import OperationLog
+from runtime_agent.runtime.security import tenant_container_spec
 
 log = logging.getLogger("berth.agent.worker")
 
 #: Output an exec returns at most; the rest is cut (an exec is for checks, not transfers).
 EXEC_OUTPUT_LIMIT = 64 * 1024
+#: Builds running at once on a node, and of one tenant (more wait in the tenant's queue).
+BUILD_WORKERS = 2
+BUILDS_PER_TENANT = 1
+#: Exec, logs and stats running at once on a node, and of one tenant (more are refused).
+INTERACTIVE_SLOTS = 8
+INTERACTIVE_PER_TENANT = 3
 
 
 def _now() -> str:
@@ -49,11 +67,28 @@ def _error(exc: AgentError) -> dict[str, Any]:
 class NodeWorker:
     """Binds the agent's Python API to Celery tasks and reports back to the control plane."""
 
-    def __init__(self, agent: Agent, identity: NodeIdentity, *, report_interval: float = 5.0):
+    def __init__(
+        self,
+        agent: Agent,
+        identity: NodeIdentity,
+        *,
+        report_interval: float = 5.0,
+        builds: FairPool | None = None,
+        interactive: TenantSlots | None = None,
+    ):
         self.agent = agent
         self.identity = identity
         self.report_interval = report_interval
         self.oplog = OperationLog(agent.config.root / "ops.sqlite")
+        self.builds = builds or FairPool(
+            "build", workers=BUILD_WORKERS, per_tenant=BUILDS_PER_TENANT
+        )
+        self.interactive = interactive or TenantSlots(
+            "interactive", total=INTERACTIVE_SLOTS, per_tenant=INTERACTIVE_PER_TENANT
+        )
+        # Applies running here (op id -> what the report says about their container).
+        self._starts: dict[str, protocol.ContainerReport] = {}
+        self._starts_lock = threading.Lock()
         self.app = self._make_app()
         self._report_now = threading.Event()
         self._stop = threading.Event()
@@ -93,7 +128,9 @@ class NodeWorker:
             (protocol.AGENT_BUILD, self.build_image),
             (protocol.AGENT_CANCEL_BUILD, self.cancel_build),
         ):
-            app.task(name=name)(self._guarded(func))
+            # Not shared: Celery would hand a shared task to every app made later in this
+            # process, so a second worker's names would reach the first worker's methods.
+            app.task(name=name, shared=False)(self._guarded(func))
         return app
 
     def _guarded(self, func: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
@@ -124,9 +161,15 @@ class NodeWorker:
 
     def apply_container(self, *, op_id: str, spec: dict[str, Any]) -> dict[str, Any]:
         """Make the container exist and run: create and start it, or start it again."""
-        container_spec = protocol.from_dict(protocol.ContainerSpec, spec)
+        container_spec = tenant_container_spec(
+            self.agent.config, protocol.from_dict(protocol.ContainerSpec, spec)
+        )
 
         def run() -> dict[str, Any]:
+            with self._starting(op_id, container_spec):
+                return start()
+
+        def start() -> dict[str, Any]:
             containers = self.agent.containers
             tenant, name = container_spec.tenant, container_spec.name
             assert name is not None
@@ -139,14 +182,39 @@ class NodeWorker:
                 containers.remove(tenant, name, force=True)
             self._ensure_networks(container_spec)
             self._ensure_volumes(container_spec)
-            # The image from the node's store, or pulled from the registry with the
-            # node's login (into the tenant's namespace; every blob verified).
-            ensure_image(self.agent, tenant, container_spec.image)
+            # The image from the tenant's namespace on the node, or pulled into it with a
+            # token the control plane mints for this tenant (never the node's login).
+            image = container_spec.image
+            ensure_image(
+                self.agent,
+                tenant,
+                image,
+                tenant_auth=lambda: fetch_pull_token(self.identity, tenant, image),
+            )
             created = containers.create(container_spec)
             started = containers.start(tenant, created.id)
             return {"state": started.state, "id": started.id}
 
         return self._once(op_id, "apply", run)
+
+    @contextlib.contextmanager
+    def _starting(self, op_id: str, spec: protocol.ContainerSpec) -> Iterator[None]:
+        """While the body runs, reports say the spec's container is ``starting`` (and one
+        goes out now, so the control plane learns the start was acknowledged)."""
+        uid = spec.labels.get(protocol.CONTAINER_UID_LABEL)
+        if not uid or spec.name is None:
+            yield
+            return
+        with self._starts_lock:
+            self._starts[op_id] = protocol.ContainerReport(
+                uid=uid, tenant=spec.tenant, name=spec.name, state="starting"
+            )
+        self._report_now.set()
+        try:
+            yield
+        finally:
+            with self._starts_lock:
+                self._starts.pop(op_id, None)
 
     def _ensure_networks(self, spec: protocol.ContainerSpec) -> None:
         """Tenant networks are created on a node the first time a container there needs them."""
@@ -195,21 +263,38 @@ class NodeWorker:
         return self._once(op_id, "remove_network", run)
 
     def build_image(self, *, op_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        """Fetch a build context from the control plane, build it into the tenant's image
-        store (tagged), streaming the log back; run once per ``op_id``."""
+        """Accept a build: queue it on the build pool, in the tenant's own queue, and return.
+
+        The build then fetches its context from the control plane, builds into the
+        tenant's image store (tagged) and streams its log and result back (the control
+        plane waits for those, not for this task), once per ``op_id``. Accepting instead of
+        building on the Celery thread is what keeps a long ``RUN`` off the threads that
+        start other tenants' containers. A redelivery of an accepted or finished build
+        changes nothing.
+        """
         from runtime_agent.build_job import run_build
 
         req = protocol.from_dict(protocol.BuildRequest, request)
+        recorded = self.oplog.get(op_id)
+        if recorded is not None:
+            return {**recorded, "replayed": True}
         cancel = threading.Event()
         with self._builds_lock:
+            if req.build_id in self._builds:
+                return {"state": "accepted", "replayed": True}
             if req.build_id in self._cancelled_builds:
                 cancel.set()
             self._builds[req.build_id] = cancel
-        try:
-            return self._once(op_id, "build", lambda: run_build(self, req, cancel))
-        finally:
-            with self._builds_lock:
-                self._builds.pop(req.build_id, None)
+
+        def job() -> None:
+            try:
+                self._once(op_id, "build", lambda: run_build(self, req, cancel))
+            finally:
+                with self._builds_lock:
+                    self._builds.pop(req.build_id, None)
+
+        self.builds.submit(req.tenant, job)
+        return {"state": "accepted"}
 
     def cancel_build(self, *, build_id: str) -> dict[str, Any]:
         with self._builds_lock:
@@ -245,26 +330,29 @@ class NodeWorker:
     def exec_container(
         self, *, tenant: str, name: str, argv: list[str], exec_timeout: float = 30
     ) -> dict[str, Any]:
-        code, output = self.agent.containers.exec_capture(
-            tenant, name, list(argv), timeout=exec_timeout, limit=EXEC_OUTPUT_LIMIT
-        )
+        with self.interactive.admit(tenant):
+            code, output = self.agent.containers.exec_capture(
+                tenant, name, list(argv), timeout=exec_timeout, limit=EXEC_OUTPUT_LIMIT
+            )
         return {"exit_code": code, "output": output.decode(errors="replace")}
 
     def container_logs(
         self, *, tenant: str, name: str, tail: int = 100, since: str | None = None
     ) -> dict[str, Any]:
-        lines = [
-            {
-                "time": entry.time,
-                "stream": entry.stream,
-                "line": entry.line.decode(errors="replace") + ("" if entry.partial else "\n"),
-            }
-            for entry in self.agent.containers.logs(tenant, name, tail=tail, since=since)
-        ]
+        with self.interactive.admit(tenant):
+            lines = [
+                {
+                    "time": entry.time,
+                    "stream": entry.stream,
+                    "line": entry.line.decode(errors="replace") + ("" if entry.partial else "\n"),
+                }
+                for entry in self.agent.containers.logs(tenant, name, tail=tail, since=since)
+            ]
         return {"lines": lines}
 
     def container_stats(self, *, tenant: str, name: str) -> dict[str, Any]:
-        return dataclasses.asdict(self.agent.containers.stats(tenant, name))
+        with self.interactive.admit(tenant):
+            return dataclasses.asdict(self.agent.containers.stats(tenant, name))
 
     def request_report(self) -> dict[str, Any]:
         self._report_now.set()
@@ -273,12 +361,16 @@ class NodeWorker:
     # ------------------------------------------------------------------ reports
 
     def build_report(self) -> protocol.NodeReport:
+        with self._starts_lock:
+            starting = {s.uid: s for s in self._starts.values()}
         items = []
         containers = self.agent.containers
         for info in containers.list_all():
             uid = info.labels.get(protocol.CONTAINER_UID_LABEL)
             if not uid:
                 continue
+            if uid in starting and info.state not in ("running", "paused"):
+                continue  # its apply is still under way: reported as starting below
             cpu_seconds = memory_bytes = None
             if info.state in ("running", "paused"):
                 try:
@@ -300,6 +392,8 @@ class NodeWorker:
                     memory_bytes=memory_bytes,
                 )
             )
+            starting.pop(uid, None)
+        items.extend(starting.values())
         return protocol.NodeReport(
             node_id=self.identity.node_id,
             credential=self.identity.credential,
@@ -332,7 +426,11 @@ class NodeWorker:
             time.sleep(0.2)  # coalesce bursts of state changes into one report
 
     def run(self, *, concurrency: int = 4) -> None:
-        """Recover containers, start the reporter, and consume the node's queue."""
+        """Recover containers, start the reporter, and consume the node's queue.
+
+        ``concurrency`` is the number of threads for lifecycle operations; the pool gets
+        one more per interactive slot, which admission keeps from ever taking those.
+        """
         from runtime_agent.cgroups import tune_host
 
         refused = tune_host(self.agent.config)
@@ -354,7 +452,7 @@ class NodeWorker:
                     "--pool",
                     "threads",
                     "--concurrency",
-                    str(concurrency),
+                    str(concurrency + self.interactive.total),
                     "--loglevel",
                     "INFO",
                     "--without-gossip",

@@ -108,7 +108,12 @@ def health_check_task(container_id: str) -> bool | None:
             exec_timeout=check.get("timeout", 5),
         )
         healthy = result.get("exit_code") == 0
-    except dispatch.NodeOperationFailed:
+    except dispatch.NodeOperationFailed as exc:
+        if exc.details.get("code") == "resource_exhausted":
+            # The node refused the check for now (its interactive slots are full, possibly
+            # by this tenant's own execs): not a verdict on the container; the next pass
+            # checks again.
+            return None
         healthy = False
     if healthy:
         Container.objects.filter(pk=container.pk).update(healthy=True)

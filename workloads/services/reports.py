@@ -3,12 +3,18 @@
 Reports are the only source of actual state. A report about a container the control plane
 doesn't want there (unknown, retired, or placed elsewhere since) makes the node remove it:
 that is how orphans left by a lost message or a node that came back are cleaned up.
+
+A start is lost only when nothing says otherwise: a container the node reports
+``starting`` (its apply acknowledged and under way: pulling, creating, starting) stays
+scheduled however long that takes — the deployment's own deadline bounds it — and one
+absent from a report is given :func:`start_grace` from when it was sent to show up.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -21,9 +27,13 @@ from workloads.models import Container, Node
 from workloads.services import dispatch, nodes
 
 SYSTEM = Actor.for_system("reconciler")
-#: A container sent to a node but absent from its full report this long is presumed lost
-#: in transit and sent again.
-MISSING_GRACE = timedelta(seconds=20)
+
+
+def start_grace() -> timedelta:
+    """How long a container sent to a node may be absent from its full reports before it
+    is presumed lost in transit (``BERTH_START_GRACE_SECONDS``, 20 s): the time for the
+    apply to reach the node and the node to acknowledge it."""
+    return timedelta(seconds=getattr(settings, "BERTH_START_GRACE_SECONDS", 20))
 
 
 def _when(value: str | None) -> datetime | None:
@@ -68,7 +78,7 @@ def apply_report(container: Container, report: protocol.ContainerReport) -> None
         if (
             container.state == ContainerState.SCHEDULED
             and container.scheduled_at
-            and (now - container.scheduled_at < MISSING_GRACE)
+            and (now - container.scheduled_at < start_grace())
         ):
             return  # the apply is probably still on its way
         report = protocol.ContainerReport(
@@ -79,6 +89,10 @@ def apply_report(container: Container, report: protocol.ContainerReport) -> None
             exit_code=None,
             error=report.error or "the container disappeared from its node",
         )
+    if report.state == "starting":
+        # Acknowledged by the node and under way: not running yet, and not lost.
+        container.save(update_fields=["last_reported_at"])
+        return
     if report.state in ("running", "paused", "created"):
         if container.desired_state == DesiredState.REMOVED:
             return  # the remove op is on its way
