@@ -180,6 +180,17 @@ STATIC_ROOT = BASE_DIR / "var" / "static"
 # The dashboard (dashboard/) signs people in at /login/ and returns them where they were.
 LOGIN_URL = "dashboard:login"
 LOGIN_REDIRECT_URL = "dashboard:home"
+# Password sign-ins (dashboard, /admin/login/, /api-auth/login/) lock an account after
+# BERTH_LOGIN_FAILURES_PER_ACCOUNT failures and an address after
+# BERTH_LOGIN_FAILURES_PER_ADDRESS, for BERTH_LOGIN_LOCKOUT_SECONDS from the first failure
+# (tenants/login_throttle.py); 0 disables a limit.
+AUTHENTICATION_BACKENDS = [
+    "tenants.login_throttle.LoginThrottleBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+BERTH_LOGIN_FAILURES_PER_ACCOUNT = env_int("BERTH_LOGIN_FAILURES_PER_ACCOUNT", 10, minimum=0)
+BERTH_LOGIN_FAILURES_PER_ADDRESS = env_int("BERTH_LOGIN_FAILURES_PER_ADDRESS", 50, minimum=0)
+BERTH_LOGIN_LOCKOUT_SECONDS = env_int("BERTH_LOGIN_LOCKOUT_SECONDS", 15 * 60, minimum=1)
 
 EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "berth@localhost")

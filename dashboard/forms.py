@@ -11,6 +11,7 @@ from django import forms
 from django.contrib.auth import password_validation
 from django.contrib.auth.forms import AuthenticationForm
 
+from tenants import login_throttle
 from tenants.choices import Role, Scope
 from tenants.errors import BerthError
 from tenants.models import SLUG_RE, User
@@ -75,6 +76,13 @@ class LoginForm(AuthenticationForm):
 
     def clean_username(self) -> str:
         return str(self.cleaned_data["username"]).strip().lower()
+
+    def get_invalid_login_error(self) -> forms.ValidationError:
+        """Say so when sign-ins are locked out (tenants/login_throttle.py), else the usual."""
+        reason = login_throttle.locked_out(self.request, self.cleaned_data.get("username"))
+        if reason is not None:
+            return forms.ValidationError(reason, code="throttled")
+        return super().get_invalid_login_error()
 
 
 class SignupForm(IdemForm):

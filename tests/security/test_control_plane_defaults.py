@@ -214,3 +214,109 @@ def test_volume_deletion_releases_quota_on_sqlite(tmp_path: Path) -> None:
     ran = run_clean([sys.executable, "-c", SQLITE_SCENARIO], tmp_path, clean, timeout=240)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "scenario passed" in ran.stdout
+
+
+# --------------------------------------------------------------------------- sign-ins
+
+#: Every password sign-in form.
+LOGIN_FORMS = ("/login/", "/admin/login/", "/api-auth/login/")
+PASSWORD = "Correct-horse-battery-9"
+
+
+def make_user(email: str) -> Any:
+    from tenants.models import User
+
+    User.objects.filter(email=email).delete()
+    user = User.objects.create_user(username=email, email=email, password=PASSWORD)
+    user.is_staff = True  # /admin/login/ signs in staff only: the same account for all three
+    user.save()
+    return user
+
+
+def sign_in(url: str, email: str, password: str, address: str) -> tuple[bool, str]:
+    """POST a sign-in form from ``address``; (signed in?, the page's text)."""
+    client = Client(REMOTE_ADDR=address)
+    response = client.post(url, {"username": email, "password": password})
+    return "_auth_user_id" in client.session, response.content.decode()
+
+
+@pytest.fixture
+def fresh_counters(settings: Any) -> Any:
+    """Forget earlier runs' failures of the accounts and addresses a test uses (they live
+    in Redis for the lockout period); a fast password hasher keeps 25 guesses quick."""
+    from tenants import login_throttle
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+    def forget(email: str, *addresses: str) -> None:
+        login_throttle.reset(username=email)
+        for address in addresses:
+            login_throttle.reset(address=address)
+
+    return forget
+
+
+@pytest.mark.django_db
+def test_25_wrong_passwords_lock_the_account_on_every_sign_in_form(fresh_counters: Any) -> None:
+    """The issue's reproduction, default limits: 25 wrong passwords, then the right one."""
+    for n, url in enumerate(LOGIN_FORMS):
+        victim = f"victim{n}@acme.example"
+        make_user(victim)
+        attacker, owner = f"203.0.113.{10 + n}", f"198.51.100.{10 + n}"
+        fresh_counters(victim, attacker, owner)
+        for i in range(25):
+            # Other spellings of the same account count against it too.
+            spelling = victim.upper() if i % 2 else f" {victim}"
+            assert sign_in(url, spelling, f"guess-{i}", attacker)[0] is False
+        signed_in, page = sign_in(url, victim, PASSWORD, attacker)
+        assert not signed_in, url
+        # Locked for the account: the owner, from elsewhere, waits too (or resets).
+        assert sign_in(url, victim, PASSWORD, owner)[0] is False, url
+        if url == "/login/":
+            assert "Too many failed sign-ins" in page
+        # Positive control: another account from another address signs in.
+        other = f"bystander{n}@acme.example"
+        make_user(other)
+        fresh_counters(other, "192.0.2.200")
+        assert sign_in(url, other, PASSWORD, "192.0.2.200")[0] is True, url
+
+
+@pytest.mark.django_db
+def test_one_address_guessing_many_accounts_is_locked(settings: Any, fresh_counters: Any) -> None:
+    settings.BERTH_LOGIN_FAILURES_PER_ACCOUNT = 3
+    settings.BERTH_LOGIN_FAILURES_PER_ADDRESS = 6
+    target = "target@acme.example"
+    make_user(target)
+    spray, home = "203.0.113.77", "198.51.100.77"
+    fresh_counters(target, spray, home)
+    for i in range(6):  # a spray: one guess per account, none reaches the account limit
+        email = f"guess{i}@acme.example"
+        fresh_counters(email)
+        assert sign_in(LOGIN_FORMS[i % 3], email, "Winter2026!", spray)[0] is False
+    for url in LOGIN_FORMS:
+        assert sign_in(url, target, PASSWORD, spray)[0] is False, url
+        # The account itself is not locked: its owner signs in from home.
+        assert sign_in(url, target, PASSWORD, home)[0] is True, url
+
+
+@pytest.mark.django_db
+def test_a_success_clears_the_account_count_and_the_lock_expires(
+    settings: Any, fresh_counters: Any
+) -> None:
+    settings.BERTH_LOGIN_FAILURES_PER_ACCOUNT = 3
+    settings.BERTH_LOGIN_LOCKOUT_SECONDS = 2
+    user = "forgetful@acme.example"
+    make_user(user)
+    address = "198.51.100.88"
+    fresh_counters(user, address)
+    for _ in range(2):
+        assert sign_in("/login/", user, "typo", address)[0] is False
+    assert sign_in("/login/", user, PASSWORD, address)[0] is True  # 2 < 3: and clears
+    for _ in range(2):
+        assert sign_in("/login/", user, "typo", address)[0] is False
+    assert sign_in("/login/", user, PASSWORD, address)[0] is True
+    for _ in range(3):
+        assert sign_in("/login/", user, "typo", address)[0] is False
+    assert sign_in("/login/", user, PASSWORD, address)[0] is False
+    time.sleep(2.5)
+    assert sign_in("/login/", user, PASSWORD, address)[0] is True
