@@ -4,10 +4,12 @@ storage accounting against the tenant's ``storage_gib`` quota, deletes, retentio
 Repository names are ``<tenant-slug>/<path>``: the first component is the tenant and
 decides everything. A tenant API token reaches only its own tenant's repositories (pull
 with scope ``read``; push and delete with ``write`` and a role allowed to manage
-workloads); a node credential pulls a repository only while a container placed on that
-node uses it; anyone pulls a repository marked public. A build's push token
-(:func:`repository_push_token`, minted when the building node asks for it right before
-its push) pulls and pushes its one repository.
+workloads); anyone pulls a repository marked public. A node's own credential pulls
+nothing more than anyone: a node pulls a tenant's image with a token minted for that
+tenant (:func:`tenant_pull_token`, asked for right before the pull), which reaches only
+repositories the tenant may read itself — its own and public ones — so naming another
+tenant's repository in a service does not borrow the node's rights. A build's push
+token (:func:`repository_push_token`) pulls and pushes its one repository.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 import requests
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, JSONField, OuterRef, Q, Subquery, Sum
+from django.db.models import Exists, JSONField, OuterRef, Subquery, Sum
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -255,11 +257,7 @@ def grant(principal: Principal, scopes: Iterable[str]) -> list[Access]:
             allowed.add("pull")
         if own and _may(principal, perms.WORKLOADS_MANAGE, Scope.WRITE):
             allowed |= {"push", "delete"}
-        if principal.kind == "system" or (
-            principal.kind == "node"
-            and principal.node is not None
-            and node_runs_repository(principal.node.node_name, tenant_slug, path)
-        ):
+        if principal.kind == "system":
             allowed.add("pull")
         if principal.kind == "system":
             allowed |= {"push", "delete"}
@@ -285,20 +283,66 @@ def grant(principal: Principal, scopes: Iterable[str]) -> list[Access]:
     return granted
 
 
-def node_runs_repository(node_name: str, tenant_slug: str, path: str) -> bool:
-    """A node may pull a repository only for a container placed on it that uses it."""
-    from workloads.models import Container
+def platform_repository(image: str) -> tuple[str, str] | None:
+    """``(tenant slug, path)`` of an image on this platform's registry
+    (``<BERTH_REGISTRY_HOST>/<tenant>/<path>[:tag][@digest]``); None for a local image or
+    another registry's."""
+    from runtime_agent.distribution.reference import parse_reference
+    from runtime_agent.errors import InvalidArgument
 
-    image = f"{settings.BERTH_REGISTRY_HOST}/{tenant_slug}/{path}"
+    try:
+        reference = parse_reference(image)
+    except InvalidArgument:
+        return None
+    if reference.registry != settings.BERTH_REGISTRY_HOST:
+        return None
+    try:
+        return split_repository(reference.repository)
+    except InvalidInput:
+        return None
+
+
+def image_access_error(tenant: Tenant, image: str) -> str | None:
+    """Why ``tenant`` may not run ``image`` from this platform's registry, or None.
+
+    A tenant runs its own repositories and public ones; another tenant's private
+    repository is refused whoever else on the platform (a node, say) could read it.
+    """
+    located = platform_repository(image)
+    if located is None:
+        return None
+    owner, path = located
+    if owner == tenant.slug:
+        return None
+    if Repository.objects.filter(tenant__slug=owner, name=path, public=True).exists():
+        return None
     return (
-        Container.objects.filter(node__name=node_name, tenant__slug=tenant_slug)
-        .exclude(state__in=["removed", "lost"])
-        .filter(
-            Q(spec__image=image)
-            | Q(spec__image__startswith=image + ":")
-            | Q(spec__image__startswith=image + "@")
-        )
-        .exists()
+        f"image {image!r} is in the repository {owner}/{path}, which is not {tenant.slug}'s "
+        f"and not public: a tenant runs images of its own repositories "
+        f"({settings.BERTH_REGISTRY_HOST}/{tenant.slug}/...) and public ones"
+    )
+
+
+def tenant_pull_token(tenant: Tenant, image: str, *, subject: str) -> IssuedToken | None:
+    """A bearer token that may pull ``image``'s repository and nothing else, for a node
+    about to pull it for ``tenant`` (valid ``BERTH_REGISTRY_TOKEN_TTL`` seconds).
+
+    None when the image is not on this platform's registry (the node pulls it
+    anonymously, never with a login of its own). RegistryDenied when the tenant may not
+    read that repository (:func:`image_access_error`).
+    """
+    located = platform_repository(image)
+    if located is None:
+        return None
+    if problem := image_access_error(tenant, image):
+        raise RegistryDenied(problem, details={"image": image})
+    return issue_token(
+        key_path=signing_key_path(),
+        issuer=settings.BERTH_REGISTRY_ISSUER,
+        service=settings.BERTH_REGISTRY_SERVICE,
+        subject=subject,
+        access=[Access("repository", "/".join(located), ("pull",))],
+        lifetime=settings.BERTH_REGISTRY_TOKEN_TTL,
     )
 
 
@@ -351,8 +395,9 @@ def repository_push_token(tenant: Tenant, repository: str, *, subject: str) -> I
 def create_node_credential(node_name: str, *, actor: Actor) -> tuple[NodeCredential, str]:
     """Mint (or rotate) the registry credential of a node; returns (row, secret).
 
-    The agent logs in with username ``node-<node_name>`` and the secret; it may pull any
-    tenant's images, nothing else. Rotating invalidates the previous secret.
+    The agent logs in with username ``node-<node_name>`` and the secret; it pulls what
+    anyone may (public repositories): tenants' images come with tokens minted for the
+    tenant (:func:`tenant_pull_token`). Rotating invalidates the previous secret.
     """
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", node_name or ""):
         raise InvalidInput(f"invalid node name {node_name!r}")

@@ -230,6 +230,12 @@ NODE_CREDENTIAL_HEADER = "X-Berth-Node-Credential"
 #: it pushes the image with: ``{"token", "expires_in", "issued_at"}``, or an error in the
 #: API's format (403 not this node's running build, or the tenant may not push).
 BUILD_PUSH_TOKEN_PATH = "/api/v1/nodes/builds/{build_id}/push-token/"  # noqa: S105 - a path
+#: Where a node POSTs ``{"tenant", "image"}`` (node headers) right before pulling an image
+#: for one of that tenant's containers placed on it: ``{"token", "expires_in",
+#: "issued_at"}``, a registry token with the tenant's rights for that one repository
+#: (``token`` null: not the platform's registry, pull anonymously), or an error in the
+#: API's format (403: no such container here, or the tenant may not read that image).
+PULL_TOKEN_PATH = "/api/v1/nodes/pull-token/"  # noqa: S105 - a path
 
 
 @dataclass(frozen=True)

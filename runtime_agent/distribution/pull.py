@@ -7,12 +7,21 @@ streamed straight into ``ContentStore.ingest`` with its expected digest and size
 the store never keeps a blob that failed verification. A dropped connection resumes the
 blob with a Range request; an interrupted pull, run again, skips every blob it already
 completed. Finally the image is recorded under the reference in the tenant's namespace.
+
+The content store is shared by every tenant on the node, so a blob it already holds is
+reused for a tenant only once that tenant has shown it may read it: the tenant already
+has an image with that blob (or it is in the shared base images), or the platform's
+registry — one this node logged in to, which links blobs to repositories — answers
+``HEAD`` for it in the repository being pulled with the tenant's token. Otherwise it is
+downloaded and verified like a missing one, so knowing a digest (and serving a manifest
+that names it) never reads another tenant's layer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -32,7 +41,8 @@ from runtime_agent.distribution.media import (
     node_platform,
 )
 from runtime_agent.distribution.reference import Reference, parse_reference
-from runtime_agent.errors import DigestMismatch, InvalidArgument, NotFound
+from runtime_agent.errors import AgentError, DigestMismatch, InvalidArgument, NotFound
+from runtime_agent.names import SHARED_NAMESPACE
 
 if TYPE_CHECKING:
     from runtime_agent.agent import Agent
@@ -223,6 +233,41 @@ def _check_descriptor(descriptor: Any, what: str) -> dict[str, Any]:
     return descriptor
 
 
+def registry_vouches_for(client: RegistryClient, ref: Reference, digest: str) -> bool:
+    """Whether the registry serves blob ``digest`` in ``ref``'s repository to the caller
+    (``HEAD``: 200 yes; not found, refused or unreachable: no)."""
+    try:
+        response = client.request(
+            "HEAD",
+            f"/v2/{ref.repository}/blobs/{digest}",
+            scope=scope_for(ref.repository, "pull"),
+            what=f"blob {digest}",
+            timeout=30,
+        )
+    except AgentError:
+        return False
+    response.close()
+    return True
+
+
+def _reusable(
+    agent: Agent, tenant: str, client: RegistryClient, ref: Reference, vouching: bool
+) -> Callable[[str], bool]:
+    """Whether a blob the content store holds may be reused for ``tenant`` without
+    downloading it (see the module's docstring)."""
+    owned: set[str] | None = None
+
+    def check(digest: str) -> bool:
+        nonlocal owned
+        if not agent.content.has(digest):
+            return False
+        if owned is None:
+            owned = agent.images.reachable_blobs(namespaces=(tenant, SHARED_NAMESPACE))
+        return digest in owned or (vouching and registry_vouches_for(client, ref, digest))
+
+    return check
+
+
 def pull(
     agent: Agent,
     tenant: str,
@@ -231,16 +276,21 @@ def pull(
     *,
     platform: Platform | None = None,
     parallel: int = PARALLEL_BLOBS,
+    use_node_login: bool = True,
 ) -> PullResult:
     """Pull ``ref`` (``host/repo[:tag][@digest]``) into ``tenant``'s image namespace.
 
     ``auth`` defaults to the node's stored login for the registry host (``berth-agent
-    login``); without either the pull is anonymous (public repositories).
+    login``) unless ``use_node_login`` is false (a pull for a tenant's container); without
+    either the pull is anonymous (public repositories).
     """
     reference = parse_reference(ref)
-    if auth is None:
-        auth = CredentialStore(agent.config.root / "registry-auth.json").get(reference.registry)
+    logins = CredentialStore(agent.config.root / "registry-auth.json")
+    node_login = logins.get(reference.registry)
+    if auth is None and use_node_login:
+        auth = node_login
     client = RegistryClient(reference.registry, auth)
+    reusable = _reusable(agent, tenant, client, reference, vouching=node_login is not None)
     wanted = platform or node_platform()
 
     body, media_type, digest = fetch_manifest(client, reference, reference.reference)
@@ -266,7 +316,7 @@ def pull(
         if d in seen:
             continue
         seen.add(d)
-        if agent.content.has(d):
+        if reusable(d):
             result.skipped.append(d)
         else:
             todo.append(descriptor)

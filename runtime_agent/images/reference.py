@@ -12,6 +12,15 @@ from dataclasses import dataclass
 
 from runtime_agent.content.store import parse_digest
 from runtime_agent.errors import InvalidArgument
+from runtime_agent.names import SHARED_NAMESPACE
+
+__all__ = [
+    "SHARED_NAMESPACE",
+    "Reference",
+    "is_registry_host",
+    "parse_reference",
+    "validate_tenant",
+]
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
@@ -19,7 +28,6 @@ _HOST_RE = re.compile(r"^(?:[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*|\[[0-9a-fA-F:]+\])
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
-SHARED_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
 _DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 

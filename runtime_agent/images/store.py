@@ -433,9 +433,13 @@ class ImageStore:
         return image
 
     # ----------------------------------------------------------------- GC
-    def reachable_blobs(self, extra_manifests: Iterable[str] = ()) -> set[str]:
-        """Every blob reachable from any tenant's references (and ``extra_manifests``)."""
-        roots = [d for t in self.tenants() for d in self._read_refs(t).values()]
+    def reachable_blobs(
+        self, extra_manifests: Iterable[str] = (), *, namespaces: Iterable[str] | None = None
+    ) -> set[str]:
+        """Every blob reachable from the references of ``namespaces`` (default: every
+        tenant's) and from ``extra_manifests``."""
+        chosen = self.tenants() if namespaces is None else namespaces
+        roots = [d for t in chosen for d in self._read_refs(t).values()]
         roots.extend(extra_manifests)
         reachable: set[str] = set()
         pending = list(roots)

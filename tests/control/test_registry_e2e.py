@@ -273,51 +273,80 @@ def test_public_repository_allows_anonymous_pull_only(
     assert skopeo_push(src, f"{reg.host}/{tenant.slug}/pub:2", None).returncode != 0
 
 
-def _place(tenant: Tenant, node_name: str, image: str) -> None:
-    """A container of ``tenant`` using ``image``, placed on the node ``node_name``."""
+NODE_SECRET = "bnc_test-node-credential"  # noqa: S105 - a test fixture
+
+
+def _place(tenant: Tenant, node_name: str, image: str) -> str:
+    """A container of ``tenant`` using ``image``, placed on the node ``node_name``; returns
+    the node's id (its credential is ``NODE_SECRET``)."""
+    from tenants.models import hash_secret
     from workloads.models import Container, Node
 
     node, _ = Node.objects.get_or_create(
-        name=node_name, defaults={"credential_hash": secrets.token_hex(32)}
+        name=node_name, defaults={"credential_hash": hash_secret(NODE_SECRET)}
     )
     Container.objects.create(
-        tenant=tenant, name="svc", node=node, state="scheduled", spec={"image": image}
+        tenant=tenant,
+        name=f"svc{secrets.token_hex(3)}",
+        node=node,
+        state="scheduled",
+        spec={"image": image},
     )
+    return str(node.pk)
 
 
-def test_node_credential_pulls_only_images_of_its_containers(
+def test_node_credential_pulls_only_public_images_tenants_pull_with_their_own_tokens(
     reg: RegistryProcess,
     tenant_with_token: Callable[..., tuple[Tenant, str]],
     tmp_path: Path,
     agent: Agent,
 ) -> None:
+    from tenants.errors import PermissionDenied
+    from workloads.services.nodes import issue_pull_token
+
     a, token_a = tenant_with_token()
     b, token_b = tenant_with_token()
     src_a, digest_a = layout(tmp_path, "a")
     src_b, digest_b = layout(tmp_path, "b")
-    assert skopeo_push(src_a, f"{reg.host}/{a.slug}/svc:1", f"x:{token_a}").returncode == 0
+    image_a = f"{reg.host}/{a.slug}/svc:1"
+    assert skopeo_push(src_a, image_a, f"x:{token_a}").returncode == 0
     assert skopeo_push(src_b, f"{reg.host}/{b.slug}/svc:1", f"x:{token_b}").returncode == 0
     _, secret = services.create_node_credential("node-1", actor=SYSTEM)
     node = Credentials("node-node-1", secret)
 
-    # Nothing placed on node-1 uses either image yet: no pull.
+    # A container of a on node-1 runs a's image: the node's own login still pulls nothing
+    # private; the token minted for a pulls it.
+    node_id = _place(a, "node-1", image_a)
     with pytest.raises((RegistryUnauthorized, AgentDenied)):
-        pull(agent, a.slug, f"{reg.host}/{a.slug}/svc:1", node)
-    _place(a, "node-1", f"{reg.host}/{a.slug}/svc:1")
-    assert pull(agent, a.slug, f"{reg.host}/{a.slug}/svc:1", node).digest == digest_a
+        pull(agent, a.slug, image_a, node)
+    issued = issue_pull_token(node_id, NODE_SECRET, a.slug, image_a)
+    assert issued is not None
+    assert pull(agent, a.slug, image_a, BearerToken(issued.token)).digest == digest_a
+    # That token reaches a's one repository: not b's.
     with pytest.raises((RegistryUnauthorized, AgentDenied)):
-        pull(agent, b.slug, f"{reg.host}/{b.slug}/svc:1", node)  # b's image: not here
-    _place(b, "node-1", f"{reg.host}/{b.slug}/svc@{digest_b}")
-    assert pull(agent, b.slug, f"{reg.host}/{b.slug}/svc:1", node).digest == digest_b
-    agent.images.tag(a.slug, f"{reg.host}/{a.slug}/svc:1", f"{reg.host}/{a.slug}/svc:2")
+        pull(agent, a.slug, f"{reg.host}/{b.slug}/svc:1", BearerToken(issued.token))
+    # b places a container naming a's image on the same node: no token for b.
+    _place(b, "node-1", image_a)
+    with pytest.raises(services.RegistryDenied, match="not public"):
+        issue_pull_token(node_id, NODE_SECRET, b.slug, image_a)
+    # Nor for an image no container of that tenant here runs, nor with a wrong credential.
+    with pytest.raises(PermissionDenied):
+        issue_pull_token(node_id, NODE_SECRET, b.slug, f"{reg.host}/{b.slug}/svc@{digest_b}")
+    with pytest.raises(PermissionDenied):
+        issue_pull_token(node_id, "bnc_wrong", a.slug, image_a)
+
+    # Public: anyone pulls it, the node's login too.
+    services.set_public(Repository.objects.get(tenant=b, name="svc"), True, actor=SYSTEM)
+    assert pull(agent, a.slug, f"{reg.host}/{b.slug}/svc:1", node).digest == digest_b
+    agent.images.tag(a.slug, image_a, f"{reg.host}/{a.slug}/svc:2")
     with pytest.raises((RegistryUnauthorized, AgentDenied)):
         push(agent, a.slug, f"{reg.host}/{a.slug}/svc:2", node)
     with pytest.raises(RegistryUnauthorized):
-        pull(agent, a.slug, f"{reg.host}/{a.slug}/svc:1", Credentials("node-node-2", secret))
+        pull(agent, a.slug, image_a, Credentials("node-node-2", secret))
 
     services.revoke_node_credential("node-1", actor=SYSTEM)
     with pytest.raises(RegistryUnauthorized):
-        pull(agent, a.slug, f"{reg.host}/{a.slug}/svc:1", node)
+        pull(agent, a.slug, image_a, node)
 
 
 def test_agent_pulls_with_token_and_pushes_an_image_skopeo_copies_back_byte_equal(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from workloads.api import storage_builds, views
+from workloads.api import node_pulls, storage_builds, views
 
 tenant_router = SimpleRouter()
 tenant_router.register("services", views.ServiceViewSet, basename="service")
@@ -29,5 +29,6 @@ platform_urlpatterns = [
         storage_builds.BuildPushTokenView.as_view(),
         name="build-push-token",
     ),
+    path("nodes/pull-token/", node_pulls.NodePullTokenView.as_view(), name="pull-token"),
     *platform_router.urls,
 ]

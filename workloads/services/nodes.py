@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import transaction
@@ -15,6 +15,9 @@ from tenants.models import hash_secret
 from tenants.services import Actor, record
 from workloads.choices import ContainerState, DesiredState, NodeState
 from workloads.models import Container, JoinToken, Node
+
+if TYPE_CHECKING:
+    from registry.tokens import IssuedToken
 
 JOIN_TOKEN_PREFIX = "bjt_"  # noqa: S105 - a prefix, not a secret
 NODE_CREDENTIAL_PREFIX = "bnc_"
@@ -101,6 +104,37 @@ def registry_login(node: Node) -> dict[str, str]:
         "username": f"node-{node.name}",
         "password": secret,
     }
+
+
+def issue_pull_token(
+    node_id: str, credential: str, tenant_slug: str, image: str
+) -> IssuedToken | None:
+    """A registry token for the node to pull ``image`` for one of ``tenant_slug``'s
+    containers placed on it, right now; None when the image is not on this platform's
+    registry (the node then pulls anonymously).
+
+    Refused (PermissionDenied) unless a live container of that tenant on this node runs
+    exactly that image, and (RegistryDenied) when the tenant may not read the repository:
+    the token carries the tenant's rights, never the node's. Nothing is stored.
+    """
+    from registry import services as registry_services
+
+    node = authenticate_node(node_id, credential)
+    runs_it = (
+        Container.objects.filter(node=node, tenant__slug=tenant_slug, spec__image=image)
+        .exclude(state__in=[ContainerState.REMOVED, ContainerState.LOST])
+        .select_related("tenant")
+        .first()
+    )
+    if runs_it is None:
+        raise PermissionDenied(
+            f"no container of tenant {tenant_slug!r} on this node runs the image {image!r}"
+        )
+    if not registry_services.registry_configured():
+        return None
+    return registry_services.tenant_pull_token(
+        runs_it.tenant, image, subject=f"pull for {tenant_slug} on node {node.name}"
+    )
 
 
 def authenticate_node(node_id: str, credential: str) -> Node:

@@ -9,7 +9,7 @@ from typing import Any
 from django.conf import settings
 
 from runtime_agent import protocol
-from tenants.errors import InvalidInput
+from tenants.errors import InvalidInput, PermissionDenied
 from tenants.models import Tenant
 from workloads.models import Container, Service
 from workloads.secrets import MAX_SECRET_BYTES, encrypt_secrets
@@ -100,6 +100,17 @@ def validate_health_check(value: Any) -> dict[str, Any] | None:
     return clean
 
 
+def validate_image_access(tenant: Tenant, image: str) -> str:
+    """``image`` unless it is another tenant's private repository on the platform's
+    registry (``registry.services.image_access_error``): the node pulls with the tenant's
+    rights, so such a container could never start; say so now."""
+    from registry import services as registry_services
+
+    if problem := registry_services.image_access_error(tenant, image):
+        raise PermissionDenied(problem, details={"field": "image", "image": image})
+    return image
+
+
 def service_fields(data: dict[str, Any], tenant: Tenant | None = None) -> dict[str, Any]:
     """Validate the deployable fields of a service; secrets come back encrypted.
 
@@ -117,6 +128,8 @@ def service_fields(data: dict[str, Any], tenant: Tenant | None = None) -> dict[s
         if not isinstance(image, str) or not image.strip() or len(image) > 300:
             raise InvalidInput("image must be a non-empty image reference")
         fields["image"] = image.strip()
+        if tenant is not None:
+            validate_image_access(tenant, fields["image"])
     if "command" in data:
         fields["command"] = validate_argv(data["command"], "command")
     if "entrypoint" in data:

@@ -1,0 +1,125 @@
+"""Names the node, the registry and the platform keep for themselves: no tenant may have one.
+
+A tenant's slug names its namespaces everywhere: image references on a node
+(``images/<tenant>/``), containers, volumes, networks and cgroups, registry repositories
+(``<slug>/<repo>``) and dashboard URLs (``/t/<slug>/``). A tenant called ``library``
+would write into the node's shared base images, one called ``default`` into the agent
+CLI's own objects, one called ``v2`` or ``admin`` would shadow registry or site paths.
+This module is the one list of such names. It imports nothing, so the node agent and the
+control plane (tenant signup and creation) both use it.
+"""
+
+from __future__ import annotations
+
+#: The node's shared image namespace: base images every tenant can use (``busybox``).
+SHARED_NAMESPACE = "library"
+#: The namespace the agent's local CLI acts in when no ``--tenant`` is given.
+CLI_NAMESPACE = "default"
+
+#: Exact names no tenant may use.
+RESERVED_NAMES: frozenset[str] = frozenset(
+    {
+        # the node's own namespaces and words its CLI, networks and runtime use
+        SHARED_NAMESPACE,
+        CLI_NAMESPACE,
+        "shared",
+        "system",
+        "root",
+        "node",
+        "nodes",
+        "agent",
+        "host",
+        "localhost",
+        "local",
+        "bridge",
+        "none",
+        "runtime",
+        "builder",
+        "build",
+        "builds",
+        "images",
+        "image",
+        "volumes",
+        "networks",
+        "containers",
+        "snapshots",
+        "content",
+        "cgroup",
+        "kernel",
+        # the registry: its API root, token and notification paths, Docker Hub's words
+        "v1",
+        "v2",
+        "registry",
+        "token",
+        "events",
+        "docker",
+        "docker-io",
+        "index",
+        "official",
+        "public",
+        "scratch",
+        # the platform's URL words and accounts
+        "admin",
+        "administrator",
+        "api",
+        "api-auth",
+        "static",
+        "media",
+        "assets",
+        "dashboard",
+        "billing",
+        "login",
+        "logout",
+        "signup",
+        "register",
+        "account",
+        "accounts",
+        "auth",
+        "oauth",
+        "invitations",
+        "invite",
+        "settings",
+        "t",
+        "tenants",
+        "tenant",
+        "platform",
+        "internal",
+        "support",
+        "help",
+        "docs",
+        "status",
+        "health",
+        "healthz",
+        "metrics",
+        "www",
+        "mail",
+        "security",
+        "stripe",
+        "webhooks",
+        "null",
+        "undefined",
+    }
+)
+
+#: Prefixes kept for the platform (``berth``, ``berth-ops``, ``berthd``...) and for the
+#: node credentials' registry usernames (``node-<name>``).
+RESERVED_PREFIXES: tuple[str, ...] = ("berth", "node-")
+
+
+def reserved_name_reason(name: str) -> str | None:
+    """Why ``name`` may not be a tenant's, or None when it may.
+
+    Compared in lower case: the slug rule only allows lower case, but this list must
+    not depend on that.
+    """
+    folded = name.strip().lower()
+    if folded in RESERVED_NAMES:
+        return f"{name!r} is reserved for the platform"
+    for prefix in RESERVED_PREFIXES:
+        if folded.startswith(prefix):
+            return f"names starting with {prefix!r} are reserved for the platform"
+    return None
+
+
+def is_reserved_name(name: str) -> bool:
+    return reserved_name_reason(name) is not None
