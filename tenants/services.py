@@ -31,6 +31,7 @@ from django.utils import timezone
 
 from billing.models import Plan
 from billing.plans import PER_CONTAINER_QUOTAS, QUOTA_NAMES
+from runtime_agent.names import reserved_name_reason
 from tenants import permissions as perms
 from tenants.choices import SCOPE_LEVEL, Role, Scope, TenantStatus
 from tenants.errors import (
@@ -145,12 +146,20 @@ def normalize_email(email: str) -> str:
 
 
 def validate_slug(slug: str) -> str:
+    """The slug rule, and none of the names the node, the registry or the platform keep
+    (``runtime_agent.names``): a tenant's slug names its namespaces on nodes and in the
+    registry, so ``library`` would write into every tenant's base images."""
     try:
         slug_validator(slug)
     except ValidationError as exc:
         raise InvalidInput(
             f"invalid slug {slug!r}: {exc.messages[0]}", details={"field": "slug"}
         ) from None
+    if reason := reserved_name_reason(slug):
+        raise InvalidInput(
+            f"slug {slug!r} is not available: {reason}",
+            details={"field": "slug", "reason": "reserved"},
+        )
     return slug
 
 

@@ -1,0 +1,461 @@
+"""Shared image names and pulls (#17 items 2 and 3), attacked as a hostile tenant would.
+
+Item 2: a tenant named like a node-wide namespace (``library``: every tenant's base images
+on a node; ``default``: the agent CLI's own objects; registry and site paths) would write
+where other tenants read. Every way a tenant comes to exist refuses such names, in every
+spelling the slug rule lets through and in lookalikes it must not.
+
+Item 3: a node pulls a tenant's image with that tenant's rights only. Tenant B names
+tenant A's private image (in a service, in a job that reaches a node, in a pull-token
+request as the node would send it) and gets nothing of A's; B serves a manifest naming
+A's layer digest, which the node already holds, and cannot read it. A still pulls and
+runs its own image, and both use the shared ``busybox``. Real registry, real control
+plane (``live_server``), the agent's real distribution client.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from django.conf import settings
+from django.core.management import CommandError, call_command
+from django.test import Client
+from rest_framework.test import APIClient
+
+from registry import services as registry_services
+from registry.models import Repository
+from runtime_agent import protocol
+from runtime_agent.agent import Agent
+from runtime_agent.distribution import BearerToken, Credentials, CredentialStore, pull
+from runtime_agent.distribution.media import node_platform
+from runtime_agent.errors import AgentError
+from runtime_agent.images.reference import SHARED_NAMESPACE
+from runtime_agent.names import CLI_NAMESPACE, is_reserved_name
+from tenants import services as tenant_services
+from tenants.errors import InvalidInput
+from tenants.models import Tenant
+from tests.control.conftest import SYSTEM
+from tests.control.test_registry_e2e import (
+    NODE_SECRET,
+    layout,
+    reg,
+    registry_process,
+    skopeo_push,
+    tenant_with_token,
+)
+from tests.control.test_registry_e2e import _place as place_container
+from tests.registry_process import RegistryProcess, needs_registry
+
+__all__ = ["reg", "registry_process", "tenant_with_token"]
+
+# --------------------------------------------------------------------------- item 2
+
+RESERVED = [
+    SHARED_NAMESPACE,  # the node's shared base images
+    CLI_NAMESPACE,  # the agent CLI's own namespace
+    "v2",  # the registry's API root
+    "registry",
+    "token",
+    "docker",
+    "admin",
+    "api",
+    "api-auth",
+    "static",
+    "t",  # dashboard tenant pages live under /t/<slug>/
+    "signup",
+    "berth",
+    "berth-ops",
+    "berthd",
+    "node-1",  # node credentials log in to the registry as node-<name>
+    "system",
+    "shared",
+]
+#: Spellings a hostile signup tries: case, whitespace, Unicode lookalikes and
+#: compatibility forms of ``library``/``default`` (Cyrillic і and а, fullwidth letters,
+#: a combining dot, a zero-width space).
+LOOKALIKES = [
+    "Library",
+    "LIBRARY",
+    "library ",
+    " default",
+    "l\u0456brary",
+    "def\u0430ult",
+    "\uff4c\uff49\uff42\uff52\uff41\uff52\uff59",
+    "library\u0307",
+    "lib\u200brary",
+]
+
+
+def _signup(slug: str) -> Any:
+    client = Client()
+    idem = client.get("/signup/").context["form"].initial["idem"]
+    return client.post(
+        "/signup/",
+        {
+            "email": f"owner-{secrets.token_hex(3)}@example.com",
+            "password": "a-Long-test-passw0rd",
+            "organisation": "Hostile",
+            "slug": slug,
+            "idem": idem,
+        },
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("slug", RESERVED + LOOKALIKES)
+def test_signup_under_a_platform_name_is_refused(slug: str) -> None:
+    response = _signup(slug)
+    assert response.status_code == 400
+    assert not Tenant.objects.exists()
+    if slug in RESERVED:
+        assert "reserved for the platform" in response.content.decode()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("slug", RESERVED + LOOKALIKES)
+def test_tenant_creation_under_a_platform_name_is_refused(slug: str) -> None:
+    """The service every path goes through (API, admin tools, bootstrap) and the
+    operator's ``create_tenant`` command."""
+    with pytest.raises(InvalidInput) as refused:
+        tenant_services.create_tenant(slug=slug, owner_email="o@example.com", actor=SYSTEM)
+    assert refused.value.details["field"] == "slug"
+    with pytest.raises(CommandError):
+        call_command("create_tenant", slug, owner="o@example.com")
+    assert not Tenant.objects.exists()
+
+
+@pytest.mark.django_db
+def test_names_near_the_reserved_ones_stay_available() -> None:
+    """The positive control: only the platform's own names are kept."""
+    for slug in ("libraries", "my-library", "defaults", "acme", "node1", "be-rth"):
+        tenant, _ = tenant_services.create_tenant(
+            slug=slug, owner_email=f"o@{slug}.example", actor=SYSTEM
+        )
+        assert tenant.slug == slug
+
+
+def test_the_agents_own_namespaces_are_on_the_one_list() -> None:
+    """What the node uses for itself is what the control plane refuses: the image
+    store's shared namespace and the CLI's default tenant, read from the agent."""
+    from runtime_agent.cli.main import build_parser
+
+    cli_default = build_parser(["ps"]).parse_args(["ps"]).tenant
+    for name in (SHARED_NAMESPACE, cli_default):
+        assert is_reserved_name(name), name
+
+
+# --------------------------------------------------------------------------- item 3
+
+
+def _api(token: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    return client
+
+
+def _pull_token_request(node_id: str, tenant: str, image: str) -> Any:
+    return APIClient().post(
+        protocol.PULL_TOKEN_PATH,
+        {"tenant": tenant, "image": image},
+        format="json",
+        HTTP_X_BERTH_NODE=node_id,
+        HTTP_X_BERTH_NODE_CREDENTIAL=NODE_SECRET,
+    )
+
+
+def _registry_token(api_token: str, repository: str, actions: str) -> str:
+    """A registry token from the token endpoint, as docker gets one with a tenant token."""
+    response = Client().get(
+        "/registry/token",
+        {
+            "service": settings.BERTH_REGISTRY_SERVICE,
+            "scope": f"repository:{repository}:{actions}",
+        },
+        HTTP_AUTHORIZATION="Basic " + base64.b64encode(f"x:{api_token}".encode()).decode(),
+    )
+    assert response.status_code == 200, response.content
+    return str(response.json()["token"])
+
+
+@pytest.fixture
+def victim(
+    reg: RegistryProcess, tenant_with_token: Callable[..., tuple[Tenant, str]], tmp_path: Path
+) -> dict[str, Any]:
+    """Tenant A with a private image holding a secret."""
+    tenant, token = tenant_with_token()
+    src, digest = layout(tmp_path, "victim", **{"etc/secret": b"A's private key\n"})
+    image = f"{reg.host}/{tenant.slug}/private:1"
+    assert skopeo_push(src, image, f"x:{token}").returncode == 0
+    return {"tenant": tenant, "token": token, "image": image, "digest": digest}
+
+
+@pytest.mark.django_db(transaction=True)
+@needs_registry
+def test_a_service_naming_another_tenants_private_image_is_refused(
+    victim: dict[str, Any], tenant_with_token: Callable[..., tuple[Tenant, str]]
+) -> None:
+    attacker, token = tenant_with_token()
+    a = victim["tenant"]
+    variants = [
+        victim["image"],
+        f"{victim['image'].rsplit(':', 1)[0]}@{victim['digest']}",
+        victim["image"].rsplit(":", 1)[0],  # no tag
+        f"{reg_host()}/{a.slug}/never-pushed:1",
+    ]
+    for image in variants:
+        response = _api(token).post(
+            f"/api/v1/tenants/{attacker.slug}/services/",
+            {"name": f"s{secrets.token_hex(3)}", "image": image, "replicas": 0},
+            format="json",
+        )
+        assert response.status_code == 403, (image, response.content)
+        error = response.json()["error"]
+        assert "not public" in error["message"] and a.slug in error["message"]
+    # The positive controls: A runs its own image; both name the shared busybox.
+    for tenant, api_token, image in (
+        (a, victim["token"], victim["image"]),
+        (a, victim["token"], "busybox"),
+        (attacker, token, "library/busybox"),
+    ):
+        response = _api(api_token).post(
+            f"/api/v1/tenants/{tenant.slug}/services/",
+            {"name": f"s{secrets.token_hex(3)}", "image": image, "replicas": 0},
+            format="json",
+        )
+        assert response.status_code == 201, (image, response.content)
+    # Made public by its owner, it may be run by anyone.
+    registry_services.set_public(
+        Repository.objects.get(tenant=a, name="private"), True, actor=SYSTEM
+    )
+    response = _api(token).post(
+        f"/api/v1/tenants/{attacker.slug}/services/",
+        {"name": "public", "image": victim["image"], "replicas": 0},
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+
+
+def reg_host() -> str:
+    return str(settings.BERTH_REGISTRY_HOST)
+
+
+@pytest.mark.django_db(transaction=True)
+@needs_registry
+def test_a_node_gets_no_pull_token_for_another_tenants_private_image(
+    victim: dict[str, Any],
+    tenant_with_token: Callable[..., tuple[Tenant, str]],
+    agent: Agent,
+) -> None:
+    """Admission can be passed by (a job, an image made private later): the node asks
+    the control plane for the pull, as the worker does, and B's container gets no token,
+    even on a node where A's container runs the same image. The node's own login pulls
+    nothing private either."""
+    attacker, _ = tenant_with_token()
+    a, image = victim["tenant"], victim["image"]
+    node_id = place_container(a, "shared-node", image)
+    place_container(attacker, "shared-node", image)
+
+    refused = _pull_token_request(node_id, attacker.slug, image)
+    assert refused.status_code == 403, refused.content
+    assert "not public" in refused.json()["error"]["message"]
+    # Another spelling of the registry host is not the platform's registry: no token,
+    # and the pull it leads to is anonymous.
+    for other in (f"localhost:{reg_host().rsplit(':', 1)[1]}/{a.slug}/private:1",):
+        place_container(attacker, "shared-node", other)
+        answer = _pull_token_request(node_id, attacker.slug, other)
+        assert answer.status_code == 200 and answer.json() == {"token": None}
+        with pytest.raises(AgentError):
+            pull(agent, attacker.slug, other, None, use_node_login=False)
+    # The node's own registry login, stored on the node as the join stores it.
+    _, secret = registry_services.create_node_credential("shared-node", actor=SYSTEM)
+    CredentialStore(agent.config.root / "registry-auth.json").set(
+        reg_host(), Credentials("node-shared-node", secret)
+    )
+    with pytest.raises(AgentError):
+        pull(agent, attacker.slug, image)
+    assert agent.images.references(attacker.slug) == {}
+
+    # A's own container gets a token for exactly its repository and pulls.
+    granted = _pull_token_request(node_id, a.slug, image)
+    assert granted.status_code == 200, granted.content
+    assert granted["Cache-Control"] == "no-store"
+    token = BearerToken(granted.json()["token"])
+    assert pull(agent, a.slug, image, token, use_node_login=False).digest == victim["digest"]
+
+
+def _push_blob(host: str, repository: str, token: str, data: bytes) -> str:
+    """Upload ``data`` to ``repository`` (monolithic upload, as docker does for configs)."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    auth = {"Authorization": f"Bearer {token}"}
+    start = requests.post(f"http://{host}/v2/{repository}/blobs/uploads/", headers=auth, timeout=30)
+    assert start.status_code == 202, start.text
+    location = start.headers["Location"]
+    if location.startswith("/"):
+        location = f"http://{host}{location}"
+    done = requests.put(
+        location,
+        params={"digest": digest},
+        data=data,
+        headers={**auth, "Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+    assert done.status_code == 201, done.text
+    return digest
+
+
+class HostileRegistry(http.server.BaseHTTPRequestHandler):
+    """A registry the attacker runs: it serves its own manifest and config, answers
+    ``HEAD`` 200 for any blob (a lie), and has none of the layers it names."""
+
+    protocol_version = "HTTP/1.1"
+    blobs: dict[str, bytes] = {}
+    manifest = b""
+    seen: list[str] = []
+
+    def _answer(self, status: int, body: bytes = b"", media_type: str = "") -> None:
+        self.send_response(status)
+        if media_type:
+            self.send_header("Content-Type", media_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.seen.append(f"HEAD {self.path}")
+        self._answer(200)
+
+    def do_GET(self) -> None:
+        self.seen.append(f"GET {self.path}")
+        if "/manifests/" in self.path:
+            self._answer(200, self.manifest, DOCKER_MANIFEST)
+        elif (digest := self.path.rsplit("/", 1)[-1]) in self.blobs:
+            self._answer(200, self.blobs[digest], "application/octet-stream")
+        else:
+            self._answer(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def _image_documents(layers: list[dict[str, Any]], diff_ids: list[str]) -> tuple[bytes, bytes]:
+    """(config, manifest) of an image whose layers are ``layers`` as the attacker
+    describes them, and whose command prints A's secret."""
+    config = json.dumps(
+        {
+            "architecture": node_platform().architecture,
+            "os": "linux",
+            "config": {"Cmd": ["cat", "/etc/secret"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                "size": len(config),
+            },
+            "layers": layers,
+        }
+    ).encode()
+    return config, manifest
+
+
+@pytest.fixture
+def hostile_registry() -> Iterator[tuple[str, type[HostileRegistry]]]:
+    handler = type("Hostile", (HostileRegistry,), {"blobs": {}, "seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.django_db(transaction=True)
+@needs_registry
+@pytest.mark.parametrize("node_logged_in", [True, False], ids=["node-login", "no-login"])
+def test_knowing_a_layer_digest_does_not_read_another_tenants_layer(
+    victim: dict[str, Any],
+    tenant_with_token: Callable[..., tuple[Tenant, str]],
+    agent: Agent,
+    hostile_registry: tuple[str, type[HostileRegistry]],
+    node_logged_in: bool,
+) -> None:
+    a, image = victim["tenant"], victim["image"]
+    attacker, attacker_token = tenant_with_token()
+    host = reg_host()
+    node_id = place_container(a, "n-reuse", image)
+    if node_logged_in:  # the node trusts HEAD answers only from the registry it logs in to
+        _, secret = registry_services.create_node_credential("n-reuse", actor=SYSTEM)
+        CredentialStore(agent.config.root / "registry-auth.json").set(
+            host, Credentials("node-n-reuse", secret)
+        )
+    # The node runs A's image: A's layers are in its content store.
+    token_a = _pull_token_request(node_id, a.slug, image).json()["token"]
+    pull(agent, a.slug, image, BearerToken(token_a), use_node_login=False)
+    pulled = agent.images.resolve(a.slug, image)
+    secret_layer, secret_diff = pulled.layers[-1], pulled.diff_ids[-1]
+    assert agent.content.has(secret_layer["digest"])
+    named = {k: secret_layer[k] for k in ("mediaType", "digest", "size")}
+    config, manifest = _image_documents([named], [secret_diff])
+
+    # On the platform's registry B cannot store a manifest naming A's layer: its
+    # repository has no such blob.
+    repository = f"{attacker.slug}/evil"
+    push_token = _registry_token(attacker_token, repository, "pull,push")
+    _push_blob(host, repository, push_token, config)
+    put = requests.put(
+        f"http://{host}/v2/{repository}/manifests/1",
+        data=manifest,
+        headers={"Authorization": f"Bearer {push_token}", "Content-Type": DOCKER_MANIFEST},
+        timeout=30,
+    )
+    assert put.status_code >= 400, put.text
+
+    # So B serves the manifest itself, and its registry claims every blob. The node pulls
+    # it for B: the layer B named is not reused from the store (B never showed it may
+    # read it; a HEAD from B's registry proves nothing), B's registry cannot serve it, so
+    # the pull fails and B has no image.
+    address, hostile = hostile_registry
+    hostile.manifest = manifest
+    hostile.blobs["sha256:" + hashlib.sha256(config).hexdigest()] = config
+    evil = f"{address}/{attacker.slug}/evil:1"
+    with pytest.raises(AgentError) as failed:
+        pull(agent, attacker.slug, evil, None, use_node_login=False)
+    assert secret_layer["digest"] in str(failed.value)
+    assert f"GET /v2/{attacker.slug}/evil/blobs/{secret_layer['digest']}" in hostile.seen
+    assert agent.images.references(attacker.slug) == {}
+    # Positive controls: A pulls its image again without downloading a blob it already
+    # has; made public, a third tenant reuses the node's copies when the platform's
+    # registry vouches for them (the node logged in to it), or downloads them.
+    again = pull(agent, a.slug, image, BearerToken(token_a), use_node_login=False)
+    assert again.fetched == [] and secret_layer["digest"] in again.skipped
+    registry_services.set_public(
+        Repository.objects.get(tenant=a, name="private"), True, actor=SYSTEM
+    )
+    third, _ = tenant_with_token()
+    shared = pull(agent, third.slug, image, None, use_node_login=False)
+    assert shared.digest == victim["digest"]
+    if node_logged_in:
+        assert secret_layer["digest"] in shared.skipped
+    else:
+        assert secret_layer["digest"] in shared.fetched
