@@ -179,7 +179,7 @@ class ContainerStepRunner:
         attached = False
         runc = [self.config.runc, "--root", str(self.config.runc_root)]
         try:
-            rootfs = snapshots.prepare(request.key, self._image(request))
+            rootfs = snapshots.prepare(request.key, self._image(request), tenant=request.tenant)
             ids = None
             if request.limits.user_namespace:
                 from runtime_agent.runtime.security import user_namespace_for

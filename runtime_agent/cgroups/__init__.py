@@ -50,7 +50,11 @@ class CgroupDriver(Protocol):
         ...
 
     def ensure_tenant(self, tenant: str, limits: Limits | None = None) -> None:
-        """Create the tenant's parent cgroup; with ``limits``, set tenant-wide caps on it."""
+        """Create the tenant's parent cgroup; with ``limits``, set tenant-wide caps on it.
+
+        A tenant whose parent has no pids cap (just created, or never given one) gets the
+        driver's default: all of its containers together can never take the node's pids.
+        """
         ...
 
     def stats(self, tenant: str, container_id: str | None = None) -> CgroupStats:
@@ -82,10 +86,17 @@ def driver(config: AgentConfig, root: Path = CGROUP_ROOT) -> CgroupDriver:
     if is_unified(root):
         from runtime_agent.cgroups.v2 import CgroupV2
 
-        return CgroupV2(config.cgroup_parent, root)
+        return CgroupV2(config.cgroup_parent, root, config.tenant_pids_max)
     from runtime_agent.cgroups.v1 import CgroupV1
 
-    return CgroupV1(config.cgroup_parent, root)
+    return CgroupV1(config.cgroup_parent, root, config.tenant_pids_max)
+
+
+def default_pids(pids_dir: Path, default: int | None) -> None:
+    """Cap a tenant's parent cgroup at ``default`` pids unless it has a cap already
+    (``pids.max`` reads "max"): what ``set_tenant_limits`` gave it is kept."""
+    if default is not None and read_int(pids_dir / "pids.max") is None:
+        (pids_dir / "pids.max").write_text(str(default))
 
 
 FAVOR_DYNMODS = "favordynmods"

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime_agent.cgroups import CgroupStats, read_int, read_keyed, remove_tree
+from runtime_agent.cgroups import CgroupStats, default_pids, read_int, read_keyed, remove_tree
 
 if TYPE_CHECKING:
     from runtime_agent.protocol import Limits
@@ -19,9 +19,10 @@ CFS_PERIOD_US = 100_000
 class CgroupV1:
     version = 1
 
-    def __init__(self, parent: str, root: Path) -> None:
+    def __init__(self, parent: str, root: Path, tenant_pids: int | None = None) -> None:
         self.parent = parent
         self.root = root
+        self.tenant_pids = tenant_pids  # a tenant parent's pids.max unless told otherwise
         self._found: list[Path] = []
 
     def cgroups_path(self, tenant: str, container_id: str) -> str:
@@ -62,6 +63,8 @@ class CgroupV1:
         rel = self._rel(tenant)
         for controller in ("memory", "cpu", "pids"):
             (self.root / controller / rel).mkdir(parents=True, exist_ok=True)
+        if limits is None or limits.pids is None:
+            default_pids(self.root / "pids" / rel, self.tenant_pids)
         if limits is None:
             return
         memory = self.root / "memory" / rel

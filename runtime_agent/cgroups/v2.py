@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime_agent.cgroups import CgroupStats, read_int, read_keyed, remove_tree
+from runtime_agent.cgroups import CgroupStats, default_pids, read_int, read_keyed, remove_tree
 
 if TYPE_CHECKING:
     from runtime_agent.protocol import Limits
@@ -18,9 +18,10 @@ WANTED_CONTROLLERS = ("cpu", "io", "memory", "pids")
 class CgroupV2:
     version = 2
 
-    def __init__(self, parent: str, root: Path) -> None:
+    def __init__(self, parent: str, root: Path, tenant_pids: int | None = None) -> None:
         self.parent = parent
         self.root = root
+        self.tenant_pids = tenant_pids  # a tenant parent's pids.max unless told otherwise
 
     def cgroups_path(self, tenant: str, container_id: str) -> str:
         return f"/{self.parent}/{tenant}/{container_id}"
@@ -45,6 +46,8 @@ class CgroupV2:
             current = current / part
             current.mkdir(exist_ok=True)
         self._enable_controllers(tenant_dir)
+        if limits is None or limits.pids is None:
+            default_pids(tenant_dir, self.tenant_pids)
         if limits is None:
             return
         if limits.memory_bytes is not None:

@@ -431,7 +431,9 @@ class ContainerManager:
         # Not with a user namespace: idmap_snapshot re-mounts the same upper without the
         # flag, which overlayfs refuses once a volatile mount left its marker.
         volatile = spec.auto_remove and not spec.user_namespace
-        rootfs = self.agent.snapshots.prepare(record.snapshot_key, image, volatile=volatile)
+        rootfs = self.agent.snapshots.prepare(
+            record.snapshot_key, image, volatile=volatile, tenant=record.tenant
+        )
         ids = None
         if spec.user_namespace:
             from runtime_agent.runtime.security import ensure_traversable, user_namespace_for
@@ -442,6 +444,10 @@ class ContainerManager:
         user = oci.lookup_user(rootfs, process.user)
         oci.find_command(rootfs, process.args[0], process.env, process.cwd)
         limits = spec.limits
+        if limits.pids is None:
+            # Never unlimited: a fork bomb stops at its container's cap (and at its tenant's
+            # parent cgroup), not at the node's pid_max.
+            limits = dataclasses.replace(limits, pids=self.config.container_pids_max)
         needs_device = any(
             getattr(limits, f) is not None
             for f in (
@@ -465,7 +471,7 @@ class ContainerManager:
             )
             record.volumes = [m.source for m in spec.mounts if m.kind == "volume"]
         self.cgroups.ensure_tenant(record.tenant)
-        self._check_tenant_caps(record.tenant, limits)
+        self._check_tenant_caps(record.tenant, spec.limits)  # what was asked, not the default
         return rootfs, ids, process, user, resources, mounts
 
     def _attach_network(

@@ -8,6 +8,15 @@ Layout under ``config.snapshots_dir``::
   active/<key>/merged           where the overlay is mounted; what ``prepare`` returns
   active/<key>/meta.json        image, chain ids (so GC keeps their layers)
   empty/                        the lower dir of an image without layers
+  tenants/<tenant>/disk.img     a tenant's writable layers: a sparse ext4 file of
+  tenants/<tenant>/fs/<key>/    ``config.tenant_layer_bytes``, loop-mounted on fs/; a
+                                tenant's snapshot keeps its upper and work dirs there
+
+A container's writes go to its tenant's filesystem, never straight to the node's disk:
+writing past the tenant's size fails with ENOSPC inside the container, and all of a
+tenant's containers and build steps together take at most that much of the node. One
+filesystem per tenant, not per container: it is made and mounted once (~35 ms) by the
+tenant's first snapshot on the node, so a container start costs only two mkdirs more.
 
 A layer is unpacked into a temporary directory and renamed into place only after its
 diff id matched the image config, so a crash or a corrupt blob never leaves a half layer
@@ -18,6 +27,8 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
@@ -33,7 +44,13 @@ from typing import TYPE_CHECKING, Any
 
 from runtime_agent.config import AgentConfig
 from runtime_agent.content.store import ContentStore, parse_digest
-from runtime_agent.errors import AlreadyExists, DigestMismatch, InvalidArgument, NotFound
+from runtime_agent.errors import (
+    AlreadyExists,
+    DigestMismatch,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from runtime_agent.snapshots import mount
 from runtime_agent.snapshots.device import block_device_of
 from runtime_agent.snapshots.tree import remove_tree
@@ -43,6 +60,7 @@ if TYPE_CHECKING:
 
 MIN_LAYER_SIZE = 8 << 20
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -136,8 +154,12 @@ class Snapshotter:
         read_only: bool = False,
         size_bytes: int | None = None,
         volatile: bool = False,
+        tenant: str | None = None,
     ) -> Path:
         """Mount a writable (or read-only) root filesystem of ``image`` for ``key``.
+
+        ``tenant``: the writable layer lives on that tenant's size-capped filesystem
+        (``tenant_fs``) unless the node has none (``tenant_layer_bytes`` 0).
 
         ``volatile``: the overlay never syncs its writable layer (see
         ``mount.mount_overlay``), for disposable root filesystems such as ``--rm``
@@ -182,11 +204,22 @@ class Snapshotter:
             "volatile": volatile,
             "created": datetime.now(UTC).isoformat(),
         }
+        on_tenant_fs = (
+            tenant is not None
+            and size_bytes is None
+            and not read_only
+            and self.config.tenant_layer_bytes > 0
+        )
+        if on_tenant_fs:
+            meta["tenant"] = tenant
         try:
             (sdir / "merged").mkdir()
             if size_bytes is not None:
                 _make_ext4_image(sdir / "rw.img", size_bytes)
                 (sdir / "rw").mkdir()
+            elif on_tenant_fs:
+                assert tenant is not None
+                self._make_tenant_dirs(tenant, key)
             else:
                 (sdir / "upper").mkdir()
                 (sdir / "work").mkdir()
@@ -261,7 +294,11 @@ class Snapshotter:
         return merged
 
     def _writable_dirs(self, sdir: Path, meta: dict[str, Any]) -> tuple[Path, Path]:
-        """The upper and work dirs; on the snapshot's own loop device when it has one."""
+        """The upper and work dirs; on the snapshot's own loop device when it has one, on
+        its tenant's filesystem when it belongs to one."""
+        if meta.get("tenant"):
+            rw = self.tenant_fs(meta["tenant"]) / meta["key"]
+            return rw / "upper", rw / "work"
         if not meta.get("size_bytes"):
             return sdir / "upper", sdir / "work"
         rw = sdir / "rw"
@@ -281,7 +318,93 @@ class Snapshotter:
         sdir = self._dir(key)
         if (sdir / "rw.img").exists():
             return sdir / "rw" / "upper"
+        if not (sdir / "upper").is_dir():
+            tenant = self._tenant_of(sdir)
+            if tenant is not None:
+                return self._tenant_dir(tenant) / "fs" / key / "upper"
         return sdir / "upper"
+
+    @staticmethod
+    def _tenant_of(sdir: Path) -> str | None:
+        """The tenant whose filesystem holds the snapshot's writable layer, if any."""
+        try:
+            tenant = json.loads((sdir / "meta.json").read_text()).get("tenant")
+        except (FileNotFoundError, ValueError):
+            return None
+        return tenant if isinstance(tenant, str) else None
+
+    # ----------------------------------------------------------------- tenant filesystems
+    def _make_tenant_dirs(self, tenant: str, key: str) -> None:
+        """The snapshot's upper and work dirs on its tenant's filesystem; a full one is
+        the tenant's cap reached, said as such."""
+        fs = self.tenant_fs(tenant)
+        rw = fs / key
+        if rw.exists():  # left by a snapshot of this key whose directory went
+            remove_tree(rw)
+        try:
+            rw.mkdir()
+            for name in ("upper", "work"):
+                (rw / name).mkdir()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ResourceExhausted(
+                f"tenant {tenant!r} has used all {self.config.tenant_layer_bytes} bytes of "
+                "its containers' writable layers on this node; remove containers to free "
+                "space",
+                tenant=tenant,
+                limit=self.config.tenant_layer_bytes,
+            ) from None
+
+    def _tenant_dir(self, tenant: str) -> Path:
+        if not isinstance(tenant, str) or not _TENANT_RE.match(tenant):
+            raise InvalidArgument(f"invalid tenant {tenant!r}")
+        return self.root / "tenants" / tenant
+
+    def tenant_fs(self, tenant: str) -> Path:
+        """Where the tenant's writable layers live: its own ext4 filesystem of
+        ``config.tenant_layer_bytes`` (a sparse file, so only what is written takes
+        space), made and mounted on first use, mounted again after a reboot.
+
+        ``noinit_itable``: the kernel would otherwise zero the inode tables in the
+        background, writing ~1.5% of the size into the file for nothing.
+        """
+        tdir = self._tenant_dir(tenant)
+        fs = tdir / "fs"
+        if _is_mount_point(fs):
+            return fs
+        tdir.mkdir(parents=True, exist_ok=True)
+        with open(tdir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one mkfs and mount, however many prepare
+            if _is_mount_point(fs):
+                return fs
+            image = tdir / "disk.img"
+            if not image.exists():
+                tmp = tdir / f".disk-{secrets.token_hex(4)}.img"
+                try:
+                    _make_ext4_image(tmp, self.config.tenant_layer_bytes, journal=True)
+                    os.rename(tmp, image)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+            fs.mkdir(exist_ok=True)
+            subprocess.run(
+                [
+                    "mount",
+                    "-t",
+                    "ext4",
+                    "-o",
+                    "loop,nodev,nosuid,noatime,noinit_itable",
+                    str(image),
+                    str(fs),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            lost = fs / "lost+found"
+            if lost.is_dir() and not lost.is_symlink():
+                remove_tree(lost)
+        return fs
 
     def device(self, key: str) -> str | None:
         """``major:minor`` of the block device the snapshot writes to.
@@ -295,6 +418,9 @@ class Snapshotter:
             raise NotFound(f"snapshot {key} not found", key=key)
         if (sdir / "rw.img").exists() and mount.is_mounted(sdir / "rw"):
             return mount.mount_source_device(sdir / "rw")
+        tenant = self._tenant_of(sdir)
+        if tenant is not None and _is_mount_point(self._tenant_dir(tenant) / "fs"):
+            return mount.mount_source_device(self._tenant_dir(tenant) / "fs")
         return block_device_of(sdir)
 
     def diff(self, key: str) -> dict[str, Any]:
@@ -329,6 +455,10 @@ class Snapshotter:
             return
         for mount_point in sorted(mount.mounts_under(sdir), key=len, reverse=True):
             mount.unmount(Path(mount_point))
+        # Its writable layer on a tenant filesystem; looked for in all of them, so a
+        # prepare that crashed before writing meta.json leaves nothing behind either.
+        for rw in (self.root / "tenants").glob(f"*/fs/{key}"):
+            remove_tree(rw)
         remove_tree(sdir)
 
     def remove_all_mounts(self) -> None:
@@ -452,21 +582,32 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def _make_ext4_image(path: Path, size_bytes: int) -> None:
-    """A sparse file with an ext4 filesystem (no journal: it is a scratch layer)."""
+def _is_mount_point(path: Path) -> bool:
+    """``path`` is the root of another filesystem than its parent's (two stats, where
+    ``mount.is_mounted`` reads the whole mount table)."""
+    try:
+        return os.stat(path).st_dev != os.stat(path.parent).st_dev
+    except FileNotFoundError:
+        return False
+
+
+def _make_ext4_image(path: Path, size_bytes: int, *, journal: bool = False) -> None:
+    """A sparse file with an ext4 filesystem. No journal for a scratch layer of one
+    snapshot; a tenant's filesystem, which holds its containers' layers across node
+    crashes, has one."""
     with open(path, "wb") as fh:
         fh.truncate(size_bytes)
+    features = [] if journal else ["-O", "^has_journal"]
     subprocess.run(
         [
             "mkfs.ext4",
             "-q",
             "-F",
-            "-O",
-            "^has_journal",
+            *features,
             "-m",
             "0",
             "-E",
-            "lazy_itable_init=1,nodiscard",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
             str(path),
         ],
         check=True,

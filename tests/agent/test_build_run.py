@@ -35,7 +35,12 @@ def _assert_clean(agent: Agent) -> None:
     active = agent.config.snapshots_dir / "active"
     assert not active.exists() or list(active.iterdir()) == []
     root = str(agent.config.root)
-    assert [m for m in Path("/proc/self/mounts").read_text().splitlines() if root in m] == []
+    # The tenant's writable-layer filesystem stays mounted for its next step or container
+    # (as its parent cgroup stays), holding nothing of the build.
+    tenant_fs = f"{agent.config.snapshots_dir}/tenants/"
+    mounts = [m.split()[1] for m in Path("/proc/self/mounts").read_text().splitlines()]
+    assert [m for m in mounts if root in m and not m.startswith(tenant_fs)] == []
+    assert [p for m in mounts if m.startswith(tenant_fs) for p in Path(m).iterdir()] == []
     listed = subprocess.run(
         ["runc", "--root", str(agent.config.runc_root), "list", "--format", "json"],
         capture_output=True,

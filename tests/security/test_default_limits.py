@@ -6,20 +6,32 @@ quota error (which quota, its limit, the current use, the request)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
 
 from billing.models import Plan
+from runtime_agent.agent import Agent
+from runtime_agent.config import AgentConfig
+from runtime_agent.errors import ResourceExhausted
+from runtime_agent.images.bootstrap import bootstrap_busybox
+from runtime_agent.protocol import Limits
 from tenants.choices import Scope
 from tenants.models import QuotaUsage, Tenant, User
+from tenants.services import Actor, create_api_token, create_tenant
+from tests.agent.test_runtime_fixtures import cleanup_agent, spec, until
 from workloads.choices import DeploymentState
 from workloads.models import BatchJob, Container, Deployment, JobRun, Network
 from workloads.services import jobs
-
-pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
@@ -48,6 +60,7 @@ def assert_quota_error(response: Any, quota: str, limit: int, used: int, request
 # --------------------------------------------------------------------------- job arrays
 
 
+@pytest.mark.django_db
 def test_job_array_larger_than_the_plan_allows_is_refused(
     hostile: tuple[Tenant, APIClient],
 ) -> None:
@@ -71,6 +84,7 @@ def test_job_array_larger_than_the_plan_allows_is_refused(
 # --------------------------------------------------------------------------- networks
 
 
+@pytest.mark.django_db
 def test_networks_per_tenant_are_bounded_and_given_back(hostile: tuple[Tenant, APIClient]) -> None:
     tenant, client = hostile
     cap = tenant.quota_limits()["networks"]
@@ -89,6 +103,7 @@ def test_networks_per_tenant_are_bounded_and_given_back(hostile: tuple[Tenant, A
     assert_quota_error(client.post(url, {"name": "x"}, format="json"), "networks", cap, cap, 1)
 
 
+@pytest.mark.django_db
 def test_a_container_cannot_join_more_networks_than_the_plan_allows(
     make_tenant: Callable[..., tuple[Tenant, User]],
     make_token: Callable[..., str],
@@ -125,6 +140,7 @@ def test_a_container_cannot_join_more_networks_than_the_plan_allows(
 # --------------------------------------------------------------------------- container specs
 
 
+@pytest.mark.django_db
 def test_containers_get_the_plans_block_io_and_pids_caps_by_default(
     hostile: tuple[Tenant, APIClient],
 ) -> None:
@@ -169,6 +185,7 @@ def test_containers_get_the_plans_block_io_and_pids_caps_by_default(
 # --------------------------------------------------------------------------- job logs
 
 
+@pytest.mark.django_db
 def test_a_huge_run_log_is_stored_capped_with_a_marker(hostile: tuple[Tenant, APIClient]) -> None:
     tenant, _client = hostile
     job = BatchJob.objects.create(tenant=tenant, name="loud", image="busybox")
@@ -183,3 +200,241 @@ def test_a_huge_run_log_is_stored_capped_with_a_marker(hostile: tuple[Tenant, AP
     assert stored.endswith(lines[-1])  # the end of the output is what is kept
     short = jobs.keep_run_log(run.pk, ["done\n"])
     assert short == "done\n"
+
+
+# --------------------------------------------------------------------------- the node itself
+
+MiB = 1 << 20
+#: Small node defaults, so the tests hit them quickly.
+CONTAINER_PIDS, TENANT_PIDS, TENANT_LAYER = 100, 150, 64 * MiB
+
+
+@pytest.fixture
+def node(agent_config: AgentConfig) -> Iterator[Agent]:
+    """A real agent (runc, cgroups, overlayfs) with small defaults for tenants."""
+    agent = Agent(
+        dataclasses.replace(
+            agent_config,
+            container_pids_max=CONTAINER_PIDS,
+            tenant_pids_max=TENANT_PIDS,
+            tenant_layer_bytes=TENANT_LAYER,
+        )
+    )
+    bootstrap_busybox(agent)
+    try:
+        yield agent
+    finally:
+        cleanup_agent(agent)
+
+
+def _disk_used(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def _output(agent: Agent, tenant: str, ref: str) -> str:
+    return "\n".join(e.line.decode(errors="replace") for e in agent.containers.logs(tenant, ref))
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")
+def test_fork_bombs_that_ask_for_no_limit_stop_at_the_node_defaults(node: Agent) -> None:
+    containers = node.containers
+    bomb = "bomb() { bomb | bomb & }; bomb; sleep 30"
+    first = containers.run(spec(bomb, tenant="bomber"))
+    second = containers.run(spec(bomb, tenant="bomber"))
+    until(lambda: containers.stats("bomber", first.id).pids >= 90, timeout=30)
+    until(lambda: containers.cgroups.stats("bomber").pids >= 140, timeout=30)
+    time.sleep(1.0)
+    for info in (first, second):
+        stats = containers.stats("bomber", info.id)
+        assert stats.pids_limit == CONTAINER_PIDS
+        assert stats.pids <= CONTAINER_PIDS
+    # Both together: never more than the tenant's parent cgroup allows.
+    tenant = containers.cgroups.stats("bomber")
+    assert tenant.pids_limit == TENANT_PIDS
+    assert tenant.pids <= TENANT_PIDS
+    # The node and other tenants go on: a process starts at once, a container runs.
+    started = time.monotonic()
+    subprocess.run(["true"], check=True)
+    assert time.monotonic() - started < 2.0
+    other = containers.run(spec("echo alive", tenant="bystander"))
+    assert containers.wait("bystander", other.id, timeout=60) == 0
+    # A cap the operator set on the tenant is kept, not reset to the default.
+    containers.set_tenant_limits("bystander", Limits(pids=40))
+    containers.run(spec("true", tenant="bystander"))
+    assert containers.cgroups.stats("bystander").pids_limit == 40
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")
+@pytest.mark.parametrize(
+    "writer",
+    [
+        "dd if=/dev/zero of=/big bs=1M count=300",  # one big file at the root
+        "dd if=/dev/zero of=/tmp/big bs=1M count=300",  # /tmp is the writable layer too
+        "fallocate -l 300M /var/big",  # allocated, never written
+        "(i=0; while [ $i -lt 300 ]; do dd if=/dev/zero of=/f$i bs=1M count=1 || exit 1;"
+        " i=$((i+1)); done)",  # many files
+    ],
+    ids=["dd-root", "dd-tmp", "fallocate", "many-files"],
+)
+def test_writes_past_the_tenant_layer_cap_fail_with_enospc(node: Agent, writer: str) -> None:
+    containers = node.containers
+    before = _disk_used(node.config.root)
+    info = containers.run(spec(f"{writer}; echo exit=$?", tenant="filler"))
+    assert containers.wait("filler", info.id, timeout=120) == 0
+    output = _output(node, "filler", info.id)
+    assert "No space left on device" in output, output
+    assert "exit=0" not in output, output
+    # The node's disk took at most the tenant's cap (plus metadata), not 300 MB.
+    grown = _disk_used(node.config.root) - before
+    assert grown < TENANT_LAYER + 16 * MiB, grown
+    # The cap is the tenant's: its next container finds it full, another tenant doesn't.
+    try:
+        again = containers.run(spec("dd if=/dev/zero of=/more bs=1M count=8", tenant="filler"))
+        assert containers.wait("filler", again.id, timeout=60) != 0
+        containers.remove("filler", again.id)
+    except ResourceExhausted as exc:  # too full even for its upper directory
+        assert exc.details["limit"] == TENANT_LAYER
+    bystander = containers.run(spec("dd if=/dev/zero of=/data bs=1M count=8", tenant="calm"))
+    assert containers.wait("calm", bystander.id, timeout=60) == 0
+    # Removing the container gives its space back to the tenant.
+    upper = node.snapshots.upper_dir(info.id)
+    containers.remove("filler", info.id)
+    assert not upper.exists()
+    after = containers.run(spec("dd if=/dev/zero of=/more bs=1M count=8", tenant="filler"))
+    assert containers.wait("filler", after.id, timeout=60) == 0
+
+
+# --------------------------------------------------------------------------- end to end
+
+LOUD_JOB = (  # 1000 lines of 5000 characters: 5 MB of output
+    'awk \'BEGIN { s = sprintf("%5000s", ""); gsub(/ /, "x", s);'
+    " for (i = 0; i < 1000; i++) print i, s }'"
+)
+
+
+@pytest.fixture
+def capped_cluster(
+    monkeypatch: pytest.MonkeyPatch, transactional_db: None, request: pytest.FixtureRequest
+) -> Any:
+    """The e2e cluster (live control plane, two real agents) whose nodes give each tenant
+    a 64 MiB writable-layer filesystem."""
+    monkeypatch.setenv("BERTH_TENANT_LAYER_BYTES", str(TENANT_LAYER))
+    return request.getfixturevalue("cluster")
+
+
+@pytest.mark.privileged
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")
+def test_a_dispatched_tenant_gets_the_defaults_without_asking(capped_cluster: Any) -> None:
+    from tests.e2e.conftest import STATE, agent_api, wait_for
+
+    tenant, owner = create_tenant(
+        slug="mallory",
+        owner_email="owner@mallory.example",
+        plan_code="free",
+        seats=1,
+        actor=Actor.for_system("test"),
+    )
+    _, secret = create_api_token(
+        tenant, owner, name="ci", scope=Scope.WRITE, actor=Actor.for_system("test")
+    )
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    plan = Plan.objects.get(code="free")
+    disk_before = _disk_used(STATE)
+    base = f"/api/v1/tenants/{tenant.slug}"
+    for name, command in (
+        ("bomb", "bomb() { bomb | bomb & }; bomb; exec sleep 3600"),
+        ("filler", "dd if=/dev/zero of=/big bs=1M count=300; echo dd-exit=$?; exec sleep 3600"),
+    ):
+        created = client.post(
+            f"{base}/services/",
+            {
+                "name": name,
+                "image": "busybox",
+                "command": ["sh", "-c", command],
+                "cpu_millicores": 100,
+                "memory_mib": 64,
+            },
+            format="json",
+        )
+        assert created.status_code == 201, created.content
+    job = client.post(
+        f"{base}/jobs/",
+        {
+            "name": "loud",
+            "image": "busybox",
+            "command": ["sh", "-c", LOUD_JOB],
+            "cpu_millicores": 100,
+            "memory_mib": 16,
+        },
+        format="json",
+    )
+    assert job.status_code == 201, job.content
+
+    def both_running() -> bool:
+        bodies = [client.get(f"{base}/services/{n}/").json() for n in ("bomb", "filler")]
+        return all(any(c["state"] == "running" for c in b["containers"]) for b in bodies)
+
+    wait_for(both_running, timeout=120, what="both services running")
+    on_nodes = {
+        info.name.split("-")[0]: (agent, info)
+        for agent in capped_cluster.agents
+        for info in agent_api(agent).containers.list_all()
+        if info.tenant == tenant.slug and info.name.split("-")[0] in ("bomb", "filler")
+    }
+
+    # The fork bomb stops at the plan's pids cap; the node answers at once.
+    agent, bomb = on_nodes["bomb"]
+    api = agent_api(agent)
+    wait_for(
+        lambda: api.containers.stats(tenant.slug, bomb.id).pids >= plan.pids - 10,
+        timeout=60,
+        what="the fork bomb to reach its cap",
+    )
+    stats = api.containers.stats(tenant.slug, bomb.id)
+    assert stats.pids_limit == plan.pids and stats.pids <= plan.pids
+    assert api.containers.cgroups.stats(tenant.slug).pids_limit is not None  # tenant parent
+    started = time.monotonic()
+    subprocess.run(["true"], check=True)
+    assert time.monotonic() - started < 2.0
+
+    # Block I/O: the plan's cap, in the container's OCI config and its cgroup.
+    config = json.loads(
+        (api.config.containers_dir / tenant.slug / bomb.id / "config.json").read_text()
+    )
+    throttles = config["linux"]["resources"]["blockIO"]
+    for key in ("throttleReadBpsDevice", "throttleWriteBpsDevice"):
+        assert [t["rate"] for t in throttles[key]] == [plan.blkio_bps]
+
+    # The 300 MB write fails inside the container; the node's disk is not its dump.
+    logs = wait_for(
+        lambda: (
+            "dd-exit=" in str(client.get(f"{base}/services/filler/logs/").json())
+            and client.get(f"{base}/services/filler/logs/").json()["lines"]
+        ),
+        timeout=120,
+        what="the writer to finish",
+    )
+    text = "".join(line["line"] for line in logs)
+    assert "No space left on device" in text and "dd-exit=0" not in text, text
+    assert _disk_used(STATE) - disk_before < TENANT_LAYER + 48 * MiB
+
+    # The 5 MB job log is stored capped, with its marker.
+    job_id = job.json()["id"]
+    wait_for(
+        lambda: client.get(f"{base}/jobs/{job_id}/").json()["state"] == "succeeded",
+        timeout=120,
+        what="the loud job to finish",
+    )
+    log = wait_for(
+        lambda: client.get(f"{base}/jobs/{job_id}/logs/?index=0").json().get("log"),
+        timeout=60,
+        what="the run's log to be kept",
+    )
+    assert len(log.encode()) <= jobs.LOG_BYTES_KEPT
+    assert log.startswith("[berth: log truncated, ")
+    assert log.rstrip("\n").endswith("999 " + "x" * 5000)
