@@ -271,6 +271,11 @@ CELERY_BEAT_SCHEDULE["registry-retention"] = {
     "task": "registry.tasks.apply_retention_task",
     "schedule": float(env_int("BERTH_REGISTRY_RETENTION_SECONDS", 3600, minimum=60)),
 }
+# Blobs pushed without a manifest send no notification: the scan counts them (docs/registry.md).
+CELERY_BEAT_SCHEDULE["registry-storage-scan"] = {
+    "task": "registry.tasks.scan_storage_task",
+    "schedule": float(env_int("BERTH_REGISTRY_SCAN_SECONDS", 900, minimum=60)),
+}
 CELERY_BEAT_SCHEDULE.update(
     {
         "billing-sweep": {"task": "billing.tasks.sweep_billing_task", "schedule": 300.0},

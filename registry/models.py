@@ -49,7 +49,14 @@ class Repository(models.Model):
 
 
 class Blob(models.Model):
-    """A blob a tenant's manifests reference (counted once per tenant)."""
+    """A blob the tenant holds in the registry, counted once per tenant.
+
+    ``size`` is what the registry stores (a HEAD of the blob, or its file), never what a
+    manifest claims. A row is created when a manifest referencing the blob is recorded,
+    or by the storage scan (``registry.services.scan_tenant_storage``) when the blob sits
+    in one of the tenant's repositories with no manifest referencing it: ``orphaned_at``
+    then says since when it has been counted as such (until GC frees it).
+    """
 
     tenant = models.ForeignKey(
         "tenants.Tenant", on_delete=models.CASCADE, related_name="registry_blobs"
@@ -58,6 +65,9 @@ class Blob(models.Model):
     size = models.BigIntegerField(validators=[MinValueValidator(0)])
     media_type = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    orphaned_at = models.DateTimeField(
+        null=True, blank=True, help_text="Found in storage with no manifest referencing it."
+    )
 
     objects = TenantScopedQuerySet.as_manager()
 
@@ -65,6 +75,9 @@ class Blob(models.Model):
         ordering = ["id"]
         constraints = [
             models.UniqueConstraint(fields=["tenant", "digest"], name="registry_blob_unique"),
+            models.CheckConstraint(
+                condition=models.Q(size__gte=0), name="registry_blob_size_not_negative"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -145,7 +158,12 @@ class RetentionPolicy(models.Model):
 
 
 class RegistryEvent(models.Model):
-    """One notification from the registry, stored once by its id (redelivery is a no-op)."""
+    """One notification from the registry, stored once by its id (redelivery is a no-op).
+
+    ``error`` marks an event whose recording failed or whose push was refused (a size a
+    manifest lied about, a suspended tenant, the storage quota): the delivery was still
+    acknowledged, so one tenant's push can never stall the registry's queue of events.
+    """
 
     event_id = models.CharField(max_length=100, unique=True)
     action = models.CharField(max_length=16)
@@ -155,7 +173,8 @@ class RegistryEvent(models.Model):
     media_type = models.CharField(max_length=255, blank=True)
     size = models.BigIntegerField(null=True, blank=True)
     actor = models.CharField(max_length=200, blank=True)
-    outcome = models.CharField(max_length=200, blank=True, help_text="What recording did.")
+    outcome = models.CharField(max_length=500, blank=True, help_text="What recording did.")
+    error = models.BooleanField(default=False, help_text="Recording failed or refused the push.")
     occurred_at = models.DateTimeField(null=True, blank=True)
     received_at = models.DateTimeField(default=timezone.now)
 
@@ -200,6 +219,16 @@ class RegistryUsage(models.Model):
     reservation = models.ForeignKey(
         "tenants.QuotaReservation", null=True, blank=True, on_delete=models.SET_NULL
     )
+    upload_bytes = models.BigIntegerField(
+        default=0, help_text="Unfinished uploads in the tenant's repositories (storage scan)."
+    )
+    quota_refusal = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="Why the last recount could not hold the bytes in storage_gib (over "
+        "quota, suspended): the manifest push that got there was refused.",
+    )
+    scanned_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:

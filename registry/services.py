@@ -15,10 +15,13 @@ token (:func:`repository_push_token`) pulls and pushes its one repository.
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import hmac
 import json
 import logging
 import math
+import os
 import re
 import secrets
 import shutil
@@ -32,7 +35,7 @@ from typing import Any
 import requests
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, JSONField, OuterRef, Subquery, Sum
+from django.db.models import Exists, JSONField, OuterRef, Q, Subquery, Sum
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -52,7 +55,7 @@ from registry.tokens import Access, IssuedToken, issue_token, parse_scope
 from tenants import permissions as perms
 from tenants import services as tenant_services
 from tenants.choices import Scope
-from tenants.errors import InvalidInput, NotFound, QuotaExceeded
+from tenants.errors import InvalidInput, NotFound, QuotaExceeded, TenantSuspended
 from tenants.models import TOKEN_PREFIX, APIToken, Membership, Tenant, hash_secret
 from tenants.services import Actor, record
 
@@ -221,7 +224,12 @@ def storage_limit_and_use(tenant: Tenant) -> tuple[int, int]:
 
 
 def check_push_quota(tenant: Tenant) -> None:
-    """Refuse a push when the tenant's storage quota is already used up."""
+    """Refuse a push (RegistryDenied, with the message docker prints) when the tenant's
+    storage quota is used up (exact bytes: blobs without a manifest and what a push with
+    an older token took over the limit count too) or its monthly spend cap is reached
+    (``billing.services.check_new_usage_allowed``)."""
+    from billing.services import SpendCapReached, check_new_usage_allowed
+
     limit, used = storage_limit_and_use(tenant)
     if used >= limit:
         raise RegistryDenied(
@@ -229,6 +237,10 @@ def check_push_quota(tenant: Tenant) -> None:
             "delete images or raise the quota to push",
             details={"quota": "storage_gib", "limit": limit // GIB, "used_bytes": used},
         )
+    try:
+        check_new_usage_allowed(tenant, "push")
+    except (SpendCapReached, TenantSuspended) as exc:
+        raise RegistryDenied(exc.message, details=exc.details) from None
 
 
 def grant(principal: Principal, scopes: Iterable[str]) -> list[Access]:
@@ -432,19 +444,58 @@ def check_notification_auth(header: str) -> bool:
     return bool(expected) and hmac.compare_digest(header or "", f"Bearer {expected}")
 
 
-def record_events(envelope: Mapping[str, Any]) -> dict[str, int]:
-    """Record a notification envelope; each event once (by id). Returns counts."""
-    counts = {"recorded": 0, "duplicate": 0, "ignored": 0}
-    events = envelope.get("events")
+class PushRefused(Exception):
+    """A manifest the registry accepted that Berth does not keep: it lies about a size,
+    its tenant is suspended or over its storage quota. The manifest is deleted from the
+    registry, the refusal recorded on the event and in the tenant's audit log."""
+
+    def __init__(self, repository: Repository, digest: str, message: str) -> None:
+        super().__init__(message)
+        self.repository = repository
+        self.digest = digest
+        self.message = message
+
+
+def record_delivery(body: bytes) -> dict[str, int]:
+    """Record one authenticated notification delivery, whatever it holds.
+
+    The registry retries a delivery that is not answered 2xx forever and queues every
+    later event (of every tenant) behind it, so nothing a tenant can put in a push may
+    make this fail: an undecodable envelope, a malformed event, an event whose recording
+    fails or whose push is refused is recorded with an error outcome and logged at error
+    level, and the delivery is still acknowledged. Returns counts per outcome.
+    """
+    try:
+        envelope = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        return _record_malformed(body, f"undecodable envelope: {type(exc).__name__}")
+    return record_events(envelope, raw=body)
+
+
+def record_events(envelope: Any, *, raw: bytes | None = None) -> dict[str, int]:
+    """Record a decoded envelope; each event once (by id). Returns counts per outcome
+    (see :func:`record_delivery`: a malformed envelope or event is recorded, not raised)."""
+    counts = {"recorded": 0, "duplicate": 0, "ignored": 0, "failed": 0}
+    events = envelope.get("events") if isinstance(envelope, dict) else None
     if not isinstance(events, list):
-        raise InvalidInput("notification envelope without an events list")
+        fingerprint = raw if raw is not None else repr(envelope).encode()
+        return _record_malformed(fingerprint, "envelope without an events list")
     for event in events:
-        if not isinstance(event, dict) or not event.get("id"):
+        if not isinstance(event, dict) or not isinstance(event.get("id"), str | int):
+            log.error("registry notification: ignored an event without an id: %.200r", event)
             counts["ignored"] += 1
             continue
-        outcome = record_event(event)
-        counts[outcome] += 1
+        counts[record_event(event)] += 1
     return counts
+
+
+def _record_malformed(body: bytes, reason: str) -> dict[str, int]:
+    log.error("registry notification: %s (%d bytes)", reason, len(body))
+    event_id = "malformed-" + hashlib.sha256(body).hexdigest()[:64]
+    RegistryEvent.objects.get_or_create(
+        event_id=event_id, defaults={"action": "invalid", "outcome": reason, "error": True}
+    )
+    return {"recorded": 0, "duplicate": 0, "ignored": 0, "failed": 1}
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -454,25 +505,38 @@ def _parse_time(value: Any) -> datetime | None:
         return None
 
 
-def _target_size(target: Mapping[str, Any]) -> int:
-    return int(target.get("size") or target.get("length") or 0)
+def _size_field(value: Any) -> int | None:
+    """A size as JSON holds it: a non-negative integer, else None (bool is no size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _target_size(target: Mapping[str, Any]) -> int | None:
+    return _size_field(target.get("size", target.get("length")))
+
+
+def _text(mapping: Any, key: str, limit: int) -> str:
+    value = mapping.get(key) if isinstance(mapping, Mapping) else None
+    return value[:limit] if isinstance(value, str) else ""
 
 
 @transaction.atomic
 def record_event(event: Mapping[str, Any]) -> str:
-    """Record one event: "recorded", or "duplicate" when its id was seen before."""
-    target = event.get("target") or {}
-    action = str(event.get("action") or "")
-    repository = str(target.get("repository") or "")
+    """Record one event once by its id: "recorded", "duplicate" (seen before), or
+    "failed" (recorded with an error outcome: refused or not applied, never raised)."""
+    raw_target = event.get("target")
+    target: Mapping[str, Any] = raw_target if isinstance(raw_target, Mapping) else {}
+    action = _text(event, "action", 16)
     row = RegistryEvent(
         event_id=str(event["id"])[:100],
-        action=action[:16],
-        repository=repository[:255],
-        digest=str(target.get("digest") or "")[:71],
-        tag=str(target.get("tag") or "")[:128],
-        media_type=str(target.get("mediaType") or "")[:255],
-        size=_target_size(target) or None,
-        actor=str((event.get("actor") or {}).get("name") or "")[:200],
+        action=action,
+        repository=_text(target, "repository", 255),
+        digest=_text(target, "digest", 71),
+        tag=_text(target, "tag", 128),
+        media_type=_text(target, "mediaType", 255),
+        size=_target_size(target),
+        actor=_text(event.get("actor"), "name", 200),
         occurred_at=_parse_time(event.get("timestamp")),
     )
     try:
@@ -480,9 +544,61 @@ def record_event(event: Mapping[str, Any]) -> str:
             row.save()
     except IntegrityError:
         return "duplicate"
-    row.outcome = _apply_event(action, target)[:200]
-    row.save(update_fields=["outcome"])
-    return "recorded"
+    try:
+        with transaction.atomic():
+            row.outcome = _apply_event(action, target)
+    except PushRefused as refused:
+        row.error = True
+        row.outcome = f"refused: {refused.message}; {_undo_refused_push(refused, row)}"
+    except Exception as exc:  # an event must never block the queue
+        log.exception("registry event %s (%s %s) not applied", row.event_id, action, row.repository)
+        row.error = True
+        row.outcome = f"error: {type(exc).__name__}: {exc}"
+    row.outcome = row.outcome[:500]
+    row.save(update_fields=["outcome", "error"])
+    return "failed" if row.error else "recorded"
+
+
+def _undo_refused_push(refused: PushRefused, row: RegistryEvent) -> str:
+    """Delete a refused manifest from the registry (its tags go with it), record why in
+    the tenant's audit log and recount its storage: the blobs it uploaded stay in storage
+    until GC and count meanwhile. Returns what was done, for the event's outcome."""
+    repo = refused.repository
+    log.error("registry push refused: %s@%s: %s", repo.full_name, refused.digest, refused.message)
+    done = "manifest deleted from the registry"
+    try:
+        response = _registry_call(
+            "DELETE", f"/v2/{repo.full_name}/manifests/{refused.digest}", repo.full_name
+        )
+        if response.status_code not in (202, 404):
+            done = f"the registry refused to delete it ({response.status_code})"
+    except RegistryUnavailable as exc:
+        done = f"could not delete it: {exc.message}"
+    if done != "manifest deleted from the registry":
+        log.error("refused manifest %s@%s stays: %s", repo.full_name, refused.digest, done)
+    try:
+        with transaction.atomic():
+            if row.tag:
+                Tag.objects.filter(
+                    repository__tenant_id=repo.tenant_id, repository__name=repo.name, name=row.tag
+                ).delete()
+            record(
+                Actor.for_system("registry"),
+                "registry.push.refused",
+                tenant=repo.tenant,
+                details={
+                    "repository": repo.full_name,
+                    "digest": refused.digest,
+                    "tag": row.tag,
+                    "reason": refused.message,
+                    "undone": done,
+                },
+            )
+            scan_tenant_storage(repo.tenant)
+    except Exception:  # the periodic scan recounts later
+        log.exception("recount after the refused push %s@%s failed", repo.full_name, refused.digest)
+        done += "; recount failed"
+    return done
 
 
 def _repository_for(name: str, *, create: bool) -> Repository | None:
@@ -507,39 +623,7 @@ def _apply_event(action: str, target: Mapping[str, Any]) -> str:
         repo = _repository_for(name, create=True)
         if repo is None:
             return "ignored: repository outside any tenant"
-        size = _target_size(target)
-        references = [r for r in target.get("references") or [] if isinstance(r, dict)]
-        blobs = [_blob(repo.tenant, digest, size, media_type)]
-        for ref in references:
-            ref_digest = str(ref.get("digest") or "")
-            if DIGEST_RE.match(ref_digest):
-                blobs.append(
-                    _blob(
-                        repo.tenant,
-                        ref_digest,
-                        int(ref.get("size") or 0),
-                        str(ref.get("mediaType") or ""),
-                    )
-                )
-        manifest, created = Manifest.objects.get_or_create(
-            repository=repo,
-            digest=digest,
-            defaults={
-                "media_type": media_type,
-                "size": size,
-                "total_size": size + sum(int(r.get("size") or 0) for r in references),
-            },
-        )
-        manifest.blobs.add(*blobs)
-        now = timezone.now()
-        tag = str(target.get("tag") or "")
-        if tag and TAG_RE.match(tag):
-            Tag.objects.update_or_create(
-                repository=repo, name=tag, defaults={"manifest": manifest, "updated_at": now}
-            )
-        Repository.objects.filter(pk=repo.pk).update(last_pushed_at=now)
-        sync_storage_usage(repo.tenant)
-        return f"manifest {'stored' if created else 'seen'}" + (f", tag {tag}" if tag else "")
+        return _record_manifest_push(repo, digest, media_type, target)
     if action == "delete":
         repo = _repository_for(name, create=False)
         if repo is None:
@@ -555,10 +639,101 @@ def _apply_event(action: str, target: Mapping[str, Any]) -> str:
     return "ignored"
 
 
-def _blob(tenant: Tenant, digest: str, size: int, media_type: str) -> Blob:
-    blob, _ = Blob.objects.get_or_create(
+def _record_manifest_push(
+    repo: Repository, digest: str, media_type: str, target: Mapping[str, Any]
+) -> str:
+    """Record a pushed manifest with the sizes the registry holds, or refuse it.
+
+    Every size a manifest declares (config, layers, child manifests) must be the size
+    of the blob the registry stores (HEAD on the registry): a manifest that declares a
+    30 MB layer as 1 byte, a negative size or a blob the registry lacks is refused, and
+    so is a push by a suspended tenant or one that does not fit the storage quota (the
+    token it pushed with was minted before; the quota is checked again here).
+    """
+    tenant = repo.tenant
+    if not tenant.is_active:
+        raise PushRefused(repo, digest, f"tenant {tenant.slug} is suspended: pushing is disabled")
+    raw_refs = target.get("references")
+    references = raw_refs if isinstance(raw_refs, list) else []
+    real = _stored_sizes(repo, digest, references)
+    own_size = real[digest]
+    if own_size is None:
+        raise PushRefused(repo, digest, "the registry does not hold this manifest any more")
+    blobs = [_blob(tenant, digest, own_size, media_type)]
+    for ref in references:
+        ref_digest = ref.get("digest") if isinstance(ref, Mapping) else None
+        if not isinstance(ref_digest, str) or not DIGEST_RE.match(ref_digest):
+            raise PushRefused(repo, digest, f"a reference without a valid digest: {ref!r:.100}")
+        declared = ref.get("size")
+        if _size_field(declared) != real[ref_digest]:
+            raise PushRefused(
+                repo,
+                digest,
+                f"{ref_digest} is declared as {declared!r:.30} bytes but the registry holds "
+                + (f"{real[ref_digest]}" if real[ref_digest] is not None else "no such blob"),
+            )
+        blobs.append(_blob(tenant, ref_digest, real[ref_digest], _text(ref, "mediaType", 255)))
+    manifest, created = Manifest.objects.get_or_create(
+        repository=repo,
+        digest=digest,
+        defaults={
+            "media_type": media_type,
+            "size": own_size,
+            "total_size": own_size + sum(blob.size for blob in blobs[1:]),
+        },
+    )
+    manifest.blobs.add(*blobs)
+    Blob.objects.filter(pk__in=[blob.pk for blob in blobs]).update(orphaned_at=None)
+    now = timezone.now()
+    tag = _text(target, "tag", 128)
+    if tag and TAG_RE.match(tag):
+        Tag.objects.update_or_create(
+            repository=repo, name=tag, defaults={"manifest": manifest, "updated_at": now}
+        )
+    Repository.objects.filter(pk=repo.pk).update(last_pushed_at=now)
+    usage = sync_storage_usage(tenant)
+    if usage.quota_refusal:
+        raise PushRefused(repo, digest, usage.quota_refusal)
+    return f"manifest {'stored' if created else 'seen'}" + (f", tag {tag}" if tag else "")
+
+
+def _stored_sizes(repo: Repository, digest: str, references: list[Any]) -> dict[str, int | None]:
+    """The sizes the registry holds for a manifest and what it references (HEAD each
+    on the registry with the control plane's own token); None for what it lacks."""
+    wanted = {digest: True}
+    for ref in references:
+        ref_digest = ref.get("digest") if isinstance(ref, Mapping) else None
+        if isinstance(ref_digest, str) and DIGEST_RE.match(ref_digest):
+            wanted.setdefault(ref_digest, ref.get("mediaType") in MANIFEST_TYPES)
+    name = repo.full_name
+    accept = ", ".join(sorted(MANIFEST_TYPES))
+    sizes: dict[str, int | None] = {}
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {_system_token(name)}"
+        for wanted_digest, is_manifest in wanted.items():
+            kind = "manifests" if is_manifest else "blobs"
+            url = f"{settings.BERTH_REGISTRY_URL}/v2/{name}/{kind}/{wanted_digest}"
+            try:
+                response = session.head(url, headers={"Accept": accept}, timeout=30)
+                if response.is_redirect:  # object storage: the size is where it points
+                    response = requests.head(response.headers["Location"], timeout=30)
+            except requests.RequestException as exc:
+                raise RegistryUnavailable(f"cannot HEAD {url}: {exc}") from exc
+            length = response.headers.get("Content-Length", "")
+            ok = response.status_code == 200 and length.isdigit()
+            sizes[wanted_digest] = int(length) if ok else None
+    return sizes
+
+
+def _blob(tenant: Tenant, digest: str, size: int | None, media_type: str) -> Blob:
+    """The tenant's row of a blob, its size the one the registry holds."""
+    assert size is not None and size >= 0
+    blob, created = Blob.objects.get_or_create(
         tenant=tenant, digest=digest, defaults={"size": size, "media_type": media_type[:255]}
     )
+    if not created and blob.size != size:
+        Blob.objects.filter(pk=blob.pk).update(size=size)
+        blob.size = size
     return blob
 
 
@@ -566,11 +741,13 @@ def _blob(tenant: Tenant, digest: str, size: int, media_type: str) -> Blob:
 
 
 def registry_bytes(tenant: Tenant) -> int:
-    """Bytes of every blob still referenced by one of the tenant's manifests (each once)."""
+    """Bytes of the tenant's blobs in the registry, each once: every blob one of its
+    manifests references, and those the storage scan found in its repositories with no
+    manifest (uploads never referenced, a refused push's layers) until GC frees them."""
     live = Manifest.blobs.through.objects.filter(blob_id=OuterRef("pk"))
     total = (
         Blob.objects.filter(tenant=tenant)
-        .filter(Exists(live))
+        .filter(Q(Exists(live)) | Q(orphaned_at__isnull=False))
         .aggregate(total=Sum("size"))["total"]
     )
     return int(total or 0)
@@ -580,16 +757,19 @@ def registry_bytes(tenant: Tenant) -> int:
 def sync_storage_usage(tenant: Tenant) -> RegistryUsage:
     """Recount the tenant's registry bytes and hold ``ceil(bytes / GiB)`` of ``storage_gib``.
 
-    The reservation is swapped (release the old, reserve the new) inside one transaction.
-    A push the registry already accepted cannot be undone, so if the new amount does not
-    fit the quota the old reservation stays and the exact bytes are still recorded; the
-    token server then refuses further pushes until the tenant is back under its limit.
-    Blobs no manifest references any more stop counting (``gc`` frees them on disk).
+    Bytes are :func:`registry_bytes` plus unfinished uploads (as the last storage scan
+    found them). The reservation is swapped (release the old, reserve the new) inside one
+    transaction. When the new amount cannot be held (over the quota, or the tenant is
+    suspended) the old reservation stays, the exact bytes are still recorded and
+    ``quota_refusal`` says why: the manifest push that got there is refused
+    (:func:`_record_manifest_push`) and the token server refuses further pushes while
+    the tenant is over its limit.
     """
     usage, _ = RegistryUsage.objects.select_for_update().get_or_create(tenant=tenant)
-    usage.bytes_used = registry_bytes(tenant)
+    usage.bytes_used = registry_bytes(tenant) + usage.upload_bytes
     needed = math.ceil(usage.bytes_used / GIB)
     actor = Actor.for_system("registry")
+    usage.quota_refusal = ""
     if needed != usage.reserved_gib:
         old = usage.reservation
         try:
@@ -605,11 +785,91 @@ def sync_storage_usage(tenant: Tenant) -> RegistryUsage:
                 )
             usage.reservation = reservation
             usage.reserved_gib = needed
-        except QuotaExceeded as exc:
-            log.warning("registry storage of %s over quota: %s", tenant.slug, exc.message)
+        except (QuotaExceeded, TenantSuspended) as exc:
+            usage.quota_refusal = exc.message[:500]
+            log.warning("registry storage of %s not held: %s", tenant.slug, exc.message)
     usage.updated_at = timezone.now()
     usage.save()
     return usage
+
+
+def _stored_in_tenant_repositories(tenant: Tenant) -> tuple[dict[str, int], int]:
+    """What the registry's filesystem storage holds under the tenant's repositories:
+    {digest: bytes} of every blob linked into one of them (uploaded, mounted or pushed
+    with a manifest) whose data is still there, and the bytes of unfinished uploads."""
+    v2 = storage_root() / "docker" / "registry" / "v2"
+    blobs: dict[str, int] = {}
+    uploads = 0
+    for directory, subdirectories, _ in os.walk(v2 / "repositories" / tenant.slug):
+        here = Path(directory)
+        for link in (here / "_layers" / "sha256").glob("*/link"):
+            digest = link.read_text(errors="replace").strip()
+            if not DIGEST_RE.match(digest):
+                continue
+            hexdigest = digest.split(":", 1)[1]
+            data = v2 / "blobs" / "sha256" / hexdigest[:2] / hexdigest / "data"
+            try:
+                blobs[digest] = data.stat().st_size
+            except FileNotFoundError:
+                continue  # collected by GC; the dangling link holds nothing
+        for upload in (here / "_uploads").glob("*/data"):
+            with contextlib.suppress(FileNotFoundError):
+                uploads += upload.stat().st_size
+        # Repository path components never start with "_": those are the registry's own.
+        subdirectories[:] = [name for name in subdirectories if not name.startswith("_")]
+    return blobs, uploads
+
+
+@transaction.atomic
+def scan_tenant_storage(tenant: Tenant) -> RegistryUsage:
+    """Count what the tenant holds in the registry's storage, manifest or not.
+
+    A blob pushed without a manifest never causes a notification (and a refused push
+    leaves its layers behind), so it is found here: each blob linked into one of the
+    tenant's repositories becomes a ``Blob`` row with its real size, marked
+    ``orphaned_at`` while no manifest references it, and counts until GC frees it;
+    unfinished uploads count as ``upload_bytes`` until the registry purges them. Rows of
+    orphans GC removed are dropped. Only the filesystem driver can be scanned; with
+    other storage, orphans are left to GC and only referenced blobs count.
+    """
+    if not storage_root().is_dir():
+        return sync_storage_usage(tenant)
+    stored, uploads = _stored_in_tenant_repositories(tenant)
+    now = timezone.now()
+    referenced = set(
+        Blob.objects.filter(tenant=tenant, manifests__isnull=False).values_list("digest", flat=True)
+    )
+    known = {blob.digest: blob for blob in Blob.objects.filter(tenant=tenant)}
+    for digest, size in stored.items():
+        orphaned_at = None if digest in referenced else now
+        blob = known.get(digest)
+        if blob is None:
+            Blob.objects.create(tenant=tenant, digest=digest, size=size, orphaned_at=orphaned_at)
+        elif blob.size != size or (blob.orphaned_at is None) != (orphaned_at is None):
+            blob.size = size
+            blob.orphaned_at = (blob.orphaned_at or orphaned_at) if orphaned_at else None
+            blob.save(update_fields=["size", "orphaned_at"])
+    Blob.objects.filter(tenant=tenant, orphaned_at__isnull=False, manifests__isnull=True).exclude(
+        digest__in=list(stored)
+    ).delete()
+    RegistryUsage.objects.get_or_create(tenant=tenant)
+    RegistryUsage.objects.filter(tenant=tenant).update(upload_bytes=uploads, scanned_at=now)
+    return sync_storage_usage(tenant)
+
+
+def scan_all_storage() -> dict[str, int]:
+    """:func:`scan_tenant_storage` for every tenant with repositories in storage or a
+    usage record; {tenant slug: bytes in use}. The periodic task runs it."""
+    top = storage_root() / "docker" / "registry" / "v2" / "repositories"
+    slugs = {entry.name for entry in top.iterdir() if entry.is_dir()} if top.is_dir() else set()
+    tenants = Tenant.objects.filter(Q(slug__in=slugs) | Q(registry_usage__isnull=False))
+    counted: dict[str, int] = {}
+    for tenant in tenants.distinct():
+        try:
+            counted[tenant.slug] = scan_tenant_storage(tenant).bytes_used
+        except Exception:  # one tenant's failure must not stop the others
+            log.exception("registry storage scan of %s failed", tenant.slug)
+    return counted
 
 
 # --------------------------------------------------------------------------- registry API
@@ -843,7 +1103,8 @@ _GC_MARKED = re.compile(r"(\d+) blobs marked, (\d+) blobs and (\d+) manifests el
 def run_garbage_collection(*, dry_run: bool = False, actor: Actor) -> GarbageCollectionRun:
     """Run ``docker-registry garbage-collect`` on the registry's storage and record it.
 
-    Deletes blobs no manifest references. Untagged manifests are left to retention
+    Deletes blobs no manifest references (then recounts every tenant's storage: blobs
+    without a manifest count until collected). Untagged manifests are left to retention
     policies (no ``--delete-untagged``), so pinned digests keep working. distribution
     recommends running GC while the registry is read-only: a blob uploaded during the
     run but not yet referenced by a manifest could be collected.
@@ -868,6 +1129,8 @@ def run_garbage_collection(*, dry_run: bool = False, actor: Actor) -> GarbageCol
     run.output = output
     run.finished_at = timezone.now()
     run.save()
+    if run.succeeded and not dry_run:
+        scan_all_storage()  # what GC freed stops counting now, not at the next scan
     record(
         actor,
         "registry.gc",

@@ -18,3 +18,10 @@ def garbage_collect_task(dry_run: bool = False) -> int:
     return services.run_garbage_collection(
         dry_run=dry_run, actor=Actor.for_system("registry-gc")
     ).pk
+
+
+@shared_task
+def scan_storage_task() -> dict[str, int]:
+    """Count blobs pushed without a manifest and unfinished uploads in every tenant's
+    storage use (the registry sends no notification for them)."""
+    return services.scan_all_storage()

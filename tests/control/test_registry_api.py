@@ -1,14 +1,18 @@
 """Registry API and records, fed with notification envelopes shaped like
-docker-registry's (the real registry drives them in test_registry_e2e.py)."""
+docker-registry's, describing what a real registry process holds (recording checks every
+size against it); the registry sends them itself in test_registry_e2e.py."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import requests
+from django.conf import settings
 from rest_framework.test import APIClient
 
 from registry import services
@@ -16,46 +20,104 @@ from registry.models import Manifest, RegistryEvent, RegistryUsage, Repository, 
 from tenants import services as tenant_services
 from tenants.choices import Role, Scope
 from tenants.models import QuotaUsage, Tenant, User
+from tests.registry_process import RegistryProcess, needs_registry, start_registry
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
+pytestmark = needs_registry
 
 
-def digest_of(text: str) -> str:
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def padded(label: str, size: int) -> bytes:
+    return label.encode().ljust(size, b".")
+
+
+def manifest_of(seed: str, layer_size: int = 1000) -> tuple[bytes, list[dict[str, Any]]]:
+    """An 800-byte OCI manifest of a 100-byte config, a 5000-byte layer every seed shares
+    and a ``layer_size``-byte layer of its own; and its references with their contents."""
+    references: list[dict[str, Any]] = [
+        {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "content": padded(f"config {seed}", 100),
+        },
+        {
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "content": padded("shared layer", 5000),
+        },
+        {
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "content": padded(f"layer {seed}", layer_size),
+        },
+    ]
+    for ref in references:
+        ref.update(digest=digest_of(ref["content"]), size=len(ref["content"]))
+    described = [{k: ref[k] for k in ("mediaType", "digest", "size")} for ref in references]
+    body = {"schemaVersion": 2, "mediaType": OCI, "config": described[0], "layers": described[1:]}
+    unpadded = len(json.dumps({**body, "annotations": {"pad": ""}}).encode())
+    body["annotations"] = {"pad": "x" * (800 - unpadded)}
+    return json.dumps(body).encode(), references
+
+
+def manifest_digest(seed: str) -> str:
+    return digest_of(manifest_of(seed)[0])
 
 
 def push_event(repo: str, tag: str, seed: str, layer_size: int = 1000) -> dict[str, Any]:
+    """The event docker-registry sends for a push of :func:`manifest_of`, after storing
+    the manifest and its blobs in the real registry (whose sizes recording checks)."""
+    manifest, references = manifest_of(seed, layer_size)
+    registry = settings.BERTH_REGISTRY_URL
+    for ref in references:
+        upload = requests.post(f"{registry}/v2/{repo}/blobs/uploads/", timeout=10)
+        location = upload.headers["Location"]
+        stored = requests.put(
+            location if location.startswith("http") else f"{registry}{location}",
+            params={"digest": ref["digest"]},
+            data=ref["content"],
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=10,
+        )
+        assert stored.status_code == 201, stored.text
+    put = requests.put(
+        f"{registry}/v2/{repo}/manifests/{tag}",
+        data=manifest,
+        headers={"Content-Type": OCI},
+        timeout=10,
+    )
+    assert put.status_code == 201, put.text
     return {
         "id": f"ev-{repo}-{tag}-{seed}",
         "timestamp": "2026-01-01T00:00:00Z",
         "action": "push",
         "target": {
             "mediaType": OCI,
-            "digest": digest_of(f"manifest {seed}"),
-            "size": 400,
-            "length": 400,
+            "digest": digest_of(manifest),
+            "size": len(manifest),
+            "length": len(manifest),
             "repository": repo,
             "tag": tag,
             "references": [
-                {
-                    "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": digest_of(f"config {seed}"),
-                    "size": 100,
-                },
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": digest_of("shared layer"),
-                    "size": 5000,
-                },
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": digest_of(f"layer {seed}"),
-                    "size": layer_size,
-                },
+                {k: ref[k] for k in ("mediaType", "digest", "size")} for ref in references
             ],
         },
         "actor": {"name": "someone"},
     }
+
+
+@pytest.fixture(scope="module")
+def registry_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """A real docker-registry (no auth, no notifications) holding what events describe."""
+    process = start_registry(tmp_path_factory.mktemp("registry"), auth=False)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(autouse=True)
+def _registry(registry_store: RegistryProcess, settings: Any) -> None:
+    settings.BERTH_REGISTRY_DIR = registry_store.directory
+    settings.BERTH_REGISTRY_URL = registry_store.url
 
 
 @pytest.fixture
@@ -78,21 +140,21 @@ def test_events_create_repositories_tags_manifests_and_count_storage_once(
 ) -> None:
     web = Repository.objects.get(tenant=acme_repo, name="web")
     assert sorted(web.tags.values_list("name", flat=True)) == ["1", "2"]
-    manifest = Manifest.objects.get(repository=web, digest=digest_of("manifest a"))
-    assert manifest.media_type == OCI and manifest.total_size == 400 + 100 + 5000 + 1000
+    manifest = Manifest.objects.get(repository=web, digest=manifest_digest("a"))
+    assert manifest.media_type == OCI and manifest.total_size == 800 + 100 + 5000 + 1000
     # Three manifests, three configs, three own layers, one shared layer counted once.
-    assert services.registry_bytes(acme_repo) == 3 * (400 + 100 + 1000) + 5000
+    assert services.registry_bytes(acme_repo) == 3 * (800 + 100 + 1000) + 5000
     usage = RegistryUsage.objects.get(tenant=acme_repo)
-    assert usage.bytes_used == 9500 and usage.reserved_gib == 1
+    assert usage.bytes_used == 10700 and usage.reserved_gib == 1
     assert QuotaUsage.objects.get(tenant=acme_repo, quota="storage_gib").used == 1
 
 
 def test_replayed_and_unknown_events(acme_repo: Tenant) -> None:
     before = (Manifest.objects.count(), Tag.objects.count(), services.registry_bytes(acme_repo))
     counts = services.record_events({"events": [push_event("acme/web", "1", "a")]})
-    assert counts == {"recorded": 0, "duplicate": 1, "ignored": 0}
+    assert counts == {"recorded": 0, "duplicate": 1, "ignored": 0, "failed": 0}
     outside = services.record_events({"events": [push_event("nobody/web", "1", "z"), {}]})
-    assert outside == {"recorded": 1, "duplicate": 0, "ignored": 1}
+    assert outside == {"recorded": 1, "duplicate": 0, "ignored": 1, "failed": 0}
     assert RegistryEvent.objects.get(event_id="ev-nobody/web-1-z").outcome.startswith("ignored")
     assert (
         Manifest.objects.count(),
@@ -104,15 +166,15 @@ def test_replayed_and_unknown_events(acme_repo: Tenant) -> None:
 def test_retag_moves_the_tag_and_delete_event_frees_storage(acme_repo: Tenant) -> None:
     services.record_events({"events": [push_event("acme/web", "1", "b")]})
     tag = Tag.objects.get(repository__name="web", name="1")
-    assert tag.manifest.digest == digest_of("manifest b")
+    assert tag.manifest.digest == manifest_digest("b")
     delete = {
         "id": "del-1",
         "action": "delete",
-        "target": {"repository": "acme/web", "digest": digest_of("manifest a")},
+        "target": {"repository": "acme/web", "digest": manifest_digest("a")},
     }
     services.record_events({"events": [delete]})
-    assert not Manifest.objects.filter(digest=digest_of("manifest a")).exists()
-    assert services.registry_bytes(acme_repo) == 2 * 1500 + 5000
+    assert not Manifest.objects.filter(digest=manifest_digest("a")).exists()
+    assert services.registry_bytes(acme_repo) == 2 * 1900 + 5000
 
 
 def test_api_lists_repositories_tags_and_manifests(
@@ -125,22 +187,22 @@ def test_api_lists_repositories_tags_and_manifests(
     assert set(names) == {"acme/web", "acme/api"}
     web = names["acme/web"]
     assert web["pull_name"].endswith("/acme/web") and web["public"] is False
-    assert {t["name"]: t["size"] for t in web["tags"]} == {"1": 6500, "2": 6500}
+    assert {t["name"]: t["size"] for t in web["tags"]} == {"1": 6900, "2": 6900}
 
     tags = client.get(f"/api/v1/tenants/acme/registry/repositories/{web['id']}/tags/").json()
     assert {t["name"]: t["digest"] for t in tags} == {
-        "1": digest_of("manifest a"),
-        "2": digest_of("manifest b"),
+        "1": manifest_digest("a"),
+        "2": manifest_digest("b"),
     }
     manifests = client.get(
         f"/api/v1/tenants/acme/registry/repositories/{web['id']}/manifests/"
     ).json()
     assert {m["digest"]: m["tags"] for m in manifests} == {
-        digest_of("manifest a"): ["1"],
-        digest_of("manifest b"): ["2"],
+        manifest_digest("a"): ["1"],
+        manifest_digest("b"): ["2"],
     }
     usage = client.get("/api/v1/tenants/acme/registry/usage/").json()
-    assert usage["bytes_used"] == 9500 and usage["repositories"] == 2
+    assert usage["bytes_used"] == 10700 and usage["repositories"] == 2
 
 
 def test_api_public_flag_and_retention_need_write(
@@ -221,23 +283,23 @@ def test_token_grants(
 def test_notification_endpoint_checks_secret_and_format(
     acme_repo: Tenant, client: Any, settings: Any, tmp_path: Any
 ) -> None:
+    shutil.copy(settings.BERTH_REGISTRY_DIR / "token.key", tmp_path)
     settings.BERTH_REGISTRY_DIR = tmp_path
     (tmp_path / "notify.secret").write_text("s3cret\n")
     body = json.dumps({"events": [push_event("acme/new", "1", "n")]})
     media = "application/vnd.docker.distribution.events.v1+json"
     assert client.post("/registry/events/", body, content_type=media).status_code == 401
-    assert (
-        client.post(
-            "/registry/events/", body, content_type="text/plain", HTTP_AUTHORIZATION="Bearer s3cret"
-        ).status_code
-        == 415
-    )
-    assert (
-        client.post(
-            "/registry/events/", "{nope", content_type=media, HTTP_AUTHORIZATION="Bearer s3cret"
-        ).status_code
-        == 400
-    )
+    # An authenticated delivery is never refused (the registry would retry it forever and
+    # hold back every later event): what can't be read is kept as an error.
+    for content, media_type in (("{nope", media), ('{"events": 1}', "text/plain")):
+        kept = client.post(
+            "/registry/events/",
+            content,
+            content_type=media_type,
+            HTTP_AUTHORIZATION="Bearer s3cret",
+        )
+        assert kept.status_code == 200 and kept.json()["failed"] == 1
+    assert RegistryEvent.objects.filter(action="invalid", error=True).count() == 2
     ok = client.post(
         "/registry/events/", body, content_type=media, HTTP_AUTHORIZATION="Bearer s3cret"
     )
