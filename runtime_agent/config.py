@@ -25,6 +25,40 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime_agent.archive import ArchiveLimits
+
+GiB = 1024**3
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer setting from the environment (a typo fails loudly, never 0)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, not {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, not {value}")
+    return value
+
+
+def _archive_limits(what: str, max_bytes: int, max_entries: int, setting: str) -> ArchiveLimits:
+    """``ArchiveLimits`` naming the BERTH_<setting>_MAX_* variables that set them (a build
+    context's byte cap is the build's own, not a node setting)."""
+    from runtime_agent.archive import ArchiveLimits
+
+    return ArchiveLimits(
+        what,
+        max_bytes,
+        max_entries,
+        "" if setting == "CONTEXT" else f"BERTH_{setting}_MAX_BYTES",
+        f"BERTH_{setting}_MAX_ENTRIES",
+    )
 
 
 @dataclass(frozen=True)
@@ -42,6 +76,45 @@ class AgentConfig:
         default_factory=lambda: os.environ.get("BERTH_CGROUP_FAVORDYNMODS", "1") != "0"
     )
 
+    # Caps on the archives a tenant makes the node unpack (runtime_agent/archive.py): the
+    # sum of regular files' sizes and the member count, checked before anything is
+    # written. A build context's unpacked size is capped per build (BuildLimits.
+    # context_bytes, 2 GiB; the control plane caps the upload itself with
+    # BERTH_BUILD_CONTEXT_MAX_BYTES); its member count is capped here.
+    # Layers: docker has no cap; 16 GiB / 1M files covers the largest public images
+    # (CUDA, TeX) while a gzip bomb of a few MB stops long before the node's disk fills.
+    context_max_entries: int = field(
+        default_factory=lambda: _env_int("BERTH_CONTEXT_MAX_ENTRIES", 500_000)
+    )
+    add_archive_max_bytes: int = field(
+        default_factory=lambda: _env_int("BERTH_ADD_ARCHIVE_MAX_BYTES", 4 * GiB)
+    )
+    add_archive_max_entries: int = field(
+        default_factory=lambda: _env_int("BERTH_ADD_ARCHIVE_MAX_ENTRIES", 500_000)
+    )
+    layer_max_bytes: int = field(
+        default_factory=lambda: _env_int("BERTH_LAYER_MAX_BYTES", 16 * GiB)
+    )
+    layer_max_entries: int = field(
+        default_factory=lambda: _env_int("BERTH_LAYER_MAX_ENTRIES", 1_000_000)
+    )
+
+    def context_limits(self, max_bytes: int) -> ArchiveLimits:
+        """Caps for a build context of at most ``max_bytes`` (the build's own limit)."""
+        return _archive_limits("build context", max_bytes, self.context_max_entries, "CONTEXT")
+
+    @property
+    def add_archive_limits(self) -> ArchiveLimits:
+        """Caps for one local archive that ADD extracts into a layer."""
+        return _archive_limits(
+            "ADD archive", self.add_archive_max_bytes, self.add_archive_max_entries, "ADD_ARCHIVE"
+        )
+
+    @property
+    def layer_limits(self) -> ArchiveLimits:
+        """Caps for one image layer (pulled, pushed, imported or built) when unpacked."""
+        return _archive_limits("layer", self.layer_max_bytes, self.layer_max_entries, "LAYER")
+
     @property
     def content_dir(self) -> Path:
         return self.root / "content"
@@ -53,30 +126,6 @@ class AgentConfig:
     @property
     def snapshots_dir(self) -> Path:
         return self.root / "snapshots"
-
-    # Defaults a tenant's containers get when they ask for nothing (see cgroups/ and
-    # snapshots/snapshotter.py): processes per container (podman's default) and per
-    # tenant (its parent cgroup; default an eighth of the node's pid_max), and the size of
-    # the filesystem that holds the tenant's writable layers (0: on the state disk, uncapped).
-    container_pids_max: int = field(
-        default_factory=lambda: int(os.environ.get("BERTH_CONTAINER_PIDS_MAX", "2048"))
-    )
-    tenant_pids_max: int = field(
-        default_factory=lambda: int(
-            os.environ.get("BERTH_TENANT_PIDS_MAX") or max(1024, AgentConfig.node_pid_max() // 8)
-        )
-    )
-    tenant_layer_bytes: int = field(
-        default_factory=lambda: int(os.environ.get("BERTH_TENANT_LAYER_BYTES", str(10 << 30)))
-    )
-
-    @staticmethod
-    def node_pid_max() -> int:
-        """The kernel's pid_max: how many processes and threads the whole node may have."""
-        try:
-            return int(Path("/proc/sys/kernel/pid_max").read_text())
-        except (OSError, ValueError):
-            return 32768
 
     @property
     def containers_dir(self) -> Path:

@@ -43,6 +43,7 @@ from runtime_agent.images import media
 
 if TYPE_CHECKING:
     from runtime_agent.agent import Agent
+    from runtime_agent.archive import ArchiveLimits
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ["/bin/sh", "-c"]
@@ -252,7 +253,12 @@ class Builder:
         else:
             tmp_root = self.agent.config.build_cache_dir / ".contexts"
             tmp_root.mkdir(parents=True, exist_ok=True)
-            ctx = BuildContext.from_tar(context, limits.context_bytes, workdir=tmp_root)
+            ctx = BuildContext.from_tar(
+                context,
+                limits.context_bytes,
+                workdir=tmp_root,
+                max_entries=self.agent.config.context_max_entries,
+            )
         try:
             yield from self._build(
                 tenant,
@@ -1015,7 +1021,7 @@ class Builder:
             target = index.resolve(dest)
             writer.ensure_parents(target + "/x")
             with root.opener() as fh:
-                _extract_archive(writer, fh, target)
+                _extract_archive(writer, fh, target, self.agent.config.add_archive_limits)
             return
         if root.kind == "dir":
             target = index.resolve(dest)
@@ -1100,9 +1106,13 @@ class Builder:
         return [resolved] if resolved in index.entries else []
 
     def _image_items(self, index: FsIndex, path: str) -> list[_Item]:
-        import tarfile
+        """The entries under ``path`` of an image (COPY --from): files spooled from its
+        layers, each layer read through the extractor core's caps (a layer bomb stops at
+        the node's layer limits instead of filling the build scratch)."""
+        from runtime_agent.archive import members, open_tar
 
         content = self.agent.content
+        limits = self.agent.config.layer_limits
         root_entry = index.entries[path]
         prefix = path.rstrip("/") + "/"
         chosen = [(path, root_entry)]
@@ -1114,14 +1124,16 @@ class Builder:
                 wanted.setdefault(e.layer, set()).add(e.member)
         # Each layer is read once; contents spill to disk past a few MiB.
         blobs: dict[tuple[str, str], tuple[IO[bytes], int]] = {}
-        for layer, members in wanted.items():
+        for layer, names in wanted.items():
             with (
                 content.open(layer) as raw,
                 media.open_uncompressed(raw) as stream,
-                tarfile.open(fileobj=stream, mode="r|") as tar,
+                open_tar(stream, limits, compressed=False) as (tar, _stream),
             ):
-                for info in tar:
-                    if info.name in members and info.isfile():
+                if tar is None:
+                    continue  # an empty layer
+                for info, _parts in members(tar, limits):
+                    if info.name in names and info.isfile():
                         fh = tar.extractfile(info)
                         if fh is not None:
                             spooled: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=8 << 20)
@@ -1229,50 +1241,60 @@ def _is_archive(path: Path) -> bool:
     return len(head) >= 262 and head[257:262] == b"ustar"
 
 
-def _extract_archive(writer: LayerWriter, fh: IO[bytes], dest: str) -> None:
-    """ADD of a local tar: its entries land under ``dest`` with their own owners and modes."""
+def _extract_archive(
+    writer: LayerWriter, fh: IO[bytes], dest: str, limits: ArchiveLimits | None = None
+) -> None:
+    """ADD of a local tar: its entries land under ``dest`` with their own owners and modes.
+
+    The archive is read by the agent's one extractor core (``runtime_agent.archive``):
+    gzip/bzip2/xz detected from magic bytes, the unpacked size and member count capped
+    by ``limits`` (default: the node's ADD archive caps) before anything is written,
+    names split into safe components. Entries go into the layer tar, never onto the
+    node; a directory on the way that is a symlink in the image is resolved inside the
+    image, as a container would see it. A hard link must name a regular file this archive
+    wrote earlier (a later member of that name replaces the link, never writes through
+    it); device nodes and FIFOs are skipped.
+    """
     import tarfile
 
-    try:
-        with tarfile.open(fileobj=fh, mode="r|*") as tar:
-            for info in tar:
-                name = posixpath.normpath("/" + info.name).lstrip("/")
-                if not name or name == ".":
-                    continue
-                path = posixpath.join(dest, name)
-                writer.ensure_parents(path)
-                if info.isdir():
-                    writer.add_dir(path, info.mode & 0o7777, info.uid, info.gid, mtime=info.mtime)
-                elif info.issym():
-                    writer.add_symlink(path, info.linkname, info.uid, info.gid, mtime=info.mtime)
-                elif info.isfile():
-                    data = tar.extractfile(info)
-                    writer.add_file(
-                        path,
-                        data,
-                        info.size,
-                        info.mode & 0o7777,
-                        info.uid,
-                        info.gid,
-                        mtime=info.mtime,
+    from runtime_agent.archive import clean_member_path, members, open_tar
+    from runtime_agent.config import AgentConfig
+    from runtime_agent.errors import InvalidArchive
+
+    limits = limits or AgentConfig().add_archive_limits
+    files: dict[tuple[str, ...], str] = {}  # archive name -> layer path, regular files
+    with open_tar(fh, limits) as (tar, _stream):
+        if tar is None:
+            return  # an empty archive
+        for info, parts in members(tar, limits):
+            if not parts:
+                continue
+            parent = writer.index.resolve(posixpath.join(dest, *parts[:-1]))
+            path = posixpath.join(parent, parts[-1])
+            files.pop(tuple(parts), None)
+            writer.ensure_parents(path)
+            mode = info.mode & 0o7777
+            if info.isdir():
+                writer.add_dir(path, mode, info.uid, info.gid, mtime=info.mtime)
+            elif info.issym():
+                writer.add_symlink(path, info.linkname, info.uid, info.gid, mtime=info.mtime)
+            elif info.isreg():
+                data = tar.extractfile(info)
+                writer.add_file(path, data, info.size, mode, info.uid, info.gid, mtime=info.mtime)
+                files[tuple(parts)] = path
+            elif info.islnk():
+                try:
+                    target = files.get(tuple(clean_member_path(info.linkname, limits.what)))
+                except InvalidArchive:
+                    target = None  # climbs out of the archive: no file of it either
+                if target is None:
+                    raise InvalidArchive(
+                        f"ADD: hard link {info.name!r} points at {info.linkname!r}, which is "
+                        "not a file in this archive"
                     )
-                elif info.islnk():
-                    target = posixpath.join(
-                        dest, posixpath.normpath("/" + info.linkname).lstrip("/")
-                    )
-                    entry = writer.index.entries.get(target)
-                    if entry is None:
-                        raise InvalidArgument(f"ADD: hard link {info.name} to a missing file")
-                    link = tarfile.TarInfo(path.lstrip("/"))
-                    link.type = tarfile.LNKTYPE
-                    link.linkname = target.lstrip("/")
-                    link.mode, link.uid, link.gid, link.mtime = (
-                        info.mode & 0o7777,
-                        info.uid,
-                        info.gid,
-                        info.mtime,
-                    )
-                    writer._tar.addfile(link)
-                    writer.count += 1
-    except tarfile.TarError as exc:
-        raise InvalidArgument(f"ADD: cannot extract archive: {exc}") from exc
+                link = tarfile.TarInfo(path.lstrip("/"))
+                link.type, link.linkname = tarfile.LNKTYPE, target.lstrip("/")
+                link.mtime = writer.mtime
+                writer._add(path, link, None, "file", True)
+                writer.index.entries[path] = writer.index.entries[target]  # same inode
+                files[tuple(parts)] = target

@@ -1,7 +1,8 @@
 """The build context: a directory or a tar stream, filtered by ``.dockerignore``.
 
-A tar stream is unpacked into a private directory, refusing members that would escape it
-and stopping as soon as the tenant's size limit is passed. COPY/ADD sources are resolved
+A tar stream is unpacked into a private directory by the agent's one hardened extractor
+(``runtime_agent.archive``): no member can name or touch anything outside it, and it stops
+as soon as the tenant's size or member-count limit is passed. COPY/ADD sources are resolved
 here: docker's glob rules (``filepath.Match`` per element), no path may leave the context,
 and ignored files are invisible. Sources are digested by content and metadata (type,
 permission bits, symlink target) but never mtimes, so touching a file keeps the cache warm.
@@ -9,6 +10,7 @@ permission bits, symlink target) but never mtimes, so touching a file keeps the 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import os
@@ -16,40 +18,40 @@ import posixpath
 import re
 import shutil
 import stat
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
+from runtime_agent.archive import CONTEXT_POLICY, extract
 from runtime_agent.build.dockerignore import IgnoreMatcher
-from runtime_agent.errors import InvalidArgument, NotFound, ResourceExhausted
+from runtime_agent.config import AgentConfig
+from runtime_agent.errors import InvalidArchive, InvalidArgument, NotFound, ResourceExhausted
 
 DEFAULT_CONTEXT_LIMIT = 2 * 1024**3
 
 
-# tarfile's own "tar" filter where this Python has it (3.11.4+; Debian 12's 3.11.2 has not):
-# the checks in _check_lands_inside and the mode mask apply either way.
-_TAR_FILTER: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+def _refuse_escaping_symlinks(root: Path) -> None:
+    """Refuse a tree holding a symlink that resolves outside ``root``.
 
-
-def _check_lands_inside(root: Path, member: tarfile.TarInfo) -> None:
-    """Refuse a member that would be written outside ``root``: through a symlink an
-    earlier member made (``link -> /etc`` then ``link/passwd``), onto such a symlink, or
-    as a symlink pointing out of the context (absolute or ``..``)."""
+    The extractor already refuses absolute symlinks and targets that climb out as
+    written, but a chain can still get out (``a/b/l -> ../..`` then ``up ->
+    a/b/l/../..``: each inside on paper, ``up`` two levels above the root). Once every
+    member is in place, resolving each link settles it, so reading the Dockerfile, the
+    .dockerignore or a COPY source never follows a link off the context.
+    """
     base = os.path.realpath(root)
-
-    def inside(path: str) -> bool:
-        return path == base or path.startswith(base + os.sep)
-
-    target = os.path.join(base, member.name)
-    if not inside(os.path.realpath(target)):
-        raise InvalidArgument(f"build context tar member {member.name!r} escapes the context")
-    if member.issym() and (
-        member.linkname.startswith("/")
-        or not inside(os.path.realpath(os.path.join(os.path.dirname(target), member.linkname)))
-    ):
-        raise InvalidArgument(f"symlink {member.name!r} points outside the context")
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                continue
+            real = os.path.realpath(path)
+            if real != base and not real.startswith(base + os.sep):
+                rel = os.path.relpath(path, base)
+                raise InvalidArchive(
+                    f"symlink {rel!r} resolves outside the build context ({os.readlink(path)!r})"
+                )
 
 
 class BuildContext:
@@ -80,44 +82,25 @@ class BuildContext:
 
     @classmethod
     def from_tar(
-        cls, stream: IO[bytes], limit: int = DEFAULT_CONTEXT_LIMIT, workdir: Path | None = None
+        cls,
+        stream: IO[bytes],
+        limit: int = DEFAULT_CONTEXT_LIMIT,
+        workdir: Path | None = None,
+        *,
+        max_entries: int | None = None,
     ) -> BuildContext:
-        """Unpack a (possibly compressed) tar stream; nothing is kept if it is bad or too big."""
+        """Unpack a (possibly gzip/bzip2/xz-compressed) tar stream with the agent's one
+        hardened extractor: no member can name or touch anything outside the context,
+        owners are not kept, modes lose setuid/setgid/sticky and group/other write. At most
+        ``limit`` bytes of files and ``max_entries`` members (default: the node's
+        ``context_max_entries``); nothing is kept if the stream is bad or too big."""
+        limits = AgentConfig().context_limits(limit)
+        if max_entries is not None:
+            limits = dataclasses.replace(limits, max_entries=max_entries)
         tmp = Path(tempfile.mkdtemp(prefix="berth-ctx-", dir=workdir))
         try:
-            total = 0
-            try:
-                with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    for member in tar:
-                        total += member.size if member.isfile() else 0
-                        if total > limit:
-                            raise ResourceExhausted(
-                                f"build context is larger than the limit of {limit} bytes",
-                                limit=limit,
-                            )
-                        name = posixpath.normpath(member.name.lstrip("/"))
-                        if name == ".":
-                            continue
-                        if name.startswith("../") or name == "..":
-                            raise InvalidArgument(
-                                f"build context tar member {member.name!r} escapes the context"
-                            )
-                        if member.islnk():
-                            target = posixpath.normpath(member.linkname.lstrip("/"))
-                            if target.startswith(".."):
-                                raise InvalidArgument(
-                                    f"hard link {member.name!r} points outside the context"
-                                )
-                        if not (
-                            member.isfile() or member.isdir() or member.issym() or member.islnk()
-                        ):
-                            continue
-                        member.name = name
-                        _check_lands_inside(tmp, member)
-                        member.mode &= 0o755  # no setuid/setgid/sticky, no group/other write
-                        tar.extract(member, tmp, set_attrs=True, **_TAR_FILTER)
-            except tarfile.TarError as exc:
-                raise InvalidArgument(f"build context is not a valid tar stream: {exc}") from exc
+            extract(stream, tmp, limits, CONTEXT_POLICY)
+            _refuse_escaping_symlinks(tmp)
             return cls(tmp, owned=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

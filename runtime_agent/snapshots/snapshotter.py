@@ -114,7 +114,7 @@ class Snapshotter:
             from runtime_agent.snapshots.unpack import unpack_layer  # tar code: only to unpack
 
             with self.content.open(desc["digest"]) as raw, open_uncompressed(raw) as stream:
-                result = unpack_layer(stream, tmp / "fs")
+                result = unpack_layer(stream, tmp / "fs", self.config.layer_limits)
             if result.diff_id != diff_id:
                 raise DigestMismatch(
                     f"layer {desc['digest']} unpacks to {result.diff_id}, but the image "

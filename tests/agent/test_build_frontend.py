@@ -149,7 +149,7 @@ def test_context_tar_symlink_out_of_the_context_is_refused(tmp_path: Path, linkn
     through.size = 5
     work = tmp_path / "work"
     work.mkdir()
-    with pytest.raises(InvalidArgument, match=r"outside the context|escapes the context"):
+    with pytest.raises(InvalidArgument, match="outside the build context"):
         BuildContext.from_tar(_tar_entries([link, through]), workdir=work)
     assert list(work.iterdir()) == []
     assert list(outside.iterdir()) == []
@@ -305,7 +305,7 @@ def test_context_directory_over_limit(tmp_path: Path) -> None:
 
 def test_context_tar_with_escaping_member(tmp_path: Path) -> None:
     stream = _tar({"../evil": b"x"})
-    with pytest.raises(InvalidArgument, match="escapes the context"):
+    with pytest.raises(InvalidArgument, match="outside the build context"):
         BuildContext.from_tar(stream, workdir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 

@@ -1,0 +1,544 @@
+"""Hostile archives a tenant makes the node unpack (issue #17 items 1 and 8).
+
+A tenant controls every byte of its build context, of the archives its Dockerfile ADDs
+and of the layers of the images it pushes or imports. The node unpacks them as root, so
+each test here is an attack through the real builder (real agent, busybox bootstrap,
+runc for RUN steps) or the control plane's build API: hard links, symlinks, ``..`` and
+absolute names, device nodes and duplicate names must never name or touch anything
+outside the directory being filled, and bombs (a small archive that unpacks to a lot)
+stop at the node's caps with a clear error and nothing left behind.
+
+The host file the attacks aim at is a 0600 secret in a directory the test owns; every
+attack checks its content, owner, mode, mtime, inode and link count are unchanged.
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import gzip
+import io
+import json
+import lzma
+import os
+import secrets
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from runtime_agent.agent import Agent
+from runtime_agent.build.events import BuildEvent
+from runtime_agent.build.steps import BuildLimits
+from runtime_agent.config import AgentConfig
+from runtime_agent.errors import AgentError, InvalidArchive, InvalidArgument, ResourceExhausted
+from tests.agent.dockerfiles.support import (
+    build_cgroups_removed,  # noqa: F401 - fixture
+    image_tree,
+    make_base,
+)
+
+pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("build_cgroups_removed")]
+
+T = "mallory"
+CAP = 8 << 20  # the caps this module's node runs with (small, so bombs are cheap)
+BOMB = 64 << 20  # what a bomb unpacks to: 8x the cap, a few hundred KiB compressed
+NO_NET = BuildLimits(network=None, step_timeout=60, context_bytes=CAP)
+
+
+@pytest.fixture
+def agent_config(agent_config: AgentConfig) -> AgentConfig:
+    """The test node with small archive caps (the defaults are GiBs)."""
+    return dataclasses.replace(
+        agent_config,
+        context_max_entries=2000,
+        add_archive_max_bytes=CAP,
+        add_archive_max_entries=2000,
+        layer_max_bytes=CAP,
+        layer_max_entries=2000,
+    )
+
+
+# ------------------------------------------------------------------ the host file
+@dataclass(frozen=True)
+class HostFile:
+    path: Path
+    content: bytes
+
+    def snapshot(self) -> tuple[int, ...]:
+        st = os.lstat(self.path)
+        return (st.st_ino, st.st_nlink, st.st_uid, st.st_gid, st.st_mode, st.st_mtime_ns)
+
+    def assert_untouched(self, before: tuple[int, ...]) -> None:
+        assert self.path.read_bytes() == self.content
+        assert self.snapshot() == before
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Iterator[HostFile]:
+    """A 0600 root-owned file on the node, outside anything the builder owns."""
+    home = tmp_path / "host"
+    home.mkdir(mode=0o700)
+    path = home / "secret"
+    content = f"TOP-SECRET-{secrets.token_hex(8)}\n".encode()
+    path.write_bytes(content)
+    path.chmod(0o600)
+    os.utime(path, ns=(1_500_000_000 * 10**9, 1_500_000_000 * 10**9))
+    host = HostFile(path, content)
+    before = host.snapshot()
+    yield host
+    host.assert_untouched(before)  # every test, whatever it asserted itself
+
+
+# ------------------------------------------------------------------ hostile tars
+def member(
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    data: bytes = b"",
+    linkname: str = "",
+    *,
+    hostile: bool = False,
+    mode: int | None = None,
+    major: int = 0,
+    minor: int = 0,
+) -> tuple[tarfile.TarInfo, bytes]:
+    """One tar member; ``hostile`` gives it owner 4242, mode 06777 and mtime 1, which
+    must never reach anything through a link."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    default_mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.mode = 0o6777 if hostile else (default_mode if mode is None else mode)
+    info.uid = info.gid = 4242 if hostile else 0
+    info.mtime = 1 if hostile else 1_600_000_000
+    info.devmajor, info.devminor = major, minor
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data
+
+
+def dockerfile(text: str) -> tuple[tarfile.TarInfo, bytes]:
+    return member("Dockerfile", data=text.encode())
+
+
+def tar_of(*members: tuple[tarfile.TarInfo, bytes], compress: str = "") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return compressed(buf.getvalue(), compress)
+
+
+def compressed(data: bytes, how: str) -> bytes:
+    if how == "gz":
+        return gzip.compress(data, compresslevel=6)
+    if how == "bz2":
+        return bz2.compress(data)
+    if how == "xz":
+        return lzma.compress(data, preset=0)
+    return data
+
+
+def zeros_tar_gz(name: str, size: int) -> bytes:
+    """A gzip bomb: one file of ``size`` zero bytes, streamed (never all in memory)."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6) as gz:
+        with tarfile.open(fileobj=gz, mode="w|") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, _Zeros(size))
+    return buf.getvalue()
+
+
+class _Zeros(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        self.left -= size
+        return bytes(size)
+
+
+# ------------------------------------------------------------------ driving builds
+@dataclass
+class Attempt:
+    events: list[BuildEvent]
+    error: AgentError | None
+
+    @property
+    def shown(self) -> str:
+        """Everything the tenant gets to see: the build's events and its error."""
+        text = "".join(f"{e.kind} {e.message}\n" for e in self.events)
+        return text + (str(self.error) if self.error else "")
+
+
+def attempt(
+    agent: Agent, context: bytes, tag: str = "attack", limits: BuildLimits = NO_NET
+) -> Attempt:
+    events: list[BuildEvent] = []
+    try:
+        for event in agent.builder.build(T, io.BytesIO(context), tag=tag, limits=limits):
+            events.append(event)
+    except AgentError as exc:
+        return Attempt(events, exc)
+    return Attempt(events, None)
+
+
+def assert_refused(
+    agent: Agent, result: Attempt, error: type[AgentError], match: str, secret: HostFile
+) -> None:
+    """The build failed with ``error`` saying ``match``, showed nothing of the secret,
+    tagged nothing and left no context directory behind."""
+    assert isinstance(result.error, error), result.shown
+    assert match in str(result.error), result.shown
+    assert secret.content.strip().decode().lower() not in result.shown.lower()
+    assert "attack:latest" not in agent.images.references(T)
+    assert_no_scratch_left(agent)
+
+
+def assert_no_scratch_left(agent: Agent) -> None:
+    contexts = agent.config.build_cache_dir / ".contexts"
+    assert not contexts.exists() or list(contexts.iterdir()) == []
+    ingest = agent.config.content_dir / "ingest"
+    assert not ingest.exists() or list(ingest.iterdir()) == []
+    layers = agent.config.snapshots_dir / "layers"
+    assert not layers.exists() or [p for p in layers.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.fixture
+def busybox(agent: Agent, tmp_path: Path) -> Agent:
+    make_base(agent, T, tmp_path)
+    return agent
+
+
+LEAK_DOCKERFILE = "FROM busybox\nCOPY leak /leak\nRUN cat /leak\n"
+
+
+# ------------------------------------------------------------------ item 1: links
+def test_hard_link_to_an_absolute_host_file_is_refused(busybox: Agent, secret: HostFile) -> None:
+    """The issue's repro: ``leak`` hard-links a 0600 host file; COPY + RUN cat would print
+    it and tarfile would re-own, re-mode and re-date the host file through the link."""
+    context = tar_of(
+        dockerfile(LEAK_DOCKERFILE),
+        member("leak", tarfile.LNKTYPE, linkname=str(secret.path), hostile=True),
+    )
+    result = attempt(busybox, context)
+    assert_refused(busybox, result, InvalidArchive, "hard link 'leak'", secret)
+    assert "not a file in this build context" in str(result.error)
+
+
+def test_regular_file_after_hard_link_to_host_file_never_writes_it(
+    busybox: Agent, secret: HostFile
+) -> None:
+    """``w`` hard-links the host file, then a regular ``w`` would write through it."""
+    context = tar_of(
+        dockerfile("FROM busybox\nCOPY w /w\n"),
+        member("w", tarfile.LNKTYPE, linkname=str(secret.path), hostile=True),
+        member("w", data=b"PWNED\n", hostile=True),
+    )
+    result = attempt(busybox, context)
+    assert_refused(busybox, result, InvalidArchive, "hard link 'w'", secret)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "dotdot",  # ../../../../<host path>
+        "dotdot-after-dir",  # sub/../../../<host path>
+        "dot-slash-dotdot",  # ./../<...>
+        "double-slash",  # //<host path>
+        "absolute-dotdot",  # /../../<host path>
+    ],
+)
+def test_hard_link_spellings_out_of_the_context_are_refused(
+    busybox: Agent, secret: HostFile, spelling: str
+) -> None:
+    host = str(secret.path).lstrip("/")
+    up = "../" * 40
+    linkname = {
+        "dotdot": up + host,
+        "dotdot-after-dir": "sub/" + up + host,
+        "dot-slash-dotdot": "./" + up + host,
+        "double-slash": "//" + host,
+        "absolute-dotdot": "/../../" + host,
+    }[spelling]
+    context = tar_of(
+        dockerfile(LEAK_DOCKERFILE),
+        member("sub/", tarfile.DIRTYPE),
+        member("leak", tarfile.LNKTYPE, linkname=linkname, hostile=True),
+    )
+    result = attempt(busybox, context)
+    # Climbing out is refused as such; a rooted name is looked up inside the context,
+    # where no such file exists.
+    assert isinstance(result.error, InvalidArchive), result.shown
+    assert_refused(busybox, result, InvalidArchive, "'leak'", secret)
+
+
+@pytest.mark.parametrize("symlink", ["absolute", "relative"])
+def test_hard_link_through_an_earlier_symlink_is_refused(
+    busybox: Agent, secret: HostFile, symlink: str
+) -> None:
+    """``d`` -> the secret's directory, then ``leak`` hard-links ``d/secret``."""
+    target = (
+        str(secret.path.parent)
+        if symlink == "absolute"
+        else "../" * 40 + str(secret.path.parent).lstrip("/")
+    )
+    context = tar_of(
+        dockerfile(LEAK_DOCKERFILE),
+        member("d", tarfile.SYMTYPE, linkname=target),
+        member("leak", tarfile.LNKTYPE, linkname="d/secret", hostile=True),
+    )
+    result = attempt(busybox, context)
+    assert_refused(busybox, result, InvalidArchive, "symlink 'd' points outside", secret)
+
+
+@pytest.mark.parametrize("through", ["dir-symlink", "same-name-symlink"])
+def test_file_written_through_an_earlier_symlink_is_refused(
+    busybox: Agent, secret: HostFile, through: str
+) -> None:
+    """A symlink out (to the directory, or to the file itself), then a regular member
+    written through it."""
+    if through == "dir-symlink":
+        link, name = member("d", tarfile.SYMTYPE, linkname=str(secret.path.parent)), "d/secret"
+    else:
+        link, name = member("s", tarfile.SYMTYPE, linkname=str(secret.path)), "s"
+    context = tar_of(
+        dockerfile("FROM busybox\nRUN true\n"), link, member(name, data=b"PWNED\n", hostile=True)
+    )
+    result = attempt(busybox, context)
+    assert_refused(busybox, result, InvalidArchive, "points outside the build context", secret)
+
+
+def test_symlink_chain_that_resolves_out_of_the_context_is_refused(
+    busybox: Agent, secret: HostFile
+) -> None:
+    """Each link stays inside on paper, yet ``Dockerfile`` resolves to the host file:
+    ``a/../l -> ../..`` is the context root, and ``..`` after it climbs above. The
+    builder reads the Dockerfile, and a parse error would quote the secret."""
+    depth = 40
+    dirs = "/".join(f"d{i}" for i in range(depth))
+    chain = f"{dirs}/l/" + "../" * depth + str(secret.path).lstrip("/")
+    context = tar_of(
+        member(f"{dirs}/l", tarfile.SYMTYPE, linkname="../" * depth),
+        member("Dockerfile", tarfile.SYMTYPE, linkname=chain),
+    )
+    result = attempt(busybox, context)
+    assert_refused(
+        busybox, result, InvalidArchive, "'Dockerfile' resolves outside the build context", secret
+    )
+
+
+def test_same_names_replace_and_never_write_through(agent: Agent, secret: HostFile) -> None:
+    """Duplicate names: a later member replaces an earlier one (file, hard link, symlink
+    or directory) and never writes into what it pointed at; links inside the context
+    keep working."""
+    context = tar_of(
+        dockerfile("FROM scratch\nCOPY . /ctx/\n"),
+        member("inner", data=b"original"),
+        member("w", tarfile.LNKTYPE, linkname="inner", hostile=True),
+        member("w", data=b"replaced-w"),
+        member("s", tarfile.SYMTYPE, linkname="inner"),
+        member("s", data=b"replaced-s"),
+        member("f", data=b"one"),
+        member("f", data=b"two"),
+        member("d", data=b"a file first"),
+        member("d/", tarfile.DIRTYPE),
+        member("d/f", data=b"in-dir"),
+        member("kept", tarfile.LNKTYPE, linkname="/inner", hostile=True),  # rooted: in the context
+    )
+    result = attempt(agent, context, tag="dups")
+    assert result.error is None, result.shown
+    tree = image_tree(agent, T, "dups")
+    assert tree["/ctx/inner"][4] == "original"
+    assert tree["/ctx/w"][4] == "replaced-w"
+    assert tree["/ctx/s"][:1] == ("file",) and tree["/ctx/s"][4] == "replaced-s"
+    assert tree["/ctx/f"][4] == "two"
+    assert tree["/ctx/d"][0] == "dir" and tree["/ctx/d/f"][4] == "in-dir"
+    assert tree["/ctx/kept"][4] == "original"
+    assert tree["/ctx/kept"][1] == 0o644  # the link member's 06777 was not applied
+    assert_no_scratch_left(agent)
+
+
+def test_absolute_member_names_land_inside_the_context(
+    agent: Agent, secret: HostFile, tmp_path: Path
+) -> None:
+    planted = tmp_path / "planted"
+    context = tar_of(
+        dockerfile("FROM scratch\nCOPY . /ctx/\n"),
+        member(str(planted), data=b"abs"),
+        member("//" + str(planted) + "2", data=b"abs2"),
+        member(str(secret.path), data=b"PWNED\n", hostile=True),
+    )
+    result = attempt(agent, context, tag="abs")
+    assert result.error is None, result.shown
+    assert not planted.exists() and not Path(str(planted) + "2").exists()
+    tree = image_tree(agent, T, "abs")
+    assert tree[f"/ctx{planted}"][4] == "abs"
+    assert tree[f"/ctx{secret.path}"][4] == "PWNED\n"  # the tenant's own copy, inside
+    assert_no_scratch_left(agent)
+
+
+@pytest.mark.parametrize("name", ["../planted", "a/../../planted", "./../planted", "/../planted"])
+def test_dotdot_member_names_are_refused(agent: Agent, secret: HostFile, name: str) -> None:
+    context = tar_of(dockerfile("FROM scratch\nCOPY . /ctx/\n"), member(name, data=b"x"))
+    result = attempt(agent, context)
+    assert_refused(agent, result, InvalidArchive, "points outside the build context", secret)
+    assert not (agent.config.build_cache_dir / "planted").exists()
+
+
+def test_device_nodes_and_fifos_are_never_made(agent: Agent, secret: HostFile) -> None:
+    """A block device of the node's disk, /dev/mem's numbers and a FIFO: skipped, so
+    nothing in the context opens a device of the node; a hard link to a skipped node
+    has nothing to link to."""
+    context = tar_of(
+        dockerfile("FROM scratch\nCOPY . /ctx/\n"),
+        member("disk", tarfile.BLKTYPE, major=8, minor=0, mode=0o666),
+        member("mem", tarfile.CHRTYPE, major=1, minor=1, mode=0o666),
+        member("pipe", tarfile.FIFOTYPE),
+        member("f", data=b"ok"),
+    )
+    result = attempt(agent, context, tag="dev")
+    assert result.error is None, result.shown
+    tree = image_tree(agent, T, "dev")
+    assert "/ctx/f" in tree
+    assert not {"/ctx/disk", "/ctx/mem", "/ctx/pipe"} & set(tree)
+    linked = tar_of(
+        dockerfile("FROM scratch\nCOPY . /ctx/\n"),
+        member("disk", tarfile.BLKTYPE, major=8, minor=0, mode=0o666),
+        member("hl", tarfile.LNKTYPE, linkname="disk"),
+    )
+    assert_refused(agent, attempt(agent, linked), InvalidArchive, "hard link 'hl'", secret)
+
+
+# ------------------------------------------------------------------ ADD archives
+def test_add_archive_links_stay_in_the_image(busybox: Agent, secret: HostFile) -> None:
+    """ADD writes a layer, not the node: a hard link must name a file of the archive,
+    and a regular file after a hard link of its name replaces the link. RUN unpacks the
+    layer for real (snapshotter), so the link must also hold there."""
+    archive = tar_of(
+        member("inner", data=b"original\n"),
+        member("w", tarfile.LNKTYPE, linkname="inner", hostile=True),
+        member("w", data=b"replaced\n"),
+        member("h", tarfile.LNKTYPE, linkname="./inner", hostile=True),
+        compress="gz",
+    )
+    context = tar_of(
+        dockerfile("FROM busybox\nADD a.tar.gz /x/\nRUN cat /x/inner /x/w /x/h\n"),
+        member("a.tar.gz", data=archive),
+    )
+    result = attempt(busybox, context, tag="add-links")
+    assert result.error is None, result.shown
+    output = "".join(e.message for e in result.events if e.kind == "output")
+    assert output == "original\nreplaced\noriginal\n"
+
+    for linkname in (str(secret.path), "../" * 40 + str(secret.path).lstrip("/"), "missing"):
+        hostile = tar_of(
+            member("leak", tarfile.LNKTYPE, linkname=linkname, hostile=True), compress="gz"
+        )
+        context = tar_of(
+            dockerfile("FROM busybox\nADD a.tar.gz /x/\nRUN cat /x/leak\n"),
+            member("a.tar.gz", data=hostile),
+        )
+        result = attempt(busybox, context)
+        assert_refused(busybox, result, InvalidArgument, "leak", secret)
+
+
+# ------------------------------------------------------------------ item 8: bombs
+@pytest.mark.parametrize("how", ["gz", "bz2", "xz"])
+def test_context_bomb_stops_at_the_cap(agent: Agent, secret: HostFile, how: str) -> None:
+    bomb = tar_of(dockerfile("FROM scratch\n"), member("big", data=bytes(BOMB)), compress=how)
+    assert len(bomb) < BOMB // 100
+    result = attempt(agent, bomb)
+    assert_refused(
+        agent,
+        result,
+        ResourceExhausted,
+        f"build context is larger than the limit of {CAP} bytes unpacked",
+        secret,
+    )
+
+
+def test_context_member_count_and_header_bombs(agent: Agent, secret: HostFile) -> None:
+    many = tar_of(
+        dockerfile("FROM scratch\n"), *(member(f"f{i}") for i in range(2001)), compress="gz"
+    )
+    result = attempt(agent, many)
+    assert_refused(agent, result, ResourceExhausted, "more than the limit of 2000 entries", secret)
+    assert "BERTH_CONTEXT_MAX_ENTRIES" in str(result.error)
+
+    # A PAX header tarfile would read whole into memory.
+    info, data = member("big-header", data=b"x")
+    info.pax_headers = {"comment": "x" * (4 << 20)}
+    result = attempt(agent, tar_of(dockerfile("FROM scratch\n"), (info, data), compress="gz"))
+    assert_refused(agent, result, InvalidArchive, "extended header", secret)
+
+    # Zeros after the end of the archive still have to be read: they count too.
+    trailing = gzip.compress(tar_of(dockerfile("FROM scratch\n")) + bytes(BOMB))
+    result = attempt(agent, trailing)
+    assert_refused(agent, result, ResourceExhausted, "build context is larger", secret)
+
+
+def test_add_archive_bomb_stops_at_the_cap(agent: Agent, secret: HostFile) -> None:
+    context = tar_of(
+        dockerfile("FROM scratch\nADD bomb.tar.gz /\n"),
+        member("bomb.tar.gz", data=zeros_tar_gz("big", BOMB)),
+    )
+    result = attempt(agent, context)
+    assert_refused(
+        agent,
+        result,
+        ResourceExhausted,
+        f"ADD archive is larger than the limit of {CAP} bytes unpacked "
+        "(set by BERTH_ADD_ARCHIVE_MAX_BYTES)",
+        secret,
+    )
+    many = tar_of(*(member(f"f{i}") for i in range(2001)), compress="xz")
+    context = tar_of(
+        dockerfile("FROM scratch\nADD many.tar.xz /\n"), member("many.tar.xz", data=many)
+    )
+    result = attempt(agent, context)
+    assert_refused(agent, result, ResourceExhausted, "ADD archive has more than", secret)
+
+
+def test_layer_bomb_stops_at_the_cap(busybox: Agent, secret: HostFile) -> None:
+    """An image whose layer is a gzip bomb (imported here; a pushed or pulled layer goes
+    through the same snapshotter): running a step on it, and COPY --from it, stop at
+    the node's layer cap."""
+    busybox.images.import_rootfs(T, io.BytesIO(zeros_tar_gz("big", BOMB)), "bomb:latest")
+    result = attempt(busybox, tar_of(dockerfile("FROM bomb\nRUN true\n")))
+    assert_refused(
+        busybox,
+        result,
+        ResourceExhausted,
+        f"layer is larger than the limit of {CAP} bytes unpacked (set by BERTH_LAYER_MAX_BYTES)",
+        secret,
+    )
+    result = attempt(busybox, tar_of(dockerfile("FROM scratch\nCOPY --from=bomb /big /big\n")))
+    assert_refused(busybox, result, ResourceExhausted, "layer is larger than the limit", secret)
+
+
+# ------------------------------------------------------------------ through the API
+@pytest.mark.timeout(600)
+def test_hard_link_attack_through_the_build_api(
+    cluster: object, secret: HostFile, tmp_path: Path, settings: object
+) -> None:
+    """The issue's repro as a tenant sends it: POST the context to the build API; the
+    build fails on the node, its log says why and never shows the file."""
+    from tests.e2e.test_builds import _follow, _post_build
+    from tests.e2e.test_dispatch import _client
+
+    settings.BERTH_BUILD_CONTEXT_DIR = tmp_path / "ctx"  # type: ignore[attr-defined]
+    client = _client("mallory")
+    context = tar_of(
+        dockerfile(LEAK_DOCKERFILE),
+        member("leak", tarfile.LNKTYPE, linkname=str(secret.path), hostile=True),
+    )
+    build_id = _post_build(client, "mallory", "tag=leak:v1", context)
+    lines = _follow(client, "mallory", build_id)
+    log = json.dumps(lines)
+    assert lines[-1]["state"] == "failed", lines
+    assert "hard link 'leak'" in lines[-1]["reason"], lines[-1]
+    assert secret.content.strip().decode() not in log
