@@ -127,6 +127,30 @@ class AgentConfig:
     def snapshots_dir(self) -> Path:
         return self.root / "snapshots"
 
+    # Defaults a tenant's containers get when they ask for nothing (see cgroups/ and
+    # snapshots/snapshotter.py): processes per container (podman's default) and per
+    # tenant (its parent cgroup; default an eighth of the node's pid_max), and the size of
+    # the filesystem that holds the tenant's writable layers (0: on the state disk, uncapped).
+    container_pids_max: int = field(
+        default_factory=lambda: int(os.environ.get("BERTH_CONTAINER_PIDS_MAX", "2048"))
+    )
+    tenant_pids_max: int = field(
+        default_factory=lambda: int(
+            os.environ.get("BERTH_TENANT_PIDS_MAX") or max(1024, AgentConfig.node_pid_max() // 8)
+        )
+    )
+    tenant_layer_bytes: int = field(
+        default_factory=lambda: int(os.environ.get("BERTH_TENANT_LAYER_BYTES", str(10 << 30)))
+    )
+
+    @staticmethod
+    def node_pid_max() -> int:
+        """The kernel's pid_max: how many processes and threads the whole node may have."""
+        try:
+            return int(Path("/proc/sys/kernel/pid_max").read_text())
+        except (OSError, ValueError):
+            return 32768
+
     @property
     def containers_dir(self) -> Path:
         return self.root / "containers"
