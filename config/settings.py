@@ -145,6 +145,26 @@ BERTH_NODE_TIMEOUT_SECONDS = env_int("BERTH_NODE_TIMEOUT_SECONDS", 30, minimum=2
 BERTH_RECONCILE_SECONDS = env_int("BERTH_RECONCILE_SECONDS", 5, minimum=1)
 BERTH_DEPLOY_TIMEOUT_SECONDS = env_int("BERTH_DEPLOY_TIMEOUT_SECONDS", 300, minimum=5)
 BERTH_AGENT_BROKER_URL = env_str("BERTH_AGENT_BROKER_URL", "")
+# Host ports a tenant may not publish on a node: every port below
+# BERTH_TENANT_MIN_HOST_PORT (privileged) and BERTH_RESERVED_HOST_PORTS, the node's own
+# services (SSH, the control plane, the registry, Postgres, Redis, the edge's HTTP/HTTPS and
+# admin ports). Comma-separated; set it to what a fleet's nodes really run.
+BERTH_TENANT_MIN_HOST_PORT = env_int("BERTH_TENANT_MIN_HOST_PORT", 1024, minimum=1)
+
+
+def _ports(name: str, default: list[str]) -> frozenset[int]:
+    ports = set()
+    for raw in env_list(name, default):
+        if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+            raise ConfigError(f"{name} must list ports 1-65535, got {raw!r}")
+        ports.add(int(raw))
+    return frozenset(ports)
+
+
+BERTH_RESERVED_HOST_PORTS = _ports(
+    "BERTH_RESERVED_HOST_PORTS",
+    ["22", "2019", "5000", "5432", "6379", "8000", "8080", "8443"],
+)
 BERTH_DEFAULT_NETWORK_MODE = env_str("BERTH_DEFAULT_NETWORK_MODE", "bridge")
 if BERTH_DEFAULT_NETWORK_MODE not in ("bridge", "none"):
     raise ConfigError("BERTH_DEFAULT_NETWORK_MODE must be bridge or none")

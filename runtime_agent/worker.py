@@ -54,6 +54,9 @@ BUILDS_PER_TENANT = 1
 #: Exec, logs and stats running at once on a node, and of one tenant (more are refused).
 INTERACTIVE_SLOTS = 8
 INTERACTIVE_PER_TENANT = 3
+#: Failed applies remembered for reports at most (each is dropped once applied again or
+#: removed; the oldest go first past this).
+MAX_FAILED_REPORTS = 1000
 
 
 def _now() -> str:
@@ -89,6 +92,11 @@ class NodeWorker:
         # Applies running here (op id -> what the report says about their container).
         self._starts: dict[str, protocol.ContainerReport] = {}
         self._starts_lock = threading.Lock()
+        # Applies that failed here (uid -> a "stopped" report carrying the error), kept
+        # until the container is applied again or removed: reports give the control plane
+        # the reason (a host port taken, an image refused) instead of a container that
+        # silently "disappeared". Guarded by _starts_lock.
+        self._failed: dict[str, protocol.ContainerReport] = {}
         self.app = self._make_app()
         self._report_now = threading.Event()
         self._stop = threading.Event()
@@ -206,12 +214,27 @@ class NodeWorker:
             yield
             return
         with self._starts_lock:
+            self._failed.pop(uid, None)
             self._starts[op_id] = protocol.ContainerReport(
                 uid=uid, tenant=spec.tenant, name=spec.name, state="starting"
             )
         self._report_now.set()
         try:
             yield
+        except AgentError as exc:
+            failed = protocol.ContainerReport(
+                uid=uid,
+                tenant=spec.tenant,
+                name=spec.name,
+                state="stopped",
+                finished_at=_now(),
+                error=f"the node could not start it: {exc}",
+            )
+            with self._starts_lock:
+                self._failed[uid] = failed
+                while len(self._failed) > MAX_FAILED_REPORTS:  # the oldest go first
+                    self._failed.pop(next(iter(self._failed)))
+            raise
         finally:
             with self._starts_lock:
                 self._starts.pop(op_id, None)
@@ -319,6 +342,10 @@ class NodeWorker:
 
     def remove_container(self, *, op_id: str, tenant: str, name: str) -> dict[str, Any]:
         def run() -> dict[str, Any]:
+            with self._starts_lock:
+                for uid, failed in list(self._failed.items()):
+                    if (failed.tenant, failed.name) == (tenant, name):
+                        del self._failed[uid]
             try:
                 self.agent.containers.remove(tenant, name, force=True)
             except NotFound:
@@ -363,6 +390,7 @@ class NodeWorker:
     def build_report(self) -> protocol.NodeReport:
         with self._starts_lock:
             starting = {s.uid: s for s in self._starts.values()}
+            failed = dict(self._failed)
         items = []
         containers = self.agent.containers
         for info in containers.list_all():
@@ -393,7 +421,9 @@ class NodeWorker:
                 )
             )
             starting.pop(uid, None)
+            failed.pop(uid, None)
         items.extend(starting.values())
+        items.extend(f for uid, f in failed.items() if uid not in starting)
         return protocol.NodeReport(
             node_id=self.identity.node_id,
             credential=self.identity.credential,

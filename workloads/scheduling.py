@@ -2,8 +2,10 @@
 
 ``place(requests, nodes)`` decides, for each requested container, which node runs it:
 
-1. *Filter*: the node is ready, carries every label the request's constraints ask for, and
-   has the free CPU, memory and GPUs the request needs.
+1. *Filter*: the node is ready, carries every label the request's constraints ask for,
+   has the free CPU, memory and GPUs the request needs, and none of the fixed host ports
+   the request publishes is taken there (a host port exists once per node: two replicas
+   that publish the same one never share a node, whoever's they are).
 2. *Score*: among eligible nodes, prefer the one holding the fewest containers of the same
    group (a service's replicas spread across nodes), then one without GPUs for a request
    that needs none (GPU nodes stay free for GPU work), then the least allocated node.
@@ -23,6 +25,21 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+#: Node labels under this prefix are the platform's (``berth.node.id``, which every node
+#: carries implicitly): the scheduler sets constraints on them to keep node-local things
+#: together; a tenant may not (one could co-locate with a victim's container).
+PLATFORM_LABEL_PREFIX = "berth."
+
+
+def is_platform_label(key: str) -> bool:
+    """Whether ``key`` names a platform label, in any case or with surrounding spaces."""
+    return key.strip().lower().startswith(PLATFORM_LABEL_PREFIX)
+
+
+#: A host port a container publishes: (port, "tcp" | "udp"). Port 0 (ephemeral) never
+#: conflicts and is not listed.
+HostPort = tuple[int, str]
+
 
 @dataclass(frozen=True)
 class NodeCapacity:
@@ -38,6 +55,8 @@ class NodeCapacity:
     group_counts: Mapping[str, int] = field(default_factory=dict)
     total_cpu_millicores: int | None = None  # defaults to the free amount
     total_memory_mib: int | None = None
+    # Fixed host ports the node's containers already publish.
+    host_ports: frozenset[HostPort] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,7 @@ class PlacementRequest:
     memory_mib: int
     gpus: int = 0
     constraints: Mapping[str, str] = field(default_factory=dict)
+    host_ports: frozenset[HostPort] = frozenset()
 
 
 @dataclass
@@ -67,12 +87,14 @@ class _NodeState:
     total_cpu: int
     total_memory: int
     counts: dict[str, int]
+    ports: set[HostPort]
 
     def fits(self, request: PlacementRequest) -> bool:
         return (
             self.cpu >= request.cpu_millicores
             and self.memory >= request.memory_mib
             and self.gpus >= request.gpus
+            and self.ports.isdisjoint(request.host_ports)
         )
 
     def allocated_fraction(self) -> float:
@@ -92,6 +114,7 @@ def place(requests: Sequence[PlacementRequest], nodes: Iterable[NodeCapacity]) -
             total_cpu=node.total_cpu_millicores or node.cpu_millicores,
             total_memory=node.total_memory_mib or node.memory_mib,
             counts=dict(node.group_counts),
+            ports=set(node.host_ports),
         )
         for node in nodes
         if node.ready
@@ -107,6 +130,7 @@ def place(requests: Sequence[PlacementRequest], nodes: Iterable[NodeCapacity]) -
             request.memory_mib,
             request.gpus,
             tuple(sorted(request.constraints.items())),
+            tuple(sorted(request.host_ports)),
         )
         groups[signature].append(request)
 
@@ -139,17 +163,17 @@ def _place_group(
     sample = requests[0]
     if not labelled:
         wanted = ", ".join(f"{k}={v}" for k, v in sorted(sample.constraints.items()))
+        reason = f"no ready node has the labels {wanted}" if wanted else "no ready node"
         for request in requests:
-            placement.unplaced[request.key] = f"no ready node has the labels {wanted}"
+            placement.unplaced[request.key] = reason
         return
 
     group = sample.group
     avoid_gpu_nodes = sample.gpus == 0
-    cpu, memory, gpus = sample.cpu_millicores, sample.memory_mib, sample.gpus
     heap = [
         _entry(state, group, avoid_gpu_nodes, index)
         for index, state in enumerate(labelled)
-        if state.cpu >= cpu and state.memory >= memory and state.gpus >= gpus
+        if state.fits(sample)
     ]
     heapq.heapify(heap)
 
@@ -162,6 +186,7 @@ def _place_group(
         state.memory -= request.memory_mib
         state.gpus -= request.gpus
         state.counts[group] = state.counts.get(group, 0) + 1
+        state.ports.update(request.host_ports)
         placement.assignments[request.key] = state.node.id
         if state.fits(sample):
             heapq.heappush(heap, _entry(state, group, avoid_gpu_nodes, index))
@@ -176,6 +201,20 @@ def _entry(
 
 def _shortage_reason(request: PlacementRequest, candidates: list[_NodeState]) -> str:
     """Say which resource ran short, comparing with the roomiest candidate node."""
+    roomy = [
+        s
+        for s in candidates
+        if s.cpu >= request.cpu_millicores
+        and s.memory >= request.memory_mib
+        and s.gpus >= request.gpus
+    ]
+    if roomy:  # room enough, but every such node already publishes a port it needs
+        taken = sorted(set().union(*(s.ports & request.host_ports for s in roomy)))
+        ports = ", ".join(f"{port}/{proto}" for port, proto in taken)
+        return (
+            f"host port {ports} is already published on every node that could run it "
+            f"({len(roomy)} node(s)); use fewer replicas, another host port, or port 0"
+        )
     short = []
     if max(s.cpu for s in candidates) < request.cpu_millicores:
         short.append(

@@ -157,10 +157,11 @@ def deploy_service(service: Service, data: dict[str, Any], *, actor: Actor) -> D
     retired only once every new replica runs (and passes its health check). If a new
     replica fails, the reconciler rolls back (see ``reconcile.advance_deployments``)."""
     service = _lock(service)
+    # Input a tenant may never deploy is refused as such (400), whatever else is going on.
+    fields = specs.service_fields(data, service.tenant)
     admit_new_usage(service.tenant, "deploy")
     if service.deployments.filter(state=DeploymentState.IN_PROGRESS).exists():
         raise Conflict(f"a deployment of {service.name} is already in progress")
-    fields = specs.service_fields(data, service.tenant)
     previous_spec = service.spec()
     previous_generation = service.generation
     generation = (service.deployments.aggregate(m=Max("generation"))["m"] or 0) + 1

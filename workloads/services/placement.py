@@ -17,7 +17,13 @@ from django.utils import timezone
 from runtime_agent import protocol
 from workloads.choices import ContainerState, DesiredState, NodeState
 from workloads.models import Container, Node
-from workloads.scheduling import NodeCapacity, PlacementRequest, place
+from workloads.scheduling import (
+    HostPort,
+    NodeCapacity,
+    PlacementRequest,
+    is_platform_label,
+    place,
+)
 from workloads.secrets import decrypt_secrets
 from workloads.services import dispatch, storage
 from workloads.services.storage import NODE_ID_LABEL
@@ -66,6 +72,15 @@ def send_remove(container: Container, *, node: Node | None = None) -> None:
     )
 
 
+def host_ports(spec: dict[str, Any]) -> frozenset[HostPort]:
+    """The fixed host ports a container spec publishes (port 0, ephemeral, is not one)."""
+    return frozenset(
+        (int(p["host_port"]), str(p.get("protocol") or "tcp"))
+        for p in spec.get("ports") or []
+        if p.get("host_port")
+    )
+
+
 def _capacities(nodes: list[Node]) -> list[NodeCapacity]:
     used: dict[Any, dict[str, int]] = defaultdict(lambda: {"cpu": 0, "mem": 0, "gpus": 0})
     for row in (
@@ -81,6 +96,11 @@ def _capacities(nodes: list[Node]) -> list[NodeCapacity]:
         .annotate(n=Count("id"))
     ):
         groups[group_row["node_id"]][f"svc{group_row['service_id']}"] = group_row["n"]
+    ports: dict[Any, set[HostPort]] = defaultdict(set)
+    for node_id, spec in Container.objects.filter(
+        node__in=nodes, state__in=HOLDS_CAPACITY
+    ).values_list("node_id", "spec"):
+        ports[node_id].update(host_ports(spec))
     return [
         NodeCapacity(
             id=str(node.pk),
@@ -93,6 +113,7 @@ def _capacities(nodes: list[Node]) -> list[NodeCapacity]:
             group_counts=groups[node.pk],
             total_cpu_millicores=node.cpu_millicores,
             total_memory_mib=node.memory_mib,
+            host_ports=frozenset(ports[node.pk]),
         )
         for node in nodes
     ]
@@ -122,6 +143,15 @@ def schedule_pending(*, limit: int = 1000) -> int:
         )
         return 0
     pins = storage.pin_constraints(pending)
+    # The API refuses platform labels in a tenant's constraints; a spec stored before
+    # that rule is held here, with its reason, rather than placed where it asked.
+    for c in pending:
+        reserved = sorted(k for k in c.spec.get("constraints") or {} if is_platform_label(k))
+        if reserved:
+            pins.deferred[str(c.pk)] = (
+                f"constraint on {', '.join(reserved)}: labels berth.* are the platform's; "
+                "deploy without it"
+            )
     requests = [
         PlacementRequest(
             key=str(c.pk),
@@ -133,6 +163,7 @@ def schedule_pending(*, limit: int = 1000) -> int:
                 **(c.spec.get("constraints") or {}),
                 **pins.constraints.get(str(c.pk), {}),
             },
+            host_ports=host_ports(c.spec),
         )
         for c in pending
         if str(c.pk) not in pins.deferred

@@ -12,6 +12,7 @@ from runtime_agent import protocol
 from tenants.errors import InvalidInput, PermissionDenied
 from tenants.models import Tenant
 from workloads.models import Container, Service
+from workloads.scheduling import PLATFORM_LABEL_PREFIX, is_platform_label
 from workloads.secrets import MAX_SECRET_BYTES, encrypt_secrets
 from workloads.services.storage import mounts_for
 
@@ -48,12 +49,34 @@ def validate_secrets(secrets: Any) -> dict[str, str]:
     return clean
 
 
+class HostPortNotAllowed(InvalidInput):
+    """A host port a tenant may not publish: privileged, or one of the node's services."""
+
+    code = "host_port_not_allowed"
+
+
+def host_port_refusal(port: int) -> str | None:
+    """Why a tenant may not publish ``port`` on a node (0, ephemeral, is always fine)."""
+    if port == 0:
+        return None
+    if port < settings.BERTH_TENANT_MIN_HOST_PORT:
+        return (
+            f"host_port {port} is a privileged port: publish "
+            f"{settings.BERTH_TENANT_MIN_HOST_PORT}-65535, or 0 for an ephemeral port"
+        )
+    if port in settings.BERTH_RESERVED_HOST_PORTS:
+        return f"host_port {port} is reserved for the node's own services"
+    return None
+
+
 def validate_ports(ports: Any) -> list[dict[str, Any]]:
+    """``[{container_port, host_port, protocol}]``; a fixed host port must be one a tenant
+    may publish (:func:`host_port_refusal`) and appear once per protocol."""
     if ports is None:
         return []
     if not isinstance(ports, list):
         raise InvalidInput("ports must be a list")
-    clean = []
+    clean: list[dict[str, Any]] = []
     for item in ports:
         if not isinstance(item, dict):
             raise InvalidInput("each port must be an object {container_port, host_port, protocol}")
@@ -71,6 +94,15 @@ def validate_ports(ports: Any) -> list[dict[str, Any]]:
                 )
         if protocol_name not in ("tcp", "udp"):
             raise InvalidInput(f"protocol must be tcp or udp, got {protocol_name!r}")
+        details = {"field": "host_port", "host_port": host_port}
+        if (refusal := host_port_refusal(host_port)) is not None:
+            raise HostPortNotAllowed(refusal, details=details)
+        if host_port and any(
+            (p["host_port"], p["protocol"]) == (host_port, protocol_name) for p in clean
+        ):
+            raise InvalidInput(
+                f"host_port {host_port}/{protocol_name} is published twice", details=details
+            )
         clean.append(
             {"container_port": container_port, "host_port": host_port, "protocol": protocol_name}
         )
@@ -169,10 +201,19 @@ def service_fields(data: dict[str, Any], tenant: Tenant | None = None) -> dict[s
 
 
 def validate_env_like_labels(value: Any) -> dict[str, str]:
+    """A service's placement constraints: node label → value, never a platform label
+    (``berth.*``, e.g. ``berth.node.id``: it would let a tenant pick a victim's node)."""
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise InvalidInput("constraints must be an object of label: value")
+    reserved = sorted(k for k in value if is_platform_label(k))
+    if reserved:
+        raise InvalidInput(
+            f"constraints may not name platform labels ({', '.join(reserved)}): labels "
+            f"{PLATFORM_LABEL_PREFIX}* are set and used by Berth itself",
+            details={"field": "constraints", "labels": reserved},
+        )
     return dict(value)
 
 
