@@ -1,6 +1,7 @@
 """Accounting a hostile tenant tries to bypass (#17 item 9, #27 item 1): registry events
 and storage with the real docker-registry process and the real control plane as its
-token server and notification endpoint.
+token server and notification endpoint; build minutes, concurrent builds and the spend
+cap through the REST API.
 
 Pushes here are made the way a tenant's own client can make them: a bearer token from
 the token endpoint (Basic auth with the tenant's API token), then the distribution API
@@ -13,17 +14,27 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
+from django.db import connection
+from django.utils import timezone
 
+from billing import services as billing_services
 from registry import services, tasks
+from registry.errors import RegistryDenied
 from registry.models import Blob, Manifest, RegistryEvent, RegistryUsage, Repository, Tag
+from runtime_agent import protocol
 from tenants import services as tenant_services
-from tenants.models import Tenant
+from tenants.choices import Scope
+from tenants.models import QuotaUsage, Tenant, User
 from tests.control.conftest import SYSTEM
 from tests.control.test_registry_e2e import (
     _basic,
@@ -34,6 +45,8 @@ from tests.control.test_registry_e2e import (
     tenant_with_token,
     wait_for,
 )
+from tests.control.test_volumes_networks_builds import broker, context_tar
+from tests.control.test_workloads import make_node, queued, used
 from tests.registry_process import (
     OCI_CONFIG,
     OCI_LAYER_GZIP,
@@ -41,8 +54,10 @@ from tests.registry_process import (
     RegistryProcess,
     needs_registry,
 )
+from workloads.models import Build, Volume
+from workloads.services import builds
 
-__all__ = ["reg", "registry_process", "tenant_with_token"]
+__all__ = ["broker", "reg", "registry_process", "tenant_with_token"]
 
 
 def on_the_registry(test: Callable[..., None]) -> Callable[..., None]:
@@ -381,3 +396,161 @@ def test_a_push_token_minted_under_quota_cannot_push_past_it(
     refused = ask_token(live_server, token, repository, "pull,push")
     assert refused.status_code == 403
     assert refused.json()["errors"][0]["message"].startswith("quota storage_gib exceeded")
+
+
+# --------------------------------------------------------------------------- builds
+
+
+@pytest.fixture
+def build_api(
+    make_tenant: Callable[..., tuple[Tenant, User]],
+    make_token: Callable[..., str],
+    client_for: Callable[..., Any],
+    settings: Any,
+    tmp_path: Path,
+) -> tuple[Tenant, Any]:
+    """A fresh tenant's write-token API client; builds go to nodes, not to a registry."""
+    settings.BERTH_REGISTRY_DIR = tmp_path / "no-registry"
+    settings.BERTH_BUILD_CONTEXT_DIR = tmp_path / "contexts"
+    tenant, owner = make_tenant(f"b{secrets.token_hex(4)}")
+    return tenant, client_for(make_token(tenant, owner, Scope.WRITE))
+
+
+def post_build(client: Any, tenant: Tenant, tag: str = "app") -> Any:
+    return client.generic(
+        "POST",
+        f"/api/v1/tenants/{tenant.slug}/builds/?tag={tag}",
+        context_tar(),
+        content_type="application/x-tar",
+    )
+
+
+def set_minutes_used(tenant: Tenant, minutes: int) -> None:
+    QuotaUsage.objects.update_or_create(
+        tenant=tenant, quota="build_minutes_month", defaults={"used": minutes}
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_build_minutes_cannot_overshoot_the_month(
+    build_api: tuple[Tenant, Any], broker: redis.Redis
+) -> None:
+    tenant, client = build_api
+    node, credential = make_node(f"n{secrets.token_hex(3)}")
+    limit = tenant.quota_limits()["build_minutes_month"]
+    set_minutes_used(tenant, limit - 1)  # 99 of 100
+
+    first = post_build(client, tenant)
+    assert first.status_code == 201, first.content
+    (op,) = queued(broker, node)
+    request = protocol.from_dict(protocol.BuildRequest, op["kwargs"]["request"])
+    assert request.timeout_seconds == 60  # the node stops it after the one minute left
+    assert used(tenant, "build_minutes_month") == limit
+
+    refused = post_build(client, tenant)
+    assert refused.status_code == 409
+    error = refused.json()["error"]
+    assert (error["code"], error["details"]["quota"]) == ("quota_exceeded", "build_minutes_month")
+    assert (error["details"]["limit"], error["details"]["used"]) == (limit, limit)
+
+    # The node says it ran three minutes: the month still ends at its limit, not 102/100.
+    now = timezone.now()
+    builds.handle_build_report(
+        protocol.BuildReport(
+            build_id=first.json()["id"],
+            node_id=str(node.pk),
+            credential=credential,
+            seq=1,
+            log="",
+            log_size=0,
+            state="failed",
+            error="timed out",
+            started_at=(now - timedelta(minutes=3)).isoformat(),
+            finished_at=now.isoformat(),
+        )
+    )
+    assert used(tenant, "build_minutes_month") == limit
+
+    # A node that never answers: the reconciler fails the build at its own deadline.
+    set_minutes_used(tenant, limit - 1)
+    silent = post_build(client, tenant)
+    assert silent.status_code == 201
+    Build.objects.filter(pk=silent.json()["id"]).update(
+        started_at=timezone.now() - timedelta(seconds=60 + 121)
+    )
+    assert builds.reconcile_builds() == 1
+    build = Build.objects.get(pk=silent.json()["id"])
+    assert (build.state, build.reason) == ("failed", "no result within 60s")
+    assert used(tenant, "build_minutes_month") == limit
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_builds_are_capped_even_when_asked_for_at_once(
+    build_api: tuple[Tenant, Any], settings: Any
+) -> None:
+    tenant, client = build_api
+    settings.BERTH_BUILD_CONCURRENCY = 2
+    barrier = threading.Barrier(5)
+
+    def attempt(_: int) -> int:
+        try:
+            barrier.wait()
+            return int(post_build(client, tenant).status_code)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(5) as pool:
+        codes = sorted(pool.map(attempt, range(5)))
+    assert codes == [201, 201, 429, 429, 429]
+    assert Build.objects.filter(tenant=tenant).count() == 2
+    refused = post_build(client, tenant)
+    assert refused.json()["error"]["code"] == "too_many_builds"
+    assert refused.json()["error"]["details"] == {"limit": 2, "active": 2}
+    # Ending one frees a slot.
+    oldest = Build.objects.filter(tenant=tenant).earliest("created_at")
+    client.post(f"/api/v1/tenants/{tenant.slug}/builds/{oldest.pk}/cancel/")
+    assert post_build(client, tenant).status_code == 201
+
+
+# --------------------------------------------------------------------------- spend cap
+
+
+@on_the_registry
+def test_the_spend_cap_refuses_builds_volumes_and_pushes(
+    reg: RegistryProcess,
+    live_server: Any,
+    make_tenant: Callable[..., tuple[Tenant, User]],
+    make_token: Callable[..., str],
+    client_for: Callable[..., Any],
+    settings: Any,
+    tmp_path: Path,
+) -> None:
+    settings.BERTH_BUILD_CONTEXT_DIR = tmp_path / "contexts"
+    tenant, owner = make_tenant(f"s{secrets.token_hex(4)}", plan="pro", seats=1)
+    token = make_token(tenant, owner, Scope.WRITE)
+    client = client_for(token)
+    repository = f"{tenant.slug}/app"
+    assert ask_token(live_server, token, repository, "pull,push").status_code == 200
+    billing_services.set_spend_cap(tenant, 1000, actor=billing_services.BILLING_ACTOR)
+    end = timezone.now() - timedelta(minutes=5)
+    billing_services.record_build(
+        tenant, "spent", started_at=end - timedelta(minutes=1200), finished_at=end
+    )
+    billing_services.aggregate_hour(tenant.pk, end)
+    assert billing_services.estimate(tenant)["spend_cap"]["state"] == "reached"
+
+    build = post_build(client, tenant)
+    assert (build.status_code, build.json()["error"]["code"]) == (402, "spend_cap_reached")
+    volume = client.post(
+        f"/api/v1/tenants/{tenant.slug}/volumes/", {"name": "data", "size_gib": 1}, format="json"
+    )
+    assert (volume.status_code, volume.json()["error"]["code"]) == (402, "spend_cap_reached")
+    push = ask_token(live_server, token, repository, "pull,push")
+    assert push.status_code == 403
+    assert "spend cap" in push.json()["errors"][0]["message"]
+    pull = ask_token(live_server, token, repository, "pull")
+    assert pull.status_code == 200  # reading what it has is not new usage
+    with pytest.raises(RegistryDenied, match="spend cap"):
+        services.check_push_allowed(tenant)  # a build's push token is refused the same way
+    assert not Build.objects.filter(tenant=tenant).exists()
+    assert not Volume.objects.filter(tenant=tenant).exists()

@@ -1,13 +1,17 @@
 """Image builds: a context tar uploaded through the API, built on a node.
 
 The context is streamed to disk under ``BERTH_BUILD_CONTEXT_DIR`` (never into the
-database), size-capped by ``BERTH_BUILD_CONTEXT_MAX_BYTES``. Admission holds one minute of
-the tenant's ``build_minutes_month`` quota (a tenant with no minutes left starts nothing);
-when the build ends that hold is released and the minutes actually used (rounded up) are
-added to the month's use, exactly once, and the build is recorded for billing
-(``billing.services.record_build``). The node the build is placed on fetches the context
-over HTTP with its node credential, builds with ``agent.builder`` and reports its log
-and result back (``handle_build_report``).
+database), size-capped by ``BERTH_BUILD_CONTEXT_MAX_BYTES``. Admission refuses a
+suspended tenant or one at its spend cap, one with ``BERTH_BUILD_CONCURRENCY`` builds
+already queued or running, and one with no build minutes left; otherwise it holds what is
+left of the tenant's ``build_minutes_month`` (at most ``BERTH_BUILD_TIMEOUT_SECONDS``),
+and that hold is the build's deadline, which the node enforces (``timeout_seconds``), so
+a build cannot overshoot the month. When the build ends the hold is released and the
+minutes actually used (rounded up, never more than held) are added to the month's use,
+exactly once, and the build is recorded for billing (``billing.services.record_build``).
+The node the build is placed on fetches the context over HTTP with its node credential,
+builds with ``agent.builder`` and reports its log and result back
+(``handle_build_report``).
 
 The built image goes to the tenant's registry: the build request carries the target
 ``<registry-host>/<tenant>/<repo>:<tag>`` but no credential. When its last step is done,
@@ -53,7 +57,7 @@ from runtime_agent import protocol
 from runtime_agent.images.reference import is_registry_host
 from tenants import services as tenant_services
 from tenants.errors import BerthError, Conflict, InvalidInput, PermissionDenied
-from tenants.models import QuotaUsage, Tenant
+from tenants.models import QuotaReservation, QuotaUsage, Tenant
 from tenants.services import Actor, record
 from workloads.choices import BuildState, NodeState
 from workloads.models import Build, Node
@@ -90,6 +94,18 @@ def log_keep_bytes() -> int:
 
 def build_timeout() -> int:
     return int(getattr(settings, "BERTH_BUILD_TIMEOUT_SECONDS", 3600))
+
+
+def max_concurrent_builds() -> int:
+    """Builds one tenant may have queued or running at once (``BERTH_BUILD_CONCURRENCY``)."""
+    return int(getattr(settings, "BERTH_BUILD_CONCURRENCY", 2))
+
+
+class TooManyBuilds(BerthError):
+    """The tenant already has as many builds queued or running as it may."""
+
+    status_code = 429
+    code = "too_many_builds"
 
 
 # --------------------------------------------------------------------------- input
@@ -198,7 +214,7 @@ def create_build(
     no_cache: bool = False,
     actor: Actor,
 ) -> Build:
-    """Admit a build (one build minute must be left this month) and send it to a node.
+    """Admit a build (:func:`_admit_minutes`, the spend cap) and send it to a node.
 
     The spooled context file is owned by the build from here: moved next to it, or
     removed when admission fails (nothing else is left behind then either).
@@ -207,7 +223,9 @@ def create_build(
     final = path.with_name(f"{uuid.uuid4()}.tar")
     try:
         with transaction.atomic():
-            tenant_services.ensure_active(tenant)
+            from billing.services import check_new_usage_allowed
+
+            check_new_usage_allowed(tenant, "build")  # suspended, or the spend cap reached
             clean_tag = validate_tag(tag)
             clean_dockerfile = validate_dockerfile(dockerfile)
             clean_args = validate_build_args(build_args)
@@ -225,9 +243,7 @@ def create_build(
                 context_size=size,
                 context_sha256=sha,
             )
-            build.reservation = tenant_services.reserve(
-                tenant, {"build_minutes_month": 1}, actor=actor, reason=f"build {build.pk}"
-            )
+            build.reservation = _admit_minutes(tenant, build, actor=actor)
             build.save()
             record(
                 actor,
@@ -243,6 +259,49 @@ def create_build(
         discard_context(final)
         raise
     return build
+
+
+def _admit_minutes(tenant: Tenant, build: Build, *, actor: Actor) -> QuotaReservation:
+    """Hold the minutes this build may run: what is left of the month's
+    ``build_minutes_month``, at most ``BERTH_BUILD_TIMEOUT_SECONDS``; refused when
+    nothing is left (QuotaExceeded) or the tenant has ``max_concurrent_builds`` builds
+    queued or running (TooManyBuilds).
+
+    The hold is the build's deadline (:func:`granted_seconds`): the node stops it there,
+    so builds running side by side can never use more minutes than the month had left
+    (99 of 100 used: the next build gets one minute, not the three it would take). The
+    tenant row is locked meanwhile, so concurrent admissions are counted one at a time.
+    """
+    Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+    active = Build.objects.filter(
+        tenant=tenant, state__in=[BuildState.QUEUED, BuildState.RUNNING]
+    ).count()
+    if active >= max_concurrent_builds():
+        raise TooManyBuilds(
+            f"{tenant.slug} already has {active} builds queued or running, the most it may "
+            "have at once; wait for one to end or cancel one",
+            details={"limit": max_concurrent_builds(), "active": active},
+        )
+    limit = int(tenant.quota_limits()["build_minutes_month"])
+    usage = QuotaUsage.objects.filter(tenant=tenant, quota="build_minutes_month").first()
+    left = limit - (usage.used if usage else 0)
+    minutes = max(1, min(left, math.ceil(build_timeout() / 60)))  # refused below if none left
+    return tenant_services.reserve(
+        tenant, {"build_minutes_month": minutes}, actor=actor, reason=f"build {build.pk}"
+    )
+
+
+def granted_minutes(build: Build) -> int:
+    """The minutes held for the build at admission (its whole allowance)."""
+    reservation = build.reservation
+    if reservation is None:
+        return math.ceil(build_timeout() / 60)
+    return int(reservation.amounts.get("build_minutes_month", 1))
+
+
+def granted_seconds(build: Build) -> int:
+    """How long the build may run: its held minutes, never over the platform's timeout."""
+    return min(build_timeout(), granted_minutes(build) * 60)
 
 
 def _pick_node() -> Node | None:
@@ -321,7 +380,7 @@ def _dispatch(build: Build) -> bool:
         target=build.target or None,
         no_cache=build.no_cache,
         log_keep_bytes=log_keep_bytes(),
-        timeout_seconds=build_timeout(),
+        timeout_seconds=granted_seconds(build),
         push_to=push_to,
     )
     dispatch.send_after_commit(
@@ -341,12 +400,15 @@ def _finish(
     if build.started_at is not None and build.finished_at < build.started_at:
         build.finished_at = build.started_at
     build.save()
+    granted = granted_minutes(build)
     if build.reservation_id is not None and tenant_services.release(
         build.reservation_id, actor=SYSTEM, reason="build ended"
     ):
         if build.started_at is not None:
             seconds = (build.finished_at - build.started_at).total_seconds()
-            minutes = max(1, math.ceil(seconds / 60))
+            # The node stopped it at its deadline: what ran past it (the report's way
+            # back) is not taken from the month's minutes.
+            minutes = min(granted, max(1, math.ceil(seconds / 60)))
             QuotaUsage.objects.filter(
                 tenant_id=build.tenant_id, quota="build_minutes_month"
             ).update(used=F("used") + minutes, updated_at=now)
@@ -502,8 +564,10 @@ def reconcile_builds(*, now: datetime | None = None) -> int:
                 changed += 1
             elif (
                 build.started_at
-                and (now - build.started_at).total_seconds() > build_timeout() + 120
+                and (now - build.started_at).total_seconds() > granted_seconds(build) + 120
             ):
-                _finish(build, BuildState.FAILED, reason=f"no result within {build_timeout()}s")
+                _finish(
+                    build, BuildState.FAILED, reason=f"no result within {granted_seconds(build)}s"
+                )
                 changed += 1
     return changed

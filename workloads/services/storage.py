@@ -66,8 +66,11 @@ def create_volume(
     labels: dict[str, str] | None = None,
     actor: Actor,
 ) -> Volume:
-    """Create a volume and reserve its size; a quota refusal creates nothing."""
-    tenant_services.ensure_active(tenant)
+    """Create a volume and reserve its size; a quota refusal, a suspended tenant or one at
+    its spend cap (``billing.services.check_new_usage_allowed``) creates nothing."""
+    from billing.services import check_new_usage_allowed
+
+    check_new_usage_allowed(tenant, "volume")
     name = _validate_name(name, "volume")
     if isinstance(size_gib, bool) or not isinstance(size_gib, int):
         raise InvalidInput("size_gib must be an integer")
