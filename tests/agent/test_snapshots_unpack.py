@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from runtime_agent.agent import Agent
-from runtime_agent.errors import InvalidArchive
+from runtime_agent.archive import ArchiveLimits
+from runtime_agent.errors import InvalidArchive, ResourceExhausted
 from runtime_agent.images.media import OCI_LAYER
 from runtime_agent.snapshots.unpack import remove_tree, unpack_layer
 
@@ -315,3 +316,46 @@ def test_many_directories_do_not_exhaust_descriptors(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(os.listdir(dest)) == count
     assert (dest / f"d{count - 1}" / "f").read_bytes() == b"x"
+
+
+def test_a_later_member_replaces_a_link_and_never_writes_through_it(tmp_path: Path) -> None:
+    """A regular file (or directory) named like an earlier hard link or symlink replaces
+    the link; the file it pointed at keeps its content and its metadata, and a link
+    member's own owner/mode/mtime is never applied to its target."""
+    dest = unpack(
+        tmp_path,
+        make_tar(
+            entry("a", data=b"original", mode=0o640, uid=7, mtime=1_000_000_000),
+            entry("h", tarfile.LNKTYPE, linkname="a", mode=0o6777, uid=4242, mtime=5),
+            entry("h", data=b"replaced"),
+            entry("k", tarfile.LNKTYPE, linkname="/a", mode=0o6777, uid=4242, mtime=5),
+            entry("s", tarfile.SYMTYPE, linkname="a"),
+            entry("s", data=b"replaced too"),
+        ),
+    )
+    assert (dest / "a").read_bytes() == b"original"
+    assert (dest / "h").read_bytes() == b"replaced"
+    assert (dest / "s").read_bytes() == b"replaced too" and not (dest / "s").is_symlink()
+    st = os.stat(dest / "a")
+    assert (st.st_mode & 0o7777, st.st_uid, int(st.st_mtime)) == (0o640, 7, 1_000_000_000)
+    assert os.stat(dest / "k").st_ino == st.st_ino and st.st_nlink == 2
+
+
+@pytest.mark.parametrize("cap", ["bytes", "entries", "stream", "header"])
+def test_layer_caps_refuse_bombs(tmp_path: Path, cap: str) -> None:
+    """A layer stops at the node's caps (here tiny) with the limit named."""
+    limits = ArchiveLimits("layer", 1000, 10, "BERTH_LAYER_MAX_BYTES", "BERTH_LAYER_MAX_ENTRIES")
+    if cap == "bytes":
+        data, error = make_tar(entry("big", data=b"x" * 1001)), "larger than the limit of 1000"
+    elif cap == "entries":
+        data, error = make_tar(*(entry(f"f{i}") for i in range(11))), "more than the limit of 10"
+    elif cap == "stream":  # zeros after the end: padding counts too
+        data, error = make_tar(entry("f", data=b"x")) + bytes(1 << 21), "larger than the limit"
+    else:
+        data = make_tar(entry("f", pax={"comment": "x" * (2 << 20)}))
+        error = "extended header"
+    dest = tmp_path / "layer"
+    dest.mkdir()
+    with pytest.raises((ResourceExhausted, InvalidArchive), match=error):
+        unpack_layer(io.BytesIO(data), dest, limits)
+    assert not (dest / "big").exists()
