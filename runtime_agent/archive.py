@@ -189,7 +189,12 @@ class CappedStream:
 
 def decompressed(stream: IO[bytes]) -> Any:
     """``stream`` decompressed if it starts with a gzip, bzip2 or xz header."""
-    head = stream.read(6)
+    head = b""
+    while len(head) < 6:  # a pipe may hand over fewer bytes than asked
+        chunk = stream.read(6 - len(head))
+        if not chunk:
+            break
+        head += chunk
     source = _Prefixed(head, stream)
     if head[:2] == b"\x1f\x8b":
         return gzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[call-overload]
