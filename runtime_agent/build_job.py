@@ -225,6 +225,8 @@ def run_build(
     spool = worker.agent.config.root / "build-contexts"
     spool.mkdir(parents=True, exist_ok=True)
     try:
+        if cancel.is_set():  # cancelled while it waited in its tenant's queue
+            raise _Stop("cancelled")
         tag_key = parse_reference(req.tag).tagged
         previous = worker.agent.images.references(req.tenant).get(tag_key)
         with tempfile.TemporaryFile(dir=spool) as context:

@@ -49,11 +49,13 @@ def _context(dockerfile: bytes) -> bytes:
 
 @pytest.fixture
 def context_server() -> Iterator[tuple[str, dict[str, bytes]]]:
-    """A control plane's context endpoint: GET <path> answers the tar stored under it."""
-    contexts: dict[str, bytes] = {}
+    """A control plane's context endpoint: GET <path> answers the tar stored under it
+    (and ``contexts["served"]`` lists the paths asked for, newline-separated)."""
+    contexts: dict[str, bytes] = {"served": b""}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            contexts["served"] += self.path.encode() + b"\n"
             body = contexts.get(self.path)
             self.send_response(200 if body is not None else 404)
             self.send_header("Content-Length", str(len(body or b"")))
@@ -244,3 +246,30 @@ def test_a_container_whose_apply_is_under_way_is_reported_starting(
     assert seen == {"c9": "starting"}
     after = {c.uid: c.state for c in worker.build_report().containers}
     assert after == {"c9": "running"}
+
+
+def test_a_build_cancelled_while_queued_behind_its_tenants_build_never_runs(
+    worker: NodeWorker, context_server: tuple[str, dict[str, bytes]]
+) -> None:
+    _, contexts = context_server
+    for build_id, seconds in (("q1", 6), ("q2", 0)):
+        contexts[f"/ctx/{build_id}"] = _context(f"FROM busybox\nRUN sleep {seconds}\n".encode())
+        request = protocol.BuildRequest(
+            build_id=build_id, tenant="alpha", context_url=f"/ctx/{build_id}", tag=build_id
+        )
+        accepted = _task(
+            worker,
+            protocol.AGENT_BUILD,
+            op_id=f"build:{build_id}",
+            request=protocol.to_dict(request),
+        )
+        assert accepted == {"state": "accepted"}
+    until(lambda: worker.builds.running("alpha") == 1, timeout=10)
+    assert worker.builds.queued("alpha") == 1  # q2 waits behind alpha's own build
+
+    assert _task(worker, protocol.AGENT_CANCEL_BUILD, build_id="q2") == {"cancelled": True}
+    until(lambda: worker.oplog.get("build:q2"), timeout=60)
+    result = worker.oplog.get("build:q2")
+    assert result is not None and result["state"] == "cancelled", result
+    assert worker.oplog.get("build:q1")["state"] == "succeeded"  # type: ignore[index]
+    assert contexts["served"].split() == [b"/ctx/q1"]  # q2's context was never fetched
