@@ -21,6 +21,7 @@ import http.server
 import json
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from runtime_agent.errors import AgentError
 from runtime_agent.images.reference import SHARED_NAMESPACE
 from runtime_agent.names import CLI_NAMESPACE, is_reserved_name
 from tenants import services as tenant_services
+from tenants.choices import Scope
 from tenants.errors import InvalidInput
 from tenants.models import Tenant
 from tests.control.conftest import SYSTEM
@@ -54,6 +56,7 @@ from tests.control.test_registry_e2e import (
     tenant_with_token,
 )
 from tests.control.test_registry_e2e import _place as place_container
+from tests.e2e.conftest import Cluster, agent_api, wait_for
 from tests.registry_process import RegistryProcess, needs_registry
 
 __all__ = ["reg", "registry_process", "tenant_with_token"]
@@ -459,3 +462,104 @@ def test_knowing_a_layer_digest_does_not_read_another_tenants_layer(
         assert secret_layer["digest"] in shared.skipped
     else:
         assert secret_layer["digest"] in shared.fetched
+
+
+# --------------------------------------------------------------------------- the whole path
+
+
+def _tenant_client(slug: str) -> tuple[APIClient, str]:
+    tenant, owner = tenant_services.create_tenant(
+        slug=slug, owner_email=f"owner@{slug}.example", plan_code="team", seats=5, actor=SYSTEM
+    )
+    _, secret = tenant_services.create_api_token(
+        tenant, owner, name="ci", scope=Scope.WRITE, actor=SYSTEM
+    )
+    return _api(secret), secret
+
+
+def _states(client: APIClient, slug: str, name: str) -> list[str]:
+    body = client.get(f"/api/v1/tenants/{slug}/services/{name}/").json()
+    return [c["state"] for c in body["containers"] if c["desired_state"] == "running"]
+
+
+def _set_public(client: APIClient, slug: str, name: str, public: bool) -> None:
+    listed = client.get(f"/api/v1/tenants/{slug}/registry/repositories/", {"name": name}).json()
+    repo_id = listed["results"][0]["id"] if "results" in listed else listed[0]["id"]
+    answer = client.patch(
+        f"/api/v1/tenants/{slug}/registry/repositories/{repo_id}/",
+        {"public": public},
+        format="json",
+    )
+    assert answer.status_code == 200, answer.content
+
+
+@pytest.mark.privileged
+@pytest.mark.timeout(600)
+def test_a_replica_of_another_tenants_image_made_private_never_runs(
+    registry_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The whole path: REST API, scheduler, two real agents, the real registry. B's
+    service names A's image while A has it public (admitted); A makes it private; B's
+    replica is placed on a node whose worker asks for a pull token for B, is refused, and
+    runs nothing. A's own service of that image and B's busybox service run."""
+    from workloads.models import Container
+
+    assert registry_cluster.registry is not None
+    host = registry_cluster.registry.host
+    (owner, token_a), (attacker, _) = _tenant_client("e2eowner"), _tenant_client("e2ethief")
+    src, _ = layout(tmp_path, "owner", **{"etc/secret": b"A's private key\n"})
+    image = f"{host}/e2eowner/private:1"
+    assert skopeo_push(src, image, f"x:{token_a}").returncode == 0
+    wait_for(
+        lambda: Repository.objects.filter(tenant__slug="e2eowner", name="private").exists(),
+        timeout=30,
+        what="the registry's record of A's repository",
+    )
+
+    def create(client: APIClient, slug: str, name: str, image: str, replicas: int) -> None:
+        body = {"name": name, "image": image, "replicas": replicas, "memory_mib": 32}
+        body["command"] = ["/bin/busybox", "sh", "-c", "exec /bin/busybox sleep 100000"]
+        answer = client.post(f"/api/v1/tenants/{slug}/services/", body, format="json")
+        assert answer.status_code == 201, answer.content
+
+    # Positive controls: A runs its own private image; B runs the shared busybox.
+    create(owner, "e2eowner", "own", image, 2)
+    create(attacker, "e2ethief", "box", "busybox", 1)
+    try:
+        wait_for(lambda: _states(owner, "e2eowner", "own") == ["running"] * 2, timeout=90, what="A")
+    except AssertionError:
+        raise AssertionError(owner.get("/api/v1/tenants/e2eowner/services/own/").json()) from None
+    wait_for(lambda: _states(attacker, "e2ethief", "box") == ["running"], timeout=60, what="B")
+
+    _set_public(owner, "e2eowner", "private", True)
+    create(attacker, "e2ethief", "steal", image, 0)
+    _set_public(owner, "e2eowner", "private", False)
+    scaled = attacker.post(
+        "/api/v1/tenants/e2ethief/services/steal/scale/", {"replicas": 2}, format="json"
+    )
+    assert scaled.status_code == 200, scaled.content
+    wait_for(
+        lambda: Container.objects.filter(service__name="steal", node__isnull=False).count() >= 2,
+        timeout=30,
+        what="B's replicas placed",
+    )
+    # The tenant sees why: the refusal is the replicas' reason.
+    refused = wait_for(
+        lambda: [
+            c
+            for c in attacker.get("/api/v1/tenants/e2ethief/services/steal/").json()["containers"]
+            if "not public" in (c.get("pending_reason") or "")
+        ],
+        timeout=60,
+        what="the pull refusal as B's replicas' reason",
+    )
+    assert "e2eowner/private" in refused[0]["pending_reason"]
+    time.sleep(5)  # and nothing starts later either (retries meet the same refusal)
+    assert "running" not in _states(attacker, "e2ethief", "steal")
+    for agent in registry_cluster.agents:
+        node = agent_api(agent)
+        assert node.images.references("e2ethief") == {}, agent.name
+        assert all(
+            info.tenant != "e2ethief" or info.name.startswith("box")
+            for info in node.containers.list_all()
+        )

@@ -115,26 +115,31 @@ def issue_pull_token(
 
     Refused (PermissionDenied) unless a live container of that tenant on this node runs
     exactly that image, and (RegistryDenied) when the tenant may not read the repository:
-    the token carries the tenant's rights, never the node's. Nothing is stored.
+    the token carries the tenant's rights, never the node's; the refusal becomes the
+    containers' reason. Nothing else is stored.
     """
     from registry import services as registry_services
+    from registry.errors import RegistryDenied
 
     node = authenticate_node(node_id, credential)
-    runs_it = (
-        Container.objects.filter(node=node, tenant__slug=tenant_slug, spec__image=image)
-        .exclude(state__in=[ContainerState.REMOVED, ContainerState.LOST])
-        .select_related("tenant")
-        .first()
-    )
-    if runs_it is None:
+    running_it = Container.objects.filter(
+        node=node, tenant__slug=tenant_slug, spec__image=image
+    ).exclude(state__in=[ContainerState.REMOVED, ContainerState.LOST])
+    container = running_it.select_related("tenant").first()
+    if container is None:
         raise PermissionDenied(
             f"no container of tenant {tenant_slug!r} on this node runs the image {image!r}"
         )
     if not registry_services.registry_configured():
         return None
-    return registry_services.tenant_pull_token(
-        runs_it.tenant, image, subject=f"pull for {tenant_slug} on node {node.name}"
-    )
+    try:
+        return registry_services.tenant_pull_token(
+            container.tenant, image, subject=f"pull for {tenant_slug} on node {node.name}"
+        )
+    except RegistryDenied as exc:
+        # The tenant sees why its container does not start (the node only gets a 403).
+        running_it.update(pending_reason=exc.message[:500])
+        raise
 
 
 def authenticate_node(node_id: str, credential: str) -> Node:
