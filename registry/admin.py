@@ -86,14 +86,23 @@ class TagAdmin(admin.ModelAdmin):
 
 @admin.register(RegistryUsage)
 class RegistryUsageAdmin(admin.ModelAdmin):
-    list_display = ["tenant", "bytes_used", "reserved_gib", "updated_at"]
-    readonly_fields = ["tenant", "bytes_used", "reserved_gib", "reservation", "updated_at"]
+    list_display = ["tenant", "bytes_used", "reserved_gib", "quota_refusal", "updated_at"]
+    readonly_fields = [
+        "tenant",
+        "bytes_used",
+        "upload_bytes",
+        "reserved_gib",
+        "reservation",
+        "quota_refusal",
+        "scanned_at",
+        "updated_at",
+    ]
     actions = ["recount"]
 
-    @admin.action(description="Recount storage")
+    @admin.action(description="Recount storage (scan the registry's storage)")
     def recount(self, request: HttpRequest, queryset: QuerySet[RegistryUsage]) -> None:
         for usage in queryset.select_related("tenant"):
-            services.sync_storage_usage(usage.tenant)
+            services.scan_tenant_storage(usage.tenant)
 
 
 @admin.register(NodeCredential)
@@ -107,8 +116,8 @@ class NodeCredentialAdmin(admin.ModelAdmin):
 
 @admin.register(RegistryEvent)
 class RegistryEventAdmin(admin.ModelAdmin):
-    list_display = ["received_at", "action", "repository", "tag", "digest", "outcome"]
-    list_filter = ["action"]
+    list_display = ["received_at", "action", "repository", "tag", "digest", "error", "outcome"]
+    list_filter = ["error", "action"]
     search_fields = ["repository", "digest", "event_id"]
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:

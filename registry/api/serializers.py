@@ -79,10 +79,16 @@ class RepositoryUpdateSerializer(StrictSerializer):
 
 
 class UsageSerializer(serializers.Serializer):
-    bytes_used = serializers.IntegerField()
+    bytes_used = serializers.IntegerField(
+        help_text="Registry bytes: blobs referenced or left without a manifest, unfinished "
+        "uploads (each blob once, at its stored size)."
+    )
     storage_limit_bytes = serializers.IntegerField()
     storage_used_bytes = serializers.IntegerField()
     repositories = serializers.IntegerField()
+    quota_refusal = serializers.CharField(
+        help_text="Why the last push was refused for the storage quota; empty when it fit."
+    )
 
 
 class GarbageCollectionRunSerializer(serializers.ModelSerializer):

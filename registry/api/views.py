@@ -25,7 +25,7 @@ from registry.api.serializers import (
     TagSerializer,
     UsageSerializer,
 )
-from registry.models import GarbageCollectionRun, Manifest, Repository, Tag
+from registry.models import GarbageCollectionRun, Manifest, RegistryUsage, Repository, Tag
 from tenants import permissions as perms
 from tenants.api.permissions import PlatformAdminOnly
 from tenants.api.views import TenantScopedAPIView, TenantScopedViewSet
@@ -115,11 +115,14 @@ class UsageView(TenantScopedAPIView):
 
     def get(self, request: Request, tenant_slug: str) -> Response:
         limit, used = services.storage_limit_and_use(self.tenant)
+        usage = RegistryUsage.objects.filter(tenant=self.tenant).first()
         data = {
-            "bytes_used": services.registry_bytes(self.tenant),
+            "bytes_used": services.registry_bytes(self.tenant)
+            + (usage.upload_bytes if usage else 0),
             "storage_limit_bytes": limit,
             "storage_used_bytes": used,
             "repositories": Repository.objects.for_tenant(self.tenant).count(),
+            "quota_refusal": usage.quota_refusal if usage else "",
         }
         return Response(UsageSerializer(data).data)
 

@@ -376,6 +376,7 @@ def test_a_push_token_minted_under_quota_cannot_push_past_it(
     reg: RegistryProcess,
     live_server: Any,
     tenant_with_token: Callable[..., tuple[Tenant, str]],
+    client_for: Callable[..., Any],
 ) -> None:
     tenant, token = tenant_with_token()
     repository = f"{tenant.slug}/late"
@@ -396,6 +397,10 @@ def test_a_push_token_minted_under_quota_cannot_push_past_it(
     refused = ask_token(live_server, token, repository, "pull,push")
     assert refused.status_code == 403
     assert refused.json()["errors"][0]["message"].startswith("quota storage_gib exceeded")
+    # What the tenant sees in the API: the bytes and why its push was refused.
+    seen = client_for(token).get(f"/api/v1/tenants/{tenant.slug}/registry/usage/").json()
+    assert seen["bytes_used"] >= MIB
+    assert seen["quota_refusal"].startswith("quota storage_gib exceeded")
 
 
 # --------------------------------------------------------------------------- builds
