@@ -1287,7 +1287,8 @@ def _extract_archive(
                     target = files.get(tuple(clean_member_path(info.linkname, limits.what)))
                 except InvalidArchive:
                     target = None  # climbs out of the archive: no file of it either
-                if target is None:
+                entry = writer.index.entries.get(target) if target is not None else None
+                if target is None or entry is None or entry.kind != "file":
                     raise InvalidArchive(
                         f"ADD: hard link {info.name!r} points at {info.linkname!r}, which is "
                         "not a file in this archive"
@@ -1296,5 +1297,5 @@ def _extract_archive(
                 link.type, link.linkname = tarfile.LNKTYPE, target.lstrip("/")
                 link.mtime = writer.mtime
                 writer._add(path, link, None, "file", True)
-                writer.index.entries[path] = writer.index.entries[target]  # same inode
+                writer.index.entries[path] = entry  # the same inode
                 files[tuple(parts)] = target

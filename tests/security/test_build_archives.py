@@ -434,9 +434,16 @@ def test_add_archive_links_stay_in_the_image(busybox: Agent, secret: HostFile) -
     output = "".join(e.message for e in result.events if e.kind == "output")
     assert output == "original\nreplaced\noriginal\n"
 
-    for linkname in (str(secret.path), "../" * 40 + str(secret.path).lstrip("/"), "missing"):
+    replaced = [  # the link's target, written as a file, then made a directory by an alias
+        member("s", tarfile.SYMTYPE, linkname="t"),
+        member("t/f", data=b"was a file"),
+        member("s/f/", tarfile.DIRTYPE),
+    ]
+    for linkname in (str(secret.path), "../" * 40 + str(secret.path).lstrip("/"), "missing", "t/f"):
         hostile = tar_of(
-            member("leak", tarfile.LNKTYPE, linkname=linkname, hostile=True), compress="gz"
+            *(replaced if linkname == "t/f" else []),
+            member("leak", tarfile.LNKTYPE, linkname=linkname, hostile=True),
+            compress="gz",
         )
         context = tar_of(
             dockerfile("FROM busybox\nADD a.tar.gz /x/\nRUN cat /x/leak\n"),
