@@ -5,11 +5,14 @@ A tenant's slug names its namespaces everywhere: image references on a node
 (``<slug>/<repo>``) and dashboard URLs (``/t/<slug>/``). A tenant called ``library``
 would write into the node's shared base images, one called ``default`` into the agent
 CLI's own objects, one called ``v2`` or ``admin`` would shadow registry or site paths.
-This module is the one list of such names. It imports nothing, so the node agent and the
-control plane (tenant signup and creation) both use it.
+This module is the one list of such names. It depends on nothing, so the node agent (which
+also refuses tasks for these names) and the control plane (tenant signup and creation)
+both use it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 #: The node's shared image namespace: base images every tenant can use (``busybox``).
 SHARED_NAMESPACE = "library"
@@ -123,3 +126,21 @@ def reserved_name_reason(name: str) -> str | None:
 
 def is_reserved_name(name: str) -> bool:
     return reserved_name_reason(name) is not None
+
+
+def node_namespace_refusal(task_kwargs: Mapping[str, object]) -> str | None:
+    """Why a task the control plane sent must not run on a node: its tenant (the task's
+    ``tenant``, or its ``spec``'s or ``request``'s) is one of the names above, so acting
+    for it would touch the node's own namespaces (``library``'s images, the CLI's
+    ``default`` objects). No tenant can have such a name; a tenant created before the
+    name was reserved is stopped here. The node's operator still uses them from the CLI.
+    """
+    candidates = [task_kwargs.get("tenant")]
+    for key in ("spec", "request"):
+        nested = task_kwargs.get(key)
+        if isinstance(nested, Mapping):
+            candidates.append(nested.get("tenant"))
+    for name in candidates:
+        if isinstance(name, str) and (reason := reserved_name_reason(name)):
+            return f"tenant {name!r}: {reason}; a node acts for it only from its own CLI"
+    return None

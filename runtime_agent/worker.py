@@ -38,8 +38,9 @@ from runtime_agent import protocol
 from runtime_agent.agent import Agent
 from runtime_agent.distribution.ensure import ensure_image
 from runtime_agent.distribution.tenant_auth import fetch_pull_token
-from runtime_agent.errors import AgentError, AlreadyExists, NotFound
+from runtime_agent.errors import AgentError, AlreadyExists, InvalidArgument, NotFound
 from runtime_agent.lanes import FairPool, TenantSlots
+from runtime_agent.names import node_namespace_refusal
 from runtime_agent.node import NodeIdentity, capacity
 from runtime_agent.oplog import OperationLog
 from runtime_agent.runtime.security import tenant_container_spec
@@ -145,6 +146,8 @@ class NodeWorker:
         @wraps(func)
         def task(**kwargs: Any) -> dict[str, Any]:
             try:
+                if refusal := node_namespace_refusal(kwargs):
+                    raise InvalidArgument(refusal)
                 return func(**kwargs)
             except AgentError as exc:
                 log.warning("%s failed: %s", func.__name__, exc)

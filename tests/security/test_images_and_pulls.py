@@ -19,6 +19,7 @@ import base64
 import hashlib
 import http.server
 import json
+import os
 import secrets
 import threading
 import time
@@ -155,6 +156,41 @@ def test_the_agents_own_namespaces_are_on_the_one_list() -> None:
     cli_default = build_parser(["ps"]).parse_args(["ps"]).tenant
     for name in (SHARED_NAMESPACE, cli_default):
         assert is_reserved_name(name), name
+
+
+@pytest.mark.parametrize("tenant", [SHARED_NAMESPACE, CLI_NAMESPACE, "berth-ops"])
+def test_a_node_acts_for_no_tenant_named_like_its_own_namespaces(agent: Agent, tenant: str) -> None:
+    """A tenant created before its name was reserved (or any payload naming one): the
+    node's worker refuses every task for it, so no build tags into ``library`` and no
+    container lands among the CLI's own; its operator still uses those names."""
+    from runtime_agent.node import NodeIdentity
+    from runtime_agent.worker import NodeWorker
+
+    identity = NodeIdentity(
+        node_id="node-h2",
+        credential="not-a-real-credential",
+        broker_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/2"),
+        control_url="http://127.0.0.1:1/",
+        queue="node.h2",
+    )
+    tasks = NodeWorker(agent, identity).app.tasks
+    spec = protocol.to_dict(protocol.ContainerSpec(tenant=tenant, image="busybox", name="x"))
+    build = protocol.to_dict(
+        protocol.BuildRequest(
+            build_id="b1", tenant=tenant, context_url="/ctx", tag="busybox:latest"
+        )
+    )
+    for name, kwargs in (
+        (protocol.AGENT_APPLY_CONTAINER, {"op_id": "o1", "spec": spec}),
+        (protocol.AGENT_BUILD, {"op_id": "o2", "request": build}),
+        (protocol.AGENT_REMOVE_CONTAINER, {"op_id": "o3", "tenant": tenant, "name": "x"}),
+        (protocol.AGENT_REMOVE_VOLUME, {"op_id": "o4", "tenant": tenant, "name": "v"}),
+        (protocol.AGENT_EXEC, {"tenant": tenant, "name": "x", "argv": ["true"]}),
+    ):
+        answer = tasks[name](**kwargs)
+        assert answer["error"]["code"] == "invalid_argument", (name, answer)
+        assert "reserved for the platform" in answer["error"]["message"]
+    assert agent.containers.list(tenant, all=True) == []
 
 
 # --------------------------------------------------------------------------- item 3
