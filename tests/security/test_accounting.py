@@ -116,6 +116,28 @@ def upload_blob(reg: RegistryProcess, repository: str, bearer: dict[str, str], d
     return digest
 
 
+DOCKER_TYPES = {
+    OCI_MANIFEST: "application/vnd.docker.distribution.manifest.v2+json",
+    OCI_CONFIG: "application/vnd.docker.container.image.v1+json",
+    OCI_LAYER_GZIP: "application/vnd.docker.image.rootfs.diff.tar.gzip",
+}
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def put_manifest(
+    reg: RegistryProcess, repository: str, bearer: dict[str, str], tag: str, body: bytes
+) -> str:
+    """PUT a manifest the tenant wrote; returns its digest (the registry accepted it)."""
+    put = requests.put(
+        f"{reg.url}/v2/{repository}/manifests/{tag}",
+        data=body,
+        headers={**bearer, "Content-Type": json.loads(body)["mediaType"]},
+        timeout=10,
+    )
+    assert put.status_code == 201, put.text  # the registry itself takes the manifest
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
 def push_manifest(
     reg: RegistryProcess,
     repository: str,
@@ -124,39 +146,32 @@ def push_manifest(
     layers: list[tuple[bytes, Any]],
     *,
     config_size: Any = None,
+    docker: bool = False,
 ) -> str:
-    """Upload ``layers`` (data, declared size) and a config, then PUT a manifest that
-    declares those sizes; returns the manifest digest (the registry accepted it)."""
+    """Upload ``layers`` (data, declared size) and a config, then PUT a manifest (OCI, or
+    docker schema 2) that declares those sizes; returns the manifest digest."""
+    kind = DOCKER_TYPES.get if docker else (lambda media_type: media_type)
     config = json.dumps({"architecture": "amd64", "os": "linux", "n": secrets.token_hex(8)})
     config_digest = upload_blob(reg, repository, bearer, config.encode())
     descriptors = [
         {
-            "mediaType": OCI_LAYER_GZIP,
+            "mediaType": kind(OCI_LAYER_GZIP),
             "digest": upload_blob(reg, repository, bearer, data),
             "size": size,
         }
         for data, size in layers
     ]
-    body = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": OCI_CONFIG,
-                "digest": config_digest,
-                "size": len(config) if config_size is None else config_size,
-            },
-            "layers": descriptors,
-        }
-    ).encode()
-    put = requests.put(
-        f"{reg.url}/v2/{repository}/manifests/{tag}",
-        data=body,
-        headers={**bearer, "Content-Type": OCI_MANIFEST},
-        timeout=10,
-    )
-    assert put.status_code == 201, put.text  # the registry itself takes the manifest
-    return "sha256:" + hashlib.sha256(body).hexdigest()
+    body = {
+        "schemaVersion": 2,
+        "mediaType": kind(OCI_MANIFEST),
+        "config": {
+            "mediaType": kind(OCI_CONFIG),
+            "digest": config_digest,
+            "size": len(config) if config_size is None else config_size,
+        },
+        "layers": descriptors,
+    }
+    return put_manifest(reg, repository, bearer, tag, json.dumps(body).encode())
 
 
 def manifest_status(reg: RegistryProcess, repository: str, ref: str, bearer: dict[str, str]) -> int:
@@ -232,6 +247,54 @@ def test_a_lying_size_is_refused_and_the_next_tenants_push_is_still_recorded(
     assert not Blob.objects.filter(size__lt=0).exists()
 
     ordinary_push_is_recorded(reg, tenant_with_token, tmp_path)
+
+
+@on_the_registry
+def test_docker_manifests_and_indexes_lying_about_sizes_are_refused_too(
+    reg: RegistryProcess,
+    live_server: Any,
+    tenant_with_token: Callable[..., tuple[Tenant, str]],
+) -> None:
+    tenant, token = tenant_with_token()
+    repository = f"{tenant.slug}/multi"
+    bearer = push_token(live_server, token, repository, "pull,push")
+    layer = os.urandom(8192)
+    docker = push_manifest(reg, repository, bearer, "docker", [(layer, 1)], docker=True)
+    assert event_of(repository, docker).error
+    assert manifest_status(reg, repository, "docker", bearer) == 404
+
+    child = push_manifest(reg, repository, bearer, "child", [(layer, len(layer))])
+    assert not event_of(repository, child).error
+    child_size = int(
+        requests.head(
+            f"{reg.url}/v2/{repository}/manifests/{child}",
+            headers={**bearer, "Accept": OCI_MANIFEST},
+            timeout=10,
+        ).headers["Content-Length"]
+    )
+    platform = {"architecture": "amd64", "os": "linux"}
+    for declared in (child_size + 1, -child_size):
+        index = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [
+                    {
+                        "mediaType": OCI_MANIFEST,
+                        "digest": child,
+                        "size": declared,
+                        "platform": platform,
+                    }
+                ],
+            }
+        ).encode()
+        digest = put_manifest(reg, repository, bearer, "index", index)
+        event = event_of(repository, digest)
+        assert event.error and "declared as" in event.outcome
+        assert not Manifest.objects.filter(digest=digest).exists()
+    # The honest child is untouched.
+    assert Tag.objects.get(repository__tenant=tenant, name="child").manifest.digest == child
+    assert manifest_status(reg, repository, "child", bearer) == 200
 
 
 @on_the_registry
