@@ -260,6 +260,13 @@ def test_a_service_naming_another_tenants_private_image_is_refused(
         assert response.status_code == 403, (image, response.content)
         error = response.json()["error"]
         assert "not public" in error["message"] and a.slug in error["message"]
+        job = _api(token).post(
+            f"/api/v1/tenants/{attacker.slug}/jobs/",
+            {"image": image, "command": ["cat", "/etc/secret"]},
+            format="json",
+        )
+        assert job.status_code == 403, (image, job.content)
+        assert "not public" in job.json()["error"]["message"]
     # The positive controls: A runs its own image; both name the shared busybox.
     for tenant, api_token, image in (
         (a, victim["token"], victim["image"]),

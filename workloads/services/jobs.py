@@ -57,7 +57,8 @@ def submit_job(tenant: Tenant, data: dict[str, Any], *, actor: Actor) -> BatchJo
             k: data[k]
             for k in ("image", "command", "env", "cpu_millicores", "memory_mib", "gpus")
             if k in data
-        }
+        },
+        tenant,
     )
     if "image" not in fields:
         raise InvalidInput("image is required")
