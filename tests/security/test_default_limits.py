@@ -438,3 +438,24 @@ def test_a_dispatched_tenant_gets_the_defaults_without_asking(capped_cluster: An
     assert len(log.encode()) <= jobs.LOG_BYTES_KEPT
     assert log.startswith("[berth: log truncated, ")
     assert log.rstrip("\n").endswith("999 " + "x" * 5000)
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")
+def test_a_build_step_writing_past_the_cap_fails_with_enospc(node: Agent, tmp_path: Path) -> None:
+    from runtime_agent.build.events import BuildFailed
+    from runtime_agent.build.steps import BuildLimits
+    from tests.agent.dockerfiles.support import build, make_base, write_context
+
+    make_base(node, "builder", tmp_path)
+    before = _disk_used(node.config.root)
+    context = write_context(
+        tmp_path / "ctx",
+        {"Dockerfile": "FROM busybox\nRUN dd if=/dev/zero of=/big bs=1M count=300\n"},
+    )
+    with pytest.raises(BuildFailed) as failed:
+        build(
+            node, "builder", context, tag="big", limits=BuildLimits(network=None, step_timeout=120)
+        )
+    assert "No space left on device" in failed.value.output, failed.value.output
+    assert _disk_used(node.config.root) - before < TENANT_LAYER + 16 * MiB
