@@ -210,8 +210,11 @@ class NodeWorker:
 
     @contextlib.contextmanager
     def _starting(self, op_id: str, spec: protocol.ContainerSpec) -> Iterator[None]:
-        """While the body runs, reports say the spec's container is ``starting`` (and one
-        goes out now, so the control plane learns the start was acknowledged)."""
+        """While the body runs, reports say the spec's container is ``starting``.
+
+        No report is sent just for that: the periodic one (every ``report_interval``, well
+        inside the control plane's start grace) carries it, and an extra report per start
+        would cost the start-to-visible latency (benchmarks/bench_dispatch.py)."""
         uid = spec.labels.get(protocol.CONTAINER_UID_LABEL)
         if not uid or spec.name is None:
             yield
@@ -221,7 +224,6 @@ class NodeWorker:
             self._starts[op_id] = protocol.ContainerReport(
                 uid=uid, tenant=spec.tenant, name=spec.name, state="starting"
             )
-        self._report_now.set()
         try:
             yield
         except AgentError as exc:
