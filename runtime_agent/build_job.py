@@ -244,7 +244,11 @@ def run_build(
                 build_args=dict(req.build_args),
                 target=req.target or None,
                 no_cache=req.no_cache,
-                limits=BuildLimits(build_timeout=float(req.timeout_seconds)),
+                limits=BuildLimits(
+                    build_timeout=float(req.timeout_seconds),
+                    # RUN steps as the tenant's unprivileged id range (operator opt-out only).
+                    user_namespace=worker.agent.config.tenant_userns,
+                ),
             )
             try:
                 for event in events:

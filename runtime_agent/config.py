@@ -75,6 +75,22 @@ class AgentConfig:
     cgroup_favordynmods: bool = field(
         default_factory=lambda: os.environ.get("BERTH_CGROUP_FAVORDYNMODS", "1") != "0"
     )
+    # Containers and build steps the control plane dispatches run in a user namespace
+    # (container root = the tenant's unprivileged host id range). Only the node's operator
+    # can turn that off, here (BERTH_TENANT_USERNS=0): no payload field can.
+    tenant_userns: bool = field(
+        default_factory=lambda: os.environ.get("BERTH_TENANT_USERNS", "1") != "0"
+    )
+    # Destinations tenant containers may reach although they are private or on one of the
+    # node's own subnets (network/firewall.py refuses those): CIDRs, comma-separated in
+    # BERTH_EGRESS_ALLOW, e.g. an internal package mirror.
+    egress_allow: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            item.strip()
+            for item in os.environ.get("BERTH_EGRESS_ALLOW", "").split(",")
+            if item.strip()
+        )
+    )
 
     # Caps on the archives a tenant makes the node unpack (runtime_agent/archive.py): the
     # sum of regular files' sizes and the member count, checked before anything is

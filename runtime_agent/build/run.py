@@ -135,7 +135,7 @@ class ContainerStepRunner:
         hosts: Path | None,
         ids: IdRange | None = None,
     ) -> dict[str, Any]:
-        from runtime_agent.runtime.security import apply_security_defaults
+        from runtime_agent.runtime.security import apply_security_defaults, tenant_userns
 
         uid, gid, extra = self._user(request)
         limits = request.limits
@@ -169,7 +169,8 @@ class ContainerStepRunner:
                 },
             },
         }
-        return apply_security_defaults(spec, user_namespace=ids)
+        userns = tenant_userns(self.config, request.tenant) if ids is not None else None
+        return apply_security_defaults(spec, user_namespace=ids, userns_path=userns)
 
     def run_step(self, request: RunRequest) -> RunResult:
         runc_id = f"{self.config.name}-{request.key}"[:64]

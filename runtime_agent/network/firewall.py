@@ -4,7 +4,12 @@ The table (``ip <config.name>``) is generated from the state and replaced in a s
 ``nft -f`` transaction, so applying it twice gives the same ruleset and a half-applied
 ruleset never exists. It does four things:
 
-* egress: container traffic leaving through a non-Berth interface is masqueraded;
+* egress: container traffic leaving through a non-Berth interface is masqueraded, and
+  only to the internet: destinations in ``PRIVATE_IPV4`` (RFC 1918, CGNAT, link-local with
+  cloud metadata, loopback, multicast, reserved) and on any subnet of the node's own
+  interfaces (docker0 and other bridges, the LAN: where a fleet's Redis and Postgres live)
+  are refused, unless the operator allow-listed them (``AgentConfig.egress_allow``);
+  replies (established/related) and published ports (DNAT) are unaffected;
 * isolation: nothing is forwarded between two different Berth bridges (so never between
   tenants, and not between two networks of one tenant either, as with docker networks),
   nothing enters a bridge from outside unless it was DNATed to a published port, and
@@ -42,6 +47,37 @@ class FirewallError(AgentError):
     code = "firewall"
 
 
+#: Destinations that are never "the internet": a tenant container's traffic to them is
+#: refused (ICMP admin-prohibited) unless allow-listed. The node's own interface subnets
+#: are added at each rebuild (``local_subnets``).
+PRIVATE_IPV4: tuple[str, ...] = (
+    "0.0.0.0/8",  # "this network"
+    "10.0.0.0/8",  # RFC 1918
+    "100.64.0.0/10",  # carrier-grade NAT (RFC 6598)
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local, cloud metadata (169.254.169.254)
+    "172.16.0.0/12",  # RFC 1918 (docker0's 172.17.0.0/16 and docker's default pools)
+    "192.0.0.0/24",  # IETF protocol assignments
+    "192.168.0.0/16",  # RFC 1918
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, broadcast
+)
+
+
+def egress_sets(
+    local: Iterable[str], allowed: Iterable[str]
+) -> tuple[list[ipaddress.IPv4Network], list[ipaddress.IPv4Network]]:
+    """(refused, allowed) destination prefixes, each merged into non-overlapping ones (an
+    nft interval set refuses overlapping elements). ``local``: the node's own interface
+    subnets; ``allowed``: the operator's allow-list, which wins over the refusals."""
+
+    def merged(items: Iterable[str]) -> list[ipaddress.IPv4Network]:
+        nets = [ipaddress.IPv4Network(item, strict=False) for item in items]
+        return list(ipaddress.collapse_addresses(nets))
+
+    return merged([*PRIVATE_IPV4, *local]), merged(allowed)
+
+
 @dataclass(frozen=True)
 class BridgeRule:
     bridge: str
@@ -59,8 +95,22 @@ class DnatRule:
     container_port: int
 
 
-def render(table: str, bridges: Iterable[BridgeRule], dnats: Iterable[DnatRule]) -> str:
-    """The nft script that replaces ``table`` with the rules for these bridges and ports."""
+def render(
+    table: str,
+    bridges: Iterable[BridgeRule],
+    dnats: Iterable[DnatRule],
+    *,
+    local_subnets: Iterable[str] = (),
+    egress_allow: Iterable[str] = (),
+) -> str:
+    """The nft script that replaces ``table`` with the rules for these bridges and ports.
+
+    ``local_subnets`` (the node's interface subnets) and ``PRIVATE_IPV4`` are refused to
+    containers' outbound traffic, except ``egress_allow`` (operator's CIDRs)."""
+    refused, allowed = egress_sets(local_subnets, egress_allow)
+    refused_text = ", ".join(map(str, refused))
+    allowed_text = ", ".join(map(str, allowed))
+    refuse = "reject with icmp type admin-prohibited"  # fails at once, not after a timeout
     bridges = sorted(bridges, key=lambda b: b.bridge)
     dnats = sorted(dnats, key=lambda d: (d.protocol, d.host_port, d.host_ip))
     names = ", ".join(f'"{b.bridge}"' for b in bridges)
@@ -89,6 +139,8 @@ table ip {table} {{
     set dns_ok {{ type ifname . ipv4_addr; {elements(dns)} }}
     set subnets {{ type ipv4_addr; flags interval; {elements(subnets)} }}
     set bridge_subnets {{ type ifname . ipv4_addr; flags interval; {elements(bridge_subnets)} }}
+    set egress_refused {{ type ipv4_addr; flags interval; {elements(refused_text)} }}
+    set egress_allowed {{ type ipv4_addr; flags interval; {elements(allowed_text)} }}
 
     chain publish {{
 {publish_body}
@@ -115,6 +167,8 @@ table ip {table} {{
         iifname . oifname @same_bridge accept
         oifname @bridges ct status dnat accept
         iifname @internal drop
+        iifname @bridges oifname != @bridges ip daddr @egress_allowed accept
+        iifname @bridges oifname != @bridges ip daddr @egress_refused {refuse}
         iifname @bridges oifname != @bridges accept
         iifname @bridges drop
         oifname @bridges drop
@@ -145,9 +199,16 @@ table ip6 {table} {{
 """
 
 
-def apply(table: str, bridges: Iterable[BridgeRule], dnats: Iterable[DnatRule]) -> None:
-    """Replace the table atomically (one nft transaction)."""
-    script = render(table, bridges, dnats)
+def apply(
+    table: str,
+    bridges: Iterable[BridgeRule],
+    dnats: Iterable[DnatRule],
+    *,
+    local_subnets: Iterable[str] = (),
+    egress_allow: Iterable[str] = (),
+) -> None:
+    """Replace the table atomically (one nft transaction); see ``render``."""
+    script = render(table, bridges, dnats, local_subnets=local_subnets, egress_allow=egress_allow)
     proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
     if proc.returncode != 0:
         raise FirewallError(f"nft refused Berth's ruleset: {proc.stderr.strip()}")

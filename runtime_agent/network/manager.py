@@ -190,8 +190,9 @@ class _Pending:
     thread; ``discard()`` deletes the namespace if nobody took it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, userns: Path) -> None:
         self.path = path
+        self.userns = userns
         self._box: dict[str, Any] = {}
         self._thread = threading.Thread(target=self._run, name="berth-netns")
         self._thread.start()
@@ -199,7 +200,7 @@ class _Pending:
 
     def _run(self) -> None:
         try:
-            self._box["value"] = make_netns_socket(self.path)
+            self._box["value"] = make_netns_socket(self.path, self.userns)
         except BaseException as exc:
             self._box["error"] = exc
 
@@ -249,6 +250,7 @@ class NetworkManager:
             self.pool = ipaddress.IPv4Network(pool_text)
         except ValueError as exc:
             raise InvalidArgument(f"bad network pool {pool_text!r}: {exc}") from exc
+        self.egress_allow = _parse_egress_allow(config.egress_allow)
         self.subnet_prefix = subnet_prefix or int(
             os.environ.get("BERTH_NETWORK_SUBNET_PREFIX", "24")
         )
@@ -572,7 +574,7 @@ class NetworkManager:
         # use it discards it.
         pending = None
         if self._idle_for(peek, tenant, mode, attachments) is None:
-            pending = _Pending(self._fresh_netns_path(peek, container_id))
+            pending = _Pending(self._fresh_netns_path(peek, container_id), self._userns(tenant))
         try:
             state, endpoint = self._attach_locked(
                 tenant,
@@ -591,6 +593,14 @@ class NetworkManager:
             if pending is not None:
                 pending.discard()
         return self._setup_view(state, endpoint)
+
+    def _userns(self, tenant: str) -> Path:
+        """The tenant's user namespace, which owns its containers' network namespaces (so
+        ``runc exec`` can enter those of user-namespaced containers); host-userns
+        containers join them as well (host root may enter any)."""
+        from runtime_agent.runtime.security import tenant_userns
+
+        return tenant_userns(self.config, tenant)
 
     def _idle_for(
         self, state: State, tenant: str, mode: str, attachments: Sequence[NetworkAttachment]
@@ -800,7 +810,7 @@ class NetworkManager:
     ) -> None:
         path = Path(endpoint.netns)
         if pending is None or pending.path != path:
-            inside = create_netns(path)
+            inside = create_netns(path, self._userns(endpoint.tenant))
         else:
             try:
                 inside = pending.result()
@@ -808,7 +818,7 @@ class NetworkManager:
                 # A leftover of a crash between mount and state clean-up: nobody owns it
                 # (no endpoint or idle entry has this path), so replace it.
                 delete_netns(path)
-                inside = create_netns(path)
+                inside = create_netns(path, self._userns(endpoint.tenant))
         undo.netns = path
         try:
             with self._host() as ipr:
@@ -1235,7 +1245,11 @@ class NetworkManager:
             for p in e.ports
             if p.host_ip != "127.0.0.1"
         ]
-        firewall.apply(self.table, bridges, dnats)
+        with self._host() as ipr:
+            local = _interface_subnets(ipr)
+        firewall.apply(
+            self.table, bridges, dnats, local_subnets=local, egress_allow=self.egress_allow
+        )
         firewall.ensure_docker_user(self.prefix, self._docker_tag)
 
     def _sync_daemon(self, expect_ports: Sequence[PortRecord] = ()) -> None:
@@ -1538,6 +1552,33 @@ def _host_subnets(ipr: IPRoute) -> list[ipaddress.IPv4Network]:
             ipaddress.IPv4Network(f"{addr.get('address')}/{addr['prefixlen']}", strict=False)
         )
     return nets
+
+
+def _interface_subnets(ipr: IPRoute) -> list[str]:
+    """The subnet of every IPv4 address on the node's interfaces (the LAN, docker0 and
+    other bridges, VPNs): containers' outbound traffic to them is refused. Sampled at each
+    firewall rebuild (network create/remove, published ports, recover)."""
+    subnets = set()
+    for addr in ipr.get_addr(family=socket.AF_INET):
+        for attr in ("IFA_ADDRESS", "IFA_LOCAL"):
+            address = addr.get_attr(attr)
+            if address:
+                net = ipaddress.IPv4Network(f"{address}/{addr['prefixlen']}", strict=False)
+                subnets.add(str(net))
+    return sorted(subnets)
+
+
+def _parse_egress_allow(items: Iterable[str]) -> tuple[str, ...]:
+    """The operator's egress allow-list as IPv4 CIDRs (networks are IPv4 only)."""
+    parsed = []
+    for item in items:
+        try:
+            parsed.append(str(ipaddress.IPv4Network(item, strict=False)))
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"bad BERTH_EGRESS_ALLOW entry {item!r}: an IPv4 address or CIDR ({exc})"
+            ) from exc
+    return tuple(parsed)
 
 
 def _uplink_mtu() -> int:

@@ -25,6 +25,7 @@ from typing import TypeVar
 from pyroute2 import IPRoute
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
 MS_BIND = 4096
 MS_REC = 16384
 MS_SHARED = 1 << 20
@@ -105,8 +106,50 @@ def _is_mountpoint(path: Path) -> bool:
     )
 
 
-def make_netns_socket(path: Path) -> socket.socket:
+def _unshare_in_userns(path: Path, userns: Path) -> None:
+    """Make a network namespace owned by the user namespace bound at ``userns`` and bind
+    it at ``path`` (an existing empty file).
+
+    A thread can't enter a user namespace (only a single-threaded process can), so a
+    forked child does: it joins ``userns``, unshares its netns and waits while the
+    parent binds that netns; then it exits.
+    """
+    user_fd = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    try:
+        pid = os.fork()
+    except BaseException:
+        for fd in (user_fd, ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+        raise
+    if pid == 0:  # child: async-signal-safe calls only, then _exit
+        try:
+            ok = _libc.setns(user_fd, CLONE_NEWUSER) == 0 and _libc.unshare(CLONE_NEWNET) == 0
+            os.write(ready_w, b"1" if ok else b"0")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    os.close(user_fd)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise OSError(errno.EPERM, f"cannot make a network namespace in {userns}")
+        _mount(f"/proc/{pid}/ns/net", str(path), MS_BIND)
+    finally:
+        os.write(done_w, b"x")
+        os.close(done_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+
+
+def make_netns_socket(path: Path, userns: Path | None = None) -> socket.socket:
     """Create a namespace bound at ``path`` and return a raw netlink socket inside it.
+
+    With ``userns`` (a bound user namespace, ``security.tenant_userns``) the namespace
+    is owned by that user namespace, so containers joining it can also be entered by
+    ``runc exec``; without, by the host's.
 
     Unshares the *calling* thread's network namespace and setns()es back before
     returning, so call it only from a thread of its own (``create_netns`` does).
@@ -122,9 +165,19 @@ def make_netns_socket(path: Path) -> socket.socket:
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         os.close(fd)
         try:
-            _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            if userns is None:
+                _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+            else:
+                _unshare_in_userns(path, userns)
             try:
-                _mount("/proc/thread-self/ns/net", str(path), MS_BIND)
+                if userns is None:
+                    _mount("/proc/thread-self/ns/net", str(path), MS_BIND)
+                else:
+                    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        _check(_libc.setns(target, CLONE_NEWNET), f"setns into {path}")
+                    finally:
+                        os.close(target)
                 with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
                     # /proc/sys/net is this thread's namespace's
                     Path("/proc/sys/net/ipv6/conf/default/disable_ipv6").write_text("1\n")
@@ -158,12 +211,13 @@ def netns_iproute(path: Path, sock: socket.socket) -> IPRoute:
     return ipr
 
 
-def create_netns(path: Path) -> IPRoute:
-    """Create a network namespace bound at ``path``; return a netlink socket inside it.
+def create_netns(path: Path, userns: Path | None = None) -> IPRoute:
+    """Create a network namespace bound at ``path`` (owned by ``userns`` if given); return
+    a netlink socket inside it.
 
     The caller owns the socket (close it). Loopback is brought up here already.
     """
-    return netns_iproute(path, _in_thread(lambda: make_netns_socket(path)))
+    return netns_iproute(path, _in_thread(lambda: make_netns_socket(path, userns)))
 
 
 def open_netns(path: Path) -> IPRoute:

@@ -348,7 +348,7 @@ class ContainerManager:
         import json
 
         from runtime_agent.runtime import spec as oci
-        from runtime_agent.runtime.security import apply_security_defaults
+        from runtime_agent.runtime.security import apply_security_defaults, tenant_userns
 
         directory = self.store.dir(record.tenant, record.id)
         hostname = spec.hostname or record.id[:12]
@@ -407,6 +407,7 @@ class ContainerManager:
             config,
             read_only_rootfs=spec.read_only_rootfs,
             user_namespace=ids,
+            userns_path=tenant_userns(self.config, record.tenant) if ids is not None else None,
             image_arch=image.config.get("architecture"),
         )
         (directory / "config.json").write_text(json.dumps(config))
@@ -428,9 +429,10 @@ class ContainerManager:
 
         directory = self.store.dir(record.tenant, record.id)
         # --rm: a disposable rootfs, mounted volatile so removing it needn't sync the disk.
-        # Not with a user namespace: idmap_snapshot re-mounts the same upper without the
-        # flag, which overlayfs refuses once a volatile mount left its marker.
-        volatile = spec.auto_remove and not spec.user_namespace
+        # With a user namespace the plain mount is always volatile (idmap_snapshot
+        # replaces it at once; unmounting a non-volatile one would sync the disk) and the
+        # idmapped one only for --rm.
+        volatile = spec.auto_remove or spec.user_namespace
         rootfs = self.agent.snapshots.prepare(
             record.snapshot_key, image, volatile=volatile, tenant=record.tenant
         )
@@ -438,7 +440,9 @@ class ContainerManager:
         if spec.user_namespace:
             from runtime_agent.runtime.security import ensure_traversable, user_namespace_for
 
-            ids = user_namespace_for(self.agent, record.tenant, record.snapshot_key)
+            ids = user_namespace_for(
+                self.agent, record.tenant, record.snapshot_key, volatile=spec.auto_remove
+            )
             ensure_traversable(directory)
         process = oci.merge_image_config(spec, image.container_config, hostname)
         user = oci.lookup_user(rootfs, process.user)
@@ -539,8 +543,38 @@ class ContainerManager:
             if record.spec.get("user_namespace"):
                 from runtime_agent.runtime.security import user_namespace_for
 
-                user_namespace_for(self.agent, record.tenant, record.snapshot_key)
+                user_namespace_for(
+                    self.agent, record.tenant, record.snapshot_key, volatile=record.auto_remove
+                )
+        if record.spec.get("user_namespace"):
+            from runtime_agent.runtime.security import tenant_userns
+
+            tenant_userns(self.config, record.tenant)  # config.json joins it (by path)
+            if record.volumes:
+                self._restore_volume_views(record)
         self._started(record, self._launch(record, watch_exit=watch_exit))
+
+    def _restore_volume_views(self, record: ContainerRecord) -> None:
+        """Make a user-namespaced container's idmapped volume views again where they are
+        gone (a node reboot drops every mount): its config.json binds the views, and an
+        empty directory in their place would hide the volume's data. The tenant's id range
+        is read back from the agent's state, so the files map as before the reboot."""
+        from runtime_agent.runtime.security import tenant_id_range
+        from runtime_agent.snapshots.mount import is_mounted
+
+        idmap_dir = self.store.dir(record.tenant, record.id) / "idmap"
+        spec = protocol.from_dict(protocol.ContainerSpec, record.spec)
+        volumes = [m for m in spec.mounts if m.kind == "volume"]
+        if all(is_mounted(idmap_dir / m.source) for m in volumes):
+            return
+        self.agent.volumes.oci_mounts(
+            record.tenant,
+            volumes,
+            container_id=record.id,
+            auto_create=False,
+            user_namespace=tenant_id_range(self.config, record.tenant),
+            idmap_dir=idmap_dir,
+        )
 
     def _launch(
         self, record: ContainerRecord, *, watch_exit: bool, gated: bool = False

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import os
 import re
 import secrets
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,8 @@ from runtime_agent.runtime import seccomp
 
 if TYPE_CHECKING:
     from runtime_agent.agent import Agent
+    from runtime_agent.config import AgentConfig
+    from runtime_agent.protocol import ContainerSpec
     from runtime_agent.snapshots.snapshotter import Snapshotter
 
 DEFAULT_CAPABILITIES: tuple[str, ...] = (
@@ -222,6 +226,7 @@ def apply_security_defaults(
     read_only_rootfs: bool = False,
     capabilities: Iterable[str] = DEFAULT_CAPABILITIES,
     user_namespace: IdRange | None = None,
+    userns_path: Path | None = None,
     image_arch: str | None = None,
 ) -> dict[str, Any]:
     """Harden an OCI runtime spec in place (and return it) for an untrusted tenant.
@@ -229,7 +234,8 @@ def apply_security_defaults(
     Sets capabilities, no-new-privileges, the seccomp profile (for the native ABI, plus
     the compat ABI of an ``image_arch`` image such as ``386``), masked and read-only paths,
     the device allow-list, the read-only rootfs flag and, with ``user_namespace``, a user
-    namespace mapping container root to the tenant's host id range.
+    namespace mapping container root to the tenant's host id range (joined at
+    ``userns_path``, the tenant's kept namespace, when given: ``tenant_userns``).
     """
     caps = list(dict.fromkeys(capabilities))
     unknown = [cap for cap in caps if cap not in CAPABILITY_BITS]
@@ -259,11 +265,13 @@ def apply_security_defaults(
     linux["seccomp"] = seccomp.default_profile(caps, image_arch=image_arch)
 
     if user_namespace is not None:
-        apply_user_namespace(spec, user_namespace)
+        apply_user_namespace(spec, user_namespace, userns_path)
     return spec
 
 
-def apply_user_namespace(spec: dict[str, Any], ids: IdRange) -> dict[str, Any]:
+def apply_user_namespace(
+    spec: dict[str, Any], ids: IdRange, path: Path | None = None
+) -> dict[str, Any]:
     """Run the container in a new user namespace: container uid/gid 0 is host ``ids.start``.
 
     Capabilities then only count inside the namespace, and a process that escapes is an
@@ -277,9 +285,9 @@ def apply_user_namespace(spec: dict[str, Any], ids: IdRange) -> dict[str, Any]:
     rootless mode; the masked paths still apply.
     """
     linux = spec.setdefault("linux", {})
-    namespaces = linux.setdefault("namespaces", [])
-    if not any(ns.get("type") == "user" for ns in namespaces):
-        namespaces.append({"type": "user"})
+    namespaces = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "user"]
+    namespaces.append({"type": "user", "path": str(path)} if path else {"type": "user"})
+    linux["namespaces"] = namespaces
     linux["uidMappings"] = ids.oci_mapping()
     linux["gidMappings"] = ids.oci_mapping()
     joins_netns = any(ns.get("type") == "network" and ns.get("path") for ns in namespaces)
@@ -505,9 +513,9 @@ def _syscall_check(result: int, what: str) -> int:
 
 
 @contextlib.contextmanager
-def _userns_fd(ids: IdRange) -> Iterator[int]:
-    """An fd of a throw-away user namespace mapping on-disk 0..size-1 to the tenant's range
-    (and on-disk ``size`` to host root, for overlayfs's own work files)."""
+def _new_userns(mapping: str, *, setgroups: str) -> Iterator[int]:
+    """A new user namespace with ``mapping`` (uid_map = gid_map format), alive while the
+    context lasts: yields the pid of the (forked, waiting) process inside it."""
     ready_r, ready_w = os.pipe()
     done_r, done_w = os.pipe()
     pid = os.fork()
@@ -522,64 +530,147 @@ def _userns_fd(ids: IdRange) -> Iterator[int]:
             os._exit(0)
     os.close(ready_w)
     os.close(done_r)
-    fd = -1
     try:
         if os.read(ready_r, 1) != b"1":
-            raise IdmapError("cannot create a user namespace for an idmapped mount")
-        mapping = f"0 {ids.start} {ids.size}\n{ids.size} 0 1\n"
+            raise IdmapError("cannot create a user namespace")
         Path(f"/proc/{pid}/uid_map").write_text(mapping)
-        Path(f"/proc/{pid}/setgroups").write_text("deny")
+        Path(f"/proc/{pid}/setgroups").write_text(setgroups)
         Path(f"/proc/{pid}/gid_map").write_text(mapping)
-        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        yield pid
     finally:
         os.write(done_w, b"x")
         os.close(done_w)
         os.close(ready_r)
         os.waitpid(pid, 0)
+
+
+@contextlib.contextmanager
+def _userns_fd(ids: IdRange) -> Iterator[int]:
+    """An fd of a throw-away user namespace mapping on-disk 0..size-1 to the tenant's range
+    (and on-disk ``size`` to host root, for overlayfs's own work files)."""
+    mapping = f"0 {ids.start} {ids.size}\n{ids.size} 0 1\n"
+    with _new_userns(mapping, setgroups="deny") as pid:
+        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     try:
         yield fd
     finally:
         os.close(fd)
 
 
+_MS_BIND = 4096
+
+
+def tenant_userns(config: AgentConfig, tenant: str) -> Path:
+    """The tenant's user namespace on this node, bound at ``<run_root>/userns/<tenant>``.
+
+    Container uid/gid 0..65535 are the tenant's host range (``tenant_id_range``). Every
+    user-namespaced container and build step of the tenant joins it, and the tenant's
+    network namespaces are made inside it (``network.netns.create_netns(userns=...)``):
+    a netns belongs to the user namespace it was made in, and ``runc exec`` (runc 1.1)
+    enters a container's user namespace before its netns, which it may then only do if
+    that user namespace owns the netns. The bind mount keeps the namespace with no
+    process in it; after a reboot it is made again with the same (persistent) range.
+    """
+    path = config.run_root / "userns" / tenant
+    if _is_ns_mount(path):
+        return path
+    ids = tenant_id_range(config, tenant)
+    with _file_lock(path.parent / ".lock"):
+        if not _is_ns_mount(path):
+            path.parent.chmod(0o711)
+            path.touch(mode=0o444)
+            with _new_userns(f"0 {ids.start} {ids.size}\n", setgroups="allow") as pid:
+                source = f"/proc/{pid}/ns/user".encode()
+                if _libc.mount(source, str(path).encode(), None, ctypes.c_ulong(_MS_BIND), None):
+                    err = ctypes.get_errno()
+                    raise IdmapError(f"keeping the user namespace of {tenant}: {os.strerror(err)}")
+    return path
+
+
+def release_user_namespaces(config: AgentConfig) -> None:
+    """Unbind every tenant user namespace this agent kept (decommissioning, tests); the
+    kernel frees each once no container or netns uses it. Idempotent."""
+    directory = config.run_root / "userns"
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if _is_ns_mount(path):
+            _libc.umount2(str(path).encode(), _MNT_DETACH)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _is_ns_mount(path: Path) -> bool:
+    """Whether a namespace is bound at ``path`` (an nsfs file: not the directory's device);
+    one stat each, cheap enough for every container start."""
+    try:
+        return os.stat(path).st_dev != os.stat(path.parent).st_dev
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An flock between agent processes (the CLI server's children, the worker)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+_idmap_fds: dict[IdRange, int] = {}
+_idmap_lock = threading.Lock()
+
+
+def _idmap_userns(ids: IdRange) -> int:
+    """This process's kept fd of the idmapping user namespace for ``ids`` (``_userns_fd``):
+    made once per tenant, since a fork per idmapped mount costs the agent ~3 ms each."""
+    with _idmap_lock:
+        fd = _idmap_fds.get(ids)
+        if fd is None:
+            with _userns_fd(ids) as made:
+                fd = _idmap_fds[ids] = os.dup(made)
+        return fd
+
+
 def idmapped_bind(source: Path, target: Path, ids: IdRange) -> None:
     """Bind ``source`` at ``target`` (recursively) with on-disk id n shown as start + n."""
-    with _userns_fd(ids) as ns_fd:
-        tree = _syscall_check(
+    ns_fd = _idmap_userns(ids)
+    tree = _syscall_check(
+        _libc.syscall(
+            _SYS_OPEN_TREE,
+            ctypes.c_int(_AT_FDCWD),
+            str(source).encode(),
+            ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_RECURSIVE),
+        ),
+        f"cloning {source}",
+    )
+    try:
+        attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, ns_fd)
+        _syscall_check(
             _libc.syscall(
-                _SYS_OPEN_TREE,
-                ctypes.c_int(_AT_FDCWD),
-                str(source).encode(),
-                ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_RECURSIVE),
+                _SYS_MOUNT_SETATTR,
+                ctypes.c_int(tree),
+                b"",
+                ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
+                ctypes.byref(attr),
+                ctypes.c_size_t(ctypes.sizeof(attr)),
             ),
-            f"cloning {source}",
+            f"idmapping {source}",
         )
-        try:
-            attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, ns_fd)
-            _syscall_check(
-                _libc.syscall(
-                    _SYS_MOUNT_SETATTR,
-                    ctypes.c_int(tree),
-                    b"",
-                    ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE),
-                    ctypes.byref(attr),
-                    ctypes.c_size_t(ctypes.sizeof(attr)),
-                ),
-                f"idmapping {source}",
-            )
-            _syscall_check(
-                _libc.syscall(
-                    _SYS_MOVE_MOUNT,
-                    ctypes.c_int(tree),
-                    b"",
-                    ctypes.c_int(_AT_FDCWD),
-                    str(target).encode(),
-                    ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
-                ),
-                f"attaching the idmapped {source} at {target}",
-            )
-        finally:
-            os.close(tree)
+        _syscall_check(
+            _libc.syscall(
+                _SYS_MOVE_MOUNT,
+                ctypes.c_int(tree),
+                b"",
+                ctypes.c_int(_AT_FDCWD),
+                str(target).encode(),
+                ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
+            ),
+            f"attaching the idmapped {source} at {target}",
+        )
+    finally:
+        os.close(tree)
 
 
 def _detach(target: Path) -> None:
@@ -593,8 +684,11 @@ def mount_idmapped_overlay(
     target: Path,
     ids: IdRange,
     scratch_root: Path,
+    *,
+    volatile: bool = False,
 ) -> None:
-    """Mount an overlay at ``target`` whose layers are idmapped for ``ids``.
+    """Mount an overlay at ``target`` whose layers are idmapped for ``ids`` (``volatile``:
+    see ``mount.mount_overlay``).
 
     ``upper`` and ``work`` must share a parent (one mount is idmapped for both). Helper
     mounts live briefly under ``scratch_root`` and are detached before returning, on
@@ -622,7 +716,7 @@ def mount_idmapped_overlay(
             idmapped_bind(upper.parent, point, ids)
             attached.append(point)
             mapped_upper, mapped_work = point / upper.name, point / work.name
-        mount_overlay(mapped_lowers, mapped_upper, mapped_work, target)
+        mount_overlay(mapped_lowers, mapped_upper, mapped_work, target, volatile=volatile)
     finally:
         for point in reversed(attached):
             _detach(point)
@@ -633,15 +727,28 @@ def mount_idmapped_overlay(
             scratch.rmdir()
 
 
-def idmap_snapshot(snapshotter: Snapshotter, key: str, ids: IdRange, scratch_root: Path) -> Path:
+def idmap_snapshot(
+    snapshotter: Snapshotter,
+    key: str,
+    ids: IdRange,
+    scratch_root: Path,
+    *,
+    volatile: bool = False,
+) -> Path:
     """Re-mount a prepared snapshot's rootfs so a user-namespaced container owns it.
 
     The snapshot's plain overlay is replaced in place by one over idmapped layers; on disk
     nothing changes, so the layers stay shared and ``diff`` still sees real ids. Call it
     after every ``prepare`` of a user-namespaced container (prepare re-mounts plainly
     after a reboot). Returns the rootfs path.
+
+    Prepare the plain overlay volatile: unmounting a non-volatile one syncs the whole
+    disk under the state directory (see ``mount.mount_overlay``), a cost paid here for
+    nothing, since the container hasn't written yet. The volatile mount's marker is then
+    removed and the idmapped overlay is volatile only if ``volatile`` (``--rm``).
     """
-    from runtime_agent.snapshots.mount import unmount
+    from runtime_agent.snapshots.mount import unmount, volatile_marker
+    from runtime_agent.snapshots.tree import remove_tree
 
     info = snapshotter.get(key)
     lowers = [snapshotter.layer_path(chain_id) for chain_id in reversed(info.chain_ids)]
@@ -654,20 +761,47 @@ def idmap_snapshot(snapshotter: Snapshotter, key: str, ids: IdRange, scratch_roo
         if len(lowers) == 1:
             lowers = [*lowers, snapshotter.empty_dir]
     unmount(info.path)
-    mount_idmapped_overlay(lowers, upper, work, info.path, ids, scratch_root)
+    if work is not None and volatile_marker(work).exists():
+        remove_tree(volatile_marker(work))
+    mount_idmapped_overlay(lowers, upper, work, info.path, ids, scratch_root, volatile=volatile)
     ensure_traversable(info.path)
     return info.path
 
 
-def user_namespace_for(agent: Agent, tenant: str, snapshot_key: str) -> IdRange:
+def tenant_id_range(config: AgentConfig, tenant: str) -> IdRange:
+    """The tenant's host id range on this node, allocated on first use and kept in the
+    agent's state (``<root>/userns/subids``), so a restarted agent, or one after a reboot,
+    maps the tenant's containers, build steps and volumes exactly as before."""
+    return IdRangeAllocator(config.root / "userns" / "subids").allocate(tenant)
+
+
+def tenant_container_spec(config: AgentConfig, spec: ContainerSpec) -> ContainerSpec:
+    """The spec the node runs for a container the control plane asked for on a tenant's
+    behalf.
+
+    Such a container always runs in a user namespace, unless the node's operator opted
+    out (``AgentConfig.tenant_userns``, ``BERTH_TENANT_USERNS=0``), and never with a
+    privileged caller's rights (host binds, host network): what the payload says about
+    either is ignored, so no field of a tenant's request can turn them on or off.
+    """
+    return dataclasses.replace(spec, user_namespace=config.tenant_userns, privileged_caller=False)
+
+
+def user_namespace_for(
+    agent: Agent, tenant: str, snapshot_key: str, *, volatile: bool = False
+) -> IdRange:
     """Everything a user-namespaced container needs before its spec is written.
 
     Allocates (or looks up) the tenant's host id range and re-mounts the container's
-    prepared snapshot over idmapped layers. The runtime then passes the returned range to
-    ``VolumeManager.oci_mounts(user_namespace=..., idmap_dir=...)`` and
+    prepared snapshot (best prepared volatile, see ``idmap_snapshot``; ``volatile``
+    says whether the container's rootfs is) over idmapped layers. The runtime then
+    passes the returned range to ``VolumeManager.oci_mounts(user_namespace=...,
+    idmap_dir=...)`` and
     ``apply_security_defaults(user_namespace=...)``, and must keep the container's own
     directory (bundle, /etc files) traversable (``ensure_traversable``).
     """
-    ids = IdRangeAllocator(agent.config.root / "userns" / "subids").allocate(tenant)
-    idmap_snapshot(agent.snapshots, snapshot_key, ids, agent.config.run_root / "idmap")
+    ids = tenant_id_range(agent.config, tenant)
+    idmap_snapshot(
+        agent.snapshots, snapshot_key, ids, agent.config.run_root / "idmap", volatile=volatile
+    )
     return ids

@@ -4,7 +4,7 @@
 them (``nsenter --net``); a private mount namespace bind-mounts the container's
 resolv.conf so lookups go through the network's DNS responder, as in a real container.
 Every address used lives in a namespace or bridge the test made (pool 10.213.0.0/16,
-an "outside" host at 198.18.x.x behind an uplink veth, a link-local listener inside
+an "outside" host at 198.19.x.x routed through an uplink veth, a link-local listener inside
 that namespace). Docker is running on the machine during all of this.
 """
 
@@ -206,7 +206,7 @@ class Outside:
 
     netns: Path
     host_side: str
-    address: str  # the outside host's address, reachable from the node
+    address: str  # the outside host's address, routed (not on the uplink's subnet)
     uplink: str  # the node's address on the uplink (what masquerade rewrites to)
     link_local: str  # a listener address in 169.254/16, routed to this netns only
 
@@ -217,7 +217,9 @@ def outside(agent_config: AgentConfig, tmp_path: Path) -> Iterator[Outside]:
     host_side = f"{agent_config.name[:8]}u0"
     netns = agent_config.run_root / "outside"
     netns.parent.mkdir(parents=True, exist_ok=True)
-    uplink, address = f"198.18.{octet}.1", f"198.18.{octet}.2"
+    # The uplink /30 is one of the node's own subnets, which containers may not reach
+    # (like a LAN); the outside host is behind the router at its other end.
+    uplink, router, address = f"198.18.{octet}.1", f"198.18.{octet}.2", f"198.19.{octet}.2"
     link_local = f"169.254.213.{octet}"
     inside = create_netns(netns)
     ipr = IPRoute()
@@ -235,10 +237,12 @@ def outside(agent_config: AgentConfig, tmp_path: Path) -> Iterator[Outside]:
             os.close(fd)
         index = ipr.link_lookup(ifname=host_side)[0]
         ipr.addr("add", index=index, address=uplink, prefixlen=30)
-        ipr.route("add", dst=f"{link_local}/32", gateway=address)
+        ipr.route("add", dst=f"{link_local}/32", gateway=router)
+        ipr.route("add", dst=f"{address}/32", gateway=router)
         peer = inside.link_lookup(ifname="uplink")[0]
         inside.link("set", index=peer, state="up")
-        inside.addr("add", index=peer, address=address, prefixlen=30)
+        inside.addr("add", index=peer, address=router, prefixlen=30)
+        inside.addr("add", index=peer, address=address, prefixlen=32)
         inside.addr("add", index=peer, address=link_local, prefixlen=32)
         # Deliberately no route back to the container subnets: replies only find their
         # way if the node masqueraded the traffic to its uplink address.

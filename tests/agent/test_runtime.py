@@ -412,18 +412,27 @@ def test_user_namespace_makes_container_root_an_unprivileged_host_user(rt: Agent
     assert leftovers(rt, "default", info.id) == []
 
 
-def test_rm_containers_rootfs_is_volatile_except_with_a_user_namespace(rt: Agent) -> None:
-    """--rm rootfs skip overlayfs' syncs; a user-namespaced one is re-mounted idmapped,
-    which overlayfs would refuse after a volatile mount, so it stays a plain overlay."""
+def test_rm_containers_rootfs_is_volatile_also_with_a_user_namespace(rt: Agent) -> None:
+    """--rm rootfs skip overlayfs' syncs; a user-namespaced one is re-mounted idmapped
+    (the volatile plain mount's marker removed first) and volatile too. Without --rm the
+    user-namespaced rootfs is a normal (synced) overlay, though prepared volatile."""
     c = rt.containers
-    for userns in (False, True):
+
+    def mount_options(container_id: str) -> str:
+        merged = str(rt.snapshots.active_dir / container_id / "merged")
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        return next(line for line in lines if line.split()[4] == merged).split(" - ")[1]
+
+    for userns, rm in ((False, True), (True, True), (True, False)):
         info = c.run(
-            spec("touch /w && echo ok", auto_remove=True, user_namespace=userns), watch_exit=False
+            spec("touch /w && echo ok", auto_remove=rm, user_namespace=userns), watch_exit=False
         )
         assert c.wait("default", info.id) == 0
         assert [e.line for e in c.logs("default", info.id)] == [b"ok"]
         meta = (rt.snapshots.active_dir / info.id / "meta.json").read_text()
-        assert json.loads(meta)["volatile"] is (not userns)
+        assert json.loads(meta)["volatile"] is True
+        options = mount_options(info.id).split(",")
+        assert ("volatile" in options or "fsync=volatile" in options) is rm
         c.remove("default", info.id)
         assert leftovers(rt, "default", info.id) == []
 

@@ -21,6 +21,7 @@ from runtime_agent.cgroups import CGROUP_ROOT
 from runtime_agent.config import AgentConfig
 from runtime_agent.images.bootstrap import bootstrap_busybox
 from runtime_agent.protocol import ContainerSpec
+from runtime_agent.runtime.security import release_user_namespaces
 
 # The ``cli`` fixtures (conftest.py, test_cliserver.py): a berth-agent command's result.
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -72,6 +73,7 @@ def cleanup_agent(agent: Agent) -> None:
             pass
     manager.cgroups.remove_all()
     agent.snapshots.remove_all_mounts()
+    release_user_namespaces(agent.config)
 
 
 @pytest.fixture
