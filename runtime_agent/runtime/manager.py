@@ -461,8 +461,8 @@ class ContainerManager:
                 "device_write_iops",
             )
         )
-        device = self.agent.snapshots.device(record.snapshot_key) if needs_device else None
-        resources = oci.linux_resources(limits, device)
+        devices = self.agent.snapshots.devices(record.snapshot_key) if needs_device else None
+        resources = oci.linux_resources(limits, devices)
         mounts: list[dict[str, Any]] = []
         if spec.mounts:
             mounts += self.agent.volumes.oci_mounts(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import resource
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -302,8 +303,10 @@ def _device_numbers(device: str | None) -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
-def linux_resources(limits: Limits, device: str | None) -> dict[str, Any]:
-    """``linux.resources`` for the limits; block I/O throttles apply to ``device``."""
+def linux_resources(limits: Limits, device: str | Sequence[str] | None) -> dict[str, Any]:
+    """``linux.resources`` for the limits; block I/O throttles apply to ``device`` (each of
+    them, when the container's storage spans several: its writable layer on its tenant's
+    filesystem, the image layers it reads on the state disk)."""
     resources: dict[str, Any] = {}
     if limits.memory_bytes is not None:
         # swap = memory + swap in OCI terms: equal means no swap at all beyond the limit.
@@ -322,7 +325,8 @@ def linux_resources(limits: Limits, device: str | None) -> dict[str, Any]:
         resources["cpu"] = cpu
     if limits.pids is not None:
         resources["pids"] = {"limit": limits.pids}
-    numbers = _device_numbers(device)
+    devices = [device] if isinstance(device, str) or device is None else list(device)
+    numbers = [n for n in map(_device_numbers, devices) if n is not None]
     block: dict[str, Any] = {}
     for field, key in (
         ("device_read_bps", "throttleReadBpsDevice"),
@@ -333,11 +337,11 @@ def linux_resources(limits: Limits, device: str | None) -> dict[str, Any]:
         rate = getattr(limits, field)
         if rate is None:
             continue
-        if numbers is None:
+        if not numbers:
             raise InvalidArgument(
                 f"--{field.replace('_', '-')}: no block device is behind this container's storage"
             )
-        block[key] = [{"major": numbers[0], "minor": numbers[1], "rate": rate}]
+        block[key] = [{"major": major, "minor": minor, "rate": rate} for major, minor in numbers]
     if block:
         resources["blockIO"] = block
     return resources

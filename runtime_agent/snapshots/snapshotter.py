@@ -423,6 +423,16 @@ class Snapshotter:
             return mount.mount_source_device(self._tenant_dir(tenant) / "fs")
         return block_device_of(sdir)
 
+    def devices(self, key: str) -> list[str]:
+        """Every block device the snapshot's root filesystem reads or writes: its writable
+        layer's (``device``) and, when another, the disk under the image layers. Block
+        I/O throttles go on each, or reading the image would escape them."""
+        found = [d for d in (self.device(key),) if d is not None]
+        layers = block_device_of(self.layers_dir if self.layers_dir.is_dir() else self.root)
+        if layers is not None and layers not in found:
+            found.append(layers)
+        return found
+
     def diff(self, key: str) -> dict[str, Any]:
         """The snapshot's changes as an uncompressed OCI layer stored in the content store.
 

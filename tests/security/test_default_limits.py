@@ -407,8 +407,11 @@ def test_a_dispatched_tenant_gets_the_defaults_without_asking(capped_cluster: An
         (api.config.containers_dir / tenant.slug / bomb.id / "config.json").read_text()
     )
     throttles = config["linux"]["resources"]["blockIO"]
+    layers = api.snapshots.devices(bomb.id)  # its writable layer's and the image's disks
     for key in ("throttleReadBpsDevice", "throttleWriteBpsDevice"):
-        assert [t["rate"] for t in throttles[key]] == [plan.blkio_bps]
+        assert [(f"{t['major']}:{t['minor']}", t["rate"]) for t in throttles[key]] == [
+            (device, plan.blkio_bps) for device in layers
+        ]
 
     # The 300 MB write fails inside the container; the node's disk is not its dump.
     logs = wait_for(
