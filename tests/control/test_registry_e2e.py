@@ -336,7 +336,11 @@ def test_node_credential_pulls_only_public_images_tenants_pull_with_their_own_to
         issue_pull_token(node_id, "bnc_wrong", a.slug, image_a)
 
     # Public: anyone pulls it, the node's login too.
-    services.set_public(Repository.objects.get(tenant=b, name="svc"), True, actor=SYSTEM)
+    # Recorded from the registry's notification, which may still be on its way.
+    repo_b = wait_for(
+        lambda: Repository.objects.filter(tenant=b, name="svc").first(), "b's repository"
+    )
+    services.set_public(repo_b, True, actor=SYSTEM)
     assert pull(agent, a.slug, f"{reg.host}/{b.slug}/svc:1", node).digest == digest_b
     agent.images.tag(a.slug, image_a, f"{reg.host}/{a.slug}/svc:2")
     with pytest.raises((RegistryUnauthorized, AgentDenied)):
