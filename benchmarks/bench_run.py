@@ -249,7 +249,23 @@ def main() -> int:
             api_bridge.append(time.perf_counter() - started)
             containers.remove("bench", info.id)
 
+        # What the control plane's containers get since #17: the tenant's user namespace
+        # (idmapped rootfs, the tenant's kept userns; a fresh netns is made inside it).
+        api_userns: list[float] = []
+        api_userns_bridge: list[float] = []
+
+        def api_run_userns(taken: list[float], network_mode: str) -> None:
+            started = time.perf_counter()
+            request = ContainerSpec(tenant="bench", image="busybox", command=("true",),
+                                    network_mode=network_mode, user_namespace=True)  # type: ignore[arg-type]  # fmt: skip
+            info = containers.run(request, watch_exit=False)
+            containers.wait("bench", info.id)
+            taken.append(time.perf_counter() - started)
+            containers.remove("bench", info.id)
+
         variants: dict[str, Callable[[], object]] = {
+            "api_userns": lambda: api_run_userns(api_userns, "none"),
+            "api_userns_bridge": lambda: api_run_userns(api_userns_bridge, "bridge"),
             "runc": bare_runc,
             "runc_same": bare_runc_same_config,
             "api": api_run,
@@ -273,6 +289,7 @@ def main() -> int:
         samples = interleaved(args.runs, variants)
         containers.remove("bench", template.id)
         api_start, api_exit, api_bridge = api_start[2:], api_exit[2:], api_bridge[2:]
+        api_userns, api_userns_bridge = api_userns[2:], api_userns_bridge[2:]
 
         print(f"Latency over {args.runs} interleaved runs (after 2 warm-up rounds)")
         print("Python API vs bare runc (busybox true, no network):")
@@ -281,6 +298,9 @@ def main() -> int:
         results["api_start"] = row("agent.containers.run() start-to-running", api_start)
         results["api_exit"] = row("agent.containers.run() + wait() run-to-exit", api_exit)
         results["api_bridge"] = row("same, on the default bridge network", api_bridge)
+        results["api_userns"] = row("run-to-exit in the tenant's user namespace", api_userns)
+        results["api_userns_bridge"] = row("same, on the default bridge network",
+                                           api_userns_bridge)  # fmt: skip
         print("Whole commands (berth-agent served by `berth-agent serve`):")
         results["cli"] = row("berth-agent run --rm busybox true", samples["cli"])
         results["cli_none"] = row("berth-agent run --rm --network none busybox true",

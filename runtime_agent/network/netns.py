@@ -114,34 +114,17 @@ def _unshare_in_userns(path: Path, userns: Path) -> None:
     forked child does: it joins ``userns``, unshares its netns and waits while the
     parent binds that netns; then it exits.
     """
+    from runtime_agent.namespaces import held_namespaces
+
     user_fd = os.open(userns, os.O_RDONLY | os.O_CLOEXEC)
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
     try:
-        pid = os.fork()
-    except BaseException:
-        for fd in (user_fd, ready_r, ready_w, done_r, done_w):
-            os.close(fd)
-        raise
-    if pid == 0:  # child: async-signal-safe calls only, then _exit
-        try:
-            ok = _libc.setns(user_fd, CLONE_NEWUSER) == 0 and _libc.unshare(CLONE_NEWNET) == 0
-            os.write(ready_w, b"1" if ok else b"0")
-            os.read(done_r, 1)
-        finally:
-            os._exit(0)
-    os.close(user_fd)
-    os.close(ready_w)
-    os.close(done_r)
-    try:
-        if os.read(ready_r, 1) != b"1":
-            raise OSError(errno.EPERM, f"cannot make a network namespace in {userns}")
-        _mount(f"/proc/{pid}/ns/net", str(path), MS_BIND)
+        with held_namespaces(
+            lambda: _libc.setns(user_fd, CLONE_NEWUSER) == 0 and _libc.unshare(CLONE_NEWNET) == 0,
+            f"making a network namespace in {userns}",
+        ) as pid:
+            _mount(f"/proc/{pid}/ns/net", str(path), MS_BIND)
     finally:
-        os.write(done_w, b"x")
-        os.close(done_w)
-        os.close(ready_r)
-        os.waitpid(pid, 0)
+        os.close(user_fd)
 
 
 def make_netns_socket(path: Path, userns: Path | None = None) -> socket.socket:

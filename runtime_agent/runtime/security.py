@@ -516,32 +516,19 @@ def _syscall_check(result: int, what: str) -> int:
 def _new_userns(mapping: str, *, setgroups: str) -> Iterator[int]:
     """A new user namespace with ``mapping`` (uid_map = gid_map format), alive while the
     context lasts: yields the pid of the (forked, waiting) process inside it."""
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: enter a new user namespace and wait to be mapped and opened
+    from runtime_agent.namespaces import held_namespaces
+
+    with contextlib.ExitStack() as stack:
         try:
-            os.close(ready_r)
-            os.close(done_w)
-            ok = _libc.unshare(_CLONE_NEWUSER) == 0
-            os.write(ready_w, b"1" if ok else b"0")
-            os.read(done_r, 1)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(done_r)
-    try:
-        if os.read(ready_r, 1) != b"1":
-            raise IdmapError("cannot create a user namespace")
+            pid = stack.enter_context(
+                held_namespaces(lambda: _libc.unshare(_CLONE_NEWUSER) == 0, "unshare")
+            )
+        except OSError as exc:
+            raise IdmapError(f"cannot create a user namespace: {exc}") from exc
         Path(f"/proc/{pid}/uid_map").write_text(mapping)
         Path(f"/proc/{pid}/setgroups").write_text(setgroups)
         Path(f"/proc/{pid}/gid_map").write_text(mapping)
         yield pid
-    finally:
-        os.write(done_w, b"x")
-        os.close(done_w)
-        os.close(ready_r)
-        os.waitpid(pid, 0)
 
 
 @contextlib.contextmanager

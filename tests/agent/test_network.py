@@ -211,6 +211,27 @@ class Outside:
     link_local: str  # a listener address in 169.254/16, routed to this netns only
 
 
+def veth_into(
+    ipr: IPRoute, inside: IPRoute, netns: Path, host_side: str, peer_name: str
+) -> tuple[int, int]:
+    """A veth pair from the node into a namespace the test made, both ends up; returns
+    (host end's index, peer's index inside)."""
+    fd = os.open(netns, os.O_RDONLY)
+    try:
+        ipr.link(
+            "add",
+            ifname=host_side,
+            kind="veth",
+            state="up",
+            peer={"ifname": peer_name, "net_ns_fd": fd},
+        )
+    finally:
+        os.close(fd)
+    peer = inside.link_lookup(ifname=peer_name)[0]
+    inside.link("set", index=peer, state="up")
+    return ipr.link_lookup(ifname=host_side)[0], peer
+
+
 @pytest.fixture
 def outside(agent_config: AgentConfig, tmp_path: Path) -> Iterator[Outside]:
     octet = secrets.randbelow(250) + 1
@@ -224,23 +245,10 @@ def outside(agent_config: AgentConfig, tmp_path: Path) -> Iterator[Outside]:
     inside = create_netns(netns)
     ipr = IPRoute()
     try:
-        fd = os.open(netns, os.O_RDONLY)
-        try:
-            ipr.link(
-                "add",
-                ifname=host_side,
-                kind="veth",
-                state="up",
-                peer={"ifname": "uplink", "net_ns_fd": fd},
-            )
-        finally:
-            os.close(fd)
-        index = ipr.link_lookup(ifname=host_side)[0]
+        index, peer = veth_into(ipr, inside, netns, host_side, "uplink")
         ipr.addr("add", index=index, address=uplink, prefixlen=30)
         ipr.route("add", dst=f"{link_local}/32", gateway=router)
         ipr.route("add", dst=f"{address}/32", gateway=router)
-        peer = inside.link_lookup(ifname="uplink")[0]
-        inside.link("set", index=peer, state="up")
         inside.addr("add", index=peer, address=router, prefixlen=30)
         inside.addr("add", index=peer, address=address, prefixlen=32)
         inside.addr("add", index=peer, address=link_local, prefixlen=32)
