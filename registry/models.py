@@ -188,13 +188,16 @@ class RegistryEvent(models.Model):
 class NodeCredential(models.Model):
     """A node's registry login: ``node-<node_name>`` / a ``brn_`` secret (only its hash kept).
 
-    It may pull a tenant's repository only while a container placed on that node uses
-    it (:func:`registry.services.node_runs_repository`), and nothing else (no push,
-    delete or catalog). The dispatch code
-    creates one per node with :func:`registry.services.create_node_credential` and hands
-    the secret to the agent (``berth-agent login``).
+    It pulls what anyone may (public repositories) and nothing else: a node pulls a
+    tenant's image with a token minted for that tenant
+    (:func:`registry.services.tenant_pull_token`). A joined node's credential is keyed by
+    its id (``node_id``, the ``workloads.Node``), so another node can never take it over
+    by name; the operator mints credentials of nodes that never joined by name
+    (``node_id`` empty). :func:`registry.services.create_node_credential` creates or
+    rotates one and hands the secret to the agent (``berth-agent login``).
     """
 
+    node_id = models.UUIDField(null=True, blank=True, unique=True)
     node_name = models.CharField(max_length=100, unique=True)
     secret_hash = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(default=timezone.now)

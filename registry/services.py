@@ -26,6 +26,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,7 +36,7 @@ from typing import Any
 import requests
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, JSONField, OuterRef, Q, Subquery, Sum
+from django.db.models import Exists, JSONField, OuterRef, Q, QuerySet, Subquery, Sum
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -52,6 +53,7 @@ from registry.models import (
     Tag,
 )
 from registry.tokens import Access, IssuedToken, issue_token, parse_scope
+from runtime_agent.names import node_name_problem
 from tenants import permissions as perms
 from tenants import services as tenant_services
 from tenants.choices import Scope
@@ -403,25 +405,76 @@ def repository_push_token(tenant: Tenant, repository: str, *, subject: str) -> I
 # --------------------------------------------------------------------------- node credentials
 
 
+def _credentials_named(node_name: str, node_id: uuid.UUID | str | None) -> QuerySet[NodeCredential]:
+    """Credentials other than ``node_id``'s that hold ``node_name``, leaving out those of
+    joined nodes that no longer exist (their name is free again)."""
+    from workloads.models import Node
+
+    others = NodeCredential.objects.filter(node_name=node_name)
+    if node_id is not None:
+        others = others.exclude(node_id=node_id)
+    alive = Node.objects.filter(pk=OuterRef("node_id"))
+    return others.filter(Q(node_id__isnull=True) | Q(Exists(alive)))
+
+
+def node_credential_problem(node_name: str, node_id: uuid.UUID | str | None = None) -> str | None:
+    """Why ``node_name`` cannot get a registry credential (for the joined node ``node_id``,
+    or, without it, minted by the operator for a node that never joined), or None.
+
+    A joined node's credential is keyed by its id: minting by name never touches it, and
+    another node never gets one under a name some node's credential already has.
+    """
+    if problem := node_name_problem(node_name):
+        return problem
+    holder = _credentials_named(node_name, node_id).first()
+    if holder is None:
+        return None
+    if holder.node_id is not None:
+        return (
+            f"node {node_name!r} joined the control plane: its registry credential belongs "
+            "to that node and is never minted by name"
+        )
+    if node_id is not None:
+        return (
+            f"the operator minted a registry credential for a node named {node_name!r}: "
+            "join under another name, or revoke and delete that credential first"
+        )
+    return None
+
+
 @transaction.atomic
-def create_node_credential(node_name: str, *, actor: Actor) -> tuple[NodeCredential, str]:
+def create_node_credential(
+    node_name: str, *, actor: Actor, node_id: uuid.UUID | str | None = None
+) -> tuple[NodeCredential, str]:
     """Mint (or rotate) the registry credential of a node; returns (row, secret).
 
-    The agent logs in with username ``node-<node_name>`` and the secret; it pulls what
-    anyone may (public repositories): tenants' images come with tokens minted for the
-    tenant (:func:`tenant_pull_token`). Rotating invalidates the previous secret.
+    With ``node_id`` (a joined node, see ``workloads.services.nodes.registry_login``) the
+    credential is that node's, found by id; without it, the operator's credential of a
+    node that never joined, found by name. Refused (InvalidInput) as
+    :func:`node_credential_problem` says. The agent logs in with username
+    ``node-<node_name>`` and the secret; it pulls what anyone may (public repositories):
+    tenants' images come with tokens minted for the tenant (:func:`tenant_pull_token`).
+    Rotating invalidates the previous secret.
     """
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", node_name or ""):
-        raise InvalidInput(f"invalid node name {node_name!r}")
+    if problem := node_credential_problem(node_name, node_id):
+        raise InvalidInput(problem, details={"node": node_name})
     secret = NODE_SECRET_PREFIX + secrets.token_urlsafe(32)
-    credential, _ = NodeCredential.objects.update_or_create(
-        node_name=node_name,
-        defaults={
-            "secret_hash": hash_secret(secret),
-            "revoked_at": None,
-            "created_at": timezone.now(),
-        },
-    )
+    fields = {
+        "node_name": node_name,
+        "secret_hash": hash_secret(secret),
+        "revoked_at": None,
+        "created_at": timezone.now(),
+    }
+    # A credential of a deleted node that had this name goes with its node.
+    NodeCredential.objects.filter(node_name=node_name, node_id__isnull=False).exclude(
+        node_id=node_id
+    ).delete()
+    if node_id is None:
+        credential, _ = NodeCredential.objects.update_or_create(
+            node_name=node_name, node_id=None, defaults=fields
+        )
+    else:
+        credential, _ = NodeCredential.objects.update_or_create(node_id=node_id, defaults=fields)
     record(actor, "registry.node_credential.create", tenant=None, target=credential)
     return credential, secret
 

@@ -12,6 +12,7 @@ both use it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 #: The node's shared image namespace: base images every tenant can use (``busybox``).
@@ -107,6 +108,21 @@ RESERVED_NAMES: frozenset[str] = frozenset(
 #: Prefixes kept for the platform (``berth``, ``berth-ops``, ``berthd``...) and for the
 #: node credentials' registry usernames (``node-<name>``).
 RESERVED_PREFIXES: tuple[str, ...] = ("berth", "node-")
+
+
+#: A node's name (``berth-agent join --name``): it is the registry username ``node-<name>``,
+#: in logs and in placement, so one rule for the control plane and the registry.
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def node_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a node's name, or None."""
+    if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
+        return (
+            f"invalid node name {name!r}: 1-100 characters, letters, digits, '.', '_' and "
+            "'-', starting with a letter or digit"
+        )
+    return None
 
 
 def reserved_name_reason(name: str) -> str | None:

@@ -343,7 +343,9 @@ def test_node_credential_command_prints_a_secret_that_authenticates(
     assert secret.startswith("brn_")
     principal = services.authenticate(("node-node-7", secret))
     assert principal.kind == "node"
-    # Pull only, and only for an image a container placed on the node uses; never push.
+    # A node's own credential reads what anyone may: not a tenant's private repository,
+    # even one a container placed on the node uses (that pull gets a token minted for the
+    # container's tenant), and never pushes; a public repository, pull only.
     assert services.grant(principal, ["repository:any/thing:pull,push"]) == []
     tenant, _ = tenant_services.create_tenant(
         slug="any",
@@ -361,6 +363,8 @@ def test_node_credential_command_prints_a_secret_that_authenticates(
         node=node,
         spec={"image": f"{settings.BERTH_REGISTRY_HOST}/any/thing:1"},
     )
+    assert services.grant(principal, ["repository:any/thing:pull,push"]) == []
+    Repository.objects.create(tenant=tenant, name="thing", public=True)
     assert [a.actions for a in services.grant(principal, ["repository:any/thing:pull,push"])] == [
         ("pull",)
     ]

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -318,17 +319,20 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, GenericViewS
 
         data = s.NodeJoinSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        node, credential = nodes.join_node(
-            data.validated_data["token"],
-            name=data.validated_data["name"],
-            capacity=data.validated_data["capacity"],
-            labels=data.validated_data.get("labels", {}),
-        )
+        # One transaction: a join whose registry login fails consumes no token, leaves no node.
+        with transaction.atomic():
+            node, credential = nodes.join_node(
+                data.validated_data["token"],
+                name=data.validated_data["name"],
+                capacity=data.validated_data["capacity"],
+                labels=data.validated_data.get("labels", {}),
+            )
+            registry = nodes.registry_login(node)
         return Response(
             {
                 "node_id": str(node.pk),
                 "credential": credential,
-                "registry": nodes.registry_login(node),
+                "registry": registry,
                 "queue": node.queue,
                 "broker_url": getattr(settings, "BERTH_AGENT_BROKER_URL", "") or settings.REDIS_URL,
             },

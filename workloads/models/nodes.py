@@ -15,10 +15,11 @@ class Node(models.Model):
 
     ``credential_hash`` is the SHA-256 of the secret the agent received when it joined; it
     signs every report the agent sends, so a report can't be forged by another node.
+    Names are unique: a node joining under a running node's name is refused.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    name = models.CharField(max_length=100)
+    name = models.CharField(max_length=100, unique=True)
     state = models.CharField(max_length=16, choices=NodeState.choices, default=NodeState.READY)
     credential_hash = models.CharField(max_length=64, unique=True)
     cpu_millicores = models.PositiveIntegerField(default=0)

@@ -7,9 +7,10 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from runtime_agent.names import node_name_problem
 from tenants.errors import InvalidInput, NotFound, PermissionDenied
 from tenants.models import hash_secret
 from tenants.services import Actor, record
@@ -65,24 +66,38 @@ def join_node(
 
     The node also gets its registry login (see :func:`registry_login`)."""
     now = timezone.now()
+    from registry.services import node_credential_problem
+
     join = JoinToken.objects.select_for_update().filter(token_hash=hash_secret(token)).first()
     if join is None or join.used_at is not None or join.expires_at <= now:
         # One message for all three: a probe learns nothing about which tokens exist.
         raise PermissionDenied("this join token is invalid, expired or already used")
-    if not name or len(name) > 100:
-        raise InvalidInput("node name must be 1-100 characters")
+    # Everything the join and the registry login need is checked before anything is
+    # written, so a refused join leaves no node behind and its token unused.
+    taken = InvalidInput(
+        f"a node named {name!r} already exists: every node needs a name of its own",
+        details={"field": "name"},
+    )
+    if node_name_problem(name) is None and Node.objects.filter(name=name).exists():
+        raise taken
+    if problem := node_credential_problem(name):
+        raise InvalidInput(problem, details={"field": "name"})
     if not isinstance(labels, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
     ):
         raise InvalidInput("labels must be a mapping of strings to strings")
     credential = NODE_CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
-    node = Node.objects.create(
-        name=name,
-        credential_hash=hash_secret(credential),
-        labels={**join.labels, **labels},
-        last_heartbeat_at=now,
-        **_validate_capacity(capacity),
-    )
+    try:
+        with transaction.atomic():
+            node = Node.objects.create(
+                name=name,
+                credential_hash=hash_secret(credential),
+                labels={**join.labels, **labels},
+                last_heartbeat_at=now,
+                **_validate_capacity(capacity),
+            )
+    except IntegrityError:
+        raise taken from None  # a join under the same name committed meanwhile
     join.used_at = now
     join.node = node
     join.save(update_fields=["used_at", "node"])
@@ -91,14 +106,16 @@ def join_node(
 
 
 def registry_login(node: Node) -> dict[str, str]:
-    """Mint the node's registry credential: it may pull the images of containers placed
-    on it, nothing else (``registry.services.node_runs_repository``). Returned once, with
-    the host the agent logs in to."""
+    """Mint the node's registry credential, keyed by the node's id (no other node can take
+    it over by name): it pulls what anyone may; tenants' images come with tokens minted
+    per pull (:func:`issue_pull_token`). Returned once, with the host the agent logs in to."""
     from django.conf import settings
 
     from registry.services import create_node_credential
 
-    _, secret = create_node_credential(node.name, actor=Actor.for_system(f"node:{node.name}"))
+    _, secret = create_node_credential(
+        node.name, node_id=node.pk, actor=Actor.for_system(f"node:{node.name}")
+    )
     return {
         "host": settings.BERTH_REGISTRY_HOST,
         "username": f"node-{node.name}",

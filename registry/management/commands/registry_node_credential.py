@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from registry import services
+from tenants.errors import BerthError
 from tenants.services import Actor
 
 
@@ -27,5 +28,8 @@ class Command(BaseCommand):
             revoked = services.revoke_node_credential(options["node_name"], actor=actor)
             self.stderr.write("revoked" if revoked else "no active credential")
             return
-        _, secret = services.create_node_credential(options["node_name"], actor=actor)
+        try:
+            _, secret = services.create_node_credential(options["node_name"], actor=actor)
+        except BerthError as exc:  # a joined node's credential is not minted by name
+            raise CommandError(exc.message) from None
         self.stdout.write(secret)
