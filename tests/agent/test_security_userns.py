@@ -165,3 +165,43 @@ def test_userns_container_on_idmapped_layers(agent: Agent, tmp_path: Path) -> No
     assert not vol_views.exists()
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(config.root) not in mounts and str(config.run_root) not in mounts
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")
+@pytest.mark.skipif(host_kernel() < (5, 19), reason="overlayfs on idmapped layers needs 5.19")
+def test_exec_enters_a_user_namespaced_container_on_a_bridge_network(agent: Agent) -> None:
+    """runc 1.1 exec joins the container's user namespace before its netns; it may join
+    the netns only if that user namespace owns it. The netns is therefore made inside the
+    tenant's kept user namespace, which the container joins (it failed with EPERM while
+    the host's user namespace owned the netns)."""
+    import fcntl
+    import os
+
+    from runtime_agent.images.bootstrap import bootstrap_busybox
+    from runtime_agent.protocol import ContainerSpec
+    from runtime_agent.runtime.security import tenant_userns
+
+    bootstrap_busybox(agent)
+    info = agent.containers.run(
+        ContainerSpec(tenant="acme", image="busybox", command=("sleep", "300"), user_namespace=True)
+    )
+    assert agent.containers.exec_capture("acme", info.id, ["id", "-u"]) == (0, b"0\n")
+    code, out = agent.containers.exec_capture("acme", info.id, ["ip", "-4", "addr"])
+    assert code == 0 and b"eth0" in out  # the exec is in the container's netns
+    # Both namespaces belong to the tenant's user namespace (NS_GET_USERNS).
+    userns_ino = os.stat(tenant_userns(agent.config, "acme")).st_ino
+    pid = agent.containers.inspect("acme", info.id)["State"]["Pid"]
+    assert os.stat(f"/proc/{pid}/ns/user").st_ino == userns_ino
+    endpoint = agent.networks.endpoint("acme", info.id)
+    assert endpoint is not None
+    fd = os.open(endpoint.netns_path, os.O_RDONLY)
+    try:
+        owner = fcntl.ioctl(fd, 0xB701)  # NS_GET_USERNS: an fd of the owning userns
+        try:
+            assert os.fstat(owner).st_ino == userns_ino
+        finally:
+            os.close(owner)
+    finally:
+        os.close(fd)
+    agent.containers.remove("acme", info.id, force=True)
