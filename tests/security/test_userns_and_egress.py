@@ -580,3 +580,75 @@ def test_egress_sets_and_allow_list_validation(agent_config: AgentConfig) -> Non
     for bad in ("nonsense", "fd00::/8", "10.0.0.0/33"):
         with pytest.raises(InvalidArgument):
             NetworkManager(replace(agent_config, egress_allow=(bad,)))
+
+
+# ---- the whole path: REST API -> control plane -> Celery -> a node's worker -------------
+
+
+@pytest.mark.timeout(600)
+def test_a_service_created_through_the_api_runs_as_nobody_on_the_host(
+    cluster: Any, host_listener: int
+) -> None:
+    """A tenant's service, created and exec'd into only through the REST API: its root is
+    the tenant's unprivileged range on the node, exec works (runc enters the userns and
+    the netns it owns), and from inside it the node's own address is unreachable."""
+    from rest_framework.test import APIClient
+
+    from tenants.choices import Scope
+    from tenants.services import Actor, create_api_token, create_tenant
+    from tests.e2e.conftest import agent_api, wait_for
+
+    tenant, owner = create_tenant(
+        slug=TENANT,
+        owner_email=f"owner@{TENANT}.example",
+        plan_code="team",
+        seats=2,
+        actor=Actor.for_system("test"),
+    )
+    _, secret = create_api_token(
+        tenant, owner, name="ci", scope=Scope.WRITE, actor=Actor.for_system("test")
+    )
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    base = f"/api/v1/tenants/{TENANT}/services"
+    created = client.post(
+        f"{base}/",
+        {"name": "probe", "image": "busybox", "command": ["sleep", "3600"], "memory_mib": 32},
+        format="json",
+    )
+    assert created.status_code == 201, created.content
+
+    def running() -> bool:
+        containers = client.get(f"{base}/probe/").json()["containers"]
+        return any(c["state"] == "running" for c in containers)
+
+    wait_for(running, timeout=120, what="the service running")
+
+    def run(*argv: str) -> str:
+        reply = client.post(f"{base}/probe/exec/", {"argv": list(argv)}, format="json")
+        assert reply.status_code == 200, reply.content
+        body = reply.json()
+        assert body.get("exit_code") == 0, body
+        return str(body["output"])
+
+    uid_map = run("cat", "/proc/self/uid_map").split()
+    assert uid_map[0] == "0" and uid_map[2] == "65536" and int(uid_map[1]) >= 1_000_000
+    assert run("id", "-u").strip() == "0"
+    (node,) = [a for a in cluster.agents if agent_api(a).containers.list(TENANT)]
+    api = agent_api(node)
+    assert int(uid_map[1]) == tenant_id_range(api.config, TENANT).start
+    (info,) = api.containers.list(TENANT)
+    pid = api.containers.inspect(TENANT, info.id)["State"]["Pid"]
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert (
+        next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1]
+        == (uid_map[1])
+    )
+    own = node_addresses()
+    assert own and all(host_reaches(address, host_listener) for address in own.values())
+    probes = " ".join(
+        f"(echo | nc -w 2 {address} {host_listener} 2>/dev/null | grep -q pong"
+        f" && echo reached {address}) &"
+        for address in own.values()
+    )
+    assert "reached" not in run("sh", "-c", f"{probes} wait")
