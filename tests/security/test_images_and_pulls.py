@@ -19,7 +19,6 @@ import base64
 import hashlib
 import http.server
 import json
-import os
 import secrets
 import threading
 import time
@@ -59,6 +58,8 @@ from tests.control.test_registry_e2e import (
 from tests.control.test_registry_e2e import _place as place_container
 from tests.e2e.conftest import Cluster, agent_api, wait_for
 from tests.registry_process import RegistryProcess, needs_registry
+from tests.security.test_accounting import upload_blob
+from tests.security.test_userns_and_egress import worker_for
 
 __all__ = ["reg", "registry_process", "tenant_with_token"]
 
@@ -163,17 +164,7 @@ def test_a_node_acts_for_no_tenant_named_like_its_own_namespaces(agent: Agent, t
     """A tenant created before its name was reserved (or any payload naming one): the
     node's worker refuses every task for it, so no build tags into ``library`` and no
     container lands among the CLI's own; its operator still uses those names."""
-    from runtime_agent.node import NodeIdentity
-    from runtime_agent.worker import NodeWorker
-
-    identity = NodeIdentity(
-        node_id="node-h2",
-        credential="not-a-real-credential",
-        broker_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/2"),
-        control_url="http://127.0.0.1:1/",
-        queue="node.h2",
-    )
-    tasks = NodeWorker(agent, identity).app.tasks
+    tasks = worker_for(agent).app.tasks
     spec = protocol.to_dict(protocol.ContainerSpec(tenant=tenant, image="busybox", name="x"))
     build = protocol.to_dict(
         protocol.BuildRequest(
@@ -339,26 +330,6 @@ def test_a_node_gets_no_pull_token_for_another_tenants_private_image(
     assert pull(agent, a.slug, image, token, use_node_login=False).digest == victim["digest"]
 
 
-def _push_blob(host: str, repository: str, token: str, data: bytes) -> str:
-    """Upload ``data`` to ``repository`` (monolithic upload, as docker does for configs)."""
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    auth = {"Authorization": f"Bearer {token}"}
-    start = requests.post(f"http://{host}/v2/{repository}/blobs/uploads/", headers=auth, timeout=30)
-    assert start.status_code == 202, start.text
-    location = start.headers["Location"]
-    if location.startswith("/"):
-        location = f"http://{host}{location}"
-    done = requests.put(
-        location,
-        params={"digest": digest},
-        data=data,
-        headers={**auth, "Content-Type": "application/octet-stream"},
-        timeout=30,
-    )
-    assert done.status_code == 201, done.text
-    return digest
-
-
 class HostileRegistry(http.server.BaseHTTPRequestHandler):
     """A registry the attacker runs: it serves its own manifest and config, answers
     ``HEAD`` 200 for any blob (a lie), and has none of the layers it names."""
@@ -440,6 +411,7 @@ def hostile_registry() -> Iterator[tuple[str, type[HostileRegistry]]]:
 @needs_registry
 @pytest.mark.parametrize("node_logged_in", [True, False], ids=["node-login", "no-login"])
 def test_knowing_a_layer_digest_does_not_read_another_tenants_layer(
+    reg: RegistryProcess,
     victim: dict[str, Any],
     tenant_with_token: Callable[..., tuple[Tenant, str]],
     agent: Agent,
@@ -468,7 +440,7 @@ def test_knowing_a_layer_digest_does_not_read_another_tenants_layer(
     # repository has no such blob.
     repository = f"{attacker.slug}/evil"
     push_token = _registry_token(attacker_token, repository, "pull,push")
-    _push_blob(host, repository, push_token, config)
+    upload_blob(reg, repository, {"Authorization": f"Bearer {push_token}"}, config)
     put = requests.put(
         f"http://{host}/v2/{repository}/manifests/1",
         data=manifest,
