@@ -50,3 +50,29 @@ def held_namespaces(enter: Callable[[], bool], what: str) -> Iterator[int]:
         os.close(done_w)
         os.close(ready_r)
         os.waitpid(pid, 0)
+
+
+NS_GET_USERNS = 0xB701  # linux/nsfs.h: an fd of the user namespace owning a namespace
+
+
+def owning_userns(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the user namespace that owns the namespace at ``path`` (a bind
+    mount or /proc/<pid>/ns/*), comparable with ``os.stat`` of a bound user namespace;
+    None if it can't be read."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        owner = fcntl.ioctl(fd, NS_GET_USERNS)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        st = os.fstat(owner)
+        return st.st_dev, st.st_ino
+    finally:
+        os.close(owner)

@@ -619,8 +619,18 @@ class NetworkManager:
         wanted = attachments[0].ipv4_address
         for entry in reversed(state.idle):
             if entry.network == network.id and (not wanted or wanted == entry.address):
-                return entry
+                if self._owned_by_tenant(entry.netns, tenant):
+                    return entry
         return None
+
+    def _owned_by_tenant(self, netns: str, tenant: str) -> bool:
+        """Whether the tenant's user namespace owns ``netns``. An idle one that predates
+        it (made before the node kept user namespaces, or before a lost one was made
+        again) is left to expire: a user-namespaced container couldn't enter it."""
+        from runtime_agent.namespaces import owning_userns
+
+        userns = os.stat(self._userns(tenant))
+        return owning_userns(netns) == (userns.st_dev, userns.st_ino)
 
     def _attach_locked(
         self,

@@ -4,8 +4,10 @@ mounts, with a named volume idmapped the same way."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -176,7 +178,6 @@ def test_exec_enters_a_user_namespaced_container_on_a_bridge_network(agent: Agen
     tenant's kept user namespace, which the container joins (it failed with EPERM while
     the host's user namespace owned the netns)."""
     import fcntl
-    import os
 
     from runtime_agent.images.bootstrap import bootstrap_busybox
     from runtime_agent.protocol import ContainerSpec
@@ -205,3 +206,34 @@ def test_exec_enters_a_user_namespaced_container_on_a_bridge_network(agent: Agen
     finally:
         os.close(fd)
     agent.containers.remove("acme", info.id, force=True)
+
+
+@pytest.mark.privileged
+@pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")
+@pytest.mark.skipif(host_kernel() < (5, 19), reason="overlayfs on idmapped layers needs 5.19")
+def test_an_idle_netns_another_user_namespace_owns_is_not_recycled(agent: Agent) -> None:
+    """Recycled network namespaces must belong to the tenant's current user namespace
+    (after an upgrade, or once its kept namespace was made again, older ones don't)."""
+    from runtime_agent.images.bootstrap import bootstrap_busybox
+    from runtime_agent.namespaces import owning_userns
+    from runtime_agent.protocol import ContainerSpec
+    from runtime_agent.runtime.security import release_user_namespaces, tenant_userns
+
+    bootstrap_busybox(agent)
+
+    def run() -> str:
+        spec = ContainerSpec(tenant="acme", image="busybox", command=("sleep", "300"))
+        info = agent.containers.run(dataclasses.replace(spec, user_namespace=True))
+        assert agent.containers.exec_capture("acme", info.id, ["true"])[0] == 0
+        endpoint = agent.networks.endpoint("acme", info.id)
+        assert endpoint is not None
+        agent.containers.remove("acme", info.id, force=True)
+        return endpoint.netns_path
+
+    first = run()
+    assert agent.networks.store.load().idle  # kept for the next container
+    release_user_namespaces(agent.config)  # its owner is gone; a new one gets made
+    second = run()
+    assert second != first
+    userns = os.stat(tenant_userns(agent.config, "acme"))
+    assert owning_userns(second) == (userns.st_dev, userns.st_ino)
