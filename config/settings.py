@@ -84,6 +84,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Before authentication: every /api/ request counts against its address (throttling.py).
+    "tenants.api.throttling.AddressRateLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -235,8 +237,12 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "tenants.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
-# Requests per minute per API token (or session user, or anonymous IP); 0 disables.
+# Requests per minute per user (all their tokens and sessions together, failures included;
+# anonymous: per address), per client address (every /api/ request, before authentication),
+# and log/build streams open at once per user (tenants/api/throttling.py); 0 disables.
 BERTH_API_RATE_LIMIT = env_int("BERTH_API_RATE_LIMIT", 600, minimum=0)
+BERTH_API_ADDRESS_RATE_LIMIT = env_int("BERTH_API_ADDRESS_RATE_LIMIT", 1200, minimum=0)
+BERTH_API_STREAMS_PER_USER = env_int("BERTH_API_STREAMS_PER_USER", 8, minimum=0)
 # How long an emailed invitation key stays valid.
 BERTH_INVITATION_TTL_HOURS = env_int("BERTH_INVITATION_TTL_HOURS", 7 * 24, minimum=1)
 

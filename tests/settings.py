@@ -1,4 +1,5 @@
-"""Settings for the test suite: config.settings with explicit test values for its secrets.
+"""Settings for the test suite: config.settings with explicit test values for its secrets
+(and the per-address API rate limit off).
 
 ``config/settings.py`` gives no secret a default (issue #17 item 6), so the suite names
 its own here, before the real settings are read. A value already in the environment
@@ -14,6 +15,9 @@ import os
 TEST_SECRETS = {
     "SECRET_KEY": "test-secret-key-not-for-production",
     "STRIPE_WEBHOOK_SECRET": "whsec_test_suite_not_for_production",
+    # Every test request comes from 127.0.0.1: the whole suite would share one address's
+    # budget. The tests of that limit (tests/security/test_api_limits.py) set it.
+    "BERTH_API_ADDRESS_RATE_LIMIT": "0",
 }
 for _name, _value in TEST_SECRETS.items():
     os.environ.setdefault(_name, _value)

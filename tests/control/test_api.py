@@ -198,7 +198,7 @@ def test_cursor_pagination_walks_every_row_once(acme, make_token, client_for, ow
 
 
 @override_settings(BERTH_API_RATE_LIMIT=3)
-def test_rate_limit_per_token(acme, make_token, client_for, monkeypatch):
+def test_rate_limit_per_user(acme, make_token, client_for, add_member, monkeypatch):
     # Pin the clock inside one window so a minute boundary cannot reset the count mid-test.
     pinned = (time.time() // 60) * 60 + 30
     monkeypatch.setattr("tenants.api.throttling._now", lambda: pinned)
@@ -209,7 +209,10 @@ def test_rate_limit_per_token(acme, make_token, client_for, monkeypatch):
     limited = client_for(first).get(f"{V1}/me/")
     assert error_of(limited)["code"] == "rate_limited"
     assert int(limited["Retry-After"]) >= 0 and "retry_after" in error_of(limited)["details"]
-    assert client_for(second).get(f"{V1}/me/").status_code == 200  # other token unaffected
+    # The user's other token shares the budget (#27 item 10); another user's does not.
+    assert client_for(second).get(f"{V1}/me/").status_code == 429
+    other = make_token(tenant, add_member(tenant, "viewer"), "read")
+    assert client_for(other).get(f"{V1}/me/").status_code == 200
 
 
 # ------------------------------------------------------------------ members & invitations

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import redis
 
 from tenants.choices import Scope
 
@@ -93,3 +94,133 @@ def test_deeply_nested_json_is_a_400(owner: Any, client_for: Any) -> None:
         format="json",
     )
     assert ok.status_code == 201, ok.content
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+@pytest.fixture
+def pinned_window(monkeypatch: Any, settings: Any) -> None:
+    """One fixed minute window for the whole test (no boundary resets a count mid-test),
+    starting empty: counters and slots of an earlier run (the same user ids, in a fresh
+    test database) are cleared."""
+    import time
+
+    broker = redis.Redis.from_url(settings.REDIS_URL)
+    for pattern in ("berth:ratelimit:*", "berth:streams:*"):
+        for key in broker.scan_iter(pattern):
+            broker.delete(key)
+    pinned = (time.time() // 60) * 60 + 30
+    monkeypatch.setattr("tenants.api.throttling._now", lambda: pinned)
+
+
+def test_a_users_tokens_share_one_budget_and_failures_count(
+    acme: Any,
+    make_tenant: Any,
+    make_token: Any,
+    client_for: Any,
+    settings: Any,
+    pinned_window: None,
+) -> None:
+    settings.BERTH_API_RATE_LIMIT = 5
+    tenant, user = acme
+    # Many tokens buy nothing: the user's requests count together.
+    tokens = [client_for(make_token(tenant, user, Scope.READ)) for _ in range(5)]
+    assert [t.get(f"{V1}/me/").status_code for t in tokens] == [200] * 5
+    assert_error(tokens[0].get(f"{V1}/me/"), 429, "rate_limited")
+    assert_error(
+        client_for(make_token(tenant, user, Scope.ADMIN)).get(f"{V1}/me/"), 429, "rate_limited"
+    )
+
+    # Failures count too: another user probing other tenants' URLs (404) and writing with
+    # a read token (403) spends their budget, then their ordinary request is refused.
+    prober_tenant, prober = make_tenant("prober")
+    reader = client_for(make_token(prober_tenant, prober, Scope.READ))
+    assert reader.get(f"{V1}/tenants/acme/services/").status_code == 404
+    assert reader.get(f"{V1}/tenants/acme/tokens/").status_code == 404
+    denied = reader.post(f"{V1}/tenants/prober/tokens/", {"name": "x"}, format="json")
+    assert denied.status_code == 403
+    assert reader.get(f"{V1}/tenants/victim/").status_code == 404
+    assert reader.get(f"{V1}/me/").status_code == 200  # the 5th request
+    assert_error(reader.get(f"{V1}/me/"), 429, "rate_limited")
+    # Positive control: a third user is unaffected.
+    third_tenant, third = make_tenant("third")
+    assert client_for(make_token(third_tenant, third)).get(f"{V1}/me/").status_code == 200
+
+
+def test_an_address_is_limited_before_authentication(
+    acme: Any, make_token: Any, client_for: Any, settings: Any, pinned_window: None
+) -> None:
+    settings.BERTH_API_ADDRESS_RATE_LIMIT = 6
+    tenant, user = acme
+    good = make_token(tenant, user)
+    guesser, elsewhere = "203.0.113.9", "198.51.100.9"
+    for guess in range(6):  # token guesses: 401s, counted against the address
+        response = client_for(f"brt_guess{guess:03d}_nope").get(f"{V1}/me/", REMOTE_ADDR=guesser)
+        assert response.status_code == 401, response.content
+    # The address is spent: even a valid token (or no token) from it is refused, in the
+    # error format, with Retry-After.
+    limited = client_for(good).get(f"{V1}/me/", REMOTE_ADDR=guesser)
+    assert_error(limited, 429, "rate_limited")
+    assert int(limited["Retry-After"]) >= 0
+    assert_error(client_for(None).get(f"{V1}/tenants/", REMOTE_ADDR=guesser), 429, "rate_limited")
+    # Positive control: the same token from another address works.
+    assert client_for(good).get(f"{V1}/me/", REMOTE_ADDR=elsewhere).status_code == 200
+    # Pages outside the API are not counted here (the dashboard has its own limits).
+    assert client_for(None).get("/login/", REMOTE_ADDR=guesser).status_code == 200
+
+
+def close(response: Any) -> None:
+    """Close a streaming response as the server does when the client goes (without the
+    request_finished hook closing the test's database connection, as Django's test
+    client does too)."""
+    from django.core.signals import request_finished
+    from django.db import close_old_connections
+
+    request_finished.disconnect(close_old_connections)
+    try:
+        response.close()
+    finally:
+        request_finished.connect(close_old_connections)
+
+
+def test_concurrent_streams_per_user_are_capped(
+    acme: Any,
+    make_tenant: Any,
+    make_token: Any,
+    client_for: Any,
+    settings: Any,
+    pinned_window: None,
+) -> None:
+    settings.BERTH_API_STREAMS_PER_USER = 2
+    tenant, user = acme
+    owner = client_for(make_token(tenant, user))
+    assert (
+        owner.post(
+            f"{V1}/tenants/acme/services/", {"name": "web", "image": "busybox"}, format="json"
+        ).status_code
+        == 201
+    )
+    follow = f"{V1}/tenants/acme/services/web/logs/?follow=1&seconds=60"
+    # Two followers, from two tokens of the user: both open.
+    first = owner.get(follow)
+    second = client_for(make_token(tenant, user, Scope.READ)).get(follow)
+    assert first.status_code == second.status_code == 200
+    assert first.streaming and second.streaming
+    # A third is refused, whichever token asks.
+    assert_error(owner.get(follow), 429, "too_many_streams")
+    # Another user's stream is theirs (positive control).
+    other_tenant, other = make_tenant("other")
+    other_client = client_for(make_token(other_tenant, other))
+    other_client.post(
+        f"{V1}/tenants/other/services/", {"name": "web", "image": "busybox"}, format="json"
+    )
+    other_stream = other_client.get(f"{V1}/tenants/other/services/web/logs/?follow=1&seconds=60")
+    assert other_stream.status_code == 200
+    close(other_stream)
+    # A closed stream (the client went) frees its slot.
+    close(first)
+    again = owner.get(follow)
+    assert again.status_code == 200
+    close(again)
+    close(second)

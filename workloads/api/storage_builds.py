@@ -22,6 +22,7 @@ from rest_framework.views import APIView
 from runtime_agent import protocol
 from tenants import permissions as perms
 from tenants.api.serializers import StrictSerializer
+from tenants.api.throttling import limited_stream
 from tenants.api.views import TenantScopedViewSet
 from tenants.errors import InvalidInput, PermissionDenied
 from workloads.models import Build, Network, Volume
@@ -317,7 +318,10 @@ class BuildViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScope
                     return
                 time.sleep(0.25)
 
-        return StreamingHttpResponse(stream(), content_type="application/x-ndjson")
+        return StreamingHttpResponse(
+            limited_stream(request, stream(), seconds=int(raw_seconds)),
+            content_type="application/x-ndjson",
+        )
 
 
 class NodeCredentialView(APIView):

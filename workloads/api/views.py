@@ -26,6 +26,7 @@ from rest_framework.viewsets import GenericViewSet
 from runtime_agent import protocol
 from tenants import permissions as perms
 from tenants.api.permissions import PlatformAdminOnly
+from tenants.api.throttling import limited_stream, stream_slot
 from tenants.api.views import TenantScopedViewSet
 from tenants.errors import InvalidInput
 from tenants.services import Actor
@@ -188,7 +189,10 @@ class ServiceViewSet(
                 first = False
                 time.sleep(1)
 
-        return StreamingHttpResponse(stream(), content_type="application/x-ndjson")
+        return StreamingHttpResponse(
+            limited_stream(request, stream(), seconds=seconds),
+            content_type="application/x-ndjson",
+        )
 
     @extend_schema(responses={200: {"type": "object"}})
     @action(detail=True, methods=["get"])
@@ -281,9 +285,10 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, TenantScopedV
         timeout = _int_param(request, "timeout", 60, 0, 300)
         deadline = time.monotonic() + timeout
         job = self.get_object()
-        while job.state in ("queued", "running") and time.monotonic() < deadline:
-            time.sleep(0.5)
-            job.refresh_from_db()
+        with stream_slot(request, seconds=timeout):  # a worker thread held for minutes
+            while job.state in ("queued", "running") and time.monotonic() < deadline:
+                time.sleep(0.5)
+                job.refresh_from_db()
         return Response(s.JobSerializer(job).data)
 
 
