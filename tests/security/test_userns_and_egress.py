@@ -505,6 +505,13 @@ def test_tenant_container_reaches_the_internet_only(
     for address in own.values():
         assert host_reaches(address, host_listener), address
     assert probe(node, cid, own, host_listener) == dict.fromkeys(own, False)
+    # No IPv6 way around it (ULA, link-local fe80::, anything): eth0 has no IPv6 address
+    # and the node drops IPv6 from and to the bridges.
+    assert "inet6" not in sh(node, cid, "ip -6 addr show dev eth0")
+    ruleset = subprocess.run(
+        ["nft", "list", "table", "ip6", node.networks.table], capture_output=True, text=True
+    ).stdout
+    assert "iifname @bridges drop" in ruleset and "oifname @bridges drop" in ruleset
 
 
 def test_docker0_is_out_of_reach(egress_node: Agent, host_listener: int) -> None:
