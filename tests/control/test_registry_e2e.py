@@ -273,7 +273,7 @@ def test_public_repository_allows_anonymous_pull_only(
     assert skopeo_push(src, f"{reg.host}/{tenant.slug}/pub:2", None).returncode != 0
 
 
-NODE_SECRET = "bnc_test-node-credential"  # noqa: S105 - a test fixture
+NODE_SECRET = "bnc_test-node-credential"
 
 
 def _place(tenant: Tenant, node_name: str, image: str) -> str:
