@@ -114,14 +114,21 @@ def pinned_window(monkeypatch: Any, settings: Any) -> None:
     monkeypatch.setattr("tenants.api.throttling._now", lambda: pinned)
 
 
-def test_a_users_tokens_share_one_budget_and_failures_count(
+@pytest.fixture
+def limits(
     acme: Any,
     make_tenant: Any,
     make_token: Any,
     client_for: Any,
     settings: Any,
     pinned_window: None,
-) -> None:
+) -> tuple[Any, ...]:
+    """What the rate-limit tests use, in a fresh minute window."""
+    return acme, make_tenant, make_token, client_for, settings
+
+
+def test_a_users_tokens_share_one_budget_and_failures_count(limits: Any) -> None:
+    acme, make_tenant, make_token, client_for, settings = limits
     settings.BERTH_API_RATE_LIMIT = 5
     tenant, user = acme
     # Many tokens buy nothing: the user's requests count together.
@@ -184,14 +191,8 @@ def close(response: Any) -> None:
         request_finished.connect(close_old_connections)
 
 
-def test_concurrent_streams_per_user_are_capped(
-    acme: Any,
-    make_tenant: Any,
-    make_token: Any,
-    client_for: Any,
-    settings: Any,
-    pinned_window: None,
-) -> None:
+def test_concurrent_streams_per_user_are_capped(limits: Any) -> None:
+    acme, make_tenant, make_token, client_for, settings = limits
     settings.BERTH_API_STREAMS_PER_USER = 2
     tenant, user = acme
     owner = client_for(make_token(tenant, user))
