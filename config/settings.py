@@ -293,6 +293,11 @@ BERTH_REGISTRY_URL = env_str("BERTH_REGISTRY_URL", f"http://{BERTH_REGISTRY_HOST
 BERTH_REGISTRY_SERVICE = env_str("BERTH_REGISTRY_SERVICE", "berth-registry")
 BERTH_REGISTRY_ISSUER = env_str("BERTH_REGISTRY_ISSUER", "berth")
 BERTH_REGISTRY_TOKEN_TTL = env_int("BERTH_REGISTRY_TOKEN_TTL", 300, minimum=30)
+# Registries a tenant's image may name besides the platform's own (BERTH_REGISTRY_HOST,
+# always allowed): host[:port] exactly as written in image references, comma-separated,
+# e.g. an internal mirror. Checked when a service or job is submitted; each node applies
+# its own list again before pulling (docs/workloads.md, "Which registries").
+BERTH_ALLOWED_REGISTRIES = env_list("BERTH_ALLOWED_REGISTRIES", [])
 CELERY_BEAT_SCHEDULE["registry-retention"] = {
     "task": "registry.tasks.apply_retention_task",
     "schedule": float(env_int("BERTH_REGISTRY_RETENTION_SECONDS", 3600, minimum=60)),

@@ -119,6 +119,22 @@ class AgentConfig:
         """Caps for a build context of at most ``max_bytes`` (the build's own limit)."""
         return _archive_limits("build context", max_bytes, self.context_max_entries, "CONTEXT")
 
+    # Fetches a tenant causes on the node (ADD <url> in a build; runtime_agent/netpolicy.py,
+    # runtime_agent/fetch.py): only public addresses, unless the operator allows internal
+    # mirrors here (addresses, CIDRs or host names; BERTH_FETCH_ALLOW), within a size and a
+    # time cap. Tenants' images may name only the registries this node logs in to and those
+    # in BERTH_ALLOWED_REGISTRIES (host[:port], as written in image references).
+    fetch_allow: tuple[str, ...] = field(default_factory=lambda: _env_tuple("BERTH_FETCH_ALLOW"))
+    fetch_max_bytes: int = field(
+        default_factory=lambda: _env_int("BERTH_FETCH_MAX_BYTES", 512 * 1024**2)
+    )
+    fetch_timeout_seconds: float = field(
+        default_factory=lambda: _env_int("BERTH_FETCH_TIMEOUT_SECONDS", 300)
+    )
+    allowed_registries: tuple[str, ...] = field(
+        default_factory=lambda: _env_tuple("BERTH_ALLOWED_REGISTRIES")
+    )
+
     @property
     def add_archive_limits(self) -> ArchiveLimits:
         """Caps for one local archive that ADD extracts into a layer."""
@@ -195,3 +211,8 @@ class AgentConfig:
     def cgroup_parent(self) -> str:
         """Top cgroup under which each tenant gets a child and each container a grandchild."""
         return self.name
+
+
+def _env_tuple(name: str) -> tuple[str, ...]:
+    """A comma-separated environment variable as a tuple of its non-empty items."""
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import io
 import os
 import posixpath
@@ -1154,18 +1153,24 @@ class Builder:
     def _download(
         self, url: str, instr: df.Instruction, checksum: str | None
     ) -> tuple[str, list[_Item], str]:
+        """``ADD <url>``: fetched for the tenant through the node's guarded fetcher (public
+        addresses only, every redirect re-checked, size and time capped; docs/agent.md)."""
         import email.utils
         import urllib.parse
-        import urllib.request
 
+        from runtime_agent.fetch import fetch, policy_for_node
+
+        config = self.agent.config
         try:
-            with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310
-                data = resp.read()
-                modified = resp.headers.get("Last-Modified")
-        except OSError as exc:
-            raise BuildFailed(
-                f"{instr.where}: ADD {url}: download failed: {exc}", instruction=instr.original
-            ) from exc
+            fetched = fetch(
+                url,
+                policy_for_node(config),
+                max_bytes=config.fetch_max_bytes,
+                timeout=config.fetch_timeout_seconds,
+            )
+        except AgentError as exc:
+            raise type(exc)(f"{instr.where}: ADD {url}: {exc}", **exc.details) from exc
+        modified = fetched.headers.get("Last-Modified")
         mtime = 0.0
         if modified:
             try:
@@ -1173,18 +1178,22 @@ class Builder:
             except (TypeError, ValueError):
                 mtime = 0.0
         name = posixpath.basename(urllib.parse.urlparse(url).path) or "index.html"
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if checksum is not None and checksum != digest:
+        if checksum is not None and checksum != fetched.digest:
+            fetched.file.close()
             raise BuildFailed(
-                f"{instr.where}: ADD {url}: content digest {digest} does not match "
+                f"{instr.where}: ADD {url}: content digest {fetched.digest} does not match "
                 f"--checksum={checksum}",
                 instruction=instr.original,
             )
-        return (
-            name,
-            [_Item("", "file", 0o600, len(data), mtime=mtime, opener=lambda: io.BytesIO(data))],
-            digest,
+        item = _Item(
+            "",
+            "file",
+            0o600,
+            fetched.size,
+            mtime=mtime,
+            opener=functools.partial(_rewound, fetched.file),
         )
+        return name, [item], fetched.digest
 
 
 def _rewound(fh: IO[bytes]) -> IO[bytes]:

@@ -87,6 +87,10 @@ class CredentialStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def registries(self) -> list[str]:
+        """The registry hosts this node holds a login for."""
+        return sorted(self._load())
+
     def get(self, registry: str) -> Credentials | None:
         entry = self._load().get(registry)
         if not entry:

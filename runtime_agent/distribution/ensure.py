@@ -17,6 +17,7 @@ from runtime_agent.distribution.auth import BearerToken, Credentials
 from runtime_agent.distribution.pull import pull
 from runtime_agent.distribution.reference import parse_reference
 from runtime_agent.errors import InvalidArgument, NotFound
+from runtime_agent.fetch import check_pull_allowed
 
 if TYPE_CHECKING:
     from runtime_agent.agent import Agent
@@ -52,6 +53,9 @@ def ensure_image(
         if always:
             raise
         raise NotFound(f"No such image: {ref}", reference=ref, tenant=tenant) from None
+    # A tenant's image may only name a registry the operator allows (netpolicy): the node
+    # would otherwise call whatever host:port the reference names, its own included.
+    check_pull_allowed(agent.config, ref, tenant=tenant)
     if tenant_auth is not None:
         result = pull(agent, tenant, ref, tenant_auth(), use_node_login=False)
     else:

@@ -178,8 +178,13 @@ def _tar_names(data: bytes) -> list[str]:
 
 
 def test_add_url_matches_docker(agent: Agent, tmp_path: Path, docker_base: dict[str, Any]) -> None:
+    import dataclasses
     import http.server
     import threading
+
+    # The server is on loopback, which a tenant's ADD reaches only when the operator allows
+    # it (BERTH_FETCH_ALLOW; tests/security/test_fetches.py tries the refusals).
+    agent = Agent(dataclasses.replace(agent.config, fetch_allow=("127.0.0.1",)))
 
     www = tmp_path / "www"
     www.mkdir()

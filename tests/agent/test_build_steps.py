@@ -280,8 +280,13 @@ def test_add_extracts_local_archives_but_copy_does_not(agent: Agent, tmp_path: P
 
 
 def test_add_url(agent: Agent, tmp_path: Path) -> None:
+    import dataclasses
     import http.server
     import threading
+
+    # The server is on loopback, which a tenant's ADD reaches only when the operator allows
+    # it (BERTH_FETCH_ALLOW; tests/security/test_fetches.py tries the refusals).
+    agent = Agent(dataclasses.replace(agent.config, fetch_allow=("127.0.0.1",)))
 
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "file.txt").write_text("remote")

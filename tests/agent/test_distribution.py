@@ -328,8 +328,12 @@ def test_dropped_connection_resumes_with_range(
 def test_ensure_image_uses_the_local_image_or_pulls_it(
     agent: Agent, registry: RegistryProcess, tmp_path: Path
 ) -> None:
+    import dataclasses
+
     from runtime_agent.distribution import ensure_image
 
+    # ensure_image pulls for tenants: only from registries the operator allows.
+    agent = Agent(dataclasses.replace(agent.config, allowed_registries=(registry.host,)))
     digest = write_oci_layout(tmp_path / "img", busybox_layers())
     skopeo_push(tmp_path / "img", f"{registry.host}/acme/ensure:1")
     ref = f"{registry.host}/acme/ensure:1"

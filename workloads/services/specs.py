@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 
-from runtime_agent import protocol
+from runtime_agent import netpolicy, protocol
 from tenants.errors import InvalidInput, PermissionDenied
 from tenants.models import Tenant
 from workloads.models import Container, Service
@@ -132,6 +132,32 @@ def validate_health_check(value: Any) -> dict[str, Any] | None:
     return clean
 
 
+class RegistryNotAllowed(InvalidInput):
+    """An image names a registry the operator has not allowed tenants to pull from."""
+
+    code = "registry_not_allowed"
+
+
+def validate_image_registry(image: str) -> str:
+    """``image`` unless it names a registry other than the platform's own
+    (``BERTH_REGISTRY_HOST``) and the operator's ``BERTH_ALLOWED_REGISTRIES``: the node
+    would pull from that host, so a tenant could aim it at anything the node reaches
+    (its own or the control plane's ports). The rule is the agent's own
+    (``runtime_agent.netpolicy``), which the node applies again before it pulls."""
+    allowed = [settings.BERTH_REGISTRY_HOST, *settings.BERTH_ALLOWED_REGISTRIES]
+    reason = netpolicy.registry_refusal(image, allowed)
+    if reason is not None:
+        raise RegistryNotAllowed(
+            reason,
+            details={
+                "field": "image",
+                "registry": netpolicy.registry_of(image),
+                "allowed_registries": sorted({netpolicy.normalize_registry(r) for r in allowed}),
+            },
+        )
+    return image
+
+
 def validate_image_access(tenant: Tenant, image: str) -> str:
     """``image`` unless it is another tenant's private repository on the platform's
     registry (``registry.services.image_access_error``): the node pulls with the tenant's
@@ -159,7 +185,7 @@ def service_fields(data: dict[str, Any], tenant: Tenant | None = None) -> dict[s
         image = data["image"]
         if not isinstance(image, str) or not image.strip() or len(image) > 300:
             raise InvalidInput("image must be a non-empty image reference")
-        fields["image"] = image.strip()
+        fields["image"] = validate_image_registry(image.strip())
         if tenant is not None:
             validate_image_access(tenant, fields["image"])
     if "command" in data:
