@@ -213,6 +213,8 @@ AUTHENTICATION_BACKENDS = [
 BERTH_LOGIN_FAILURES_PER_ACCOUNT = env_int("BERTH_LOGIN_FAILURES_PER_ACCOUNT", 10, minimum=0)
 BERTH_LOGIN_FAILURES_PER_ADDRESS = env_int("BERTH_LOGIN_FAILURES_PER_ADDRESS", 50, minimum=0)
 BERTH_LOGIN_LOCKOUT_SECONDS = env_int("BERTH_LOGIN_LOCKOUT_SECONDS", 15 * 60, minimum=1)
+# Sign-up attempts (refused ones too) per client address per hour; 0 disables.
+BERTH_SIGNUPS_PER_ADDRESS_HOUR = env_int("BERTH_SIGNUPS_PER_ADDRESS_HOUR", 10, minimum=0)
 
 EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "berth@localhost")

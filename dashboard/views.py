@@ -12,6 +12,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
@@ -32,6 +33,7 @@ from dashboard.access import can, is_htmx, new_idem, once, signed_in, tenant_pag
 from registry.models import Repository
 from tenants import permissions as perms
 from tenants import services as tenant_services
+from tenants.api import throttling
 from tenants.choices import Role
 from tenants.errors import BerthError
 from tenants.models import APIToken, AuditLog, Invitation, Membership, Tenant
@@ -133,6 +135,21 @@ def signup(request: HttpRequest) -> HttpResponse:
 @once
 def _signup_post(request: HttpRequest) -> HttpResponse:
     form = f.SignupForm(request.POST)
+    # Every attempt counts against the address, refused ones too (#27 item 7): sign-ups
+    # are neither a free slug/email oracle nor a way to mint tenants in bulk.
+    wait = throttling.hit(
+        f"signup:{throttling.client_address(request)}",
+        settings.BERTH_SIGNUPS_PER_ADDRESS_HOUR,
+        window_seconds=3600,
+    )
+    if wait is not None:
+        form.is_valid()
+        form.add_error(
+            None, f"Too many sign-ups from your address: try again in {int(wait) // 60 + 1} min."
+        )
+        response = _page(request, "dashboard/auth/signup.html", {"form": _refresh_idem(form)}, 429)
+        response["Retry-After"] = str(int(wait))
+        return response
     if form.is_valid():
         d = form.cleaned_data
         try:

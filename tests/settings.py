@@ -1,5 +1,5 @@
 """Settings for the test suite: config.settings with explicit test values for its secrets
-(and the per-address API rate limit off).
+(and the per-address API and sign-up rate limits off).
 
 ``config/settings.py`` gives no secret a default (issue #17 item 6), so the suite names
 its own here, before the real settings are read. A value already in the environment
@@ -18,6 +18,8 @@ TEST_SECRETS = {
     # Every test request comes from 127.0.0.1: the whole suite would share one address's
     # budget. The tests of that limit (tests/security/test_api_limits.py) set it.
     "BERTH_API_ADDRESS_RATE_LIMIT": "0",
+    # Likewise for sign-ups (tests/security/test_control_plane_defaults.py sets it).
+    "BERTH_SIGNUPS_PER_ADDRESS_HOUR": "0",
 }
 for _name, _value in TEST_SECRETS.items():
     os.environ.setdefault(_name, _value)

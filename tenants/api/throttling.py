@@ -65,23 +65,24 @@ def rate_key(request: Any) -> str:
     return f"ip:{client_address(request)}"
 
 
-def hit(key: str, limit: int) -> float | None:
-    """Count one request against ``key``; seconds to wait when past ``limit``, else None."""
+def hit(key: str, limit: int, *, window_seconds: int = WINDOW_SECONDS) -> float | None:
+    """Count one request against ``key`` in fixed windows of ``window_seconds``; seconds to
+    wait when past ``limit``, else None."""
     if limit <= 0:
         return None
     now = _now()
-    window = int(now // WINDOW_SECONDS)
-    name = f"berth:ratelimit:{key}:{window}"
+    window = int(now // window_seconds)
+    name = f"berth:ratelimit:{key}:{window_seconds}:{window}"
     try:
         pipe = _client(settings.REDIS_URL).pipeline()
         pipe.incr(name)
-        pipe.expire(name, WINDOW_SECONDS + 5)
+        pipe.expire(name, window_seconds + 5)
         count = int(pipe.execute()[0])
     except redis.RedisError as exc:
         log.warning("rate limiting skipped, Redis unavailable: %s", exc)
         return None
     if count > limit:
-        return (window + 1) * WINDOW_SECONDS - now
+        return (window + 1) * window_seconds - now
     return None
 
 

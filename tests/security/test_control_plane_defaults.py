@@ -320,3 +320,37 @@ def test_a_success_clears_the_account_count_and_the_lock_expires(
     assert sign_in("/login/", user, PASSWORD, address)[0] is False
     time.sleep(2.5)
     assert sign_in("/login/", user, PASSWORD, address)[0] is True
+
+
+# --------------------------------------------------------------------------- sign-ups
+
+
+def sign_up(address: str, email: str, slug: str, password: str = PASSWORD) -> Any:
+    return Client(REMOTE_ADDR=address).post(
+        "/signup/", {"email": email, "password": password, "organisation": "Org", "slug": slug}
+    )
+
+
+@pytest.mark.django_db
+def test_sign_ups_are_limited_per_address_refusals_included(settings: Any) -> None:
+    import redis
+
+    from tenants.models import Tenant
+
+    counters = redis.Redis.from_url(settings.REDIS_URL)  # an earlier run's attempts
+    for key in counters.scan_iter("berth:ratelimit:signup:*"):
+        counters.delete(key)
+    settings.BERTH_SIGNUPS_PER_ADDRESS_HOUR = 4
+    bulk, other = "203.0.113.50", "198.51.100.50"
+    # Probing for taken emails or slugs costs attempts like real sign-ups do.
+    assert sign_up(bulk, "a@bulk.example", "bulk-a").status_code == 302
+    assert sign_up(bulk, "a@bulk.example", "bulk-b").status_code == 400  # email taken
+    assert sign_up(bulk, "b@bulk.example", "bulk-a").status_code == 400  # slug taken
+    assert sign_up(bulk, "c@bulk.example", "bulk-c").status_code == 302
+    refused = sign_up(bulk, "d@bulk.example", "bulk-d")
+    assert refused.status_code == 429
+    assert "Too many sign-ups from your address" in refused.content.decode()
+    assert int(refused["Retry-After"]) > 0
+    assert not Tenant.objects.filter(slug="bulk-d").exists()
+    # Positive control: another address signs up.
+    assert sign_up(other, "d@bulk.example", "bulk-d").status_code == 302
