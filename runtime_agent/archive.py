@@ -235,9 +235,14 @@ def members(
     tar: tarfile.TarFile, limits: ArchiveLimits
 ) -> Iterator[tuple[tarfile.TarInfo, list[str]]]:
     """Each member with its name split by ``clean_member_path``, charged against
-    ``limits`` before the caller sees it (a sparse file counts its full size)."""
+    ``limits`` before the caller sees it (a sparse file counts its full size).
+
+    A streaming ``tarfile`` keeps every header it has read in ``tar.members``; a million
+    members with long PAX names would pile up in memory, so each is dropped once the
+    caller is done with it (only the current member is ever needed here)."""
     entries = size = 0
-    for member in tar:
+    while (member := tar.next()) is not None:
+        del tar.members[:]  # type: ignore[attr-defined]
         entries += 1
         if entries > limits.max_entries:
             raise limits.too_many()
@@ -246,6 +251,22 @@ def members(
             if size > limits.max_bytes:
                 raise limits.too_big()
         yield member, clean_member_path(member.name, limits.what)
+
+
+def scan(stream: IO[bytes], limits: ArchiveLimits, *, compressed: bool = True) -> ExtractResult:
+    """Read the whole archive ``stream`` through the caps without writing anything:
+    what a checker (the control plane, before it accepts a build context) uses to refuse
+    what ``extract`` would refuse, at the same cost bound. Returns the members' count and
+    the regular files' total size; raises ``InvalidArchive``/``ResourceExhausted``."""
+    result = ExtractResult()
+    with open_tar(stream, limits, compressed=compressed) as (tar, capped):
+        if tar is not None:
+            for member, _parts in members(tar, limits):
+                result.entries += 1
+                if member.isreg():
+                    result.size += member.size
+        capped.drain()
+    return result
 
 
 def clean_member_path(name: str, what: str = "layer") -> list[str]:

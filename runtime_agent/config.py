@@ -114,6 +114,13 @@ class AgentConfig:
     layer_max_entries: int = field(
         default_factory=lambda: _env_int("BERTH_LAYER_MAX_ENTRIES", 1_000_000)
     )
+    # What one build may write into the layers it makes itself (COPY/ADD, all steps and
+    # stages together; layers/LayerBudget): each ADD archive is capped above, this caps
+    # their sum. Default: the default size of a tenant's layer filesystem, which caps what
+    # its RUN steps write.
+    build_layers_max_bytes: int = field(
+        default_factory=lambda: _env_int("BERTH_BUILD_LAYERS_MAX_BYTES", 10 * GiB)
+    )
 
     def context_limits(self, max_bytes: int) -> ArchiveLimits:
         """Caps for a build context of at most ``max_bytes`` (the build's own limit)."""

@@ -34,7 +34,7 @@ from runtime_agent.build import dockerfile as df
 from runtime_agent.build.cache import BuildCache, digest_json
 from runtime_agent.build.context import BuildContext, _glob_match, _has_glob
 from runtime_agent.build.events import BuildEvent, BuildFailed
-from runtime_agent.build.layers import FsIndex, LayerWriter, index_for, lookup_ids
+from runtime_agent.build.layers import FsIndex, LayerBudget, LayerWriter, index_for, lookup_ids
 from runtime_agent.build.shell import process_word, process_words
 from runtime_agent.build.steps import BuildLimits, RunRequest, StepRunner
 from runtime_agent.errors import AgentError, FailedPrecondition, InvalidArgument, NotFound
@@ -48,6 +48,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 OUTPUT_TAIL = 64 * 1024
 INDEX_MEMO = 64  # parsed image trees kept in memory (a worker builds many images)
+SCRATCH_PREFIX = ".build-scratch-"  # a step's scratch dir on a tenant's layer filesystem
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {
     "ns": 1,
@@ -75,6 +76,40 @@ def parse_duration(text: str, what: str) -> int:
     if pos != len(text) or not text:
         raise InvalidArgument(f"HEALTHCHECK: invalid duration for --{what}: {text!r}")
     return total
+
+
+class _Spools:
+    """Scratch files of one build step (what ``COPY --from`` reads out of an image's
+    layers), in a private directory under what ``root()`` names: small ones stay in
+    memory, larger ones spill there, never to the system's /tmp. ``close`` removes them
+    all; the directory (and ``root()``, which may mount a filesystem) is made only when a
+    file first needs it."""
+
+    SPILL_BYTES = 8 << 20
+
+    def __init__(self, root: Callable[[], Path]) -> None:
+        self.root = root
+        self.dir: Path | None = None
+        self.files: list[IO[bytes]] = []
+
+    def new(self) -> IO[bytes]:
+        if self.dir is None:
+            root = self.root()
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=root))
+        spool: IO[bytes] = tempfile.SpooledTemporaryFile(
+            max_size=self.SPILL_BYTES, dir=str(self.dir)
+        )
+        self.files.append(spool)
+        return spool
+
+    def close(self) -> None:
+        for spool in self.files:
+            spool.close()
+        self.files.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
 
 @dataclass
@@ -155,6 +190,7 @@ class _Job:
     error: BaseException | None = None
     used_args: set[str] = field(default_factory=set)
     deadline: float = 0.0
+    budget: LayerBudget | None = None  # bytes its COPY/ADD layers may hold, all stages
 
 
 class Builder:
@@ -199,11 +235,15 @@ class Builder:
                 subprocess.run([*runc, "delete", "--force", container["id"]],
                                capture_output=True, check=False)  # fmt: skip
                 removed.append(f"runc {container['id']}")
+        scratch = [*config.build_cache_dir.glob(SCRATCH_PREFIX + "*")]
+        # COPY --from scratch on the tenants' (mounted) layer filesystems
+        scratch += config.snapshots_dir.glob(f"tenants/*/fs/{SCRATCH_PREFIX}*")
         for leftover in (config.run_root / "build", config.build_cache_dir / ".contexts"):
             if leftover.is_dir():
-                for entry in leftover.iterdir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(str(entry))
+                scratch += leftover.iterdir()
+        for entry in scratch:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(str(entry))
         return removed
 
     def prune_cache(self, tenant: str | None = None, *, all_entries: bool = False) -> int:
@@ -338,6 +378,9 @@ class Builder:
             total,
             used_args=used,
             deadline=time.monotonic() + limits.build_timeout,
+            budget=LayerBudget(
+                self.agent.config.build_layers_max_bytes, "BERTH_BUILD_LAYERS_MAX_BYTES"
+            ),
         )
         for index in needed:
             job.done[index] = threading.Event()
@@ -501,7 +544,7 @@ class Builder:
                 "config": {"Env": [f"PATH={DEFAULT_PATH}"]},
                 "history": [],
             }
-            return _State(config, [], index=FsIndex())
+            return _State(config, [], index=FsIndex(limits=self.agent.config.layer_limits))
         try:
             image = self.agent.images.resolve(job.tenant, base)
         except NotFound as exc:
@@ -531,7 +574,7 @@ class Builder:
             with self._lock:
                 cached = self._base_index.get(key)
             if cached is None:
-                cached = index_for(self.agent.content, state.layers)
+                cached = index_for(self.agent.content, state.layers, self.agent.config.layer_limits)
                 with self._lock:
                     if len(self._base_index) >= INDEX_MEMO:
                         self._base_index.pop(next(iter(self._base_index)))
@@ -625,7 +668,12 @@ class Builder:
         if cmd == "RUN":
             return self._run(job, stage, state, new, args, instr)
         if cmd in ("COPY", "ADD"):
-            return self._copy(job, stage, state, new, instr, env)
+            # What COPY --from spools out of an image goes when the step ends, on every path.
+            spools = _Spools(functools.partial(self._scratch_root, job.tenant))
+            try:
+                return self._copy(job, stage, state, new, instr, env, spools)
+            finally:
+                spools.close()
         raise instr.error("unsupported instruction")
 
     def _cached(
@@ -856,6 +904,14 @@ class Builder:
         return self._cached(job, state, signature, make)
 
     # ------------------------------------------------------------------ COPY / ADD
+    def _scratch_root(self, tenant: str) -> Path:
+        """Where a build step's scratch files go: the tenant's own size-capped layer
+        filesystem (what its RUN steps write is capped there too), or the agent's build
+        cache directory on a node without one; never the system's /tmp."""
+        if self.agent.config.tenant_layer_bytes > 0:
+            return self.agent.snapshots.tenant_fs(tenant)
+        return self.agent.config.build_cache_dir
+
     def _copy(
         self,
         job: _Job,
@@ -864,6 +920,7 @@ class Builder:
         new: _State,
         instr: df.Instruction,
         env: dict[str, str],
+        spools: _Spools,
     ) -> _State:
         esc = job.file.escape
         flags = {k: process_word(v, env, esc) for k, v in instr.flags.items()}
@@ -908,7 +965,11 @@ class Builder:
                     )
                 for path in matches:
                     groups.append(
-                        (posixpath.basename(path) or "/", self._image_items(index, path), False)
+                        (
+                            posixpath.basename(path) or "/",
+                            self._image_items(index, path, spools),
+                            False,
+                        )
                     )
                     signature_sources.append(path)
         else:
@@ -976,7 +1037,7 @@ class Builder:
             else:
                 uid, gid = 0, 0
             chmod = int(flags["chmod"], 8) if "chmod" in flags else None
-            writer = LayerWriter(self.agent.content, index.copy(), time.time())
+            writer = LayerWriter(self.agent.content, index.copy(), time.time(), job.budget)
             try:
                 for basename, items, archive in groups:
                     self._place(
@@ -1104,10 +1165,11 @@ class Builder:
         resolved = index.resolve(path)
         return [resolved] if resolved in index.entries else []
 
-    def _image_items(self, index: FsIndex, path: str) -> list[_Item]:
+    def _image_items(self, index: FsIndex, path: str, spools: _Spools) -> list[_Item]:
         """The entries under ``path`` of an image (COPY --from): files spooled from its
-        layers, each layer read through the extractor core's caps (a layer bomb stops at
-        the node's layer limits instead of filling the build scratch)."""
+        layers into ``spools`` (the step's scratch on the tenant's filesystem), each
+        layer read through the extractor core's caps (a layer bomb stops at the node's
+        layer limits instead of filling the build scratch)."""
         from runtime_agent.archive import members, open_tar
 
         content = self.agent.content
@@ -1135,7 +1197,7 @@ class Builder:
                     if info.name in names and info.isfile():
                         fh = tar.extractfile(info)
                         if fh is not None:
-                            spooled: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=8 << 20)
+                            spooled = spools.new()
                             shutil.copyfileobj(fh, spooled)
                             blobs[(layer, info.name)] = (spooled, info.size)
         items = []

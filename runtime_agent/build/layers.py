@@ -5,6 +5,11 @@ straight into the content store (uncompressed, PAX), which needs no mounts and n
 To decide where a file lands (is the destination an existing directory?) and to resolve
 ``--chown user:group`` names, ``FsIndex`` replays the image's layer tars (whiteouts
 included) into a map of path -> entry metadata, without unpacking anything.
+
+Layers are the tenant's bytes: they are read through the agent's one archive reader
+(``runtime_agent.archive``), so a layer bomb stops at the node's layer caps, and
+``read_file`` (passwd and group lookups) loads at most ``ID_FILE_MAX_BYTES``. What a
+build writes into its COPY/ADD layers is charged to its ``LayerBudget``.
 """
 
 from __future__ import annotations
@@ -13,17 +18,66 @@ import contextlib
 import io
 import posixpath
 import tarfile
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from runtime_agent.archive import ArchiveLimits, members, open_tar
 from runtime_agent.content.store import ContentStore
-from runtime_agent.errors import InvalidArgument, NotFound
+from runtime_agent.errors import InvalidArgument, NotFound, ResourceExhausted
 from runtime_agent.images import media
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 LAYER_MEDIA_TYPE = media.OCI_LAYER
+# /etc/passwd and /etc/group are read whole for USER and --chown lookups: a few thousand
+# accounts are well under this; a bigger file is refused, never loaded.
+ID_FILE_MAX_BYTES = 4 << 20
+
+
+def _default_limits() -> ArchiveLimits:
+    from runtime_agent.config import AgentConfig
+
+    return AgentConfig().layer_limits
+
+
+@contextlib.contextmanager
+def _layer_members(
+    content: ContentStore, digest: str, limits: ArchiveLimits
+) -> Iterator[tuple[tarfile.TarFile | None, Iterator[tuple[tarfile.TarInfo, list[str]]]]]:
+    """The members of a stored layer, read through the archive reader's caps."""
+    with (
+        content.open(digest) as raw,
+        media.open_uncompressed(raw) as stream,
+        open_tar(stream, limits, compressed=False) as (tar, _capped),
+    ):
+        yield tar, (members(tar, limits) if tar is not None else iter(()))
+
+
+class LayerBudget:
+    """Bytes one build may write into the layers it makes itself (COPY/ADD), across all
+    of its steps and stages: each archive is capped on its own, this caps their sum, so
+    many ADDs each under the per-archive cap cannot add up to a full disk. Charged before
+    a file is written; shared by a build's stage threads."""
+
+    def __init__(self, max_bytes: int, setting: str = "") -> None:
+        self.max_bytes = max_bytes
+        self.setting = setting
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def charge(self, size: int, what: str) -> None:
+        with self._lock:
+            if self.used + size > self.max_bytes:
+                where = f" (set by {self.setting})" if self.setting else ""
+                raise ResourceExhausted(
+                    f"{what}: the build's COPY/ADD layers would hold more than the limit of "
+                    f"{self.max_bytes} bytes per build{where}",
+                    limit=self.max_bytes,
+                    resource="build layer bytes",
+                )
+            self.used += size
 
 
 @dataclass(frozen=True)
@@ -54,22 +108,23 @@ def _kind(info: tarfile.TarInfo) -> str:
 class FsIndex:
     """Path -> metadata for an image's merged tree (what a container would see)."""
 
-    def __init__(self, entries: dict[str, Entry] | None = None) -> None:
+    def __init__(
+        self, entries: dict[str, Entry] | None = None, limits: ArchiveLimits | None = None
+    ) -> None:
         self.entries: dict[str, Entry] = (
             entries if entries is not None else {"/": Entry("dir", 0o755, 0, 0)}
         )
+        self.limits = limits or _default_limits()  # caps on reading each layer
 
     def copy(self) -> FsIndex:
-        return FsIndex(dict(self.entries))
+        return FsIndex(dict(self.entries), self.limits)
 
     def apply_layer(self, content: ContentStore, digest: str) -> None:
-        with (
-            content.open(digest) as raw,
-            media.open_uncompressed(raw) as stream,
-            tarfile.open(fileobj=stream, mode="r|") as tar,
-        ):
-            for info in tar:
-                path = _clean(info.name)
+        """Replay one layer (read through ``self.limits``: a bomb is refused, with
+        ``ResourceExhausted`` naming the cap, before it costs more than the cap)."""
+        with _layer_members(content, digest, self.limits) as (_tar, entries):
+            for info, parts in entries:
+                path = "/" + "/".join(parts)
                 parent, base = posixpath.split(path)
                 if base == OPAQUE:
                     prefix = parent.rstrip("/") + "/"
@@ -133,21 +188,28 @@ class FsIndex:
         entry = self.get(path)
         return entry is not None and entry.kind == "dir"
 
-    def read_file(self, content: ContentStore, path: str) -> bytes | None:
+    def read_file(
+        self, content: ContentStore, path: str, max_bytes: int = ID_FILE_MAX_BYTES
+    ) -> bytes | None:
+        """The content of the image's file ``path`` (``None`` if it is not a file), at
+        most ``max_bytes`` of it: a larger file is refused from its header, before any of
+        it is read, so a tenant's 2 GiB /etc/passwd costs no memory."""
         entry = self.get(path)
         if entry is None or entry.kind != "file":
             return None
-        with (
-            content.open(entry.layer) as raw,
-            media.open_uncompressed(raw) as stream,
-            tarfile.open(fileobj=stream, mode="r|") as tar,
-        ):
-            for info in tar:
-                if info.name == entry.member:
-                    fh = tar.extractfile(info)
-                    if fh is None:
-                        return None
-                    return fh.read()
+        with _layer_members(content, entry.layer, self.limits) as (tar, entries):
+            for info, _parts in entries:
+                if info.name != entry.member:
+                    continue
+                if info.size > max_bytes:
+                    raise ResourceExhausted(
+                        f"{path} in the image is {info.size} bytes; at most {max_bytes} are "
+                        "read to look up users and groups",
+                        limit=max_bytes,
+                        resource=f"size of {path}",
+                    )
+                fh = tar.extractfile(info) if tar is not None else None
+                return fh.read(max_bytes) if fh is not None else None
         return None
 
 
@@ -199,10 +261,17 @@ def lookup_ids(
 class LayerWriter:
     """Builds one layer tar into the content store; parent directories come first."""
 
-    def __init__(self, content: ContentStore, index: FsIndex, mtime: float) -> None:
+    def __init__(
+        self,
+        content: ContentStore,
+        index: FsIndex,
+        mtime: float,
+        budget: LayerBudget | None = None,
+    ) -> None:
         self.content = content
         self.index = index
         self.mtime = mtime
+        self.budget = budget  # the build's total, charged by every file written
         self._writer = content.writer()
         self._tar = tarfile.open(fileobj=self._writer, mode="w|", format=tarfile.PAX_FORMAT)  # type: ignore[call-overload]
         self._written: set[str] = set()
@@ -263,6 +332,8 @@ class LayerWriter:
         *,
         mtime: float | None = None,
     ) -> None:
+        if self.budget is not None:
+            self.budget.charge(size, _clean(path))
         info = self._info(path, tarfile.REGTYPE, mode, uid, gid)
         info.size = size
         if mtime is not None:
@@ -314,8 +385,12 @@ class LayerWriter:
         self._writer.abort()
 
 
-def index_for(content: ContentStore, layers: Iterable[dict[str, Any]]) -> FsIndex:
-    index = FsIndex()
+def index_for(
+    content: ContentStore, layers: Iterable[dict[str, Any]], limits: ArchiveLimits | None = None
+) -> FsIndex:
+    """The merged tree of ``layers``, each read within ``limits`` (default: the node's
+    layer caps from the environment)."""
+    index = FsIndex(limits=limits)
     for layer in layers:
         index.apply_layer(content, layer["digest"])
     return index

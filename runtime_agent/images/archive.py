@@ -37,8 +37,9 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 
+from runtime_agent.archive import members, open_tar
 from runtime_agent.content.store import parse_digest
-from runtime_agent.errors import InvalidArchive, InvalidArgument
+from runtime_agent.errors import InvalidArchive, InvalidArgument, ResourceExhausted
 from runtime_agent.images import media
 from runtime_agent.images.reference import is_registry_host, parse_reference, validate_tenant
 from runtime_agent.snapshots.unpack import clean_member_path
@@ -277,6 +278,8 @@ def _verify_layers(
         raise InvalidArchive(
             f"{where}: config lists {len(diff_ids)} layers, the manifest {len(layers)}"
         )
+    for desc in layers:  # capped first: a bomb never gets decompressed whole for its diff id
+        _scan_layer_paths(store, desc["digest"], where)
     for desc, expected in zip(layers, diff_ids, strict=True):
         try:
             actual = store.diff_id(desc)
@@ -286,19 +289,24 @@ def _verify_layers(
             raise InvalidArchive(
                 f"{where}: layer {desc['digest']} unpacks to {actual}, the config says {expected}"
             )
-    for desc in layers:
-        _scan_layer_paths(store, desc["digest"], where)
 
 
 def _scan_layer_paths(store: ImageStore, digest: str, where: str) -> None:
-    """Refuse layers whose member names climb out of the root (checked again on unpack)."""
+    """Refuse, before anything is tagged, a layer the node would refuse to unpack: read
+    through the one archive reader (``runtime_agent.archive``) with the node's layer caps,
+    so a bomb (unpacked size, member count, extended headers) stops at the cap instead of
+    after decompressing all of it, and member names or hard links that climb out of the
+    root are refused (checked again on unpack)."""
+    limits = store.config.layer_limits
     try:
         with store.content.open(digest) as raw, media.open_uncompressed(raw) as stream:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    clean_member_path(member.name)
+            with open_tar(stream, limits, compressed=False) as (tar, capped):
+                for member, _parts in members(tar, limits) if tar is not None else ():
                     if member.islnk():
                         clean_member_path(member.linkname)
+                capped.drain()
+    except ResourceExhausted as exc:
+        raise ResourceExhausted(f"{where}: layer {digest}: {exc}", **exc.details) from None
     except InvalidArchive as exc:
         raise InvalidArchive(f"{where}: layer {digest}: {exc}") from None
     except (tarfile.TarError, OSError, EOFError) as exc:

@@ -26,6 +26,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -58,6 +59,7 @@ def agent_config(agent_config: AgentConfig) -> AgentConfig:
         add_archive_max_entries=2000,
         layer_max_bytes=CAP,
         layer_max_entries=2000,
+        build_layers_max_bytes=3 * CAP,
     )
 
 
@@ -511,10 +513,10 @@ def test_add_archive_bomb_stops_at_the_cap(agent: Agent, secret: HostFile) -> No
 
 
 def test_layer_bomb_stops_at_the_cap(busybox: Agent, secret: HostFile) -> None:
-    """An image whose layer is a gzip bomb (imported here; a pushed or pulled layer goes
-    through the same snapshotter): running a step on it, and COPY --from it, stop at
+    """An image whose layer is a gzip bomb (planted as a pull would leave it; an import
+    is refused outright, see below): running a step on it, and COPY --from it, stop at
     the node's layer cap."""
-    busybox.images.import_rootfs(T, io.BytesIO(zeros_tar_gz("big", BOMB)), "bomb:latest")
+    _plant_image(busybox, "bomb:latest", zeros_tar_gz("big", BOMB))
     result = attempt(busybox, tar_of(dockerfile("FROM bomb\nRUN true\n")))
     assert_refused(
         busybox,
@@ -549,3 +551,283 @@ def test_hard_link_attack_through_the_build_api(
     assert lines[-1]["state"] == "failed", lines
     assert "hard link 'leak'" in lines[-1]["reason"], lines[-1]
     assert secret.content.strip().decode() not in log
+
+
+# ------------------------------------------------------------------ the control plane
+def _bomb_contexts() -> dict[str, tuple[bytes, int, str]]:
+    """Uploads the control plane must refuse: (context, status, what the error says)."""
+    info, data = member("big-header", data=b"x")
+    info.pax_headers = {"comment": "x" * (4 << 20)}
+    df = dockerfile("FROM scratch\n")
+    return {
+        "gz bomb": (tar_of(df, member("big", data=bytes(BOMB)), compress="gz"), 413, "unpacked"),
+        "bz2 bomb": (tar_of(df, member("big", data=bytes(BOMB)), compress="bz2"), 413, "unpacked"),
+        "xz bomb": (tar_of(df, member("big", data=bytes(BOMB)), compress="xz"), 413, "unpacked"),
+        "trailing zeros": (gzip.compress(tar_of(df) + bytes(BOMB)), 413, "unpacked"),
+        "member count": (
+            tar_of(df, *(member(f"f{i}") for i in range(2001)), compress="gz"),
+            413,
+            "more than the limit of 2000 entries (set by BERTH_CONTEXT_MAX_ENTRIES)",
+        ),
+        "pax header": (tar_of(df, (info, data), compress="gz"), 400, "extended header"),
+        "dotdot name": (tar_of(df, member("a/../../x", data=b"x")), 400, "points outside"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bomb_contexts()))
+def test_context_bombs_are_refused_at_upload_by_the_control_plane(
+    case: str,
+    make_tenant: object,
+    make_token: object,
+    client_for: object,
+    tmp_path: Path,
+    settings: object,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """POST /builds/ with a context that is small compressed and huge unpacked (or holds
+    too many members, a header tarfile would buffer, a name that climbs out): the control
+    plane reads it through the node's capped reader, answers 413/400 in the API error
+    format naming the limit, keeps no file and creates no build. The byte cap is the
+    node's own unpacked context cap (lowered here to keep the test cheap)."""
+    from tenants.choices import Scope
+    from workloads.models import Build
+
+    context, status, says = _bomb_contexts()[case]
+    settings.BERTH_BUILD_CONTEXT_DIR = tmp_path / "ctx"  # type: ignore[attr-defined]
+    settings.BERTH_BUILD_CONTEXT_MAX_UNPACKED_BYTES = CAP  # type: ignore[attr-defined]
+    monkeypatch.setenv("BERTH_CONTEXT_MAX_ENTRIES", "2000")
+    tenant, owner = make_tenant("mallory")  # type: ignore[operator]
+    client = client_for(make_token(tenant, owner, Scope.WRITE))  # type: ignore[operator]
+    response = client.generic(
+        "POST",
+        "/api/v1/tenants/mallory/builds/?tag=bomb",
+        context,
+        content_type="application/x-tar",
+    )
+    assert response.status_code == status, response.content
+    error = response.json()["error"]
+    assert says in error["message"], error
+    if status == 413:
+        assert error["code"] == "context_too_large"
+        if "unpacked" in says:
+            assert f"limit of {CAP} bytes unpacked" in error["message"]
+            assert error["details"]["limit"] == CAP
+    assert Build.objects.count() == 0
+    assert list((tmp_path / "ctx").iterdir()) == []
+
+
+def test_context_check_keeps_no_headers_in_memory() -> None:
+    """A streaming tarfile keeps every header it read; thousands of members with long
+    PAX names would pile up in the checker's memory. The reader drops each one."""
+    import tracemalloc
+
+    from runtime_agent.archive import ArchiveLimits, scan
+
+    names = [member(f"{i:05d}-" + "n" * 16_000) for i in range(1200)]
+    context = tar_of(*names, compress="gz")
+    limits = ArchiveLimits("build context", CAP, 5000)
+    tracemalloc.start()
+    try:
+        result = scan(io.BytesIO(context), limits)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.entries == 1200
+    assert peak < 8 << 20, peak  # the names alone are 19 MB (kept twice without the fix)
+
+
+# ------------------------------------------------------------------ image trees
+def _multi_member_gzip(tar_head: bytes, zeros: int, tail: bytes) -> bytes:
+    """``tar_head`` + ``zeros`` zero bytes + ``tail``, gzip-compressed as concatenated
+    members: a 2 GiB layer in a few MB, made without compressing 2 GiB."""
+    mib = gzip.compress(bytes(1 << 20), compresslevel=9)
+    parts = [gzip.compress(tar_head)]
+    parts += [mib] * (zeros >> 20)
+    parts.append(gzip.compress(bytes(zeros & ((1 << 20) - 1)) + tail))
+    return b"".join(parts)
+
+
+def _huge_passwd_layer(size: int) -> bytes:
+    """A layer whose etc/passwd is ``size`` bytes (zeros after a root line)."""
+    info = tarfile.TarInfo("etc/passwd")
+    info.size = size
+    head = info.tobuf(tarfile.PAX_FORMAT) + b"root:x:0:0:root:/root:/bin/sh\n"
+    rest = size - len(b"root:x:0:0:root:/root:/bin/sh\n")
+    pad = (512 - size % 512) % 512
+    return _multi_member_gzip(head, rest, bytes(pad) + bytes(1024))
+
+
+def _plant_image(agent: Agent, ref: str, layer: bytes) -> None:
+    """An image as a pull would leave it: the layer blob in the content store and its diff
+    id known from the registry's config (never computed by decompressing the bomb)."""
+    writer = agent.content.writer()
+    writer.write(layer)
+    digest, _size = writer.commit()
+    cache = agent.images._diff_id_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / digest.split(":", 1)[1]).write_text("sha256:" + "0" * 64)
+    image = agent.images.commit(T, None, {}, [{"mediaType": LAYER_GZIP, "digest": digest}])
+    agent.images.set_reference(T, ref, image.manifest_digest)
+
+
+LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+@pytest.mark.timeout(120)
+def test_two_gib_passwd_layer_fails_fast(busybox: Agent, secret: HostFile) -> None:
+    """An image whose /etc/passwd is 2 GiB: COPY --chown=user and USER lookups read the
+    image's tree and stop at the layer's header (the node's layer cap), without
+    decompressing or loading 2 GiB."""
+    import time
+
+    _plant_image(busybox, "bigpw:latest", _huge_passwd_layer(2 << 30))
+    for text in (
+        "FROM bigpw\nCOPY --chown=root f /f\n",
+        "FROM bigpw\nUSER root\nRUN true\n",
+        "FROM scratch\nCOPY --from=bigpw /etc/passwd /p\n",
+    ):
+        started = time.monotonic()
+        result = attempt(busybox, tar_of(dockerfile(text), member("f", data=b"f")))
+        assert time.monotonic() - started < 30
+        assert_refused(busybox, result, ResourceExhausted, "layer is larger than the limit", secret)
+
+
+def test_big_passwd_under_the_layer_cap_is_not_loaded(busybox: Agent, secret: HostFile) -> None:
+    """A /etc/passwd under the layer cap but over what a user lookup reads
+    (``ID_FILE_MAX_BYTES``): --chown and USER refuse it from its header, with a clear
+    error, and the lookup allocates next to nothing."""
+    import tracemalloc
+
+    from runtime_agent.build.layers import ID_FILE_MAX_BYTES, index_for, lookup_ids
+
+    big = ID_FILE_MAX_BYTES + (1 << 20)
+    assert big < CAP
+    lines = b"root:x:0:0:root:/root:/bin/sh\n" + b"#" * (big - 31) + b"\n"
+    base = tar_of(
+        dockerfile("FROM busybox\nCOPY passwd /etc/passwd\n"), member("passwd", data=lines)
+    )
+    assert attempt(busybox, base, tag="bigpw").error is None
+    says = f"/etc/passwd in the image is {big} bytes; at most {ID_FILE_MAX_BYTES} are read"
+    for text in ("FROM bigpw\nCOPY --chown=root f /f\n", "FROM bigpw\nUSER root\nRUN true\n"):
+        result = attempt(busybox, tar_of(dockerfile(text), member("f", data=b"f")))
+        assert_refused(busybox, result, ResourceExhausted, says, secret)
+    image = busybox.images.resolve(T, "bigpw")
+    index = index_for(busybox.content, image.layers, busybox.config.layer_limits)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ResourceExhausted, match="at most"):
+            lookup_ids(index, busybox.content, "root")
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, peak
+
+
+def _docker_archive(layer: bytes) -> bytes:
+    """A ``docker save`` archive of one image whose one layer is ``layer``."""
+    import hashlib
+
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]},
+        }
+    ).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    layer_name = hashlib.sha256(layer).hexdigest() + "/layer.tar"
+    manifest = json.dumps(
+        [{"Config": config_name, "RepoTags": ["bomb:latest"], "Layers": [layer_name]}]
+    ).encode()
+    return tar_of(
+        member("manifest.json", data=manifest),
+        member(config_name, data=config),
+        member(layer_name, data=layer),
+    )
+
+
+@pytest.mark.timeout(120)
+def test_layer_bomb_in_an_imported_archive_is_refused(agent: Agent, secret: HostFile) -> None:
+    """``docker load``/``docker import`` of an image whose layer is a 2 GiB gzip bomb (or
+    holds too many members): refused at import by the node's layer caps, before its diff
+    id is computed, nothing tagged and no blob kept."""
+    import time
+
+    bomb = _huge_passwd_layer(2 << 30)
+    many = tar_of(*(member(f"f{i}") for i in range(2001)), compress="gz")
+    for layer, says in ((bomb, "layer is larger than the limit"), (many, "more than the limit")):
+        started = time.monotonic()
+        with pytest.raises(ResourceExhausted, match=says):
+            agent.images.import_archive(T, io.BytesIO(_docker_archive(layer)))
+        with pytest.raises(ResourceExhausted, match=says):
+            agent.images.import_rootfs(T, io.BytesIO(layer), "bomb:latest")
+        assert time.monotonic() - started < 30
+    assert agent.images.references(T) == {}
+    assert_no_scratch_left(agent)
+
+
+# ------------------------------------------------------------------ per-build total
+@pytest.mark.parametrize("shape", ["adds", "copy-from stages"])
+def test_many_archives_each_under_the_cap_stop_at_the_build_total(
+    agent: Agent, secret: HostFile, shape: str
+) -> None:
+    """Four archives of 7 MiB each, every one under the 8 MiB ADD archive cap, add up to
+    more than the build's 24 MiB total (``BERTH_BUILD_LAYERS_MAX_BYTES``): the build stops
+    with ResourceExhausted naming the limit, whether the bytes come from ADDs or from
+    COPY --from of an earlier stage."""
+    part = 7 << 20
+    files = [member(f"p{i}.tar.gz", data=zeros_tar_gz("blob", part)) for i in range(4)]
+    if shape == "adds":
+        text = "FROM scratch\n" + "".join(f"ADD p{i}.tar.gz /p{i}/\n" for i in range(4))
+    else:
+        text = "FROM scratch AS s\nADD p0.tar.gz /p/\nFROM scratch\n" + "".join(
+            f"COPY --from=s /p /c{i}\n" for i in range(3)
+        )
+    result = attempt(agent, tar_of(dockerfile(text), *files))
+    limit = agent.config.build_layers_max_bytes
+    assert_refused(
+        agent,
+        result,
+        ResourceExhausted,
+        f"more than the limit of {limit} bytes per build (set by BERTH_BUILD_LAYERS_MAX_BYTES)",
+        secret,
+    )
+
+
+# ------------------------------------------------------------------ COPY --from scratch
+@pytest.mark.parametrize("fails", [False, True])
+def test_copy_from_scratch_is_on_the_tenant_filesystem_and_removed(
+    busybox: Agent, secret: HostFile, monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """COPY --from spools the files it reads out of an image under the tenant's capped
+    layer filesystem (never the system's /tmp), and removes them when the step ends,
+    whether it succeeded or failed."""
+    from runtime_agent.build import builder as builder_module
+
+    made: list[tuple[Path, IO[bytes]]] = []
+    real_new = builder_module._Spools.new
+
+    def new(self: builder_module._Spools) -> IO[bytes]:
+        spool = real_new(self)
+        assert self.dir is not None
+        made.append((self.dir, spool))
+        return spool
+
+    import tempfile
+
+    monkeypatch.setattr(builder_module._Spools, "SPILL_BYTES", 0)  # every file spills
+    monkeypatch.setattr(tempfile, "tempdir", "/nonexistent/system-tmp")  # using it fails
+    monkeypatch.setattr(builder_module._Spools, "new", new)
+    chown = " --chown=nobody-here" if fails else ""
+    text = f"FROM scratch\nCOPY --from=busybox{chown} /bin /bin\n"
+    result = attempt(busybox, tar_of(dockerfile(text)))
+    assert (result.error is not None) == fails, result.shown
+    assert made
+    fs = busybox.snapshots.tenant_fs(T)
+    for directory, spool in made:
+        assert directory.parent == fs
+        assert directory.name.startswith(builder_module.SCRATCH_PREFIX)
+        assert spool.closed
+        assert not directory.exists()
+    assert [p.name for p in fs.iterdir() if p.name.startswith(".build")] == []

@@ -37,7 +37,6 @@ import hashlib
 import logging
 import math
 import re
-import tarfile
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
@@ -53,7 +52,11 @@ from django.utils.dateparse import parse_datetime
 from registry import services as registry_services
 from registry.errors import RegistryDenied
 from registry.tokens import IssuedToken
-from runtime_agent import protocol
+from runtime_agent import archive, protocol
+from runtime_agent.archive import ArchiveLimits
+from runtime_agent.build.steps import BuildLimits
+from runtime_agent.config import AgentConfig
+from runtime_agent.errors import InvalidArchive, ResourceExhausted
 from runtime_agent.images.reference import is_registry_host
 from tenants import services as tenant_services
 from tenants.errors import BerthError, Conflict, InvalidInput, PermissionDenied
@@ -183,16 +186,44 @@ def store_context(
                 out.write(chunk)
         if size == 0:
             raise InvalidInput("the build context is empty: upload a tar of the build directory")
-        try:
-            with tarfile.open(path, "r:*") as tar:
-                for _ in tar:
-                    pass
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise InvalidInput(f"the build context is not a readable tar archive: {exc}") from None
+        _check_context_archive(path)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return path, size, digest.hexdigest()
+
+
+def context_archive_limits() -> ArchiveLimits:
+    """What a context may unpack to: the node's own caps (``BuildLimits.context_bytes``,
+    ``BERTH_CONTEXT_MAX_ENTRIES``), so the control plane refuses at upload exactly what
+    the node would refuse later. ``BERTH_BUILD_CONTEXT_MAX_UNPACKED_BYTES`` lowers the
+    byte cap (it can never usefully be higher than the node's)."""
+    unpacked = int(
+        getattr(settings, "BERTH_BUILD_CONTEXT_MAX_UNPACKED_BYTES", BuildLimits().context_bytes)
+    )
+    return AgentConfig().context_limits(unpacked)
+
+
+def _check_context_archive(path: Path) -> None:
+    """Read the uploaded context through the node's hardened archive reader
+    (``runtime_agent.archive.scan``): decompression counted and stopped at the unpacked
+    cap, extended headers capped before they are buffered, member count and names
+    checked. So a small compressed bomb costs the control plane bounded CPU and memory,
+    and the tenant learns at once (413 naming the limit, 400 for a bad archive) instead
+    of from a failed build."""
+    limits = context_archive_limits()
+    try:
+        with path.open("rb") as stream:
+            archive.scan(stream, limits)
+    except ResourceExhausted as exc:
+        raise ContextTooLarge(
+            f"the build context: {exc.message}",
+            details={"limit": exc.details.get("limit"), "resource": exc.details.get("resource")},
+        ) from None
+    except InvalidArchive as exc:
+        raise InvalidInput(
+            f"the build context is not a readable tar archive: {exc.message}"
+        ) from None
 
 
 def discard_context(path: str | Path) -> None:
