@@ -82,13 +82,20 @@ def main() -> None:
         "DATABASE_URL": db_url,
         "REDIS_URL": redis_url,
         "SECRET_KEY": os.environ.get("SECRET_KEY", "bench-" + token),
+        "STRIPE_WEBHOOK_SECRET": os.environ.get("STRIPE_WEBHOOK_SECRET", "whsec_bench_" + token),
         "DEBUG": "0",
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
         "BERTH_DEFAULT_NETWORK_MODE": args.network,
         "BERTH_API_RATE_LIMIT": "0",
+        "BERTH_API_ADDRESS_RATE_LIMIT": "0",  # every request comes from 127.0.0.1
         "PYTHONPATH": str(ROOT),
     }
-    os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "DEBUG")})
+    os.environ.update(
+        {
+            k: env[k]
+            for k in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "DEBUG")
+        }
+    )
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
     python = sys.executable
     subprocess.run(

@@ -5,7 +5,7 @@ rows — the worst case, serialised by design); N threads on N tenants (no share
 ratio contended/uncontended shows what the row lock costs. Runs in a throw-away test
 database (``test_<name>`` of DATABASE_URL), dropped at the end.
 
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/berth SECRET_KEY=x \\
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/berth SECRET_KEY=x STRIPE_WEBHOOK_SECRET=x \\
         .venv/bin/python benchmarks/bench_quota.py [--threads 8] [--seconds 5]
 """
 
