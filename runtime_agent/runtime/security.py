@@ -279,10 +279,12 @@ def apply_user_namespace(
     (``idmap_snapshot``, ``VolumeManager.oci_mounts(user_namespace=...)``).
 
     Call it after the spec's namespaces are final: a fresh sysfs can only be mounted by
-    a user namespace that owns the container's network namespace. When the spec joins a
-    network namespace made beforehand (by path, owned by the host's user namespace),
-    /sys is instead the host's sysfs bound recursively read-only, as Docker does in
-    rootless mode; the masked paths still apply.
+    a user namespace that owns the container's network namespace. With ``path`` (the
+    tenant's kept user namespace, ``tenant_userns``, which owns the netns the network
+    subsystem made) it does, and /sys is the container's own (its interfaces only).
+    When the spec joins a network namespace made beforehand without joining the user
+    namespace owning it, /sys is instead the host's sysfs bound recursively read-only,
+    as Docker does in rootless mode; the masked paths still apply.
     """
     linux = spec.setdefault("linux", {})
     namespaces = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "user"]
@@ -291,7 +293,7 @@ def apply_user_namespace(
     linux["uidMappings"] = ids.oci_mapping()
     linux["gidMappings"] = ids.oci_mapping()
     joins_netns = any(ns.get("type") == "network" and ns.get("path") for ns in namespaces)
-    if joins_netns:
+    if joins_netns and path is None:
         for index, mount in enumerate(spec.get("mounts") or []):
             if mount.get("destination") == "/sys" and mount.get("type") == "sysfs":
                 spec["mounts"][index] = {

@@ -189,6 +189,9 @@ def test_exec_enters_a_user_namespaced_container_on_a_bridge_network(agent: Agen
     assert agent.containers.exec_capture("acme", info.id, ["id", "-u"]) == (0, b"0\n")
     code, out = agent.containers.exec_capture("acme", info.id, ["ip", "-4", "addr"])
     assert code == 0 and b"eth0" in out  # the exec is in the container's netns
+    # Its own sysfs (the userns owns the netns): only its interfaces, not the node's.
+    code, out = agent.containers.exec_capture("acme", info.id, ["ls", "/sys/class/net"])
+    assert (code, sorted(out.split())) == (0, [b"eth0", b"lo"])
     # Both namespaces belong to the tenant's user namespace.
     userns = os.stat(tenant_userns(agent.config, "acme"))
     pid = agent.containers.inspect("acme", info.id)["State"]["Pid"]
