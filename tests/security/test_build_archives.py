@@ -207,6 +207,9 @@ def assert_no_scratch_left(agent: Agent) -> None:
     assert not ingest.exists() or list(ingest.iterdir()) == []
     layers = agent.config.snapshots_dir / "layers"
     assert not layers.exists() or [p for p in layers.iterdir() if p.name.startswith(".")] == []
+    scratch = "tenants/*/fs/.build-scratch-*"  # COPY --from's spools
+    assert [*agent.config.snapshots_dir.glob(scratch)] == []
+    assert [*agent.config.build_cache_dir.glob(".build-scratch-*")] == []
 
 
 @pytest.fixture
