@@ -49,8 +49,9 @@ def _context(dockerfile: bytes) -> bytes:
 
 @pytest.fixture
 def context_server() -> Iterator[tuple[str, dict[str, bytes]]]:
-    """A control plane's context endpoint: GET <path> answers the tar stored under it
-    (and ``contexts["served"]`` lists the paths asked for, newline-separated)."""
+    """A control plane's node endpoints: GET <path> answers the build context stored under
+    it (``contexts["served"]`` lists the paths asked for, newline-separated); a POST (a
+    build report) is answered 200."""
     contexts: dict[str, bytes] = {"served": b""}
 
     class Handler(BaseHTTPRequestHandler):
@@ -61,6 +62,15 @@ def context_server() -> Iterator[tuple[str, dict[str, bytes]]]:
             self.send_header("Content-Length", str(len(body or b"")))
             self.end_headers()
             self.wfile.write(body or b"")
+
+        def do_POST(self) -> None:
+            """Reports the node sends over HTTP (build logs and results): taken, not read."""
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
 
         def log_message(self, *args: Any) -> None:
             pass
