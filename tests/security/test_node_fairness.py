@@ -9,7 +9,7 @@ worker's threads so another tenant's exec timed out. Now:
 - a tenant's long build runs while another tenant's service starts and its deployment
   succeeds (variants: a build whose RUN prints nothing, several queued builds);
 - a tenant past its interactive cap gets a clear ``resource_exhausted`` refusal at once,
-  for exec and for logs, while another tenant's exec answers promptly.
+  for exec, logs and stats, while another tenant's exec answers promptly.
 """
 
 from __future__ import annotations
@@ -190,12 +190,14 @@ def test_a_tenant_flooding_exec_is_capped_and_another_tenants_exec_answers(
         assert f"at most {INTERACTIVE_PER_TENANT}" in body["error"]["message"]
     assert sum(thread.is_alive() for thread in flood) == INTERACTIVE_PER_TENANT
 
-    # One more exec, and the logs (another spelling of interactive work), are refused too.
+    # One more exec, and its logs and stats (other spellings of interactive work), are
+    # refused too.
     status, body = _exec(attacker, "fairexa", ["true"], 5)
     assert status == 409 and body["error"]["details"]["code"] == "resource_exhausted", body
-    logs = attacker.get("/api/v1/tenants/fairexa/services/app/logs/")
-    assert logs.status_code == 409
-    assert logs.json()["error"]["details"]["code"] == "resource_exhausted"
+    for path in ("logs", "stats"):
+        response = attacker.get(f"/api/v1/tenants/fairexa/services/app/{path}/")
+        assert response.status_code == 409, (path, response.content)
+        assert response.json()["error"]["details"]["code"] == "resource_exhausted"
 
     # The victim's exec answers promptly while the attacker's execs still run.
     began = time.monotonic()
