@@ -619,6 +619,37 @@ def test_context_bombs_are_refused_at_upload_by_the_control_plane(
     assert list((tmp_path / "ctx").iterdir()) == []
 
 
+@pytest.mark.timeout(180)
+def test_terabyte_context_bomb_costs_the_control_plane_seconds(
+    make_tenant: object, make_token: object, client_for: object, tmp_path: Path, settings: object
+) -> None:
+    """At the default caps (the node's 2 GiB unpacked context): a ~1 MB bzip2 upload
+    declaring and holding 1 TiB. The old check (tarfile r:*) decompressed all of it to
+    skip the member (hours of a request thread); now its header alone is refused."""
+    import time
+
+    from tenants.choices import Scope
+
+    info, data = dockerfile("FROM scratch\n")
+    big = tarfile.TarInfo("big")
+    big.size = 1 << 40
+    head = info.tobuf(tarfile.PAX_FORMAT) + data.ljust(512, b"\0") + big.tobuf(tarfile.PAX_FORMAT)
+    zeros = bz2.compress(bytes(256 << 20))
+    bomb = bz2.compress(head) + zeros * 4096  # concatenated bzip2 streams: 1 TiB of data
+    assert len(bomb) < 2 << 20
+    settings.BERTH_BUILD_CONTEXT_DIR = tmp_path / "ctx"  # type: ignore[attr-defined]
+    tenant, owner = make_tenant("mallory")  # type: ignore[operator]
+    client = client_for(make_token(tenant, owner, Scope.WRITE))  # type: ignore[operator]
+    started = time.monotonic()
+    response = client.generic(
+        "POST", "/api/v1/tenants/mallory/builds/?tag=bomb", bomb, content_type="application/x-tar"
+    )
+    assert time.monotonic() - started < 30
+    assert response.status_code == 413, response.content
+    assert f"limit of {2 << 30} bytes unpacked" in response.json()["error"]["message"]
+    assert list((tmp_path / "ctx").iterdir()) == []
+
+
 def test_context_check_keeps_no_headers_in_memory() -> None:
     """A streaming tarfile keeps every header it read; thousands of members with long
     PAX names would pile up in the checker's memory. The reader drops each one."""
