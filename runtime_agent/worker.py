@@ -53,7 +53,9 @@ EXEC_OUTPUT_LIMIT = 64 * 1024
 BUILD_WORKERS = 2
 BUILDS_PER_TENANT = 1
 #: Exec, logs and stats running at once on a node, and of one tenant (more are refused).
-INTERACTIVE_SLOTS = 8
+#: Each slot is a Celery thread of its own, so the node total is generous: it takes
+#: several tenants at their cap to fill it.
+INTERACTIVE_SLOTS = 16
 INTERACTIVE_PER_TENANT = 3
 #: Failed applies remembered for reports at most (each is dropped once applied again or
 #: removed; the oldest go first past this).
