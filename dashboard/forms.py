@@ -103,10 +103,9 @@ class SignupForm(IdemForm):
     )
 
     def clean_email(self) -> str:
-        email = str(self.cleaned_data["email"]).strip().lower()
-        if User.objects.filter(email__iexact=email).exists():
-            raise forms.ValidationError("An account with this email exists: log in instead.")
-        return email
+        # Whether the email has an account is never said here (that would answer "who has
+        # an account?" for anyone): the sign-up view emails that address instead.
+        return str(self.cleaned_data["email"]).strip().lower()
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}

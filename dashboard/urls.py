@@ -31,6 +31,8 @@ _reset = {
 urlpatterns = [
     path("", views.home, name="home"),
     path("signup/", views.signup, name="signup"),
+    path("signup/sent/", views.signup_sent, name="signup_sent"),
+    path("signup/verify/<str:token>/", views.signup_verify, name="signup_verify"),
     path("login/", views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(next_page="dashboard:login"), name="logout"),
     path("password-reset/", _reset["password_reset"], name="password_reset"),

@@ -16,7 +16,9 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
+from django.core import signing
 from django.core.exceptions import PermissionDenied
+from django.core.mail import send_mail
 from django.db.models import Count, Q
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, redirect, render
@@ -36,7 +38,7 @@ from tenants import services as tenant_services
 from tenants.api import throttling
 from tenants.choices import Role
 from tenants.errors import BerthError
-from tenants.models import APIToken, AuditLog, Invitation, Membership, Tenant
+from tenants.models import APIToken, AuditLog, Invitation, Membership, Tenant, User
 from tenants.services import Actor
 from workloads.choices import ContainerState, JobState, ServiceState
 from workloads.models import BatchJob, Build, Network, Node, Service, Volume
@@ -152,8 +154,13 @@ def _signup_post(request: HttpRequest) -> HttpResponse:
         return response
     if form.is_valid():
         d = form.cleaned_data
+        existing = User.objects.filter(email__iexact=d["email"]).first()
+        if existing is not None:
+            # The same answer as a new sign-up; only the mailbox's owner learns more.
+            _send_signup_email(request, d["email"], None)
+            return redirect("dashboard:signup_sent")
         try:
-            tenant, owner = tenant_services.create_tenant(
+            _tenant, owner = tenant_services.create_tenant(
                 slug=d["slug"],
                 name=d["organisation"],
                 owner_email=d["email"],
@@ -163,10 +170,63 @@ def _signup_post(request: HttpRequest) -> HttpResponse:
         except BerthError as exc:
             f.add_service_error(form, exc)
         else:
-            login(request, owner, backend="django.contrib.auth.backends.ModelBackend")
-            messages.success(request, f"Welcome to Berth: {tenant.name} is ready.")
-            return redirect("dashboard:overview", tenant.slug)
+            # Inactive (no sign-in) until the link sent to the address is opened.
+            owner.is_active = False
+            owner.save(update_fields=["is_active"])
+            _send_signup_email(request, owner.email, owner)
+            return redirect("dashboard:signup_sent")
     return _page(request, "dashboard/auth/signup.html", {"form": _refresh_idem(form)}, 400)
+
+
+#: Signs the email-verification links of sign-ups (valid SIGNUP_LINK_MAX_AGE seconds).
+SIGNUP_SALT = "berth.dashboard.signup-verify"
+SIGNUP_LINK_MAX_AGE = 3 * 24 * 3600
+
+
+def _send_signup_email(request: HttpRequest, email: str, owner: User | None) -> None:
+    """The verification link for a new account, or, for an address that has an account
+    already, a note saying so (the sign-up page answered both the same way)."""
+    if owner is None:
+        subject = "Your Berth account"
+        body = (
+            "Someone (you?) tried to sign up for Berth with this address, which has an "
+            f"account already. Log in at {request.build_absolute_uri(reverse('dashboard:login'))}"
+            " or reset your password there. If it was not you, ignore this message."
+        )
+    else:
+        token = signing.dumps({"u": owner.pk, "e": owner.email}, salt=SIGNUP_SALT)
+        link = request.build_absolute_uri(reverse("dashboard:signup_verify", args=[token]))
+        subject = "Confirm your Berth sign-up"
+        body = (
+            f"Open this link to confirm your address and sign in (valid for 3 days):\n\n"
+            f"    {link}\n\nIf you did not sign up for Berth, ignore this message."
+        )
+    send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [email])
+
+
+def signup_sent(request: HttpRequest) -> HttpResponse:
+    return _page(request, "dashboard/auth/signup_sent.html", {})
+
+
+def signup_verify(request: HttpRequest, token: str) -> HttpResponse:
+    """The link in the sign-up email: activate the account (once) and sign in."""
+    try:
+        data = signing.loads(token, salt=SIGNUP_SALT, max_age=SIGNUP_LINK_MAX_AGE)
+        user = User.objects.get(pk=data["u"], email=data["e"])
+    except (signing.BadSignature, KeyError, TypeError, User.DoesNotExist):
+        user = None
+    # Only an account never used: an old link never re-activates one an admin deactivated.
+    if user is None or user.is_active or user.last_login is not None:
+        problem = "This link is invalid, expired or used already: log in, or sign up again."
+        return _page(request, "dashboard/auth/signup_sent.html", {"problem": problem}, 400)
+    user.is_active = True
+    user.save(update_fields=["is_active"])
+    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    tenant = Tenant.objects.for_user(user).order_by("pk").first()
+    if tenant is None:
+        return redirect("dashboard:home")
+    messages.success(request, f"Welcome to Berth: {tenant.name} is ready.")
+    return redirect("dashboard:overview", tenant.slug)
 
 
 def accept_invitation(request: HttpRequest, key: str) -> HttpResponse:

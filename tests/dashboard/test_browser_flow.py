@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core import mail
 from playwright.sync_api import Browser, FilePayload, Page, expect
 
 from billing import services as billing
@@ -67,6 +68,13 @@ def test_team_flow_in_a_real_browser(
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_label("Organisation slug").fill("lovelace")
     _submit(page, "Sign up")
+    # The address is confirmed by the emailed link (the live server shares this process's
+    # locmem outbox).
+    expect(page.get_by_role("heading", name="Check your email")).to_be_visible()
+    body = str(mail.outbox[-1].body)
+    link = re.search(r"http://\S+/signup/verify/\S+/", body)
+    assert link is not None, body
+    page.goto(link.group(0))
     expect(page).to_have_url(f"{base}/t/lovelace/")
     expect(page.get_by_role("heading", name="Lovelace Labs overview")).to_be_visible()
 

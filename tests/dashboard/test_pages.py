@@ -4,11 +4,13 @@ expired sessions come back after logging in, double submits act once, CSRF is en
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.core import mail
 from django.test import Client
 
 from tenants.choices import Role
@@ -46,11 +48,19 @@ def test_signup_creates_the_tenant_and_logs_in(make_tenant: TenantMaker) -> None
             "idem": idem,
         },
     )
+    # The address is confirmed first: the account signs in from the emailed link.
     assert response.status_code == 302
-    assert response["Location"] == "/t/anns/"
+    assert response["Location"] == "/signup/sent/"
     tenant = Tenant.objects.get(slug="anns")
     assert tenant.plan.code == "free"
     assert tenant.memberships.get().user.email == "ann@example.com"
+    assert client.get("/t/anns/").status_code == 302  # not signed in yet
+    (message,) = mail.outbox
+    assert message.to == ["ann@example.com"]
+    link = re.search(r"http://testserver(/signup/verify/\S+/)", message.body)
+    assert link is not None, message.body
+    verified = client.get(link.group(1))
+    assert verified.status_code == 302 and verified["Location"] == "/t/anns/"
     assert client.get("/t/anns/").status_code == 200
 
 

@@ -344,7 +344,7 @@ def test_sign_ups_are_limited_per_address_refusals_included(settings: Any) -> No
     bulk, other = "203.0.113.50", "198.51.100.50"
     # Probing for taken emails or slugs costs attempts like real sign-ups do.
     assert sign_up(bulk, "a@bulk.example", "bulk-a").status_code == 302
-    assert sign_up(bulk, "a@bulk.example", "bulk-b").status_code == 400  # email taken
+    assert sign_up(bulk, "a@bulk.example", "bulk-b").status_code == 302  # email taken
     assert sign_up(bulk, "b@bulk.example", "bulk-a").status_code == 400  # slug taken
     assert sign_up(bulk, "c@bulk.example", "bulk-c").status_code == 302
     refused = sign_up(bulk, "d@bulk.example", "bulk-d")
@@ -354,3 +354,40 @@ def test_sign_ups_are_limited_per_address_refusals_included(settings: Any) -> No
     assert not Tenant.objects.filter(slug="bulk-d").exists()
     # Positive control: another address signs up.
     assert sign_up(other, "d@bulk.example", "bulk-d").status_code == 302
+
+
+@pytest.mark.django_db
+def test_sign_up_never_says_whether_an_email_has_an_account(mailoutbox: Any) -> None:
+    import re
+
+    from tenants.models import Tenant, User
+
+    address = "192.0.2.60"
+    make_user("taken@acme.example")
+    new = sign_up(address, "fresh@acme.example", "fresh-org")
+    taken = sign_up(address, "Taken@acme.example", "taken-org", password="Another-pass-123")
+    # The same answer for both: where to go next, nothing about the address.
+    assert (new.status_code, new["Location"]) == (taken.status_code, taken["Location"])
+    assert new["Location"] == "/signup/sent/"
+    pages = [Client().get(r["Location"]).content.decode() for r in (new, taken)]
+    csrf = re.compile(r'(csrfmiddlewaretoken" value="|X-CSRFToken": ")[^"]*"')  # per client
+    assert csrf.sub("", pages[0]) == csrf.sub("", pages[1])
+    assert not Tenant.objects.filter(slug="taken-org").exists()
+    assert User.objects.get(email="taken@acme.example").check_password(PASSWORD)
+    # Only the mailboxes learn more: a link for the new one, a note for the taken one.
+    by_to = {message.to[0]: message.body for message in mailoutbox}
+    assert "has an account already" in by_to["taken@acme.example"]
+    link = re.search(r"http://testserver(/signup/verify/\S+/)", by_to["fresh@acme.example"])
+    assert link is not None
+
+    # Until the link is opened, the new account cannot sign in.
+    assert sign_in("/login/", "fresh@acme.example", PASSWORD, address)[0] is False
+    client = Client()
+    tampered = link.group(1)[:-3] + "xx/"
+    assert client.get(tampered).status_code == 400
+    assert client.get(link.group(1))["Location"] == "/t/fresh-org/"
+    assert "_auth_user_id" in client.session
+    # A link works once; an account an admin deactivates stays deactivated.
+    assert Client().get(link.group(1)).status_code == 400
+    User.objects.filter(email="fresh@acme.example").update(is_active=False)
+    assert Client().get(link.group(1)).status_code == 400
