@@ -599,24 +599,10 @@ def test_a_service_created_through_the_api_runs_as_nobody_on_the_host(
     """A tenant's service, created and exec'd into only through the REST API: its root is
     the tenant's unprivileged range on the node, exec works (runc enters the userns and
     the netns it owns), and from inside it the node's own address is unreachable."""
-    from rest_framework.test import APIClient
-
-    from tenants.choices import Scope
-    from tenants.services import Actor, create_api_token, create_tenant
     from tests.e2e.conftest import agent_api, wait_for
+    from tests.e2e.test_dispatch import _client
 
-    tenant, owner = create_tenant(
-        slug=TENANT,
-        owner_email=f"owner@{TENANT}.example",
-        plan_code="team",
-        seats=2,
-        actor=Actor.for_system("test"),
-    )
-    _, secret = create_api_token(
-        tenant, owner, name="ci", scope=Scope.WRITE, actor=Actor.for_system("test")
-    )
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    client = _client(TENANT)  # a tenant and its API token, nothing else
     base = f"/api/v1/tenants/{TENANT}/services"
     created = client.post(
         f"{base}/",
