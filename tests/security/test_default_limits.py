@@ -361,34 +361,26 @@ def test_a_dispatched_tenant_gets_the_defaults_without_asking(capped_cluster: An
     plan = Plan.objects.get(code="free")
     disk_before = _disk_used(STATE)
     base = f"/api/v1/tenants/{tenant.slug}"
-    for name, command in (
-        ("bomb", HOLDER),
-        ("filler", "dd if=/dev/zero of=/big bs=1M count=300; echo dd-exit=$?; exec sleep 3600"),
-    ):
-        created = client.post(
-            f"{base}/services/",
+    created = {}
+    for kind, name, command, memory in (
+        ("services", "bomb", HOLDER, 64),
+        ("services", "filler", "dd if=/dev/zero of=/big bs=1M count=300; echo dd-exit=$?; "
+         "exec sleep 3600", 64),
+        ("jobs", "loud", LOUD_JOB, 16),
+    ):  # fmt: skip
+        created[name] = client.post(
+            f"{base}/{kind}/",
             {
                 "name": name,
                 "image": "busybox",
                 "command": ["sh", "-c", command],
                 "cpu_millicores": 100,
-                "memory_mib": 64,
+                "memory_mib": memory,
             },
             format="json",
         )
-        assert created.status_code == 201, created.content
-    job = client.post(
-        f"{base}/jobs/",
-        {
-            "name": "loud",
-            "image": "busybox",
-            "command": ["sh", "-c", LOUD_JOB],
-            "cpu_millicores": 100,
-            "memory_mib": 16,
-        },
-        format="json",
-    )
-    assert job.status_code == 201, job.content
+        assert created[name].status_code == 201, created[name].content
+    job = created["loud"]
 
     def both_running() -> bool:
         bodies = [client.get(f"{base}/services/{n}/").json() for n in ("bomb", "filler")]
