@@ -217,7 +217,7 @@ def _check_context_archive(path: Path) -> None:
             archive.scan(stream, limits)
     except ResourceExhausted as exc:
         raise ContextTooLarge(
-            f"the build context: {exc.message}",
+            f"{exc.message}; nodes refuse to unpack it",
             details={"limit": exc.details.get("limit"), "resource": exc.details.get("resource")},
         ) from None
     except InvalidArchive as exc:
