@@ -11,6 +11,9 @@ volumes, networks); work a tenant can make long is kept off them:
   ``total`` at once on the node and ``per_tenant`` per tenant. Work over a cap is refused
   at once with :class:`~runtime_agent.errors.ResourceExhausted` (never queued on a shared
   thread), so the worker always keeps threads for lifecycle operations.
+- :class:`KeyedLock` keeps the operations on one container in order: with operations no
+  longer behind one node-wide lock, a remove must still wait for the apply of the same
+  container that is under way, or the apply would create what was just removed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import contextlib
 import logging
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
 
 from runtime_agent.errors import ResourceExhausted
 
@@ -139,3 +143,36 @@ class FairPool:
                     if not self._running[tenant]:
                         del self._running[tenant]
                     self._cond.notify_all()
+
+
+@dataclass
+class _Held:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
+class KeyedLock:
+    """One lock per key (a container's tenant and name), made on first use and dropped
+    when nobody holds or waits for it. Different keys never wait for each other."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[Hashable, _Held] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: Hashable) -> Iterator[None]:
+        with self._lock:
+            held = self._held.setdefault(key, _Held())
+            held.users += 1
+        try:
+            with held.lock:
+                yield
+        finally:
+            with self._lock:
+                held.users -= 1
+                if not held.users:
+                    del self._held[key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._held)

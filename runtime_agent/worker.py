@@ -39,7 +39,7 @@ from runtime_agent.agent import Agent
 from runtime_agent.distribution.ensure import ensure_image
 from runtime_agent.distribution.tenant_auth import fetch_pull_token
 from runtime_agent.errors import AgentError, AlreadyExists, InvalidArgument, NotFound
-from runtime_agent.lanes import FairPool, TenantSlots
+from runtime_agent.lanes import FairPool, KeyedLock, TenantSlots
 from runtime_agent.names import node_namespace_refusal
 from runtime_agent.node import NodeIdentity, capacity
 from runtime_agent.oplog import OperationLog
@@ -94,6 +94,8 @@ class NodeWorker:
         )
         # Applies running here (op id -> what the report says about their container).
         self._starts: dict[str, protocol.ContainerReport] = {}
+        # Apply, stop and remove of one container (tenant, name) run one after another.
+        self._container_ops = KeyedLock()
         self._starts_lock = threading.Lock()
         # Applies that failed here (uid -> a "stopped" report carrying the error), kept
         # until the container is applied again or removed: reports give the control plane
@@ -179,7 +181,8 @@ class NodeWorker:
         )
 
         def run() -> dict[str, Any]:
-            with self._starting(op_id, container_spec):
+            key = (container_spec.tenant, container_spec.name)
+            with self._starting(op_id, container_spec), self._container_ops.hold(key):
                 return start()
 
         def start() -> dict[str, Any]:
@@ -340,7 +343,8 @@ class NodeWorker:
     ) -> dict[str, Any]:
         def run() -> dict[str, Any]:
             try:
-                self.agent.containers.stop(tenant, name, timeout=timeout)
+                with self._container_ops.hold((tenant, name)):
+                    self.agent.containers.stop(tenant, name, timeout=timeout)
             except NotFound:
                 return {"state": "missing"}
             return {"state": "stopped"}
@@ -354,7 +358,8 @@ class NodeWorker:
                     if (failed.tenant, failed.name) == (tenant, name):
                         del self._failed[uid]
             try:
-                self.agent.containers.remove(tenant, name, force=True)
+                with self._container_ops.hold((tenant, name)):
+                    self.agent.containers.remove(tenant, name, force=True)
             except NotFound:
                 pass
             return {"state": "missing"}

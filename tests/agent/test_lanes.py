@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from runtime_agent.errors import ResourceExhausted
-from runtime_agent.lanes import FairPool, TenantSlots
+from runtime_agent.lanes import FairPool, KeyedLock, TenantSlots
 
 WAIT = 10
 
@@ -87,3 +87,34 @@ def test_a_failing_job_does_not_stop_the_pool() -> None:
     pool.submit("alpha", broken)
     pool.submit("alpha", ran.set)
     assert ran.wait(WAIT)
+
+
+def test_a_keyed_lock_orders_one_key_and_never_holds_up_another() -> None:
+    locks = KeyedLock()
+    inside, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        with locks.hold(("alpha", "web")):
+            inside.set()
+            release.wait(WAIT)
+            order.append("apply")
+
+    def second() -> None:
+        with locks.hold(("alpha", "web")):
+            order.append("remove")
+
+    t1 = threading.Thread(target=first, daemon=True)
+    t1.start()
+    assert inside.wait(WAIT)
+    t2 = threading.Thread(target=second, daemon=True)
+    t2.start()
+    with locks.hold(("beta", "web")):  # another container: no wait
+        order.append("other")
+    t2.join(0.3)
+    assert t2.is_alive()
+    release.set()
+    t1.join(WAIT)
+    t2.join(WAIT)
+    assert order == ["other", "apply", "remove"]
+    assert len(locks) == 0  # nothing kept for keys nobody holds

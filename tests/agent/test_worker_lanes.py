@@ -283,3 +283,67 @@ def test_a_build_cancelled_while_queued_behind_its_tenants_build_never_runs(
     assert result is not None and result["state"] == "cancelled", result
     assert worker.oplog.get("build:q1")["state"] == "succeeded"  # type: ignore[index]
     assert contexts["served"].split() == [b"/ctx/q1"]  # q2's context was never fetched
+
+
+def test_a_remove_waits_for_the_apply_of_the_same_container(
+    worker: NodeWorker, agent: Agent
+) -> None:
+    """Operations no longer wait for each other node-wide; on one container they still go
+    in order, or a remove that overtook a slow apply would leave the container running."""
+    creating, release = threading.Event(), threading.Event()
+    real_create = agent.containers.create
+
+    def slow_create(spec: protocol.ContainerSpec) -> Any:
+        if spec.name == "web":
+            creating.set()
+            assert release.wait(30)
+        return real_create(spec)
+
+    agent.containers.create = slow_create  # type: ignore[method-assign]
+    results: dict[str, Any] = {}
+    try:
+        apply = threading.Thread(
+            target=lambda: results.update(
+                apply=_task(
+                    worker,
+                    protocol.AGENT_APPLY_CONTAINER,
+                    op_id="c5:apply:1:0",
+                    spec=_spec("delta", "web", "c5"),
+                )
+            ),
+            daemon=True,
+        )
+        apply.start()
+        assert creating.wait(30)
+        remove = threading.Thread(
+            target=lambda: results.update(
+                remove=_task(
+                    worker,
+                    protocol.AGENT_REMOVE_CONTAINER,
+                    op_id="c5:remove:1:0",
+                    tenant="delta",
+                    name="web",
+                )
+            ),
+            daemon=True,
+        )
+        remove.start()
+        # Another container of the same tenant starts meanwhile.
+        other = _task(
+            worker,
+            protocol.AGENT_APPLY_CONTAINER,
+            op_id="c6:apply",
+            spec=_spec("delta", "api", "c6"),
+        )
+        assert other["state"] == "running", other
+        remove.join(0.5)
+        assert remove.is_alive(), "the remove overtook the apply of its container"
+        release.set()
+        apply.join(30)
+        remove.join(30)
+    finally:
+        release.set()
+        del agent.containers.create
+    assert results["apply"]["state"] == "running"
+    assert results["remove"] == {"state": "missing"}
+    assert [c.name for c in agent.containers.list("delta", all=True)] == ["api"]
