@@ -367,7 +367,9 @@ class Snapshotter:
         space), made and mounted on first use, mounted again after a reboot.
 
         ``noinit_itable``: the kernel would otherwise zero the inode tables in the
-        background, writing ~1.5% of the size into the file for nothing.
+        background, writing ~1.5% of the size into the file for nothing. ``discard``:
+        what a tenant deletes (a removed container's layer) is punched out of the file
+        again, so the node's disk gets it back instead of keeping the high-water mark.
         """
         tdir = self._tenant_dir(tenant)
         fs = tdir / "fs"
@@ -394,7 +396,7 @@ class Snapshotter:
                     "-t",
                     "ext4",
                     "-o",
-                    "loop,nodev,nosuid,noatime,noinit_itable",
+                    "loop,nodev,nosuid,noatime,noinit_itable,discard",
                     str(image),
                     str(fs),
                 ],
