@@ -267,6 +267,7 @@ def held_port() -> Iterator[int]:
 def test_a_port_the_node_cannot_give_is_the_containers_reason(
     tenants: dict[str, Any], agent: Any, held_port: int
 ) -> None:
+    from config.celery import app as control_app
     from runtime_agent.images.bootstrap import bootstrap_busybox
     from runtime_agent.node import NodeIdentity
     from runtime_agent.worker import NodeWorker
@@ -288,6 +289,9 @@ def test_a_port_the_node_cannot_give_is_the_containers_reason(
         queue=node.queue,
     )
     worker = NodeWorker(agent, identity)
+    # Its Celery app made itself the current one: give that back to the control plane's
+    # (its tasks would be sent to this node's app otherwise, in later tests too).
+    control_app.set_current()
     # What the control plane sends, run as the node's task runs it.
     task = worker.app.tasks["berth.agent.apply_container"]
     result = task(op_id=placement.apply_op_id(container), spec=placement.agent_spec(container))
