@@ -57,7 +57,7 @@ def test_signup_creates_the_tenant_and_logs_in(make_tenant: TenantMaker) -> None
     assert client.get("/t/anns/").status_code == 302  # not signed in yet
     (message,) = mail.outbox
     assert message.to == ["ann@example.com"]
-    link = re.search(r"http://testserver(/signup/verify/\S+/)", message.body)
+    link = re.search(r"http://testserver(/signup/verify/\S+/)", str(message.body))
     assert link is not None, message.body
     verified = client.get(link.group(1))
     assert verified.status_code == 302 and verified["Location"] == "/t/anns/"
