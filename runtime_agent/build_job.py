@@ -34,7 +34,7 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from runtime_agent import protocol
+from runtime_agent import control_api, protocol
 from runtime_agent.build.steps import BuildLimits
 from runtime_agent.distribution.auth import BearerToken
 from runtime_agent.distribution.push import push
@@ -109,10 +109,8 @@ class BuildLog:
             log_size=self.size,
             **result,
         )
-        task = protocol.CONTROL_BUILD_RESULT if result.get("state") else protocol.CONTROL_BUILD_LOG
-        self.worker.app.send_task(
-            task, kwargs={"report": protocol.to_dict(report)}, queue=protocol.CONTROL_QUEUE
-        )
+        # Over HTTP with the node credential: a node's broker user enqueues nothing.
+        control_api.send_build_report(self.worker.identity, report)
         self.sent_at = time.monotonic()
         self.dirty = False
 

@@ -110,6 +110,10 @@ class ContainerSpec:
     stdin_open: bool = False
     stop_timeout: int = 10
     stop_signal: str | None = None  # None = the image's StopSignal or SIGTERM
+    # The control plane's container id whose service secrets the node fetches over HTTP
+    # (``CONTAINER_SECRETS_PATH``) and adds to ``env`` when it applies the spec: secrets
+    # never travel through the broker. None: no secrets.
+    secrets_from: str | None = None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -178,6 +182,19 @@ AGENT_STATS = "berth.agent.stats"
 AGENT_REPORT = "berth.agent.report"
 CONTROL_NODE_REPORT = "berth.control.node_report"
 CONTROL_QUEUE = "control"
+
+
+def node_transport_options(queue: str) -> dict[str, str]:
+    """kombu's unacked bookkeeping under keys of the node's own queue (kombu's defaults,
+    ``unacked*``, are shared by every consumer, which a node's broker user may not touch;
+    ``workloads.services.broker`` grants ``unacked.<queue>*``)."""
+    return {
+        "unacked_key": f"unacked.{queue}",
+        "unacked_index_key": f"unacked.{queue}.index",
+        "unacked_mutex_key": f"unacked.{queue}.mutex",
+    }
+
+
 #: Label carrying the control plane's container id on every container it asks for.
 CONTAINER_UID_LABEL = "berth.container"
 
@@ -236,6 +253,16 @@ BUILD_PUSH_TOKEN_PATH = "/api/v1/nodes/builds/{build_id}/push-token/"  # noqa: S
 #: (``token`` null: not the platform's registry, pull anonymously), or an error in the
 #: API's format (403: no such container here, or the tenant may not read that image).
 PULL_TOKEN_PATH = "/api/v1/nodes/pull-token/"  # noqa: S105 - a path
+#: Where a node POSTs its :class:`NodeReport` (node headers; the report's node must be
+#: the authenticated one): reports travel over HTTP, not the broker, so a node's broker
+#: user can enqueue nothing for the control plane.
+NODE_REPORT_PATH = "/api/v1/nodes/report/"
+#: Where the node running a build POSTs its :class:`BuildReport` (log or result).
+BUILD_REPORT_PATH = "/api/v1/nodes/builds/{build_id}/report/"
+#: Where a node GETs (node headers) the service secrets of a container placed on it,
+#: right before it creates the container: ``{"env": {NAME: value}}`` (403 for any other
+#: container). ``Cache-Control: no-store``; neither side logs the values.
+CONTAINER_SECRETS_PATH = "/api/v1/nodes/containers/{container_id}/secrets/"
 
 
 @dataclass(frozen=True)

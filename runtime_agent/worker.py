@@ -34,7 +34,7 @@ from typing import Any
 
 from celery import Celery
 
-from runtime_agent import protocol
+from runtime_agent import control_api, protocol, tasklog
 from runtime_agent.agent import Agent
 from runtime_agent.distribution.ensure import ensure_image
 from runtime_agent.distribution.tenant_auth import fetch_pull_token
@@ -113,14 +113,24 @@ class NodeWorker:
     # ------------------------------------------------------------------ celery wiring
 
     def _make_app(self) -> Celery:
+        """The worker's Celery app, within what the node's broker user may do
+        (``workloads.services.broker``): its own queue and unacked keys, its own results;
+        no remote control (pidbox), events, gossip, mingle or heartbeat, which need keys
+        and channels shared by every node. Task results are never logged."""
+        queue = self.identity.queue
         app = Celery(
             "berth-agent", broker=self.identity.broker_url, backend=self.identity.broker_url
         )
+        tasklog.install()
         app.conf.update(
+            broker_transport_options=protocol.node_transport_options(queue),
+            worker_enable_remote_control=False,
+            worker_send_task_events=False,
+            task_send_sent_event=False,
             task_acks_late=True,
             task_reject_on_worker_lost=True,
             worker_prefetch_multiplier=1,
-            task_default_queue=self.identity.queue,
+            task_default_queue=queue,
             result_expires=600,
             broker_connection_retry_on_startup=True,
             worker_hijack_root_logger=False,
@@ -207,11 +217,20 @@ class NodeWorker:
                 image,
                 tenant_auth=lambda: fetch_pull_token(self.identity, tenant, image),
             )
-            created = containers.create(container_spec)
+            created = containers.create(self._with_secrets(container_spec))
             started = containers.start(tenant, created.id)
             return {"state": started.state, "id": started.id}
 
         return self._once(op_id, "apply", run)
+
+    def _with_secrets(self, spec: protocol.ContainerSpec) -> protocol.ContainerSpec:
+        """The spec with its service secrets in ``env``, fetched from the control plane
+        over HTTP right before the container is created (they never travel through the
+        broker; ``protocol.CONTAINER_SECRETS_PATH``)."""
+        if not spec.secrets_from:
+            return spec
+        found = control_api.fetch_container_secrets(self.identity, spec.secrets_from)
+        return dataclasses.replace(spec, env={**spec.env, **found}, secrets_from=None)
 
     @contextlib.contextmanager
     def _starting(self, op_id: str, spec: protocol.ContainerSpec) -> Iterator[None]:
@@ -446,16 +465,10 @@ class NodeWorker:
         )
 
     def send_report(self) -> None:
-        report = self.build_report()
-        self.app.send_task(
-            protocol.CONTROL_NODE_REPORT,
-            kwargs={"report": protocol.to_dict(report)},
-            queue=protocol.CONTROL_QUEUE,
-            # Nobody waits for a report's result: without this the result backend
-            # subscribes to every report's result channel, from this thread, inside a
-            # running worker (see tests/e2e and benchmarks/bench_dispatch.py).
-            ignore_result=True,
-        )
+        """POST the full report to the control plane (``protocol.NODE_REPORT_PATH``),
+        signed with the node credential: the broker carries nothing from a node to the
+        control plane."""
+        control_api.send_node_report(self.identity, self.build_report())
 
     def _report_loop(self) -> None:
         while not self._stop.is_set():
@@ -499,6 +512,7 @@ class NodeWorker:
                     "INFO",
                     "--without-gossip",
                     "--without-mingle",
+                    "--without-heartbeat",
                     "--hostname",
                     f"{self.identity.queue}@%h",
                 ]

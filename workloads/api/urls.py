@@ -6,6 +6,7 @@ from django.urls import path
 from rest_framework.routers import SimpleRouter
 
 from workloads.api import node_pulls, storage_builds, views
+from workloads.api.node_reports import BuildReportView, ContainerSecretsView, NodeReportView
 
 tenant_router = SimpleRouter()
 tenant_router.register("services", views.ServiceViewSet, basename="service")
@@ -30,5 +31,12 @@ platform_urlpatterns = [
         name="build-push-token",
     ),
     path("nodes/pull-token/", node_pulls.NodePullTokenView.as_view(), name="pull-token"),
+    path("nodes/report/", NodeReportView.as_view(), name="node-report"),
+    path("nodes/builds/<uuid:build_id>/report/", BuildReportView.as_view(), name="build-report"),
+    path(
+        "nodes/containers/<uuid:container_id>/secrets/",
+        ContainerSecretsView.as_view(),
+        name="container-secrets",
+    ),
     *platform_router.urls,
 ]

@@ -320,8 +320,6 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, GenericViewS
     )
     def join(self, request: Request) -> Response:
         """A new node exchanges its one-time join token for its identity (no other auth)."""
-        from django.conf import settings
-
         data = s.NodeJoinSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         # One transaction: a join whose registry login fails consumes no token, leaves no node.
@@ -333,13 +331,16 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, GenericViewS
                 labels=data.validated_data.get("labels", {}),
             )
             registry = nodes.registry_login(node)
+            # Last: a join refused above creates no broker user.
+            broker_url = nodes.broker_login(node)
         return Response(
             {
                 "node_id": str(node.pk),
                 "credential": credential,
                 "registry": registry,
                 "queue": node.queue,
-                "broker_url": getattr(settings, "BERTH_AGENT_BROKER_URL", "") or settings.REDIS_URL,
+                "broker_url": broker_url,
             },
             status=status.HTTP_201_CREATED,
+            headers={"Cache-Control": "no-store"},
         )

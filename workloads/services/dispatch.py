@@ -9,6 +9,7 @@ the agent runs an operation id at most once, so redelivery is harmless.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -17,6 +18,7 @@ from django.db import transaction
 from config.celery import app
 from tenants.errors import BerthError
 from workloads.models import Node
+from workloads.services.broker import task_id_prefix
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,22 @@ class NodeOperationFailed(BerthError):
     code = "node_operation_failed"
 
 
+def _send(node_id: Any, queue: str, task: str, kwargs: dict[str, Any]) -> Any:
+    """The one place tasks leave for a node: on its queue, with a task id under the node's
+    prefix, so its result key and channel are ones the node's broker user may write
+    (:mod:`workloads.services.broker`) and no other node's may read."""
+    task_id = f"{task_id_prefix(node_id)}{uuid.uuid4()}"
+    return app.send_task(task, kwargs=kwargs, queue=queue, task_id=task_id)
+
+
 def send(node: Node, task: str, **kwargs: Any) -> Any:
-    return app.send_task(task, kwargs=kwargs, queue=node.queue)
+    return _send(node.pk, node.queue, task, kwargs)
 
 
 def send_after_commit(node: Node, task: str, **kwargs: Any) -> None:
     """Enqueue ``task`` for ``node`` once the current transaction commits."""
-    queue = node.queue
-    transaction.on_commit(lambda: app.send_task(task, kwargs=kwargs, queue=queue))
+    node_id, queue = node.pk, node.queue
+    transaction.on_commit(lambda: _send(node_id, queue, task, kwargs))
 
 
 def call(node: Node, task: str, *, timeout: float = 15, **kwargs: Any) -> dict[str, Any]:

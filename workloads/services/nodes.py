@@ -123,6 +123,15 @@ def registry_login(node: Node) -> dict[str, str]:
     }
 
 
+def broker_login(node: Node) -> str:
+    """Create (or, on a re-join, rotate) the node's own broker user and return the broker
+    URL carrying it: it consumes only ``node.<id>`` and writes only its own results
+    (:mod:`workloads.services.broker`). Returned once, in the join response."""
+    from workloads.services import broker
+
+    return broker.provision_node(node.pk)
+
+
 def issue_pull_token(
     node_id: str, credential: str, tenant_slug: str, image: str
 ) -> IssuedToken | None:
@@ -157,6 +166,25 @@ def issue_pull_token(
         # The tenant sees why its container does not start (the node only gets a 403).
         running_it.update(pending_reason=exc.message[:500])
         raise
+
+
+def container_secrets(node_id: str, credential: str, container_id: str) -> dict[str, str]:
+    """The decrypted service secrets of one container, for the node it is placed on only
+    (right before that node creates it): the broker carries only ``secrets_from``, the
+    container's id. Any other node, and a removed or lost container, gets the same
+    PermissionDenied. The values are never logged or stored outside the encrypted spec."""
+    from workloads.secrets import decrypt_secrets
+
+    node = authenticate_node(node_id, credential)
+    container = (
+        Container.objects.filter(pk=container_id, node=node)
+        .exclude(state__in=[ContainerState.REMOVED, ContainerState.LOST])
+        .only("spec")
+        .first()
+    )
+    if container is None:
+        raise PermissionDenied(f"no live container {container_id} on this node")
+    return decrypt_secrets(str(container.spec.get("secrets_encrypted") or ""))
 
 
 def authenticate_node(node_id: str, credential: str) -> Node:

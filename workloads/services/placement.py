@@ -24,7 +24,6 @@ from workloads.scheduling import (
     is_platform_label,
     place,
 )
-from workloads.secrets import decrypt_secrets
 from workloads.services import dispatch, storage
 from workloads.services.storage import NODE_ID_LABEL
 
@@ -33,13 +32,13 @@ HOLDS_CAPACITY = (ContainerState.SCHEDULED, ContainerState.RUNNING, ContainerSta
 
 
 def agent_spec(container: Container) -> dict[str, Any]:
-    """The ContainerSpec payload for the node, with secrets decrypted into its env."""
+    """The ContainerSpec payload for the node. Service secrets are not in it (the broker
+    is no place for them): ``secrets_from`` names the container, whose node fetches them
+    over HTTP with its credential when it creates it (``nodes.container_secrets``)."""
     spec = dict(container.spec)
     secrets_token = spec.pop("secrets_encrypted", "")
     spec.pop("constraints", None)
-    env = dict(spec.get("env") or {})
-    env.update(decrypt_secrets(secrets_token))
-    spec["env"] = env
+    spec["secrets_from"] = str(container.pk) if secrets_token else None
     # Validate the payload shape here, where a bug is ours, not on the node.
     protocol.from_dict(protocol.ContainerSpec, spec)
     return spec
