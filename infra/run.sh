@@ -7,7 +7,6 @@ cd "$(dirname "$0")/.."
 bash infra/setup.sh
 # shellcheck source=infra/services.sh
 source infra/services.sh
-berth_start_redis
 
 # Debug pages show settings and paths to whoever triggers an error: off unless asked for
 # (DEBUG=1 infra/run.sh).
@@ -21,7 +20,7 @@ berth_local_secrets() {
   mkdir -p var
   (umask 077 && touch "$file")
   chmod 600 "$file"
-  for name in SECRET_KEY STRIPE_WEBHOOK_SECRET BERTH_SECRETS_KEY; do
+  for name in SECRET_KEY STRIPE_WEBHOOK_SECRET BERTH_SECRETS_KEY BERTH_REDIS_PASSWORD; do
     grep -q "^$name=" "$file" && continue
     case "$name" in
       STRIPE_WEBHOOK_SECRET) value="whsec_$(python3 -c 'import secrets; print(secrets.token_hex(32))')" ;;
@@ -36,8 +35,15 @@ berth_local_secrets() {
   return 0
 }
 berth_local_secrets
+# Redis's default user requires BERTH_REDIS_PASSWORD: it is the control plane's admin
+# login; every node gets an ACL user that reaches only its own queue and results.
+berth_start_redis "$BERTH_REDIS_PASSWORD"
+if ! REDISCLI_AUTH="$BERTH_REDIS_PASSWORD" redis-cli -h 127.0.0.1 ping 2>/dev/null | grep -q PONG; then
+  echo "warning: the Redis on 127.0.0.1:6379 does not take BERTH_REDIS_PASSWORD (started" \
+    "without it?): restart it so that its default user requires a password" >&2
+fi
 export DATABASE_URL="${DATABASE_URL:-sqlite:///var/berth.db}"
-export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+export REDIS_URL="${REDIS_URL:-redis://:$BERTH_REDIS_PASSWORD@127.0.0.1:6379/0}"
 export PATH="$PWD/.venv/bin:$PATH"
 mkdir -p var/log
 
@@ -77,6 +83,17 @@ sys.exit(0 if Node.objects.filter(pk=node_id).exists() else 1)" 2>/dev/null
 if ! node_known; then
   token=$(python manage.py create_join_token | tail -n 1)
   berth-agent join http://127.0.0.1:8000 "$token" --name "$(hostname)-local"
+else
+  # A node that joined before: a fresh broker user of its own (the old URL may be the
+  # shared one, or Redis was restarted and forgot the ACL users), written to node.json.
+  python manage.py shell --no-imports -c "
+import json
+from workloads.services import broker
+path = '$BERTH_ROOT/node.json'
+identity = json.load(open(path))
+identity['broker_url'] = broker.provision_node(identity['node_id'])
+with open(path, 'w') as handle:
+    json.dump(identity, handle, indent=2)"
 fi
 # The node's registry login: it pulls the images of the containers placed on the node.
 python manage.py registry_node_credential "$(hostname)-local" |
