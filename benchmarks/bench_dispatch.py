@@ -84,6 +84,7 @@ def main() -> None:
         "SECRET_KEY": os.environ.get("SECRET_KEY", "bench-" + token),
         "STRIPE_WEBHOOK_SECRET": os.environ.get("STRIPE_WEBHOOK_SECRET", "whsec_bench_" + token),
         "DEBUG": "0",
+        "EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend",
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
         "BERTH_DEFAULT_NETWORK_MODE": args.network,
         "BERTH_API_RATE_LIMIT": "0",
@@ -93,7 +94,14 @@ def main() -> None:
     os.environ.update(
         {
             k: env[k]
-            for k in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "DEBUG")
+            for k in (
+                "DATABASE_URL",
+                "REDIS_URL",
+                "SECRET_KEY",
+                "STRIPE_WEBHOOK_SECRET",
+                "DEBUG",
+                "EMAIL_BACKEND",
+            )
         }
     )
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")

@@ -6,6 +6,7 @@ ratio contended/uncontended shows what the row lock costs. Runs in a throw-away 
 database (``test_<name>`` of DATABASE_URL), dropped at the end.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/berth SECRET_KEY=x STRIPE_WEBHOOK_SECRET=x \\
+        EMAIL_BACKEND=django.core.mail.backends.locmem.EmailBackend \\
         .venv/bin/python benchmarks/bench_quota.py [--threads 8] [--seconds 5]
 """
 

@@ -11,6 +11,9 @@ Environment variables:
                  result backend, cache and rate limits.
   ALLOWED_HOSTS  comma-separated (default 127.0.0.1,localhost).
   BERTH_PUBLIC_URL  the URL users reach the control plane at (default http://127.0.0.1:8000).
+  EMAIL_BACKEND  required unless DEBUG (the console backend is refused then: mail carries
+                 invitation keys and reset links); EMAIL_HOST/PORT/HOST_USER/HOST_PASSWORD/
+                 USE_TLS for SMTP, EMAIL_FILE_PATH for the file backend.
 """
 
 from __future__ import annotations
@@ -216,7 +219,28 @@ BERTH_LOGIN_LOCKOUT_SECONDS = env_int("BERTH_LOGIN_LOCKOUT_SECONDS", 15 * 60, mi
 # Sign-up attempts (refused ones too) per client address per hour; 0 disables.
 BERTH_SIGNUPS_PER_ADDRESS_HOUR = env_int("BERTH_SIGNUPS_PER_ADDRESS_HOUR", 10, minimum=0)
 
-EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+# Mail carries invitation keys, password-reset and sign-up links: the console backend
+# would write them into the server's log, so it is for debugging only and a real backend
+# (SMTP; infra/run.sh uses the file backend in a 0700 directory) is required otherwise.
+_CONSOLE_EMAIL = "django.core.mail.backends.console.EmailBackend"
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", _CONSOLE_EMAIL if DEBUG else "")
+if not EMAIL_BACKEND:
+    raise ConfigError(
+        "EMAIL_BACKEND is required unless DEBUG is on (e.g. "
+        "django.core.mail.backends.smtp.EmailBackend with EMAIL_HOST, EMAIL_PORT, "
+        "EMAIL_HOST_USER, EMAIL_HOST_PASSWORD, EMAIL_USE_TLS)"
+    )
+if EMAIL_BACKEND == _CONSOLE_EMAIL and not DEBUG:
+    raise ConfigError(
+        "the console EMAIL_BACKEND writes invitation keys and reset links into the log: "
+        "set a real backend, or DEBUG=1"
+    )
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_FILE_PATH = env_str("EMAIL_FILE_PATH", str(BASE_DIR / "var" / "mail"))
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "berth@localhost")
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 1024 * 1024, minimum=1024)

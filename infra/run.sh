@@ -35,6 +35,12 @@ berth_local_secrets() {
   return 0
 }
 berth_local_secrets
+# Mail carries invitation keys and sign-up and reset links: here it is written to files in
+# var/mail (0700), never to a log (the control plane refuses the console backend without
+# DEBUG). Production sets an SMTP EMAIL_BACKEND (docs/control-plane.md).
+export EMAIL_BACKEND="${EMAIL_BACKEND:-django.core.mail.backends.filebased.EmailBackend}"
+export EMAIL_FILE_PATH="${EMAIL_FILE_PATH:-$PWD/var/mail}"
+(umask 077 && mkdir -p "$EMAIL_FILE_PATH")
 # Redis's default user requires BERTH_REDIS_PASSWORD: it is the control plane's admin
 # login; every node gets an ACL user that reaches only its own queue and results.
 berth_start_redis "$BERTH_REDIS_PASSWORD"
@@ -45,7 +51,10 @@ fi
 export DATABASE_URL="${DATABASE_URL:-sqlite:///var/berth.db}"
 export REDIS_URL="${REDIS_URL:-redis://:$BERTH_REDIS_PASSWORD@127.0.0.1:6379/0}"
 export PATH="$PWD/.venv/bin:$PATH"
-mkdir -p var/log
+# Logs hold tenants' names, addresses and errors: readable by root only.
+(umask 077 && mkdir -p var/log && touch var/log/{web,celery,registry,agent}.log)
+chmod 700 var/log
+chmod 600 var/log/*.log
 
 python manage.py migrate --noinput
 python manage.py bootstrap_demo

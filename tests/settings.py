@@ -15,6 +15,9 @@ import os
 TEST_SECRETS = {
     "SECRET_KEY": "test-secret-key-not-for-production",
     "STRIPE_WEBHOOK_SECRET": "whsec_test_suite_not_for_production",
+    # pytest-django swaps in locmem for the tests themselves; processes the suite starts
+    # (the e2e control plane) need a backend that is not the console's.
+    "EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend",
     # Every test request comes from 127.0.0.1: the whole suite would share one address's
     # budget. The tests of that limit (tests/security/test_api_limits.py) set it.
     "BERTH_API_ADDRESS_RATE_LIMIT": "0",

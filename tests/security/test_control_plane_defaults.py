@@ -40,6 +40,7 @@ def import_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[s
         "PYTHONPATH": str(ROOT),
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "DATABASE_URL": f"sqlite:///{tmp_path}/settings.db",
+        "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
         **env,
     }
     code = "import django; django.setup(); from django.conf import settings; print(settings.DEBUG)"
@@ -47,7 +48,11 @@ def import_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[s
 
 
 def test_the_control_plane_refuses_to_start_without_its_secrets(tmp_path: Path) -> None:
-    good = {"SECRET_KEY": "k" * 50, "STRIPE_WEBHOOK_SECRET": "whsec_" + "a" * 32}
+    good = {
+        "SECRET_KEY": "k" * 50,
+        "STRIPE_WEBHOOK_SECRET": "whsec_" + "a" * 32,
+        "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+    }
     started = import_settings(tmp_path, **good)
     assert started.returncode == 0, started.stderr
     assert started.stdout.strip() == "False"  # debug is off unless asked for
@@ -66,6 +71,12 @@ def test_the_control_plane_refuses_to_start_without_its_secrets(tmp_path: Path) 
             "SECRET_KEY",
         ),
         "old development key": ({**good, "SECRET_KEY": OLD_SECRET_KEY}, "SECRET_KEY"),
+        # Mail carries invitation keys and reset links: never into the log by default.
+        "no email backend": ({**good, "EMAIL_BACKEND": ""}, "EMAIL_BACKEND"),
+        "console email backend": (
+            {**good, "EMAIL_BACKEND": "django.core.mail.backends.console.EmailBackend"},
+            "EMAIL_BACKEND",
+        ),
         "old default stripe key": (
             {**good, "STRIPE_SECRET_KEY": "sk_test_berth_local"},
             "STRIPE_SECRET_KEY",
