@@ -54,7 +54,7 @@ PRIORITY_SEP = "\x06\x16"
 #: Commands a node's Celery worker runs (consume with late acks, store results).
 NODE_COMMANDS = (
     "auth hello ping select echo quit reset client|setname client|getname client|id "
-    "info brpop lpush rpush llen lrem sadd smembers srem hset hget hdel "
+    "brpop rpop lpush rpush llen lrem sadd smembers srem hset hget hdel "
     "zadd zrem zrange zrangebyscore zrevrangebyscore set setex psetex get del exists "
     "expire pexpire publish multi exec discard watch unwatch eval evalsha script|load "
     "script|exists"
