@@ -340,6 +340,22 @@ def test_a_node_reports_only_for_itself_over_http(acl_redis: AclRedis) -> None:
     )
     n2.node.refresh_from_db()
     assert n2.node.last_report in (None, {})
+    # Build reports: the same rule (and a build of another node is ignored by the service).
+    build_id = str(uuid.uuid4())
+    build = protocol.BuildReport(
+        build_id=build_id,
+        node_id=str(n2.node.pk),
+        credential=n1.credential,
+        seq=1,
+        log="",
+        log_size=0,
+    )
+    build_path = protocol.BUILD_REPORT_PATH.format(build_id=build_id)
+    build_body = protocol.to_dict(build)
+    assert client.post(build_path, build_body, format="json", **n1.headers()).status_code == 403
+    other_path = protocol.BUILD_REPORT_PATH.format(build_id=uuid.uuid4())
+    own_build = {**build_body, "node_id": str(n1.node.pk)}
+    assert client.post(other_path, own_build, format="json", **n1.headers()).status_code == 400
     mine = client.post(protocol.NODE_REPORT_PATH, forged, format="json", **n1.headers())
     assert mine.status_code == 200, mine.content
     n1.node.refresh_from_db()
