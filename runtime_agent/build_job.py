@@ -5,7 +5,10 @@ the node the build was placed on may fetch it), built with ``agent.builder`` int
 tenant's image store under the requested tag, and the log is streamed back as
 :class:`~runtime_agent.protocol.BuildReport` messages to the control plane's queue: the
 kept tail of the log with a growing sequence number (the control plane keeps the newest),
-at most every ``LOG_INTERVAL`` seconds, and a last one carrying the result.
+at most every ``LOG_INTERVAL`` seconds, and a last one carrying the result, each POSTed
+with the node credential (``protocol.BUILD_REPORT_PATH``; the broker carries nothing from
+a node). A log report that fails is sent again with the next; the result is tried
+``RESULT_TRIES`` times (the reconciler fails a build whose result never arrives).
 
 With ``push_to`` in the request, a built image is then pushed to the tenant's registry.
 The request carries no credential for that (the node's own registry login may only
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("berth.agent.build")
 LOG_INTERVAL = 0.5
+RESULT_TRIES = 3
 FETCH_TIMEOUT = 60
 
 
@@ -79,7 +83,10 @@ class BuildLog:
             self.tail = (self.tail + text)[-self.req.log_keep_bytes :]
             self.dirty = True
             if time.monotonic() - self.sent_at >= LOG_INTERVAL:
-                self._send()
+                try:
+                    self._send()
+                except AgentError as exc:  # the next write or the result sends it again
+                    logger.warning("sending the log of build %s failed: %s", self.req.build_id, exc)
 
     def flush_periodically(self) -> None:
         """Send what a quiet step wrote (a long RUN prints once, then works for minutes)."""
@@ -96,7 +103,19 @@ class BuildLog:
     def send(self, **result: Any) -> None:
         with self.lock:
             self.stopped.set()
-            self._send(**result)
+            for attempt in range(1, RESULT_TRIES + 1):
+                try:
+                    self._send(**result)
+                    return
+                except AgentError as exc:
+                    logger.warning(
+                        "sending the result of build %s failed (try %d): %s",
+                        self.req.build_id,
+                        attempt,
+                        exc,
+                    )
+                    if attempt < RESULT_TRIES:
+                        time.sleep(attempt)
 
     def _send(self, **result: Any) -> None:
         self.seq += 1
