@@ -171,7 +171,7 @@ def _lock_tenant(tenant: Tenant | int) -> Tenant:
     later joined reads (ours and those in tenants.services) stable.
     """
     pk = tenant if isinstance(tenant, int) else tenant.pk
-    Tenant.objects.select_for_update().filter(pk=pk).values_list("pk", flat=True).get()
+    Tenant.objects.select_for_update(no_key=True).filter(pk=pk).values_list("pk", flat=True).get()
     return Tenant.objects.select_related("plan").get(pk=pk)
 
 

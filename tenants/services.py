@@ -183,8 +183,13 @@ def _lock_tenant(tenant: Tenant) -> Tenant:
     The lock is taken without a join: Postgres re-checks a locked row that a concurrent
     transaction changed, and with the plan joined a concurrent plan change made the row
     vanish from the result (``Tenant.DoesNotExist``). The plan is read after the lock.
+    FOR NO KEY UPDATE: lockers still wait for each other, but rows being inserted that
+    reference the tenant (audit entries, usage, builds) are not blocked by it, so a lock
+    held here never forms a deadlock with another transaction's foreign-key check.
     """
-    Tenant.objects.select_for_update().filter(pk=tenant.pk).values_list("pk", flat=True).get()
+    Tenant.objects.select_for_update(no_key=True).filter(pk=tenant.pk).values_list(
+        "pk", flat=True
+    ).get()
     return Tenant.objects.select_related("plan").get(pk=tenant.pk)
 
 

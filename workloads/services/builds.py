@@ -303,7 +303,7 @@ def _admit_minutes(tenant: Tenant, build: Build, *, actor: Actor) -> QuotaReserv
     (99 of 100 used: the next build gets one minute, not the three it would take). The
     tenant row is locked meanwhile, so concurrent admissions are counted one at a time.
     """
-    Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+    Tenant.objects.select_for_update(no_key=True).filter(pk=tenant.pk).first()
     active = Build.objects.filter(
         tenant=tenant, state__in=[BuildState.QUEUED, BuildState.RUNNING]
     ).count()

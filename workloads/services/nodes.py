@@ -201,7 +201,7 @@ def heartbeat_timeout() -> timedelta:
 @transaction.atomic
 def set_node_state(node: Node, state: str, *, actor: Actor) -> Node:
     """Cordon, drain or make a node ready again (platform admins)."""
-    node = Node.objects.select_for_update().get(pk=node.pk)
+    node = Node.objects.select_for_update(no_key=True).get(pk=node.pk)
     if state not in ADMIN_TRANSITIONS.get(node.state, frozenset()):
         raise InvalidInput(
             f"a {node.state} node cannot become {state}",

@@ -127,7 +127,9 @@ def _group(container: Container) -> str:
 @transaction.atomic
 def schedule_pending(*, limit: int = 1000) -> int:
     """Place pending containers on ready nodes and send them there. Returns how many."""
-    nodes = list(Node.objects.select_for_update().filter(state=NodeState.READY).order_by("pk"))
+    nodes = list(
+        Node.objects.select_for_update(no_key=True).filter(state=NodeState.READY).order_by("pk")
+    )
     pending = list(
         Container.objects.select_for_update(skip_locked=True, of=("self",))
         .filter(state=ContainerState.PENDING, desired_state=DesiredState.RUNNING)

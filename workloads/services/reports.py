@@ -163,7 +163,10 @@ def _meter(
 @transaction.atomic
 def handle_node_report(report: protocol.NodeReport) -> Node:
     node = nodes.authenticate_node(report.node_id, report.credential)
-    node = Node.objects.select_for_update().get(pk=node.pk)
+    # FOR NO KEY UPDATE: a report rewrites the node's columns, never its key, so it must
+    # not block rows being inserted that reference the node (a build placed on it meanwhile
+    # holds its tenant's lock: with FOR UPDATE here the two deadlocked).
+    node = Node.objects.select_for_update(no_key=True).get(pk=node.pk)
     now = timezone.now()
     node.last_heartbeat_at = now
     fields = ["last_heartbeat_at", "last_report"]
