@@ -445,7 +445,9 @@ def _apply_and_exec(
     assert SECRET_VALUE.encode() not in base64.b64decode(json.loads(raw)["body"])
 
     node_agent.start()
-    result = applied.get(timeout=120)
+    # A worker run in this process earlier (other tests) leaves Celery thinking any
+    # get() is inside a task; this test is the control plane, waiting is its job.
+    result = applied.get(timeout=120, disable_sync_subtasks=False)
     assert result.get("state") == "running", result
     # Its reports arrive over HTTP: the container is seen running.
     wait_for(
@@ -461,7 +463,7 @@ def _apply_and_exec(
         tenant=container.tenant.slug,
         name=container.agent_name,
         argv=["env"],
-    ).get(timeout=60)
+    ).get(timeout=60, disable_sync_subtasks=False)
     assert f"API_KEY={SECRET_VALUE}" in env["output"]
     # Everything the worker wrote is its own; nothing reached the control queue; the
     # exec result (with the secret) is not in the agent's log.
