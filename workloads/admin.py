@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
 
+from tenants.services import Actor
 from workloads.models import BatchJob, Container, Deployment, JobRun, Node, Service
+from workloads.services.nodes import remove_node
 
 
 @admin.register(Node)
@@ -13,6 +17,13 @@ class NodeAdmin(admin.ModelAdmin):
     list_filter = ["state"]
     search_fields = ["name", "id"]
     readonly_fields = ["id", "credential_hash", "joined_at", "last_heartbeat_at", "last_report"]
+
+    def delete_model(self, request: HttpRequest, obj: Node) -> None:
+        remove_node(obj, actor=Actor.from_request(request))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
+        for node in queryset:
+            remove_node(node, actor=Actor.from_request(request))
 
 
 class ContainerInline(admin.TabularInline):

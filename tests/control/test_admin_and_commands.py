@@ -178,3 +178,27 @@ def test_bootstrap_demo_reactivates_a_suspended_demo(plans, capsys, client_for) 
         "/api/v1/tenants/demo/tokens/", {"name": "x", "scope": "read"}, format="json"
     )
     assert response.status_code == 201
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_node_deletion_goes_through_the_service(staff_client) -> None:
+    """Deleting a node in the admin is remove_node: audited, and its broker user goes."""
+    import redis
+    from django.conf import settings
+
+    from tests.control.conftest import SYSTEM
+    from workloads.models import Node
+    from workloads.services import broker, nodes
+
+    _, token = nodes.create_join_token(actor=SYSTEM)
+    node, _ = nodes.join_node(token, name="doomed", capacity={}, labels={})
+    nodes.broker_login(node)
+    admin_redis = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+    assert broker.node_user(node.pk) in admin_redis.acl_users()
+    response = staff_client.post(
+        f"/admin/workloads/node/{node.pk}/delete/", {"post": "yes"}, follow=False
+    )
+    assert response.status_code == 302
+    assert not Node.objects.filter(pk=node.pk).exists()
+    assert AuditLog.objects.filter(action="node.remove").exists()
+    assert broker.node_user(node.pk) not in admin_redis.acl_users()

@@ -256,7 +256,7 @@ def test_rotating_and_removing_a_node_ends_its_broker_login(acl_redis: AclRedis)
         old.ping()  # ...and its open connection was closed
     # A removed node's user goes with it; a user left by a node removed behind the control
     # plane's back (a restored database) is pruned.
-    n2.node.delete()
+    nodes.remove_node(n2.node, actor=SYSTEM)
     with pytest.raises(redis.exceptions.RedisError):
         redis.Redis.from_url(n2.broker_url).ping()
     stray = node_user(uuid.uuid4())

@@ -141,11 +141,3 @@ def stale_users(node_ids: Iterable[Any]) -> list[str]:
     live = {node_user(n) for n in node_ids}
     users = [u.decode() if isinstance(u, bytes) else str(u) for u in _acl("USERS")]
     return sorted(u for u in users if u.startswith("node-") and u not in live)
-
-
-def on_node_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
-    """``post_delete`` of a Node: its broker user goes once the deletion commits."""
-    from django.db import transaction
-
-    node_id = instance.pk
-    transaction.on_commit(lambda: revoke_node(node_id))

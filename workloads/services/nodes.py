@@ -16,6 +16,7 @@ from tenants.models import hash_secret
 from tenants.services import Actor, record
 from workloads.choices import ContainerState, DesiredState, NodeState
 from workloads.models import Container, JoinToken, Node
+from workloads.services import broker
 
 if TYPE_CHECKING:
     from registry.tokens import IssuedToken
@@ -127,9 +128,19 @@ def broker_login(node: Node) -> str:
     """Create (or, on a re-join, rotate) the node's own broker user and return the broker
     URL carrying it: it consumes only ``node.<id>`` and writes only its own results
     (:mod:`workloads.services.broker`). Returned once, in the join response."""
-    from workloads.services import broker
-
     return broker.provision_node(node.pk)
+
+
+@transaction.atomic
+def remove_node(node: Node, *, actor: Actor) -> None:
+    """Forget a node (platform admins): its row goes, and once that commits so does its
+    broker user, closing the connections it holds, so a removed node can no longer reach
+    even its own queue. Its containers are removed with it (the reconciler reschedules
+    their services' replicas)."""
+    node_id = node.pk
+    record(actor, "node.remove", tenant=None, target=node, details={"name": node.name})
+    node.delete()
+    transaction.on_commit(lambda: broker.revoke_node(node_id))
 
 
 def issue_pull_token(
