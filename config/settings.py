@@ -144,8 +144,9 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 # Workloads: how long a node may stay silent before its work moves elsewhere, how often
-# the reconciler runs, and the broker URL handed to agents when they join (defaults to
-# REDIS_URL; set it when agents reach Redis by another address).
+# the reconciler runs, and where agents reach Redis (BERTH_AGENT_BROKER_URL: its scheme,
+# host, port and database only; default REDIS_URL's) — each node gets its own ACL user
+# there, never this URL's credentials (workloads/services/broker.py).
 BERTH_NODE_TIMEOUT_SECONDS = env_int("BERTH_NODE_TIMEOUT_SECONDS", 30, minimum=2)
 BERTH_RECONCILE_SECONDS = env_int("BERTH_RECONCILE_SECONDS", 5, minimum=1)
 BERTH_DEPLOY_TIMEOUT_SECONDS = env_int("BERTH_DEPLOY_TIMEOUT_SECONDS", 300, minimum=5)
