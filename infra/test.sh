@@ -7,12 +7,15 @@ cd "$(dirname "$0")/.."
 bash infra/setup.sh
 # shellcheck source=infra/services.sh
 source infra/services.sh
-berth_start_redis
+# A Redis that infra/run.sh started requires its generated password (var/secrets.env);
+# a password-less one (CI's) accepts any, so the same URL serves both.
+redis_password=$(sed -n 's/^BERTH_REDIS_PASSWORD=//p' var/secrets.env 2>/dev/null || true)
+berth_start_redis "$redis_password"
 berth_start_postgres
 berth_start_dockerd
 
 export DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/berth}"
-export REDIS_URL="${TEST_REDIS_URL:-redis://127.0.0.1:6379/15}"
+export REDIS_URL="${TEST_REDIS_URL:-redis://${redis_password:+:$redis_password@}127.0.0.1:6379/15}"
 export SECRET_KEY="test-secret-key-not-for-production"
 export PATH="$PWD/.venv/bin:$PATH"
 
