@@ -104,10 +104,8 @@ identity['broker_url'] = broker.provision_node(identity['node_id'])
 with open(path, 'w') as handle:
     json.dump(identity, handle, indent=2)"
 fi
-# The node's registry login: it pulls the images of the containers placed on the node.
-python manage.py registry_node_credential "$(hostname)-local" |
-  berth-agent login 127.0.0.1:5000 -u "node-$(hostname)-local" --password-stdin >/dev/null ||
-  echo "warning: the node could not log in to the registry (see var/log/registry.log)" >&2
+# The node's registry login came with its join (a credential keyed by the node's id, kept
+# in the agent's registry-auth.json); a tenant's pull gets a token for that tenant.
 berth-agent worker >var/log/agent.log 2>&1 &
 pids+=($!)
 
