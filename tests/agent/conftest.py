@@ -7,16 +7,20 @@ a real agent's objects (or each other's), and a failed test's leftovers are find
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from runtime_agent.agent import Agent
+from runtime_agent.cgroups import CGROUP_ROOT, driver
 from runtime_agent.config import AgentConfig
 from tests.agent.test_runtime_fixtures import Cli, agent_env, cleanup_agent, cli_runner
 
@@ -29,6 +33,11 @@ def agent_config() -> Iterator[AgentConfig]:
     root = TEST_STATE / token
     config = AgentConfig(root=root / "state", run_root=root / "run", name=f"bt{token}")
     yield config
+    # A safety net for tests that made Agents of their own (a second Agent on the same
+    # state, a simulated reboot) or failed half-way: processes still running in this
+    # node's cgroups or under conmon with its paths are killed, and its cgroup trees go.
+    _kill_leftovers(config, root)
+    driver(config).remove_all()
     # Anything still mounted under the test's roots is a clean-up bug in the code under
     # test; unmount it so one failure doesn't cascade, and keep the tree for inspection
     # only when asked.
@@ -41,6 +50,36 @@ def agent_config() -> Iterator[AgentConfig]:
         for mountpoint in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", mountpoint], check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_leftovers(config: AgentConfig, root: Path) -> None:
+    """SIGKILL the processes left in this test node's cgroups and its conmon monitors."""
+    pids: set[int] = set()
+    for procs in CGROUP_ROOT.glob(f"*/{config.cgroup_parent}/**/cgroup.procs"):
+        with contextlib.suppress(OSError, ValueError):
+            pids.update(int(p) for p in procs.read_text().split())
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv and argv[0].endswith(b"conmon") and str(root).encode() in b" ".join(argv):
+                pids.add(int(proc.name))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    # A killed process leaves its cgroup only once it has exited (rmdir says EBUSY before).
+    deadline = time.monotonic() + 10
+    while pids and time.monotonic() < deadline:
+        pids = {pid for pid in pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)}
+        time.sleep(0.05)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @pytest.fixture
