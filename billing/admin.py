@@ -134,7 +134,7 @@ class BillingAccountAdmin(admin.ModelAdmin):
             self,
             request,
             queryset,
-            lambda a: billing_services.suspend_by_admin(
+            lambda a: billing_services.suspend_for_billing(
                 a.tenant, reason=reason, actor=_admin_actor(request)
             ),
         )

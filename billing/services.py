@@ -659,7 +659,7 @@ def _subscription_ended(account: BillingAccount, event_id: str) -> str:
             tenant, actor=STRIPE_ACTOR, plan=free, seats=seats, reason="subscription ended"
         )
     except BerthError as exc:
-        return _suspend_after_subscription_ended(tenant, account, exc.message)
+        return _suspend_after_subscription_ended(tenant, exc.message)
     _append_ledger(
         tenant,
         SeatLedgerEntry.Kind.CANCELED,
@@ -672,17 +672,15 @@ def _subscription_ended(account: BillingAccount, event_id: str) -> str:
     return "subscription ended; moved to free"
 
 
-def _suspend_after_subscription_ended(tenant: Tenant, account: BillingAccount, problem: str) -> str:
+def _suspend_after_subscription_ended(tenant: Tenant, problem: str) -> str:
     """The subscription ended but the tenant cannot move to Free (more members or usage
     than Free allows). It must not keep the paid plan's quotas for nothing: new work is
     suspended, with notice, until it subscribes again (the next paid invoice lifts the
     suspension, as after dunning) or a platform admin settles it. Running services and
     data are kept."""
-    reason = f"{BILLING_SUSPENSION_PREFIX} subscription ended; {problem}"
-    tenant_services.suspend_tenant(tenant, reason=reason, actor=STRIPE_ACTOR)
-    account.dunning_state = DunningState.SUSPENDED
-    account.suspended_at = timezone.now()
-    account.save()
+    tenant = suspend_for_billing(
+        tenant, reason=f"subscription ended; {problem}", actor=STRIPE_ACTOR
+    )
     record(
         STRIPE_ACTOR,
         "billing.subscription_ended",
@@ -1004,8 +1002,9 @@ def _stop_services(account_id: int, now: datetime) -> bool:
 
 
 @transaction.atomic
-def suspend_by_admin(tenant: Tenant, *, reason: str, actor: Actor) -> Tenant:
-    """Platform admin: suspend for a billing reason (lifted by the next payment)."""
+def suspend_for_billing(tenant: Tenant, *, reason: str, actor: Actor) -> Tenant:
+    """Suspend for a billing reason (lifted by the next payment): a platform admin's
+    decision, or a subscription that ended with more than Free allows."""
     tenant = tenant_services.suspend_tenant(
         tenant, reason=f"{BILLING_SUSPENSION_PREFIX} {reason}", actor=actor
     )
