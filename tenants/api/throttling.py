@@ -36,6 +36,8 @@ from rest_framework import status
 from rest_framework.exceptions import APIException
 from rest_framework.throttling import BaseThrottle
 
+from runtime_agent.protocol import NODE_ID_HEADER
+
 log = logging.getLogger(__name__)
 WINDOW_SECONDS = 60
 #: Set on the Django request once the user's counter has this request (no double count).
@@ -113,6 +115,18 @@ def _too_many(message: str, wait: float) -> JsonResponse:
     return response
 
 
+#: Where nodes talk to the control plane (reports, pull tokens, secrets, build contexts).
+NODE_API_PREFIX = "/api/v1/nodes/"
+
+
+def _from_a_node(request: HttpRequest) -> bool:
+    """A node's own request: not counted per address. Tenants' containers share their
+    node's address (masquerade), so one tenant could otherwise spend the node's budget and
+    get its heartbeats refused; these views check a random node credential instead (one
+    indexed lookup, nothing to guess)."""
+    return request.path.startswith(NODE_API_PREFIX) and NODE_ID_HEADER in request.headers
+
+
 class AddressRateLimitMiddleware:
     """Counts every ``/api/`` request per client address before authentication, and the
     failures of authenticated users that never reached :class:`TokenRateThrottle`."""
@@ -121,7 +135,7 @@ class AddressRateLimitMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        if not request.path.startswith("/api/"):
+        if not request.path.startswith("/api/") or _from_a_node(request):
             return self.get_response(request)
         address = client_address(request)
         wait = hit(f"addr:{address}", int(settings.BERTH_API_ADDRESS_RATE_LIMIT))

@@ -177,6 +177,39 @@ def test_an_address_is_limited_before_authentication(
     assert client_for(None).get("/login/", REMOTE_ADDR=guesser).status_code == 200
 
 
+def test_a_tenant_sharing_its_nodes_address_cannot_spend_the_nodes_budget(
+    acme: Any, client_for: Any, settings: Any, pinned_window: None
+) -> None:
+    """Containers reach the internet masqueraded as their node: a tenant hammering the API
+    from one spends that address, but the node's own reports are not counted there."""
+    from runtime_agent import protocol
+    from tests.control.conftest import SYSTEM
+    from workloads.services import nodes
+
+    settings.BERTH_API_ADDRESS_RATE_LIMIT = 3
+    _, join = nodes.create_join_token(actor=SYSTEM)
+    node, credential = nodes.join_node(join, name="shared-addr", capacity={}, labels={})
+    node_address = "203.0.113.20"
+    for _ in range(3):  # the tenant's container, from the node's address
+        client_for(None).get(f"{V1}/tenants/", REMOTE_ADDR=node_address)
+    assert_error(
+        client_for(None).get(f"{V1}/tenants/", REMOTE_ADDR=node_address), 429, "rate_limited"
+    )
+    report = {"node_id": str(node.pk), "credential": "", "sent_at": "2026-01-01T00:00:00Z"}
+    headers = {
+        "HTTP_X_BERTH_NODE": str(node.pk),
+        "HTTP_X_BERTH_NODE_CREDENTIAL": credential,
+        "REMOTE_ADDR": node_address,
+    }
+    assert protocol.NODE_ID_HEADER == "X-Berth-Node"
+    for _ in range(5):
+        answer = client_for(None).post(f"{V1}/nodes/report/", report, format="json", **headers)
+        assert answer.status_code == 200, answer.content
+    # The node headers open nothing else: the rest of the API stays limited.
+    limited = client_for(None).get(f"{V1}/tenants/", **headers)
+    assert_error(limited, 429, "rate_limited")
+
+
 def close(response: Any) -> None:
     """Close a streaming response as the server does when the client goes (without the
     request_finished hook closing the test's database connection, as Django's test
