@@ -84,13 +84,7 @@ class AgentConfig:
     # Destinations tenant containers may reach although they are private or on one of the
     # node's own subnets (network/firewall.py refuses those): CIDRs, comma-separated in
     # BERTH_EGRESS_ALLOW, e.g. an internal package mirror.
-    egress_allow: tuple[str, ...] = field(
-        default_factory=lambda: tuple(
-            item.strip()
-            for item in os.environ.get("BERTH_EGRESS_ALLOW", "").split(",")
-            if item.strip()
-        )
-    )
+    egress_allow: tuple[str, ...] = field(default_factory=lambda: _env_tuple("BERTH_EGRESS_ALLOW"))
 
     # Caps on the archives a tenant makes the node unpack (runtime_agent/archive.py): the
     # sum of regular files' sizes and the member count, checked before anything is
@@ -170,12 +164,13 @@ class AgentConfig:
     # snapshots/snapshotter.py): processes per container (podman's default) and per
     # tenant (its parent cgroup; default an eighth of the node's pid_max), and the size of
     # the filesystem that holds the tenant's writable layers (0: on the state disk, uncapped).
+    # (Positive or refused: runc reads a pids limit of 0 or less as "unlimited".)
     container_pids_max: int = field(
-        default_factory=lambda: int(os.environ.get("BERTH_CONTAINER_PIDS_MAX", "2048"))
+        default_factory=lambda: _env_int("BERTH_CONTAINER_PIDS_MAX", 2048)
     )
     tenant_pids_max: int = field(
-        default_factory=lambda: int(
-            os.environ.get("BERTH_TENANT_PIDS_MAX") or max(1024, AgentConfig.node_pid_max() // 8)
+        default_factory=lambda: _env_int(
+            "BERTH_TENANT_PIDS_MAX", max(1024, AgentConfig.node_pid_max() // 8)
         )
     )
     tenant_layer_bytes: int = field(

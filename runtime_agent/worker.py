@@ -250,7 +250,7 @@ class NodeWorker:
             )
         try:
             yield
-        except AgentError as exc:
+        except Exception as exc:  # a typed AgentError or an OSError of mkfs/mount: both shown
             failed = protocol.ContainerReport(
                 uid=uid,
                 tenant=spec.tenant,

@@ -290,7 +290,10 @@ def pull(
     if auth is None and use_node_login:
         auth = node_login
     client = RegistryClient(reference.registry, auth)
-    reusable = _reusable(agent, tenant, client, reference, vouching=node_login is not None)
+    # A HEAD answered under the node's own login proves nothing about the tenant: only a
+    # pull authorized for the tenant may vouch for reusing a blob another tenant brought.
+    vouching = node_login is not None and auth is not node_login
+    reusable = _reusable(agent, tenant, client, reference, vouching=vouching)
     wanted = platform or node_platform()
 
     body, media_type, digest = fetch_manifest(client, reference, reference.reference)
