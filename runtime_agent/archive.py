@@ -250,7 +250,24 @@ def members(
             size += member.size
             if size > limits.max_bytes:
                 raise limits.too_big()
+        _check_numbers(member, limits)
         yield member, clean_member_path(member.name, limits.what)
+
+
+#: Owners above this are no real ids (a user namespace maps 32-bit ids).
+_MAX_ID = 1 << 32
+#: Times past this (year ~36812) are no real times; PAX can say 1e400, which is infinity.
+_MAX_MTIME = 1 << 40
+
+
+def _check_numbers(member: tarfile.TarInfo, limits: ArchiveLimits) -> None:
+    """PAX headers carry numbers as text of any size: an owner or a time no file can have
+    is refused here, before ``os.chown``/``os.utime`` or a layer writer overflow on it
+    (``OverflowError`` is no ``AgentError``: it escaped as a crash)."""
+    if not (0 <= member.uid < _MAX_ID and 0 <= member.gid < _MAX_ID):
+        raise InvalidArchive(f"{limits.what} entry {member.name!r} has an impossible owner")
+    if not (-_MAX_MTIME < member.mtime < _MAX_MTIME):  # also refuses NaN
+        raise InvalidArchive(f"{limits.what} entry {member.name!r} has an impossible time")
 
 
 def scan(stream: IO[bytes], limits: ArchiveLimits, *, compressed: bool = True) -> ExtractResult:

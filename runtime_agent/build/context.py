@@ -11,6 +11,7 @@ permission bits, symlink target) but never mtimes, so touching a file keeps the 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fnmatch
 import hashlib
 import os
@@ -46,12 +47,37 @@ def _refuse_escaping_symlinks(root: Path) -> None:
             path = os.path.join(dirpath, name)
             if not os.path.islink(path):
                 continue
-            real = os.path.realpath(path)
+            real = _resolve(path, base)
             if real != base and not real.startswith(base + os.sep):
                 rel = os.path.relpath(path, base)
                 raise InvalidArchive(
                     f"symlink {rel!r} resolves outside the build context ({os.readlink(path)!r})"
                 )
+
+
+def _resolve(path: str, base: str) -> str:
+    """Where the link at ``path`` leads, resolved by the kernel (``O_PATH``): at most 40
+    links deep and one step per component. ``os.path.realpath`` resolves in Python with no
+    such bound and no memory between calls: a context of long link chains cost minutes of
+    agent CPU, and one past ~1000 links raised ``RecursionError``."""
+    try:
+        return _kernel_path(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            rel = os.path.relpath(path, base)
+            raise InvalidArchive(f"symlink {rel!r} loops or chains too deep") from None
+    # A dangling link (it points at nothing): its target read lexically from its
+    # directory, which the kernel resolves.
+    parent = _kernel_path(os.path.dirname(path))
+    return os.path.normpath(os.path.join(parent, os.readlink(path)))
+
+
+def _kernel_path(path: str) -> str:
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 class BuildContext:

@@ -336,6 +336,39 @@ def test_symlink_chain_that_resolves_out_of_the_context_is_refused(
     )
 
 
+def test_long_symlink_chains_are_refused_at_the_kernels_bound(
+    busybox: Agent, secret: HostFile
+) -> None:
+    """1500 links each pointing at the previous one: every one is inside on paper, and
+    resolving them one by one in Python cost seconds per hundreds of links, with a
+    ``RecursionError`` (no agent error) past ~1000. The kernel stops at 40."""
+    links = [member("l0", tarfile.SYMTYPE, linkname="Dockerfile.real")]
+    links += [member(f"l{i}", tarfile.SYMTYPE, linkname=f"l{i - 1}") for i in range(1, 1500)]
+    context = tar_of(dockerfile("FROM busybox\n"), *links)
+    result = attempt(busybox, context)
+    assert_refused(busybox, result, InvalidArchive, "loops or chains too deep", secret)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("mtime", "1e400", "impossible time"),  # tarfile reads infinity
+        ("mtime", "-1e400", "impossible time"),
+        ("uid", str(1 << 70), "impossible owner"),
+        ("gid", str(1 << 40), "impossible owner"),
+    ],
+)
+def test_pax_numbers_no_file_can_have_are_refused(
+    busybox: Agent, secret: HostFile, field: str, value: str, said: str
+) -> None:
+    """PAX headers carry numbers as text of any size: they raised a bare
+    ``OverflowError`` in ``os.utime``/``os.chown`` instead of a clear refusal."""
+    info, data = member("x", data=b"x")
+    info.pax_headers = {field: value}
+    result = attempt(busybox, tar_of(dockerfile("FROM busybox\nCOPY x /x\n"), (info, data)))
+    assert_refused(busybox, result, InvalidArchive, said, secret)
+
+
 def test_same_names_replace_and_never_write_through(agent: Agent, secret: HostFile) -> None:
     """Duplicate names: a later member replaces an earlier one (file, hard link, symlink
     or directory) and never writes into what it pointed at; links inside the context
