@@ -497,6 +497,11 @@ def check_notification_auth(header: str) -> bool:
     return bool(expected) and hmac.compare_digest(header or "", f"Bearer {expected}")
 
 
+#: More than any real image has (overlayfs stacks at most 128 layers; indexes list a few
+#: platforms): a manifest past it is refused before the registry is asked about each.
+MAX_MANIFEST_REFERENCES = 1000
+
+
 class PushRefused(Exception):
     """A manifest the registry accepted that Berth does not keep: it lies about a size,
     its tenant is suspended or over its storage quota. The manifest is deleted from the
@@ -708,6 +713,15 @@ def _record_manifest_push(
         raise PushRefused(repo, digest, f"tenant {tenant.slug} is suspended: pushing is disabled")
     raw_refs = target.get("references")
     references = raw_refs if isinstance(raw_refs, list) else []
+    if len(references) > MAX_MANIFEST_REFERENCES:
+        # Each is a HEAD on the registry inside this delivery: thousands would hold the
+        # notification queue of every tenant for minutes.
+        raise PushRefused(
+            repo,
+            digest,
+            f"a manifest may reference at most {MAX_MANIFEST_REFERENCES} blobs or manifests "
+            f"(this one: {len(references)})",
+        )
     real = _stored_sizes(repo, digest, references)
     own_size = real[digest]
     if own_size is None:

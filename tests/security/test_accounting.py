@@ -250,6 +250,41 @@ def test_a_lying_size_is_refused_and_the_next_tenants_push_is_still_recorded(
 
 
 @on_the_registry
+def test_a_manifest_with_thousands_of_references_is_refused_before_asking_about_each(
+    reg: RegistryProcess,
+    live_server: Any,
+    tenant_with_token: Callable[..., tuple[Tenant, str]],
+    tmp_path: Path,
+) -> None:
+    """Each reference costs a HEAD on the registry inside the delivery; 1001 of them
+    would hold every tenant's events behind this one."""
+    from registry.services import MAX_MANIFEST_REFERENCES
+
+    attacker, token = tenant_with_token()
+    repository = f"{attacker.slug}/wide"
+    bearer = push_token(live_server, token, repository, "pull,push")
+    layer = os.urandom(512)
+    layer_digest = upload_blob(reg, repository, bearer, layer)
+    config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    descriptor = {"mediaType": OCI_LAYER_GZIP, "digest": layer_digest, "size": len(layer)}
+    body = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": OCI_CONFIG,
+            "digest": upload_blob(reg, repository, bearer, config),
+            "size": len(config),
+        },
+        "layers": [descriptor] * MAX_MANIFEST_REFERENCES,
+    }
+    digest = put_manifest(reg, repository, bearer, "1", json.dumps(body).encode())
+    event = event_of(repository, digest)
+    assert event.error and f"at most {MAX_MANIFEST_REFERENCES}" in event.outcome, event.outcome
+    assert manifest_status(reg, repository, digest, bearer) == 404
+    ordinary_push_is_recorded(reg, tenant_with_token, tmp_path)
+
+
+@on_the_registry
 def test_docker_manifests_and_indexes_lying_about_sizes_are_refused_too(
     reg: RegistryProcess,
     live_server: Any,
